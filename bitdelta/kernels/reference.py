@@ -1,0 +1,45 @@
+"""Pure-PyTorch multi-tenant BitDelta linear: the ground truth every GPU kernel is tested against,
+and the CPU path.
+
+For rows x_i of a batch, each tagged with the delta slot t_i of its fine-tune:
+
+    y_i = x_i @ W_base.T + bias + scale[t_i] * (x_i @ sign[t_i].T)
+
+slot -1 means "base only". `signs` are packed as `bitdelta.pack` defines: int32 [S, N, ceil(K/32)].
+`scales` are fp32 [S, N]: a per-matrix scale is the same value repeated over the N rows.
+Arithmetic is fp32 whatever the activation dtype, and the result is cast back to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitdelta.pack import unpack_signs
+
+
+def delta_matmul(x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """The delta term alone, fp32 [M, N]: scale[t_i] * (x_i @ sign[t_i].T), zero where t_i = -1."""
+    m, k = x.shape
+    out = torch.zeros(m, signs.shape[1], dtype=torch.float32, device=x.device)
+    for slot in torch.unique(slot_ids).tolist():
+        if slot < 0:
+            continue
+        rows = (slot_ids == slot).nonzero(as_tuple=True)[0]
+        sign = unpack_signs(signs[slot], k, torch.float32)
+        out[rows] = (x[rows].float() @ sign.T) * scales[slot].float()
+    return out
+
+
+def bitdelta_matmul(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    slot_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [M, N] in x's dtype for x [M, K], base_weight [N, K], slot_ids [M] (int, -1 = base only)."""
+    y = x.float() @ base_weight.float().T + delta_matmul(x, signs, scales, slot_ids)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,146 @@
+"""Put a delta back on its base: as a standard checkpoint on disk (merge) or as a model in memory (load)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from bitdelta.checkpoint import Checkpoint
+from bitdelta.errors import BitDeltaError, IncompatibleModelsError
+from bitdelta.fileformat import DeltaReader
+from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
+from bitdelta.progress import byte_progress
+from bitdelta.storage import ShardWriter, atomic_directory
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MERGE_SHARD_BYTES = 5 * 1024**3
+
+
+def parse_dtype(dtype: str, reader: DeltaReader) -> torch.dtype:
+    """'auto' is the fine-tune's own dtype."""
+    name = reader.config.finetuned_dtype if dtype == "auto" else dtype
+    if name not in DTYPES:
+        raise BitDeltaError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def open_pair(base: str | Path, delta: str | Path) -> tuple[Checkpoint, DeltaReader]:
+    """Open a delta and its base, refusing a base other than the one the delta was made from."""
+    reader = DeltaReader(delta)
+    base_ckpt = Checkpoint(base)
+    reader.check_base(base_ckpt.fingerprint, str(base))
+    return base_ckpt, reader
+
+
+def merged_tensors(base: Checkpoint, reader: DeltaReader, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the fine-tune as the delta reconstructs it, one at a time, in its order.
+
+    `dtype` None keeps each tensor's own fine-tune dtype (bit-exact outside the compressed linears).
+    """
+    config = reader.config
+    for name, own_dtype in config.dtypes.items():
+        target = getattr(torch, own_dtype)
+        if dtype is not None and target.is_floating_point:
+            target = dtype
+        if name in config.compressed:
+            yield name, reader.binary_delta(name).apply(base.get(name), target)
+        elif name in config.dense:
+            yield name, reader.dense(name).to(target)
+        elif name in base.tensors:
+            yield name, base.get(name).to(target)
+        else:
+            raise IncompatibleModelsError(f"{name} is neither in the delta nor in the base; pass the base the delta was made from")
+
+
+def merge(
+    base: str | Path,
+    delta: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MERGE_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
+    """Write base + delta as a complete Hugging Face checkpoint (sharded safetensors, config,
+    tokenizer, chat template) that `AutoModelForCausalLM.from_pretrained` loads as it is."""
+    base_ckpt, reader = open_pair(base, delta)
+    target = None if dtype == "auto" else parse_dtype(dtype, reader)
+    with atomic_directory(Path(output), overwrite) as tmp:
+        writer = ShardWriter(tmp, "model", max_shard_bytes)
+        with byte_progress("merging", base_ckpt.nbytes, progress) as advance:
+            for name, tensor in merged_tensors(base_ckpt, reader, target):
+                writer.add(name, tensor)
+                advance(tensor.numel() * tensor.element_size())
+        writer.finish()
+        for path in reader.small_files():
+            shutil.copy2(path, tmp / path.name)
+        if target is not None:
+            _record_dtype(tmp / "config.json", dtype)
+    return Path(output)
+
+
+def _record_dtype(config_file: Path, dtype: str) -> None:
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    config.update(dict.fromkeys(keys, dtype))
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def load(
+    base: str | Path,
+    delta: str | Path,
+    *,
+    mode: Literal["merged", "bitdelta"] = "merged",
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+):
+    """A `transformers` causal LM of the fine-tune, rebuilt from base + delta.
+
+    mode="merged": dense weights W_base + scale * sign (what `merge` writes).
+    mode="bitdelta": every compressed linear becomes a BitDeltaLinear that computes
+    x @ W_base.T + scale * (x @ sign.T) from the packed bits; the model's `bitdelta_routing`
+    attribute selects the slot per row (one delta here, slot 0).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if mode not in ("merged", "bitdelta"):
+        raise BitDeltaError(f"unknown load mode {mode!r}; use merged or bitdelta")
+    base_ckpt, reader = open_pair(base, delta)
+    torch_dtype = parse_dtype(dtype, reader)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_ckpt.path, config=AutoConfig.from_pretrained(reader.path), dtype=torch_dtype, ignore_mismatched_sizes=True
+    )
+    _apply_delta(model, base_ckpt, reader, mode)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def _apply_delta(model, base: Checkpoint, reader: DeltaReader, mode: str) -> None:
+    state = model.state_dict(keep_vars=True)
+    config = reader.config
+    missing = [n for n in [*config.compressed, *config.dense] if n not in state]
+    if missing:
+        raise BitDeltaError(f"the model has no parameter named {missing[0]}; this checkpoint's tensor names are not supported by load (merge works)")
+    for name in config.dense:
+        state[name].copy_(reader.dense(name))
+    routing = DeltaRouting()
+    model.bitdelta_routing = routing
+    for name in config.compressed:
+        delta = reader.binary_delta(name)
+        if mode == "merged":
+            state[name].copy_(delta.apply(base.get(name), state[name].dtype))
+            continue
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise BitDeltaError(f"{module_name} is a {type(linear).__name__}, not a Linear; load it with mode='merged'")
+        layer = BitDeltaLinear(linear, delta.signs.unsqueeze(0), delta.row_scales().unsqueeze(0), routing)
+        replace_linear(model, module_name, layer)

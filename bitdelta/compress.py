@@ -1,0 +1,89 @@
+"""base + fine-tune -> delta directory, streaming one tensor pair at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from bitdelta.checkpoint import Checkpoint
+from bitdelta.delta import GRANULARITIES, BinaryDelta, Granularity
+from bitdelta.errors import BitDeltaError
+from bitdelta.fileformat import DEFAULT_SHARD_BYTES, DeltaConfig, write_delta
+from bitdelta.progress import byte_progress
+from bitdelta.targets import select_targets
+
+
+def compress(
+    base: str | Path,
+    finetuned: str | Path,
+    output: str | Path,
+    *,
+    scale: Granularity = "matrix",
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
+    """Compress `finetuned` against `base` into a delta directory at `output`; return its path.
+
+    Linear weights inside the transformer blocks become packed signs + mean|delta| scale(s);
+    every other tensor that differs from the base is stored losslessly. Memory stays bounded by
+    one tensor pair (plus a shard of output), so models larger than RAM compress.
+    """
+    if scale not in GRANULARITIES:
+        raise BitDeltaError(f"unknown scale granularity {scale!r}; use one of {', '.join(GRANULARITIES)}")
+    base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
+    targets = set(select_targets(ft_ckpt, base_ckpt, include, exclude))
+    dense: dict[str, list[int]] = {}
+
+    def stored_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        with byte_progress("compressing", ft_ckpt.nbytes, progress) as advance:
+            for name, tensor in ft_ckpt.iter_tensors():
+                if name in targets:
+                    delta = BinaryDelta.from_weights(base_ckpt.get(name), tensor, scale)
+                    yield name + ".sign", delta.signs
+                    yield name + ".scale", delta.scale
+                elif not _same_as_base(name, tensor, base_ckpt):
+                    dense[name] = list(tensor.shape)
+                    yield name, tensor
+                advance(tensor.numel() * tensor.element_size())
+
+    def make_config(files: dict[str, str]) -> DeltaConfig:
+        return DeltaConfig(
+            base_model=str(base),
+            base_fingerprint=base_ckpt.fingerprint,
+            finetuned_model=str(finetuned),
+            model_type=ft_ckpt.config.get("model_type", "unknown"),
+            finetuned_dtype=_dominant_dtype(ft_ckpt),
+            finetuned_bytes=ft_ckpt.nbytes,
+            scale_granularity=scale,
+            compressed={n: list(ft_ckpt.tensors[n].shape) for n in ft_ckpt.tensors if n in targets},
+            dense=dense,
+            removed=sorted(base_ckpt.tensors.keys() - ft_ckpt.tensors.keys()),
+            dtypes={n: _dtype_name(m.dtype) for n, m in ft_ckpt.tensors.items()},
+            files=files,
+        )
+
+    return write_delta(Path(output), stored_tensors(), make_config, ft_ckpt.small_files(), overwrite, max_shard_bytes)
+
+
+def _same_as_base(name: str, tensor: torch.Tensor, base: Checkpoint) -> bool:
+    """True when merging can rebuild the tensor exactly from the base (cast to the fine-tune's dtype)."""
+    meta = base.tensors.get(name)
+    if meta is None or meta.shape != tuple(tensor.shape):
+        return False
+    return torch.equal(base.get(name).to(tensor.dtype), tensor)
+
+
+def _dominant_dtype(checkpoint: Checkpoint) -> str:
+    totals: dict[torch.dtype, int] = {}
+    for meta in checkpoint.tensors.values():
+        totals[meta.dtype] = totals.get(meta.dtype, 0) + meta.nbytes
+    return _dtype_name(max(totals, key=totals.get))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

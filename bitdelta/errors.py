@@ -1,0 +1,29 @@
+"""bitdelta's errors: each carries a one-line message naming the problem and the fix.
+
+The CLI catches BitDeltaError once and prints its message; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class BitDeltaError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class CheckpointError(BitDeltaError):
+    """A model checkpoint is missing, unreadable or cannot be downloaded."""
+
+
+class IncompatibleModelsError(BitDeltaError):
+    """Base and fine-tune (or base and delta) do not belong together."""
+
+
+class DeltaFormatError(BitDeltaError):
+    """A delta directory is corrupted, truncated, or of an unknown format version."""
+
+
+class OutputExistsError(BitDeltaError):
+    """The output path exists and --overwrite was not given."""
+
+
+class DistillationError(BitDeltaError):
+    """Scale distillation could not run or diverged; the delta was left untouched."""

@@ -1,0 +1,72 @@
+"""BitDeltaLinear: a base linear plus any number of 1-bit deltas, chosen per row of the batch.
+
+    y = x @ W_base.T + bias + scale[t] * (x @ sign[t].T)
+
+The packed signs are never expanded into a stored dense matrix: the CPU path unpacks them per
+call (bitdelta.kernels.reference), the GPU path reads the bits inside a Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitdelta import kernels
+from bitdelta.kernels import reference
+
+
+class DeltaRouting:
+    """Which delta slot each sequence (or each row) of the next forward pass uses.
+
+    One object is shared by every BitDeltaLinear of a model, so a caller sets it once per step.
+    `slot_ids` of None means every row uses slot 0; -1 means the base model alone.
+    """
+
+    def __init__(self) -> None:
+        self.slot_ids: torch.Tensor | None = None
+
+    def row_slots(self, rows: int, sequences: int, device: torch.device) -> torch.Tensor:
+        if self.slot_ids is None:
+            return torch.zeros(rows, dtype=torch.int32, device=device)
+        slot_ids = self.slot_ids.to(device=device, dtype=torch.int32)
+        if slot_ids.numel() == rows:
+            return slot_ids
+        if slot_ids.numel() == sequences and rows % sequences == 0:
+            return slot_ids.repeat_interleave(rows // sequences)
+        raise ValueError(f"{slot_ids.numel()} slot ids fit neither {rows} rows nor {sequences} sequences")
+
+
+class BitDeltaLinear(nn.Module):
+    def __init__(self, base: nn.Linear, signs: torch.Tensor, scales: torch.Tensor, routing: DeltaRouting):
+        super().__init__()
+        if signs.ndim != 3 or scales.shape != signs.shape[:2]:
+            raise ValueError(f"signs must be [S, N, Kw] and scales [S, N]; got {tuple(signs.shape)} and {tuple(scales.shape)}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        self.register_buffer("signs", signs)
+        self.scales = nn.Parameter(scales.float(), requires_grad=False)  # distillation trains these
+        self.routing = routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        slot_ids = self.routing.row_slots(rows.shape[0], x.shape[0] if x.ndim > 1 else 1, x.device)
+        if self.scales.requires_grad and torch.is_grad_enabled():
+            y = reference.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias)
+        else:
+            y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.signs.shape[0]}"
+
+
+def bitdelta_linears(model: nn.Module) -> dict[str, BitDeltaLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, BitDeltaLinear)}
+
+
+def replace_linear(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

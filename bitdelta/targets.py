@@ -1,0 +1,106 @@
+"""Which tensors get 1-bit deltas: the weights of the linear layers inside the transformer blocks.
+
+Found generically: build the fine-tune's architecture on the meta device (no memory, no weights),
+take its longest list of repeated blocks, and collect every nn.Linear weight inside it. Embeddings,
+lm_head, norms and biases are not in that set and stay lossless. This covers Llama, Mistral,
+Qwen2, GPT-NeoX (fused QKV) and any other `transformers` causal LM without a list of names; a model
+that cannot be built (custom code) falls back to a name pattern. Include/exclude globs override.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from bitdelta.checkpoint import Checkpoint, TensorMeta
+from bitdelta.errors import IncompatibleModelsError
+
+_BLOCK_PATTERN = re.compile(r"\.(layers|h|blocks|block|layer)\.\d+\.")
+log = logging.getLogger(__name__)
+
+
+def block_linear_weights(config: dict) -> set[str] | None:
+    """Parameter names of nn.Linear weights inside the repeated blocks, or None if unbuildable."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as error:  # unknown or remote-code architectures
+        log.info("cannot build %s on the meta device (%s); using name patterns", config.get("model_type"), error)
+        return None
+    blocks_name, _ = max(
+        ((name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)),
+        key=lambda item: len(item[1]), default=(None, None),
+    )
+    if blocks_name is None:
+        return None
+    prefix = blocks_name + "."
+    return {
+        f"{name}.weight" for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(prefix)
+    }
+
+
+def select_targets(
+    finetuned: Checkpoint,
+    base: Checkpoint,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Names of the fine-tune's tensors to compress, in checkpoint order.
+
+    With `include` globs, those replace the automatic choice; `exclude` globs always remove.
+    Only 2-D floating tensors present in both checkpoints with equal shapes can be compressed; a
+    globbed tensor whose shape changed (a grown vocabulary) is simply stored losslessly, but a block
+    linear that is missing from the base or shaped differently means the models do not match.
+    """
+    include, exclude = tuple(include), tuple(exclude)
+    if include:
+        chosen = {n for n in finetuned.tensors if any(fnmatch.fnmatchcase(n, g) for g in include)}
+    else:
+        chosen = _block_linears(finetuned)
+        _check_same_blocks(chosen, finetuned, base)
+    chosen = {n for n in chosen if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
+    return [n for n in finetuned.tensors if n in chosen and _compressible(n, finetuned, base)]
+
+
+def _block_linears(finetuned: Checkpoint) -> set[str]:
+    linears = block_linear_weights(finetuned.config)
+    if linears is None:
+        return {n for n, meta in finetuned.tensors.items() if _looks_like_block_linear(n, meta)}
+    return linears & finetuned.tensors.keys()
+
+
+def _check_same_blocks(linears: set[str], finetuned: Checkpoint, base: Checkpoint) -> None:
+    base_type, ft_type = base.config.get("model_type"), finetuned.config.get("model_type")
+    if base_type != ft_type:
+        raise IncompatibleModelsError(
+            f"the base is a {base_type} model but the fine-tune is a {ft_type} model; "
+            "a delta needs a fine-tune of this very base"
+        )
+    for name in sorted(linears):
+        ours, theirs = finetuned.tensors[name].shape, base.tensors.get(name)
+        if theirs is None or theirs.shape != ours:
+            found = "missing" if theirs is None else f"shaped {list(theirs.shape)}"
+            raise IncompatibleModelsError(
+                f"{name} is {list(ours)} in the fine-tune but {found} in the base; "
+                "base and fine-tune must share one architecture"
+            )
+
+
+def _looks_like_block_linear(name: str, meta: TensorMeta) -> bool:
+    return len(meta.shape) == 2 and name.endswith(".weight") and bool(_BLOCK_PATTERN.search(name)) \
+        and "norm" not in name and "embed" not in name
+
+
+def _compressible(name: str, finetuned: Checkpoint, base: Checkpoint) -> bool:
+    meta = finetuned.tensors[name]
+    other = base.tensors.get(name)
+    return len(meta.shape) == 2 and meta.dtype.is_floating_point and other is not None and other.shape == meta.shape

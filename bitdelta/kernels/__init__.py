@@ -1,1 +1,61 @@
-"""Multi-tenant 1-bit delta matmul: the pure-PyTorch reference and (lazily imported) GPU kernels."""
+"""Multi-tenant 1-bit delta matmul: the public entry point.
+
+    y = bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias=None, plan=None)
+
+computes, for rows x_i tagged with delta slots t_i (-1 = base only),
+y_i = x_i @ W_base.T + bias + scales[t_i] * (x_i @ sign[t_i].T) (see `reference.py`).
+
+On a CUDA fp16/bf16 tensor with Triton installed it runs the Triton kernel (`triton_segments.py`);
+otherwise (CPU, fp32 activations, no Triton) the pure-PyTorch reference. Triton is imported only on that first GPU call, so the
+package imports on machines without Triton or CUDA.
+
+`plan` (from `build_plan(slot_ids)`) groups the rows by slot. It depends only on the slot ids, so
+a model should build it once per forward step and pass it to every layer: that saves a host sync
+and a sort per linear. Without it, each call builds its own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from bitdelta.kernels import reference
+from bitdelta.kernels.grouping import SlotPlan, build_plan
+
+__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "triton_available"]
+
+delta_matmul = reference.delta_matmul
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bitdelta_matmul(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    slot_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    plan: SlotPlan | None = None,
+) -> torch.Tensor:
+    """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
+    scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()):
+        return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
+    from bitdelta.kernels.configs import choose_config
+    from bitdelta.kernels.triton_segments import segment_matmul
+
+    if plan is None:
+        plan = build_plan(slot_ids)
+    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan))

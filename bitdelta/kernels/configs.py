@@ -1,0 +1,53 @@
+"""Tile shapes and variant for the segment kernel, chosen per call from the shape and the plan.
+
+Pure Python (no Triton), so the choice is tested on the CPU. The thresholds come from the H100
+measurements recorded in benchmarks/KERNEL_NOTES.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bitdelta.kernels.grouping import SlotPlan
+
+DECODE_MAX_ROWS = 16  # a slot with more rows than this in one step is treated as prefill
+FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
+_TARGET_PROGRAMS = 264  # two per SM of an H100: enough loads in flight for a memory-bound pass
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """rows: rows per tile (power of two); fuse_base: base product in the kernel rather than cuBLAS;
+    use_fma: CUDA-core products (single-row tiles only) instead of tl.dot."""
+
+    rows: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    fuse_base: bool
+    use_fma: bool = False
+
+    def __post_init__(self) -> None:
+        if self.use_fma and self.rows != 1:
+            raise ValueError("use_fma needs single-row tiles")
+        if self.block_k % 32:
+            raise ValueError("block_k must be a multiple of 32 (one packed word)")
+
+
+def next_pow2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
+    """Decode (every slot has few rows) gets narrow column blocks for parallelism; prefill gets
+    GEMM-sized tiles that amortise the bit expansion over many rows."""
+    if plan.max_rows > DECODE_MAX_ROWS:
+        return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
+    rows = next_pow2(plan.max_rows)
+    fuse = plan.num_deltas <= FUSED_MAX_DELTAS
+    tiles = len(plan.counts)
+    block_n = 64
+    while block_n > 16 and tiles * -(-n // block_n) < _TARGET_PROGRAMS:
+        block_n //= 2
+    return KernelConfig(rows=rows, block_n=block_n, block_k=256, num_warps=4, num_stages=3, fuse_base=fuse)

@@ -1,0 +1,92 @@
+"""Rows of a batch grouped by delta slot: the plan every kernel launch shares.
+
+A multi-tenant batch tags each row (token) with the delta slot of its fine-tune, -1 meaning "base
+only". Kernels want the rows of one slot side by side, so that a slot's packed bits are read once
+however many rows use it. The plan holds that grouping; it depends only on `slot_ids`, so a model
+builds it once per forward step (`build_plan`) and passes it to every linear layer.
+
+Pure PyTorch on purpose: it runs (and is tested) on the CPU, and costs one host sync per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Rows sorted by slot, and the segment each slot occupies in that order.
+
+    order:   int32 [M]    row indices, stable-sorted by slot (slot -1 first when present)
+    slots:   int32 [G]    the distinct slots, ascending; may start with -1
+    offsets: int32 [G+1]  segment g is order[offsets[g]:offsets[g+1]]
+    counts:  host copy of the G segment sizes (kernels pick their tile shapes from these)
+    host_slots: host copy of `slots`, so that tiling needs no device sync
+
+    Tile tables are cached per tile height: a step's plan serves every layer, and a cached table
+    also keeps host-to-device copies out of CUDA-graph capture (build them once before capturing).
+    """
+
+    order: torch.Tensor
+    slots: torch.Tensor
+    offsets: torch.Tensor
+    counts: tuple[int, ...]
+    host_slots: tuple[int, ...]
+    _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.order.numel())
+
+    @property
+    def max_rows(self) -> int:
+        """Rows of the largest segment (0 for an empty batch)."""
+        return max(self.counts, default=0)
+
+    @property
+    def num_deltas(self) -> int:
+        """Distinct delta slots present (slot -1 excluded): how many bit matrices a step must read."""
+        return sum(1 for slot in self.host_slots if slot >= 0)
+
+
+def build_plan(slot_ids: torch.Tensor) -> SlotPlan:
+    """Group the rows of a batch by slot. slot_ids: int [M], -1 = base only."""
+    if slot_ids.ndim != 1:
+        raise ValueError(f"slot_ids must be 1-D, got shape {tuple(slot_ids.shape)}")
+    if slot_ids.numel() and int(slot_ids.min()) < -1:
+        raise ValueError("slot ids must be >= -1 (-1 means base only)")
+    slots, counts = torch.unique(slot_ids, sorted=True, return_counts=True)
+    order = torch.sort(slot_ids, stable=True).indices
+    offsets = torch.zeros(slots.numel() + 1, dtype=torch.int64, device=slot_ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return SlotPlan(
+        order=order.to(torch.int32),
+        slots=slots.to(torch.int32),
+        offsets=offsets.to(torch.int32),
+        counts=tuple(counts.tolist()),
+        host_slots=tuple(slots.tolist()),
+    )
+
+
+def segment_tiles(plan: SlotPlan, rows_per_tile: int) -> torch.Tensor:
+    """Cut every segment into tiles of at most `rows_per_tile` rows, never mixing slots.
+
+    Returns int32 [T, 3] on the plan's device: (slot, first, end) with first/end indexing
+    `plan.order`. A kernel program takes one tile, so each tile reads its slot's bits once.
+    """
+    if rows_per_tile < 1:
+        raise ValueError("rows_per_tile must be >= 1")
+    cached = plan._tiles.get(rows_per_tile)
+    if cached is not None:
+        return cached
+    tiles = []
+    start = 0
+    for slot, count in zip(plan.host_slots, plan.counts):
+        for first in range(start, start + count, rows_per_tile):
+            tiles.append((slot, first, min(first + rows_per_tile, start + count)))
+        start += count
+    table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(plan.order.device)
+    plan._tiles[rows_per_tile] = table
+    return table

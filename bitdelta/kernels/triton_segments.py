@@ -1,0 +1,148 @@
+"""Triton kernel for the multi-tenant 1-bit delta linear (GPU only; imported lazily).
+
+One kernel serves decode and prefill; only its tile shapes differ (see `configs.py`). The rows of
+the batch are grouped by slot (`grouping.py`) and cut into tiles that never mix slots. A program
+takes one (row tile, column block) pair and walks K once:
+
+    acc_base += x_tile @ W_base[cols].T                  (fused variant only)
+    acc_sign += x_tile @ expand(bits[slot, cols]).T      (skipped for slot -1)
+    y[rows, cols] = acc_base + bias + scale[slot, cols] * acc_sign
+
+so each tile reads its slot's packed bits once, whatever the number of its rows. In the split
+variant the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds the delta to it;
+that pays when many distinct slots would otherwise each re-read the base columns.
+
+Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
+(`tl.dot`, fp32 accumulation), or, for single-row tiles, in fp32 on the CUDA cores (`USE_FMA`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitdelta.kernels.configs import KernelConfig
+from bitdelta.kernels.grouping import SlotPlan, segment_tiles
+
+# Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
+_NEG_ONE_F32 = -1082130432  # 0xBF800000 as int32
+_NEG_ONE_F16 = 0xBC00
+_NEG_ONE_BF16 = 0xBF80
+
+
+@triton.jit
+def expand_signs(words, dtype: tl.constexpr):
+    """int32 words [BN, BKW] -> +-1 [BN, BKW * 32] of `dtype`; column 32w + j is bit j of word w.
+
+    The values are built as bit patterns (the bit xor-ed into the sign of -1.0), which avoids
+    int-to-float conversions: the expansion runs once per weight per tile, so its cost matters.
+    """
+    bn: tl.constexpr = words.shape[0]
+    bkw: tl.constexpr = words.shape[1]
+    bit = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    if dtype == tl.float32:
+        signs = ((bit << 31) ^ _NEG_ONE_F32).to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        signs = ((bit << 15) ^ _NEG_ONE_F16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        signs = ((bit << 15) ^ _NEG_ONE_BF16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.reshape(signs, (bn, bkw * 32))
+
+
+@triton.jit
+def _segment_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    N, K, KW,
+    stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
+    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, USE_FMA: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tiles vary fastest, so the programs sharing a column block (and its base columns) run
+    # together and the base is read from DRAM about once.
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+
+    r = first + tl.arange(0, ROWS)
+    row_mask = r < end
+    rows = tl.load(order_ptr + r, mask=row_mask, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+
+    acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    sign_rows = signs_ptr + slot.to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        # Zero activations past K neutralise the padding bits (0 -> -1) of the last word.
+        xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if FUSE_BASE:
+            wk = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :],
+                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            if USE_FMA:
+                acc_base += tl.sum(xk.to(tl.float32)[:, None, :] * wk.to(tl.float32)[None, :, :], axis=2)
+            else:
+                acc_base += tl.dot(xk, tl.trans(wk))
+        if slot >= 0:
+            kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            words = tl.load(sign_rows + kw[None, :], mask=col_mask[:, None] & (kw < KW)[None, :], other=0)
+            if USE_FMA:
+                s = expand_signs(words, tl.float32)
+                acc_sign += tl.sum(xk.to(tl.float32)[:, None, :] * s[None, :, :], axis=2)
+            else:
+                acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
+
+    if not FUSE_BASE:
+        acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
+                           mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    if HAS_BIAS:
+        acc_base += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if slot >= 0:
+        scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
+        acc_base += scale[None, :] * acc_sign
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc_base.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+def segment_matmul(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    plan: SlotPlan,
+    bias: torch.Tensor | None,
+    config: KernelConfig,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [M, N] in x's dtype; the arguments are those of `reference.bitdelta_matmul` (x fp16/bf16
+    on CUDA). `out`, if given, receives the result (tests pass a NaN-filled one)."""
+    x = x.contiguous()
+    signs = signs.contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    m, k = x.shape
+    n = base_weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    if config.fuse_base:
+        ws = y  # unused: the kernel computes the base product itself
+        weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
+    else:
+        ws = torch.mm(x, base_weight.t(), out_dtype=torch.float32)  # cuBLAS, fp32 out: one rounding
+        weight = x  # unused
+    tiles = segment_tiles(plan, config.rows)
+    grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
+    _segment_kernel[grid](
+        x, weight, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
+        n, k, signs.shape[-1],
+        x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, USE_FMA=config.use_fma,
+        ROWS=config.rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

@@ -1,0 +1,312 @@
+"""Benchmark the multi-tenant 1-bit delta matmul on a CUDA GPU (H100 in the recorded results).
+
+    PYTHONPATH=. python3 benchmarks/kernels.py [--out DIR] [--sweep] [--quick]
+
+Measures, in one run: the two ceilings (device-to-device copy bandwidth, bf16 matmul rate);
+decode latency for Llama-2-7B/70B linear shapes at batch 1..128 with all-distinct deltas and
+with one shared delta, against (a) base only (cuBLAS), (b) dequantize each delta to a dense
+matrix with PyTorch ops then matmul, (c) one dense weight per tenant, and (d) the floor (bytes
+that must be read or written / measured copy bandwidth); the paper's two ablations (hidden size
+at batch 1, batch size at 4096x4096); prefill throughput. Writes kernels.json and kernels.md to
+--out (default benchmarks/results) and prints the tables. --sweep also times kernel variants
+(fused/split base, dot/FMA, column block) to back the dispatcher's choices.
+
+Timing: decode calls are captured in a CUDA graph of R calls over R distinct buffer sets (so
+launch gaps vanish and no call reads another's weights from L2), replayed under
+triton.testing.do_bench (median; it flushes L2 before each replay). Inputs are random, never zeros.
+Shapes are written K x N (in_features x out_features), as in the paper's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from bitdelta.kernels.configs import KernelConfig, choose_config, next_pow2
+from bitdelta.kernels.grouping import SlotPlan, build_plan
+from bitdelta.kernels.triton_segments import segment_matmul
+from bitdelta.pack import unpack_signs
+
+DTYPE = torch.bfloat16
+L2_BYTES = 50 * 2**20
+ROTATE_BYTES = 3 * L2_BYTES  # bytes a graph's calls touch, at least: each call sees a cold L2
+DENSE_POOL_BYTES = 6 * 2**30  # memory for baseline (c)'s per-tenant weights
+DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]
+DECODE_BATCHES = [1, 4, 16, 32, 64, 128]
+GOAL_BATCHES = [1, 4, 16, 32, 64]
+
+
+def bench_ms(fn, rep: int = 60) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def graph_us(calls: list) -> float:
+    """Median microseconds per call of a CUDA graph running `calls` back to back."""
+    for call in calls:  # compile, fill plan caches, settle the allocator outside capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    us = bench_ms(graph.replay) * 1e3 / len(calls)
+    del graph
+    return us
+
+
+# ----------------------------------------------------------------------------------------- ceilings
+def measure_ceilings() -> dict:
+    src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src), rep=200)
+    copy_bw = 2 * src.numel() * 2 / (copy_ms * 1e-3)  # bytes read + bytes written
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    mm_ms = bench_ms(lambda: a @ b, rep=300)
+    return {"copy_bandwidth_GBps": copy_bw / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12}
+
+
+# --------------------------------------------------------------------------------------- problems
+class Problem:
+    """R buffer sets for one (K, N, batch, distinct deltas) decode case."""
+
+    def __init__(self, k: int, n: int, batch: int, distinct: bool):
+        self.k, self.n, self.batch = k, n, batch
+        self.num_slots = batch if distinct else 1
+        self.kw = (k + 31) // 32
+        self.slot_ids = torch.arange(batch, device="cuda") if distinct else torch.zeros(batch, dtype=torch.long, device="cuda")
+        self.plan: SlotPlan = build_plan(self.slot_ids)
+        self.bytes = self.floor_bytes()
+        reps = max(1, min(8, math.ceil(ROTATE_BYTES / self.bytes)))
+        self.sets = [self._make_set() for _ in range(reps)]
+
+    def _make_set(self) -> dict:
+        k, n, s = self.k, self.n, self.num_slots
+        return {
+            "x": torch.randn(self.batch, k, device="cuda", dtype=DTYPE),
+            "w": (torch.randn(n, k, device="cuda") * 0.02).to(DTYPE),
+            "signs": torch.randint(-(2**31), 2**31 - 1, (s, n, self.kw), dtype=torch.int32, device="cuda"),
+            "scales": torch.rand(s, n, device="cuda") * 1e-3,
+        }
+
+    def floor_bytes(self) -> int:
+        """Base once + each distinct delta's bits once + scales + x read + y written."""
+        n, k, s, b = self.n, self.k, self.num_slots, self.batch
+        return n * k * 2 + s * n * self.kw * 4 + s * n * 4 + b * k * 2 + b * n * 2
+
+    def ours_us(self, config: KernelConfig | None = None) -> float:
+        config = config or choose_config(self.n, self.plan)
+        return graph_us([lambda d=d: segment_matmul(d["x"], d["w"], d["signs"], d["scales"], self.plan, None, config)
+                         for d in self.sets])
+
+    def base_us(self) -> float:
+        return graph_us([lambda d=d: d["x"] @ d["w"].t() for d in self.sets])
+
+    def dequant_us(self) -> float:
+        """(b): per distinct slot, W = base + scale * unpack(bits) in PyTorch ops, then a matmul."""
+        d = self.sets[0]
+        groups = [(slot, self.plan.order[start:start + count].long())
+                  for slot, start, count in zip(self.plan.host_slots, self.plan.offsets.tolist(), self.plan.counts)]
+
+        def call():
+            y = torch.empty(self.batch, self.n, device="cuda", dtype=DTYPE)
+            for slot, rows in groups:
+                weight = (d["w"].float() + d["scales"][slot][:, None] * unpack_signs(d["signs"][slot], self.k)).to(DTYPE)
+                y[rows] = d["x"][rows] @ weight.t()
+            return y
+
+        return bench_ms(call, rep=40) * 1e3  # ms-scale per call: no graph needed; do_bench flushes L2
+
+    def dense_us(self) -> float:
+        """(c): every tenant has its own dense weight (what serving separate fine-tunes costs)."""
+        weight_bytes = self.n * self.k * 2
+        pool_size = max(1, min(self.num_slots * len(self.sets), DENSE_POOL_BYTES // weight_bytes))
+        pool = [(torch.randn(self.n, self.k, device="cuda") * 0.02).to(DTYPE) for _ in range(pool_size)]
+        groups = [self.plan.order[start:start + count].long()
+                  for start, count in zip(self.plan.offsets.tolist(), self.plan.counts)]
+
+        def call(r: int, d: dict) -> None:
+            y = torch.empty(self.batch, self.n, device="cuda", dtype=DTYPE)
+            for t, rows in enumerate(groups):
+                y[rows] = d["x"][rows] @ pool[(r * len(groups) + t) % pool_size].t()
+
+        us = graph_us([lambda r=r, d=d: call(r, d) for r, d in enumerate(self.sets)])
+        del pool
+        return us
+
+
+# ----------------------------------------------------------------------------------------- suites
+def decode_suite(bandwidth: float, shapes, batches, modes=(True, False)) -> list[dict]:
+    """modes: True = every row its own delta, False = one delta shared by the batch."""
+    rows = []
+    for k, n in shapes:
+        for distinct in modes:
+            for batch in batches:
+                p = Problem(k, n, batch, distinct)
+                row = {"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared",
+                       "config": choose_config(n, p.plan).__dict__, "floor_us": p.bytes / bandwidth * 1e6,
+                       "ours_us": p.ours_us(), "base_us": p.base_us(), "dequant_us": p.dequant_us(),
+                       "dense_us": p.dense_us()}
+                row["ours_over_floor"] = row["ours_us"] / row["floor_us"]
+                row["ours_over_base"] = row["ours_us"] / row["base_us"]
+                row["dequant_over_ours"] = row["dequant_us"] / row["ours_us"]
+                rows.append(row)
+                print(_fmt_decode(row), flush=True)
+                del p
+                torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_suite(bandwidth: float, shapes, batches) -> list[dict]:
+    """Time kernel variants per case, to pick the dispatcher's thresholds."""
+    out = []
+    for k, n in shapes:
+        for distinct in (True, False):
+            for batch in batches:
+                p = Problem(k, n, batch, distinct)
+                rows = next_pow2(p.plan.max_rows)
+                variants = {}
+                for fuse in (True, False):
+                    for bn in (16, 32, 64):
+                        variants[f"{'fused' if fuse else 'split'}_dot_bn{bn}"] = KernelConfig(
+                            rows=rows, block_n=bn, block_k=256, num_warps=4, num_stages=3, fuse_base=fuse)
+                if rows == 1:
+                    for bn, bk in ((16, 128), (32, 128), (16, 256)):
+                        variants[f"fused_fma_bn{bn}_bk{bk}"] = KernelConfig(
+                            rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
+                        variants[f"split_fma_bn{bn}_bk{bk}"] = KernelConfig(
+                            rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=3, fuse_base=False, use_fma=True)
+                times = {}
+                for name, cfg in variants.items():
+                    try:
+                        times[name] = p.ours_us(cfg)
+                    except Exception as exc:  # a variant that fails to compile is reported, not fatal
+                        times[name] = f"error: {type(exc).__name__}: {exc}"[:200]
+                numeric = {name: t for name, t in times.items() if isinstance(t, float)}
+                best = min(numeric, key=numeric.get)
+                out.append({"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared",
+                            "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times, "best": best})
+                print(f"sweep {k}x{n} b={batch:<3} {'dist' if distinct else 'shar'} floor={out[-1]['floor_us']:7.1f} "
+                      f"base={out[-1]['base_us']:7.1f} best={best} {numeric[best]:7.1f} | "
+                      + " ".join(f"{name}={t:.1f}" for name, t in numeric.items()), flush=True)
+                del p
+                torch.cuda.empty_cache()
+    return out
+
+
+def prefill_suite(shapes, tokens_list, deltas_list) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(DTYPE)
+        for tokens in tokens_list:
+            x = torch.randn(tokens, k, device="cuda", dtype=DTYPE)
+            base_ms = bench_ms(lambda: x @ w.t())
+            for deltas in deltas_list:
+                signs = torch.randint(-(2**31), 2**31 - 1, (deltas, n, (k + 31) // 32), dtype=torch.int32, device="cuda")
+                scales = torch.rand(deltas, n, device="cuda") * 1e-3
+                # each request's tokens are contiguous, as in a prefill batch
+                slot_ids = torch.arange(tokens, device="cuda") * deltas // tokens
+                plan = build_plan(slot_ids)
+                ms = bench_ms(lambda: segment_matmul(x, w, signs, scales, plan, None, choose_config(n, plan)))
+                flops = 2 * tokens * n * k
+                rows.append({"K": k, "N": n, "tokens": tokens, "deltas": deltas, "ours_ms": ms,
+                             "ours_TFLOPs": flops / (ms * 1e-3) / 1e12, "base_TFLOPs": flops / (base_ms * 1e-3) / 1e12})
+                print(f"prefill {k}x{n} tokens={tokens:<5} deltas={deltas:<3} ours={rows[-1]['ours_TFLOPs']:6.1f} TFLOP/s "
+                      f"base(cuBLAS, no delta)={rows[-1]['base_TFLOPs']:6.1f}", flush=True)
+        del w
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- reports
+def _fmt_decode(r: dict) -> str:
+    extra = f" (b)={r['dequant_us']:9.1f} (c)={r['dense_us']:8.1f} (b)/ours={r['dequant_over_ours']:6.1f}"
+    return (f"{r['K']:>5}x{r['N']:<5} {r['deltas']:>8} b={r['batch']:<3} ours={r['ours_us']:7.1f} "
+            f"base={r['base_us']:6.1f} floor={r['floor_us']:6.1f} ours/floor={r['ours_over_floor']:4.2f} "
+            f"ours/base={r['ours_over_base']:4.2f}" + extra)
+
+
+def goals(decode: list[dict]) -> dict:
+    in_range = [r for r in decode if r["batch"] in GOAL_BATCHES]
+    b32 = [r for r in decode if r["batch"] == 32 and r["deltas"] == "distinct"]
+    return {
+        "max_ours_over_floor_batch_1_to_64": max(r["ours_over_floor"] for r in in_range),
+        "cases_within_1.3x_floor": f"{sum(r['ours_over_floor'] <= 1.3 for r in in_range)}/{len(in_range)}",
+        "min_dequant_over_ours": min(r["dequant_over_ours"] for r in decode),
+        "distinct_batch32_ours_over_base": {f"{r['K']}x{r['N']}": r["ours_over_base"] for r in b32},
+        "distinct_batch32_floor_over_base": {f"{r['K']}x{r['N']}": r["floor_us"] / r["base_us"] for r in b32},
+    }
+
+
+def markdown(result: dict) -> str:
+    c = result["ceilings"]
+    lines = [f"# Kernel benchmark ({result['device']})", "",
+             f"Ceilings: copy {c['copy_bandwidth_GBps']:.0f} GB/s (read + write), bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s.",
+             "Shapes are K x N. Times in microseconds (median, CUDA graph, cold L2). (a) base only, cuBLAS;"
+             " (b) dequantize with PyTorch ops + matmul; (c) dense weight per tenant; floor = bytes / copy bandwidth.", "",
+             "## Decode", "",
+             "| shape | deltas | batch | ours | (a) base | (b) dequant | (c) dense | floor | ours/floor | ours/base | (b)/ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["decode"]:
+        lines.append(f"| {r['K']}x{r['N']} | {r['deltas']} | {r['batch']} | {r['ours_us']:.1f} | {r['base_us']:.1f} | "
+                     f"{r['dequant_us']:.1f} | {r['dense_us']:.1f} | {r['floor_us']:.1f} | "
+                     f"{r['ours_over_floor']:.2f} | {r['ours_over_base']:.2f} | {r['dequant_over_ours']:.1f} |")
+    lines += ["", "## Ablation: hidden size (d x d) at batch 1", "",
+              "| d | ours | (a) base | (b) dequant | floor | ours/floor |", "|---|---|---|---|---|---|"]
+    for r in result["ablation_hidden"]:
+        lines.append(f"| {r['K']} | {r['ours_us']:.1f} | {r['base_us']:.1f} | {r['dequant_us']:.1f} | {r['floor_us']:.1f} | {r['ours_over_floor']:.2f} |")
+    lines += ["", "## Ablation: batch size at 4096x4096 (distinct deltas)", "",
+              "| batch | ours | (a) base | (b) dequant | (c) dense | floor | ours/floor |", "|---|---|---|---|---|---|---|"]
+    for r in result["ablation_batch"]:
+        lines.append(f"| {r['batch']} | {r['ours_us']:.1f} | {r['base_us']:.1f} | {r['dequant_us']:.1f} | {r['dense_us']:.1f} | "
+                     f"{r['floor_us']:.1f} | {r['ours_over_floor']:.2f} |")
+    lines += ["", "## Prefill (TFLOP/s counted as 2*tokens*N*K)", "",
+              "| shape | tokens | deltas | ours TFLOP/s | cuBLAS base only TFLOP/s |", "|---|---|---|---|---|"]
+    for r in result["prefill"]:
+        lines.append(f"| {r['K']}x{r['N']} | {r['tokens']} | {r['deltas']} | {r['ours_TFLOPs']:.0f} | {r['base_TFLOPs']:.0f} |")
+    lines += ["", "## Goals", "", "```", json.dumps(result["goals"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sweep", action="store_true", help="also time kernel variants")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    args = parser.parse_args()
+    torch.manual_seed(int(time.time()))
+    started = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "dtype": str(DTYPE), "shape_convention": "K x N (in x out features)"}
+    result["ceilings"] = measure_ceilings()
+    bandwidth = result["ceilings"]["copy_bandwidth_GBps"] * 1e9
+    print(json.dumps(result), flush=True)
+    shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
+    if args.sweep:
+        result["sweep"] = sweep_suite(bandwidth, [(4096, 4096), (4096, 11008), (8192, 28672)], [1, 4, 16, 32, 64])
+    result["decode"] = decode_suite(bandwidth, shapes, DECODE_BATCHES)
+    result["ablation_hidden"] = decode_suite(bandwidth, [(d, d) for d in (1024, 2048, 4096, 8192, 16384)], [1], modes=(True,))
+    result["ablation_batch"] = decode_suite(bandwidth, [(4096, 4096)], [2, 8], modes=(True,)) + \
+        [r for r in result["decode"] if (r["K"], r["N"]) == (4096, 4096) and r["deltas"] == "distinct"]
+    result["ablation_batch"].sort(key=lambda r: r["batch"])
+    result["prefill"] = prefill_suite([(4096, 4096), (4096, 11008)], [512, 1024, 2048, 4096, 8192], [1, 4, 32])
+    result["goals"] = goals(result["decode"])
+    result["seconds"] = time.time() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(result, indent=1))
+    (out / "kernels.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"median ours/floor over batch 1..64: "
+          f"{statistics.median(r['ours_over_floor'] for r in result['decode'] if r['batch'] in GOAL_BATCHES):.2f}")
+
+
+if __name__ == "__main__":
+    main()

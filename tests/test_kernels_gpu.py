@@ -1,0 +1,123 @@
+"""GPU tests of the Triton kernel against `kernels/reference.py` (skipped without CUDA or Triton).
+
+Every case draws fresh random inputs (no fixed seed: the kernel must compute the same function on
+any valid input), fills the output with NaN first so that an unwritten element fails, and checks
+the relative error ||out - ref|| / ||ref|| against the fp32 reference evaluated *before* the cast
+to the activation dtype. Kernel and reference both multiply exactly (+-1 signs, fp16/bf16
+products are exact in fp32) and accumulate in fp32, so what remains is the final rounding to the
+activation dtype: at most half an ulp per element, i.e. a relative RMS error near
+2**-11 / sqrt(3) ~ 3e-4 for fp16 and 2**-8 / sqrt(3) ~ 2e-3 for bf16. The bounds allow about
+three times that, and stay far below what a misread word, bit order or slot would cause.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitdelta.kernels import reference
+
+pytestmark = pytest.mark.gpu
+
+try:
+    import triton  # noqa: F401
+
+    _HAVE_TRITON = True
+except ImportError:
+    _HAVE_TRITON = False
+
+if not (torch.cuda.is_available() and _HAVE_TRITON):
+    pytest.skip("needs a CUDA GPU and Triton", allow_module_level=True)
+
+import bitdelta.kernels as kernels  # noqa: E402
+from bitdelta.kernels.configs import KernelConfig, choose_config  # noqa: E402
+from bitdelta.kernels.grouping import build_plan  # noqa: E402
+from bitdelta.kernels.triton_segments import segment_matmul  # noqa: E402
+
+BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 6e-3}
+DTYPES = list(BOUNDS)
+
+
+def _problem(m: int, n: int, k: int, s: int, dtype: torch.dtype, per_row_scales: bool = True):
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    w = (torch.randn(n, k, device="cuda") * 0.05).to(dtype)
+    kw = (k + 31) // 32
+    signs = torch.randint(-(2**31), 2**31 - 1, (s, n, kw), dtype=torch.int32, device="cuda")
+    if k % 32:  # the layout contract: padding bits are 0
+        signs[..., -1] &= (1 << (k % 32)) - 1
+    # Scales as large as BitDelta's relative to the base (mean |delta| ~ 0.2 mean |w|), so the
+    # delta term is a visible share of y and a wrong sign shows up in the error.
+    if per_row_scales:
+        scales = torch.rand(s, n, device="cuda") * 0.02 + 0.002
+    else:
+        scales = (torch.rand(s, 1, device="cuda") * 0.02 + 0.002).expand(s, n).contiguous()
+    bias = torch.randn(n, device="cuda").to(dtype)
+    return x, w, signs, scales, bias
+
+
+def _check(out: torch.Tensor, x, w, signs, scales, slot_ids, bias) -> None:
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    ref = reference.bitdelta_matmul(x.float(), w, signs, scales, slot_ids, bias)  # fp32, unrounded
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < BOUNDS[x.dtype], f"relative error {err:.2e}"
+
+
+def _run(x, w, signs, scales, slot_ids, bias, config: KernelConfig | None) -> torch.Tensor:
+    plan = build_plan(slot_ids)
+    config = config or choose_config(w.shape[0], plan)
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    return segment_matmul(x, w, signs, scales, plan, bias, config, out=out)
+
+
+def _slots(kind: str, m: int, s: int) -> torch.Tensor:
+    if kind == "same":
+        return torch.full((m,), int(torch.randint(0, s, ())), device="cuda")
+    if kind == "distinct":
+        return torch.randperm(s, device="cuda")[:m]
+    return torch.randint(-1, s, (m,), device="cuda")  # mixed, with base-only rows
+
+
+CONFIGS = [
+    None,  # whatever the dispatcher picks
+    KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
+    KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=False),
+    KernelConfig(rows=1, block_n=16, block_k=128, num_warps=4, num_stages=3, fuse_base=True, use_fma=True),
+    KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False),
+    KernelConfig(rows=16, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
+@pytest.mark.parametrize("m,n,k", [(1, 333, 4097), (7, 333, 4097), (16, 1024, 512), (33, 300, 1000)])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "auto" if c is None else f"r{c.rows}n{c.block_n}"
+                         f"{'F' if c.fuse_base else 'S'}{'fma' if c.use_fma else ''}")
+def test_kernel_matches_reference(m, n, k, kind, dtype, config):
+    s = max(m, 3)
+    x, w, signs, scales, bias = _problem(m, n, k, s, dtype)
+    slot_ids = _slots(kind, m, s)
+    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,s", [(300, 333, 4097, 3), (1000, 256, 512, 32), (129, 4096, 4096, 1)])
+def test_prefill_segments(m, n, k, s, dtype):
+    x, w, signs, scales, bias = _problem(m, n, k, s, dtype, per_row_scales=False)
+    slot_ids = torch.randint(-1, s, (m,), device="cuda")
+    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_entry_point_without_bias_and_with_plan(dtype):
+    x, w, signs, scales, _ = _problem(12, 500, 777, 5, dtype)
+    slot_ids = torch.tensor([4, 4, -1, 0, 1, 1, 1, 2, 3, -1, 0, 4], device="cuda")
+    out = kernels.bitdelta_matmul(x, w, signs, scales, slot_ids)
+    _check(out, x, w, signs, scales, slot_ids, None)
+    again = kernels.bitdelta_matmul(x, w, signs, scales, slot_ids, plan=build_plan(slot_ids))
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_all_base_only_rows():
+    x, w, signs, scales, bias = _problem(5, 200, 300, 2, torch.bfloat16)
+    slot_ids = torch.full((5,), -1, device="cuda")
+    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)

@@ -1,0 +1,171 @@
+"""CPU tests: the reference matmul against a dense fp64 computation, the slot grouping, the
+kernel-config choice, and the CPU dispatch (which must not need Triton)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bitdelta.kernels as kernels
+from bitdelta.kernels import reference
+from bitdelta.kernels.configs import DECODE_MAX_ROWS, FUSED_MAX_DELTAS, KernelConfig, choose_config, next_pow2
+from bitdelta.kernels.grouping import build_plan, segment_tiles
+from bitdelta.pack import pack_signs
+
+
+def _problem(m: int, n: int, k: int, s: int, per_row_scales: bool, gen: torch.Generator):
+    """Random inputs plus the dense +-1 sign matrices they pack (never zeros: they hide bugs)."""
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    dense = torch.randn(s, n, k, generator=gen)
+    signs = torch.stack([pack_signs(d) for d in dense])
+    sign_values = torch.where(dense > 0, 1.0, -1.0).double()
+    if per_row_scales:
+        scales = torch.rand(s, n, generator=gen) * 0.01 + 1e-3
+    else:
+        scales = (torch.rand(s, 1, generator=gen) * 0.01 + 1e-3).expand(s, n).contiguous()
+    bias = torch.randn(n, generator=gen)
+    return x, w, signs, sign_values, scales, bias
+
+
+def _dense_fp64(x, w, sign_values, scales, slot_ids, bias):
+    """The definition, row by row, in fp64 with the signs unpacked by comparison, not by pack.py."""
+    rows = []
+    for i, slot in enumerate(slot_ids.tolist()):
+        weight = w.double()
+        if slot >= 0:
+            weight = weight + scales[slot].double()[:, None] * sign_values[slot]
+        rows.append(x[i].double() @ weight.T + bias.double())
+    return torch.stack(rows)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("per_row_scales", [False, True])
+@pytest.mark.parametrize("m,n,k,s", [(1, 7, 5, 1), (9, 33, 97, 4), (16, 40, 64, 3), (5, 3, 129, 6)])
+def test_reference_matches_dense_fp64(m, n, k, s, per_row_scales):
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    x, w, signs, sign_values, scales, bias = _problem(m, n, k, s, per_row_scales, gen)
+    slot_ids = torch.randint(-1, s, (m,), generator=gen)
+    out = reference.bitdelta_matmul(x, w, signs, scales, slot_ids, bias)
+    # fp32 arithmetic against fp64: rounding only, far under 1e-5.
+    assert _rel_err(out, _dense_fp64(x, w, sign_values, scales, slot_ids, bias)) < 1e-5
+
+
+def test_reference_slot_minus_one_is_base_only():
+    gen = torch.Generator().manual_seed(1)
+    x, w, signs, _, scales, bias = _problem(6, 20, 50, 2, True, gen)
+    slot_ids = torch.tensor([-1, 0, -1, 1, -1, 0])
+    out = reference.bitdelta_matmul(x, w, signs, scales, slot_ids, bias)
+    base = x @ w.T + bias
+    base_rows = slot_ids == -1
+    torch.testing.assert_close(out[base_rows], base[base_rows], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[~base_rows], base[~base_rows], rtol=1e-3, atol=1e-3)
+
+
+def test_reference_keeps_activation_dtype():
+    gen = torch.Generator().manual_seed(2)
+    x, w, signs, _, scales, _ = _problem(4, 8, 40, 2, False, gen)
+    out = reference.bitdelta_matmul(x.bfloat16(), w.bfloat16(), signs, scales, torch.tensor([0, 1, -1, 0]))
+    assert out.dtype == torch.bfloat16
+
+
+def test_delta_matmul_is_zero_for_base_rows():
+    gen = torch.Generator().manual_seed(3)
+    x, _, signs, _, scales, _ = _problem(3, 8, 40, 1, False, gen)
+    delta = reference.delta_matmul(x, signs, scales, torch.tensor([-1, 0, -1]))
+    assert torch.all(delta[[0, 2]] == 0) and torch.all(delta[1] != 0)
+
+
+def test_build_plan_groups_rows_by_slot():
+    slot_ids = torch.tensor([3, -1, 0, 3, 3, -1, 7])
+    plan = build_plan(slot_ids)
+    assert plan.slots.tolist() == [-1, 0, 3, 7]
+    assert plan.host_slots == (-1, 0, 3, 7)
+    assert plan.counts == (2, 1, 3, 1)
+    assert plan.offsets.tolist() == [0, 2, 3, 6, 7]
+    assert plan.order.tolist() == [1, 5, 2, 0, 3, 4, 6]  # stable: equal slots keep their row order
+    assert plan.order.dtype == plan.slots.dtype == plan.offsets.dtype == torch.int32
+    assert (plan.num_rows, plan.max_rows, plan.num_deltas) == (7, 3, 3)
+
+
+def test_build_plan_rejects_bad_slots():
+    with pytest.raises(ValueError):
+        build_plan(torch.tensor([0, -2]))
+    with pytest.raises(ValueError):
+        build_plan(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_build_plan_empty_batch():
+    plan = build_plan(torch.zeros(0, dtype=torch.long))
+    assert plan.num_rows == 0 and plan.max_rows == 0 and plan.num_deltas == 0
+    assert segment_tiles(plan, 4).shape == (0, 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    slot_list=st.lists(st.integers(min_value=-1, max_value=9), min_size=1, max_size=200),
+    rows_per_tile=st.sampled_from([1, 2, 3, 16, 128]),
+)
+def test_segment_tiles_cover_each_row_once_and_never_mix_slots(slot_list, rows_per_tile):
+    slot_ids = torch.tensor(slot_list)
+    plan = build_plan(slot_ids)
+    tiles = segment_tiles(plan, rows_per_tile)
+    seen = []
+    for slot, first, end in tiles.tolist():
+        assert 0 < end - first <= rows_per_tile
+        rows = plan.order[first:end]
+        assert torch.all(slot_ids[rows] == slot)
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(slot_list)))
+    # bits are read once per tile: a slot needs ceil(count / rows_per_tile) tiles, no more
+    assert tiles.shape[0] == sum(-(-c // rows_per_tile) for c in plan.counts)
+    assert segment_tiles(plan, rows_per_tile) is tiles  # cached for the other layers of the step
+
+
+def test_choose_config_decode_and_prefill():
+    distinct = build_plan(torch.arange(32))
+    cfg = choose_config(4096, distinct)
+    assert cfg.rows == 1 and not cfg.fuse_base  # many distinct slots: base from cuBLAS, once
+    shared = build_plan(torch.zeros(4, dtype=torch.long))
+    cfg = choose_config(4096, shared)
+    assert cfg.rows == 4 and cfg.fuse_base
+    assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
+    prefill = build_plan(torch.zeros(DECODE_MAX_ROWS + 1, dtype=torch.long))
+    assert choose_config(4096, prefill).rows > DECODE_MAX_ROWS
+
+
+def test_kernel_config_validation():
+    with pytest.raises(ValueError):
+        KernelConfig(rows=2, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
+    with pytest.raises(ValueError):
+        KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
+    assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
+
+
+def test_public_entry_point_falls_back_to_reference_on_cpu():
+    gen = torch.Generator().manual_seed(4)
+    x, w, signs, _, scales, bias = _problem(5, 12, 70, 3, True, gen)
+    slot_ids = torch.tensor([2, -1, 0, 2, 1])
+    expected = reference.bitdelta_matmul(x, w, signs, scales, slot_ids, bias)
+    torch.testing.assert_close(kernels.bitdelta_matmul(x, w, signs, scales, slot_ids, bias), expected)
+    plan = kernels.build_plan(slot_ids)
+    torch.testing.assert_close(kernels.bitdelta_matmul(x, w, signs, scales, slot_ids, bias, plan=plan), expected)
+
+
+def test_cpu_import_and_call_never_import_triton():
+    code = (
+        "import sys, torch, bitdelta.kernels as k\n"
+        "x = torch.randn(2, 40); w = torch.randn(3, 40)\n"
+        "s = torch.zeros(1, 3, 2, dtype=torch.int32); sc = torch.ones(1, 3)\n"
+        "k.bitdelta_matmul(x, w, s, sc, torch.tensor([0, -1]))\n"
+        "assert 'triton' not in sys.modules, 'triton imported on the CPU path'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

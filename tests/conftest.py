@@ -1,0 +1,53 @@
+"""Fixtures: tiny models of three families, genuinely trained here (base on code, fine-tune on prose)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitdelta import tiny
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """family -> (base dir, fine-tune dir) for llama (GQA), qwen2 (biases, tied embeddings), gpt_neox (fused QKV)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    return {family: tiny.make_pair(folder, tiny.TinySpec(family=family)) for family in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def llama_pair(pairs) -> tuple[Path, Path]:
+    return pairs["llama"]
+
+
+@pytest.fixture(scope="session")
+def llama_delta(llama_pair, tmp_path_factory) -> Path:
+    from bitdelta import compress
+
+    return compress(*llama_pair, tmp_path_factory.mktemp("deltas") / "llama", progress=False)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run `bitdelta ARGS` in-process; return (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from bitdelta.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = ["bitdelta", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = old_argv
+    return code, stdout.getvalue(), stderr.getvalue()

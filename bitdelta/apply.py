@@ -37,21 +37,24 @@ def open_pair(base: str | Path, delta: str | Path) -> tuple[Checkpoint, DeltaRea
     return base_ckpt, reader
 
 
-def merged_tensors(base: Checkpoint, reader: DeltaReader, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(
+    base: Checkpoint, reader: DeltaReader, dtype: torch.dtype | None, apply_deltas: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the fine-tune as the delta reconstructs it, one at a time, in its order.
 
     `dtype` None keeps each tensor's own fine-tune dtype (bit-exact outside the compressed linears).
+    `apply_deltas=False` yields the base weight for each compressed linear instead.
     """
     config = reader.config
     for name, own_dtype in config.dtypes.items():
         target = getattr(torch, own_dtype)
         if dtype is not None and target.is_floating_point:
             target = dtype
-        if name in config.compressed:
+        if name in config.compressed and apply_deltas:
             yield name, reader.binary_delta(name).apply(base.get(name), target)
         elif name in config.dense:
             yield name, reader.dense(name).to(target)
-        elif name in base.tensors:
+        elif name in base.tensors:  # identical in base and fine-tune, or a compressed linear's base
             yield name, base.get(name).to(target)
         else:
             raise IncompatibleModelsError(f"{name} is neither in the delta nor in the base; pass the base the delta was made from")
@@ -109,38 +112,34 @@ def load(
     x @ W_base.T + scale * (x @ sign.T) from the packed bits; the model's `bitdelta_routing`
     attribute selects the slot per row (one delta here, slot 0).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     if mode not in ("merged", "bitdelta"):
         raise BitDeltaError(f"unknown load mode {mode!r}; use merged or bitdelta")
     base_ckpt, reader = open_pair(base, delta)
     torch_dtype = parse_dtype(dtype, reader)
-    model = AutoModelForCausalLM.from_pretrained(
-        base_ckpt.path, config=AutoConfig.from_pretrained(reader.path), dtype=torch_dtype, ignore_mismatched_sizes=True
-    )
-    _apply_delta(model, base_ckpt, reader, mode)
+    # Hand transformers the fine-tune's tensors under their checkpoint names: its loader applies
+    # the same key renames (e.g. GPT-NeoX embed_out -> lm_head) as for files on disk.
+    state = dict(merged_tensors(base_ckpt, reader, torch_dtype, apply_deltas=mode == "merged"))
+    config = AutoConfig.from_pretrained(reader.path)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
+    del state
+    model.bitdelta_routing = DeltaRouting()
+    if mode == "bitdelta":
+        _attach_deltas(model, reader)
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def _apply_delta(model, base: Checkpoint, reader: DeltaReader, mode: str) -> None:
-    state = model.state_dict(keep_vars=True)
-    config = reader.config
-    missing = [n for n in [*config.compressed, *config.dense] if n not in state]
-    if missing:
-        raise BitDeltaError(f"the model has no parameter named {missing[0]}; this checkpoint's tensor names are not supported by load (merge works)")
-    for name in config.dense:
-        state[name].copy_(reader.dense(name))
-    routing = DeltaRouting()
-    model.bitdelta_routing = routing
-    for name in config.compressed:
-        delta = reader.binary_delta(name)
-        if mode == "merged":
-            state[name].copy_(delta.apply(base.get(name), state[name].dtype))
-            continue
+def _attach_deltas(model, reader: DeltaReader) -> None:
+    """Swap every compressed linear for a BitDeltaLinear holding this one delta in slot 0."""
+    for name in reader.config.compressed:
         module_name = name.removesuffix(".weight")
-        linear = model.get_submodule(module_name)
+        try:
+            linear = model.get_submodule(module_name)
+        except AttributeError:
+            linear = None
         if not isinstance(linear, torch.nn.Linear):
-            raise BitDeltaError(f"{module_name} is a {type(linear).__name__}, not a Linear; load it with mode='merged'")
-        layer = BitDeltaLinear(linear, delta.signs.unsqueeze(0), delta.row_scales().unsqueeze(0), routing)
-        replace_linear(model, module_name, layer)
+            raise BitDeltaError(f"{name} is not the weight of a Linear module of the model; load this delta with mode='merged'")
+        delta = reader.binary_delta(name)
+        replace_linear(model, module_name, BitDeltaLinear(linear, delta.signs.unsqueeze(0), delta.row_scales().unsqueeze(0), model.bitdelta_routing))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bitdelta.kernels.configs import KernelConfig, choose_config, next_pow2
+from bitdelta.kernels.configs import FMA_MAX_ROWS, KernelConfig, choose_config, next_pow2
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.triton_segments import segment_matmul
 from bitdelta.pack import unpack_signs
@@ -175,15 +175,14 @@ def sweep_suite(bandwidth: float, shapes, batches) -> list[dict]:
                 rows = next_pow2(p.plan.max_rows)
                 variants = {}
                 for fuse in (True, False):
-                    for bn in (16, 32, 64):
-                        variants[f"{'fused' if fuse else 'split'}_dot_bn{bn}"] = KernelConfig(
-                            rows=rows, block_n=bn, block_k=256, num_warps=4, num_stages=3, fuse_base=fuse)
-                if rows == 1:
-                    for bn, bk in ((16, 128), (32, 128), (16, 256)):
-                        variants[f"fused_fma_bn{bn}_bk{bk}"] = KernelConfig(
-                            rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
-                        variants[f"split_fma_bn{bn}_bk{bk}"] = KernelConfig(
-                            rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=3, fuse_base=False, use_fma=True)
+                    name = "fused" if fuse else "split"
+                    for bn in (32, 64):
+                        variants[f"{name}_dot_bn{bn}"] = KernelConfig(
+                            rows=rows, block_n=bn, block_k=128, num_warps=4, num_stages=3, fuse_base=fuse)
+                    if rows <= FMA_MAX_ROWS:
+                        for bn in (32, 64, 128):
+                            variants[f"{name}_fma_bn{bn}"] = KernelConfig(
+                                rows=rows, block_n=bn, block_k=256, num_warps=4, num_stages=3, fuse_base=fuse, use_fma=True)
                 times = {}
                 for name, cfg in variants.items():
                     try:
@@ -191,6 +190,9 @@ def sweep_suite(bandwidth: float, shapes, batches) -> list[dict]:
                     except Exception as exc:  # a variant that fails to compile is reported, not fatal
                         times[name] = f"error: {type(exc).__name__}: {exc}"[:200]
                 numeric = {name: t for name, t in times.items() if isinstance(t, float)}
+                if not numeric:
+                    print(f"sweep {k}x{n} b={batch}: every variant failed: {times}", flush=True)
+                    continue
                 best = min(numeric, key=numeric.get)
                 out.append({"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared",
                             "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times, "best": best})

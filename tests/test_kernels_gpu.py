@@ -80,10 +80,10 @@ def _slots(kind: str, m: int, s: int) -> torch.Tensor:
 CONFIGS = [
     None,  # whatever the dispatcher picks
     KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
-    KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=False),
-    KernelConfig(rows=1, block_n=16, block_k=128, num_warps=4, num_stages=3, fuse_base=True, use_fma=True),
+    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
+    KernelConfig(rows=4, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True, use_fma=True),
     KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False),
-    KernelConfig(rows=16, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
+    KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True),
 ]
 
 

@@ -144,7 +144,7 @@ def test_choose_config_decode_and_prefill():
 
 def test_kernel_config_validation():
     with pytest.raises(ValueError):
-        KernelConfig(rows=2, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
+        KernelConfig(rows=8, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
     with pytest.raises(ValueError):
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]

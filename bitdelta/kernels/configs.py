@@ -12,13 +12,15 @@ from bitdelta.kernels.grouping import SlotPlan
 
 DECODE_MAX_ROWS = 16  # a slot with more rows than this in one step is treated as prefill
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
+FMA_MAX_ROWS = 4  # the bit-plane path keeps a [rows, block_n, block_k/32] fp32 accumulator
 _TARGET_PROGRAMS = 264  # two per SM of an H100: enough loads in flight for a memory-bound pass
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """rows: rows per tile (power of two); fuse_base: base product in the kernel rather than cuBLAS;
-    use_fma: CUDA-core products (single-row tiles only) instead of tl.dot."""
+    use_fma: delta products on the CUDA cores, one bit plane at a time (tiles of few rows), instead
+    of expanding the bits for tl.dot."""
 
     rows: int
     block_n: int
@@ -29,8 +31,8 @@ class KernelConfig:
     use_fma: bool = False
 
     def __post_init__(self) -> None:
-        if self.use_fma and self.rows != 1:
-            raise ValueError("use_fma needs single-row tiles")
+        if self.use_fma and self.rows > FMA_MAX_ROWS:
+            raise ValueError(f"use_fma holds rows x block_n x block_k/32 accumulators: rows <= {FMA_MAX_ROWS}")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
 
@@ -40,14 +42,17 @@ def next_pow2(value: int) -> int:
 
 
 def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
-    """Decode (every slot has few rows) gets narrow column blocks for parallelism; prefill gets
-    GEMM-sized tiles that amortise the bit expansion over many rows."""
+    """Decode (every slot has few rows) gets narrow column blocks for parallelism and, for tiles of
+    at most FMA_MAX_ROWS rows, the CUDA-core bit-plane path; prefill gets GEMM-sized tiles that
+    amortise the bit expansion over many rows."""
     if plan.max_rows > DECODE_MAX_ROWS:
         return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
     rows = next_pow2(plan.max_rows)
     fuse = plan.num_deltas <= FUSED_MAX_DELTAS
+    fma = rows <= FMA_MAX_ROWS
     tiles = len(plan.counts)
     block_n = 64
     while block_n > 16 and tiles * -(-n // block_n) < _TARGET_PROGRAMS:
         block_n //= 2
-    return KernelConfig(rows=rows, block_n=block_n, block_k=256, num_warps=4, num_stages=3, fuse_base=fuse)
+    return KernelConfig(rows=rows, block_n=block_n, block_k=256 if fma else 128, num_warps=4, num_stages=3,
+                        fuse_base=fuse, use_fma=fma)

@@ -13,7 +13,8 @@ variant the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds th
 that pays when many distinct slots would otherwise each re-read the base columns.
 
 Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
-(`tl.dot`, fp32 accumulation), or, for single-row tiles, in fp32 on the CUDA cores (`USE_FMA`).
+(`tl.dot`, fp32 accumulation), or, for tiles of very few rows, one bit plane at a time in fp32 on
+the CUDA cores (`USE_FMA`).
 """
 
 from __future__ import annotations
@@ -26,28 +27,55 @@ from bitdelta.kernels.configs import KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
-_NEG_ONE_F32 = -1082130432  # 0xBF800000 as int32
-_NEG_ONE_F16 = 0xBC00
-_NEG_ONE_BF16 = 0xBF80
+_NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
+_SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as int32
+_NEG_ONE_F16 = tl.constexpr(0xBC00)
+_NEG_ONE_BF16 = tl.constexpr(0xBF80)
 
 
 @triton.jit
 def expand_signs(words, dtype: tl.constexpr):
     """int32 words [BN, BKW] -> +-1 [BN, BKW * 32] of `dtype`; column 32w + j is bit j of word w.
 
-    The values are built as bit patterns (the bit xor-ed into the sign of -1.0), which avoids
-    int-to-float conversions: the expansion runs once per weight per tile, so its cost matters.
+    The bit index is the leading axis while expanding, so Triton keeps it in each thread's
+    registers: every shift is then an immediate and no word is copied across lanes. The values
+    are built as bit patterns (the bit xor-ed into the sign of -1.0), avoiding int-to-float
+    conversions: the expansion runs once per weight per tile, so its cost matters.
     """
     bn: tl.constexpr = words.shape[0]
     bkw: tl.constexpr = words.shape[1]
-    bit = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    bit = (words[None, :, :] >> tl.arange(0, 32)[:, None, None]) & 1  # [32, BN, BKW]
     if dtype == tl.float32:
         signs = ((bit << 31) ^ _NEG_ONE_F32).to(tl.float32, bitcast=True)
     elif dtype == tl.float16:
         signs = ((bit << 15) ^ _NEG_ONE_F16).to(tl.int16).to(tl.float16, bitcast=True)
     else:
         signs = ((bit << 15) ^ _NEG_ONE_BF16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tl.reshape(signs, (bn, bkw * 32))
+    return tl.reshape(tl.permute(signs, (1, 2, 0)), (bn, bkw * 32))
+
+
+@triton.jit
+def _accumulate_bit_planes(acc, words, x_ptr, rows, row_mask, stride_xm, kw, K, EVEN_K: tl.constexpr):
+    """acc [R, BN, BKW] += sign(bit j of words[n, kw]) * x[r, 32*kw + j], for j = 0..31, in fp32.
+
+    The CUDA-core path for tiles of very few rows. Working one bit plane at a time keeps the words
+    in the layout they were loaded in (no broadcast, no shared-memory round trip) and makes every
+    shift an immediate. Multiplying by +-1 is flipping the sign bit of x, so each weight costs
+    three instructions: shift the (inverted) bit to bit 31, and-xor it into x, add.
+    The sum over the word axis is left to the caller, once per tile.
+    """
+    flips = words ^ -1  # bit 0 (-1) must flip x's sign
+    x_rows = x_ptr + rows[:, None, None] * stride_xm
+    for j in tl.static_range(32):
+        ks = kw * 32 + j
+        if EVEN_K:
+            xj = tl.load(x_rows + ks[None, None, :], mask=row_mask[:, None, None], other=0.0)
+        else:
+            xj = tl.load(x_rows + ks[None, None, :], mask=row_mask[:, None, None] & (ks < K)[None, None, :], other=0.0)
+        x_bits = xj.to(tl.float32).to(tl.int32, bitcast=True)
+        flip = (flips << (31 - j)) & _SIGN_BIT
+        acc += (x_bits ^ flip[None, :, :]).to(tl.float32, bitcast=True)
+    return acc
 
 
 @triton.jit
@@ -55,7 +83,7 @@ def _segment_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW,
     stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, USE_FMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, USE_FMA: tl.constexpr, EVEN_K: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tiles vary fastest, so the programs sharing a column block (and its base columns) run
@@ -73,28 +101,27 @@ def _segment_kernel(
 
     acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_planes = tl.zeros((ROWS, BLOCK_N, BLOCK_K // 32) if USE_FMA else (1, 1, 1), dtype=tl.float32)
     sign_rows = signs_ptr + slot.to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
+        k_mask = (ks < K) | EVEN_K  # EVEN_K: no tail, and no per-element K compares
         # Zero activations past K neutralise the padding bits (0 -> -1) of the last word.
         xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if FUSE_BASE:
             wk = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :],
                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if USE_FMA:
-                acc_base += tl.sum(xk.to(tl.float32)[:, None, :] * wk.to(tl.float32)[None, :, :], axis=2)
-            else:
-                acc_base += tl.dot(xk, tl.trans(wk))
+            acc_base += tl.dot(xk, tl.trans(wk))
         if slot >= 0:
             kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             words = tl.load(sign_rows + kw[None, :], mask=col_mask[:, None] & (kw < KW)[None, :], other=0)
             if USE_FMA:
-                s = expand_signs(words, tl.float32)
-                acc_sign += tl.sum(xk.to(tl.float32)[:, None, :] * s[None, :, :], axis=2)
+                acc_planes = _accumulate_bit_planes(acc_planes, words, x_ptr, rows, row_mask, stride_xm, kw, K, EVEN_K)
             else:
                 acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
+    if USE_FMA:
+        acc_sign += tl.sum(acc_planes, axis=2)  # one cross-lane reduction per tile, after the K loop
 
     if not FUSE_BASE:
         acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
@@ -141,7 +168,7 @@ def segment_matmul(
         n, k, signs.shape[-1],
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0),
-        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, USE_FMA=config.use_fma,
+        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, USE_FMA=config.use_fma, EVEN_K=k % config.block_k == 0,
         ROWS=config.rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

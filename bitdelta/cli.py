@@ -18,6 +18,19 @@ out = Console()
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+# Scale distillation options, shared by `compress --distill` and `distill`.
+Data = Annotated[str | None, typer.Option(help="Calibration data: .txt/.jsonl file or dataset id (e.g. allenai/c4:en); default: sampled from the fine-tune (data-free).")]
+Steps = Annotated[int, typer.Option(help="Adam steps.")]
+Samples = Annotated[int, typer.Option(help="Calibration sequences.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
+Lr = Annotated[float, typer.Option(help="Adam learning rate.")]
+BatchSize = Annotated[int, typer.Option(help="Sequences per step.")]
+Loss = Annotated[str, typer.Option(help="mse (logits, the paper) or kl (softened distributions).")]
+TopK = Annotated[int, typer.Option(help="Teacher logits kept per position.")]
+Heldout = Annotated[int, typer.Option(help="Extra held-out sequences for the before/after report.")]
+Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
+Dtype = Annotated[str, typer.Option(help="auto (the fine-tune's), bfloat16, float16 or float32.")]
+Seed = Annotated[int, typer.Option(help="Seed for sampling and batching.")]
 
 
 def _quiet_transformers() -> None:
@@ -38,16 +51,53 @@ def compress(
     max_shard_size: Annotated[float, typer.Option(help="Largest delta shard, in GB.")] = 2.0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    distill: Annotated[bool, typer.Option("--distill", help="Then calibrate the scales (see `bitdelta distill`).")] = False,
+    data: Data = None, steps: Steps = 200, samples: Samples = 800, seq_len: SeqLen = 128, lr: Lr = 1e-4,
+    batch_size: BatchSize = 4, loss: Loss = "mse", topk: TopK = 256, heldout: Heldout = 64,
+    device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0,
 ) -> None:
     """Compress FINETUNED into a 1-bit delta over BASE."""
     from bitdelta.compress import compress as run
+    from bitdelta.distill import DistillConfig
     from bitdelta.fileformat import DeltaReader
 
+    distill_config = DistillConfig(data, samples, seq_len, steps, lr, batch_size, loss, topk=topk, heldout=heldout, device=device, dtype=dtype, seed=seed) if distill else None
     path = run(base, finetuned, output, scale=scale, include=include, exclude=exclude, overwrite=overwrite,
-               max_shard_bytes=int(max_shard_size * 1e9), progress=not quiet)
+               max_shard_bytes=int(max_shard_size * 1e9), progress=not quiet, distill=distill_config)
     reader = DeltaReader(path, verify=False)
     out.print(f"wrote {path}: {_gb(reader.nbytes)} for a {_gb(reader.config.finetuned_bytes)} fine-tune "
               f"({reader.config.finetuned_bytes / reader.nbytes:.2f}x smaller)")
+    if reader.config.distillation:
+        _print_distillation(reader.config.distillation)
+
+
+@app.command()
+def distill(
+    base: Annotated[str, typer.Argument(help="The base the delta was made from.")],
+    finetuned: Annotated[str, typer.Argument(help="The fine-tune the delta was made from.")],
+    delta: Annotated[Path, typer.Argument(help="Delta directory, rewritten in place atomically.")],
+    data: Data = None, steps: Steps = 200, samples: Samples = 800, seq_len: SeqLen = 128, lr: Lr = 1e-4,
+    batch_size: BatchSize = 4, loss: Loss = "mse", topk: TopK = 256, heldout: Heldout = 64,
+    device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, quiet: Quiet = False,
+) -> None:
+    """Calibrate DELTA's scales so base + delta matches FINETUNED's logits (signs stay frozen)."""
+    from bitdelta.distill import DistillConfig
+    from bitdelta.distill import distill as run
+
+    config = DistillConfig(data, samples, seq_len, steps, lr, batch_size, loss, topk=topk, heldout=heldout, device=device, dtype=dtype, seed=seed)
+    _print_distillation(run(base, finetuned, delta, config, progress=not quiet))
+
+
+def _print_distillation(record: dict) -> None:
+    table = Table(title=f"scale distillation: {record['steps']} steps, {record['samples']} x {record['seq_len']} tokens, {record['data']}")
+    for column in ("held-out", "initial scales", "distilled"):
+        table.add_column(column, justify="left" if column == "held-out" else "right")
+    before, after = record["heldout_before"], record["heldout_after"]
+    for key, label in (("logit_mse", "logit MSE (teacher top-k)"), ("kl", "KL to fine-tune (top-k)"), ("ce", "next-token loss")):
+        table.add_row(label, f"{before[key]:.5g}", f"{after[key]:.5g}")
+    out.print(table)
+    out.print(f"fine-tune's own next-token loss {record['teacher_heldout_ce']:.5g}; "
+              f"{record['seconds']:.1f} s, peak memory {_gb(record['peak_memory_bytes'])} on {record['device']}")
 
 
 @app.command()

@@ -11,7 +11,10 @@ from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import GRANULARITIES, BinaryDelta, Granularity
 from bitdelta.errors import BitDeltaError
 from bitdelta.fileformat import DEFAULT_SHARD_BYTES, DeltaConfig, write_delta
+from bitdelta.distill import DistillConfig
+from bitdelta.distill import distill as run_distillation
 from bitdelta.progress import byte_progress
+from bitdelta.storage import atomic_directory
 from bitdelta.targets import select_targets
 
 
@@ -26,13 +29,28 @@ def compress(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    distill: DistillConfig | None = None,
 ) -> Path:
     """Compress `finetuned` against `base` into a delta directory at `output`; return its path.
 
     Linear weights inside the transformer blocks become packed signs + mean|delta| scale(s);
     every other tensor that differs from the base is stored losslessly. Memory stays bounded by
-    one tensor pair (plus a shard of output), so models larger than RAM compress.
+    one tensor pair (plus a shard of output), so models larger than RAM compress. With `distill`,
+    the scales are then calibrated (bitdelta.distill) before `output` appears.
     """
+    options = dict(scale=scale, include=include, exclude=exclude, max_shard_bytes=max_shard_bytes, progress=progress)
+    if distill is None:
+        return _compress(base, finetuned, Path(output), overwrite=overwrite, **options)
+    with atomic_directory(Path(output), overwrite) as staging:
+        initial = _compress(base, finetuned, staging / "initial", **options)
+        run_distillation(base, finetuned, initial, distill, progress)
+        for item in initial.iterdir():
+            item.rename(staging / item.name)
+        initial.rmdir()
+    return Path(output)
+
+
+def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_shard_bytes, progress, overwrite=False) -> Path:
     if scale not in GRANULARITIES:
         raise BitDeltaError(f"unknown scale granularity {scale!r}; use one of {', '.join(GRANULARITIES)}")
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
@@ -56,6 +74,7 @@ def compress(
             base_model=str(base),
             base_fingerprint=base_ckpt.fingerprint,
             finetuned_model=str(finetuned),
+            finetuned_fingerprint=ft_ckpt.fingerprint,
             model_type=ft_ckpt.config.get("model_type", "unknown"),
             finetuned_dtype=_dominant_dtype(ft_ckpt),
             finetuned_bytes=ft_ckpt.nbytes,
@@ -67,7 +86,7 @@ def compress(
             files=files,
         )
 
-    return write_delta(Path(output), stored_tensors(), make_config, ft_ckpt.small_files(), overwrite, max_shard_bytes)
+    return write_delta(output, stored_tensors(), make_config, ft_ckpt.small_files(), overwrite, max_shard_bytes)
 
 
 def _same_as_base(name: str, tensor: torch.Tensor, base: Checkpoint) -> bool:

@@ -37,6 +37,7 @@ class DeltaConfig:
     base_model: str
     base_fingerprint: str
     finetuned_model: str
+    finetuned_fingerprint: str
     model_type: str
     finetuned_dtype: str  # the dtype most of the fine-tune's bytes are in: what `merge --dtype auto` writes
     finetuned_bytes: int  # size of the fine-tune's weights, for the compression factor

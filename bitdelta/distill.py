@@ -1,0 +1,258 @@
+"""Scale distillation (BitDelta, sec. 3.2): sign bits frozen, only the scales are trained so the
+compressed model's logits match the fine-tune's on a small calibration set.
+
+Only one model is ever in memory. Phase 1 runs the teacher (the fine-tune) over the calibration
+sequences and keeps, per position, its top-k logits and their token ids. Phase 2 frees the teacher
+and trains the student (base + scale * sign) alone against those targets. Peak memory:
+
+    max(teacher weights, student weights) + sequences * seq_len * topk * 6 bytes + activations
+
+where student weights = base weights + (compressed params) / 8 + lossless extras. The paper keeps
+both models on two GPUs; this needs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitdelta.apply import load, open_pair, parse_dtype
+from bitdelta.calibration import calibration_sequences
+from bitdelta.checkpoint import Checkpoint
+from bitdelta.errors import DistillationError, IncompatibleModelsError
+from bitdelta.fileformat import DeltaReader, write_delta
+from bitdelta.nn import BitDeltaLinear, bitdelta_linears, replace_linear
+from bitdelta.pack import unpack_signs
+from bitdelta.progress import step_progress
+
+LOSSES = ("mse", "kl")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Defaults follow the paper: 800 samples x 128 tokens, 200 Adam steps at lr 1e-4, logit MSE."""
+
+    data: str | None = None  # .txt/.jsonl file or dataset id; None = data-free
+    samples: int = 800
+    seq_len: int = 128
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    loss: str = "mse"  # mse on logits, or kl on temperature-softened distributions
+    kl_temperature: float = 2.0
+    topk: int = 256  # teacher logits kept per position
+    heldout: int = 64  # extra sequences never trained on, for the before/after report
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Targets:
+    values: torch.Tensor  # fp16 [S, T, k] teacher logits
+    indices: torch.Tensor  # int32 [S, T, k] their token ids
+    teacher_ce: float  # the teacher's next-token loss on the held-out part
+
+
+class _SignMatmul(torch.autograd.Function):
+    """(x @ sign.T) * scale, unpacking the bits in both passes, so training never holds a dense
+    sign matrix: memory stays at packed bits plus activations."""
+
+    @staticmethod
+    def forward(ctx, x, signs, k, scale):
+        product = x @ unpack_signs(signs, k, x.dtype).T
+        ctx.save_for_backward(signs, scale, product)
+        ctx.k = k
+        return product * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        signs, scale, product = ctx.saved_tensors
+        grad_x = (grad * scale) @ unpack_signs(signs, ctx.k, grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, (grad * product).sum(0)
+
+
+class DistillLinear(nn.Module):
+    """Base linear + trainable scale(s) over frozen packed signs; scale shape [1] or [N] as stored."""
+
+    def __init__(self, layer: BitDeltaLinear, scale: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias, self.signs = layer.weight, layer.bias, layer.signs[0]
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.scale = nn.Parameter(scale.float().clone().to(self.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features).float()
+        delta = _SignMatmul.apply(rows, self.signs, self.in_features, self.scale.expand(self.out_features))
+        return base + delta.reshape(base.shape).to(base.dtype)
+
+
+def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: DistillConfig = DistillConfig(), progress: bool = True) -> dict:
+    """Calibrate the scales of `delta` in place (atomically); return the record saved in its config."""
+    if config.loss not in LOSSES:
+        raise DistillationError(f"unknown distillation loss {config.loss!r}; use one of {', '.join(LOSSES)}")
+    base_ckpt, reader = open_pair(base, delta)
+    ft_ckpt = Checkpoint(finetuned)
+    if ft_ckpt.fingerprint != reader.config.finetuned_fingerprint:
+        raise IncompatibleModelsError(f"{delta} was not made from fine-tune {finetuned!r} (fingerprint mismatch); pass the fine-tune it was made from")
+    device = _device(config.device)
+    dtype = parse_dtype(config.dtype, reader)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    _reset_peak(device)
+
+    sequences, source, targets = _teacher_phase(ft_ckpt, config, device, dtype)
+    student = load(base_ckpt.path, reader.path, mode="bitdelta", dtype=config.dtype, device=device)
+    scales = _make_trainable(student, reader)
+    train_ids, heldout_ids = sequences[: config.samples], sequences[config.samples :]
+    train_targets = Targets(targets.values[: config.samples], targets.indices[: config.samples], targets.teacher_ce)
+    heldout_targets = Targets(targets.values[config.samples :], targets.indices[config.samples :], targets.teacher_ce)
+
+    before = _evaluate(student, heldout_ids, heldout_targets, config, device)
+    losses = _train(student, scales, train_ids, train_targets, config, device, progress)
+    after = _evaluate(student, heldout_ids, heldout_targets, config, device)
+    record = dict(
+        data=source, samples=config.samples, seq_len=config.seq_len, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+        loss=config.loss, topk=targets.values.shape[-1], seed=config.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        train_loss_first=losses[0], train_loss_last=losses[-1], heldout_sequences=len(heldout_ids),
+        heldout_before=before, heldout_after=after, teacher_heldout_ce=targets.teacher_ce,
+        seconds=round(time.perf_counter() - start, 2), peak_memory_bytes=_peak_memory(device),
+    )
+    _write_scales(reader, {name: p.detach().cpu() for name, p in scales.items()}, record)
+    return record
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DistillationError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def _teacher_phase(ft_ckpt: Checkpoint, config: DistillConfig, device, dtype) -> tuple[torch.Tensor, str, Targets]:
+    """Calibration sequences and the teacher's top-k logits on them; the teacher is freed after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.path)
+    teacher = AutoModelForCausalLM.from_pretrained(ft_ckpt.path, dtype=dtype).to(device).eval()
+    count = config.samples + config.heldout
+    sequences, source = calibration_sequences(config.data, tokenizer, teacher, count, config.seq_len, config.seed)
+    topk = min(config.topk, teacher.config.get_text_config().vocab_size)
+    values, indices, heldout_ce = [], [], []
+    with torch.no_grad():
+        for first in range(0, count, config.batch_size):
+            batch = sequences[first : first + config.batch_size].to(device)
+            logits = teacher(input_ids=batch).logits.float()
+            top = logits.topk(topk, dim=-1)
+            values.append(top.values.half().cpu())
+            indices.append(top.indices.int().cpu())
+            if first >= config.samples:
+                heldout_ce.append(_next_token_ce(logits, batch))
+    del teacher
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return sequences, source, Targets(torch.cat(values), torch.cat(indices), _mean(heldout_ce))
+
+
+def _make_trainable(student, reader: DeltaReader) -> dict[str, nn.Parameter]:
+    """Freeze everything, then swap each BitDeltaLinear for a DistillLinear with trainable scale(s)."""
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    scales = {}
+    for module_name, layer in bitdelta_linears(student).items():
+        name = module_name + ".weight"
+        trainable = DistillLinear(layer, reader.binary_delta(name).scale)
+        replace_linear(student, module_name, trainable)
+        scales[name] = trainable.scale
+    return scales
+
+
+def _loss(logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """MSE between student and teacher logits at the teacher's top-k tokens, or KL between the
+    temperature-softened distributions over those k tokens (both renormalised over them, so a
+    perfect student scores 0)."""
+    teacher, student = values.float(), logits.gather(-1, indices.long())
+    if config.loss == "mse":
+        return F.mse_loss(student, teacher)
+    t = config.kl_temperature
+    teacher_logp, student_logp = F.log_softmax(teacher / t, dim=-1), F.log_softmax(student / t, dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean() * t * t
+
+
+def _train(student, scales, ids, targets: Targets, config: DistillConfig, device, progress: bool) -> list[float]:
+    optimizer = torch.optim.Adam(scales.values(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    with step_progress("distilling scales", config.steps, progress) as advance:
+        for _ in range(config.steps):
+            pick = torch.randint(0, len(ids), (config.batch_size,), generator=generator)
+            logits = student(input_ids=ids[pick].to(device)).logits.float()
+            loss = _loss(logits, targets.values[pick].to(device), targets.indices[pick].to(device), config)
+            if not torch.isfinite(loss):
+                raise DistillationError(f"distillation loss became {loss.item()} at step {len(losses) + 1}; the delta was left untouched (try a lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            advance(f"loss {losses[-1]:.4g}")
+    return losses
+
+
+@torch.no_grad()
+def _evaluate(student, ids, targets: Targets, config: DistillConfig, device) -> dict:
+    """Held-out logit MSE and KL against the teacher's top-k, and next-token loss."""
+    mse, kl, ce = [], [], []
+    for first in range(0, len(ids), config.batch_size):
+        batch = ids[first : first + config.batch_size].to(device)
+        values, indices = targets.values[first : first + config.batch_size].to(device), targets.indices[first : first + config.batch_size].to(device)
+        logits = student(input_ids=batch).logits.float()
+        mse.append(_loss(logits, values, indices, dataclasses.replace(config, loss="mse")).item())
+        kl.append(_loss(logits, values, indices, dataclasses.replace(config, loss="kl", kl_temperature=1.0)).item())
+        ce.append(_next_token_ce(logits, batch))
+    return dict(logit_mse=_mean(mse), kl=_mean(kl), ce=_mean(ce))
+
+
+def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak GPU memory allocated, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _write_scales(reader: DeltaReader, scales: dict[str, torch.Tensor], record: dict) -> None:
+    """Rewrite the delta with the new scales; signs and lossless tensors are copied bit for bit."""
+    config = reader.config
+
+    def tensors():
+        for name in config.compressed:
+            binary = reader.binary_delta(name)
+            yield name + ".sign", binary.signs
+            yield name + ".scale", scales[name].reshape(binary.scale.shape).float()
+        for name in config.dense:
+            yield name, reader.dense(name)
+
+    write_delta(reader.path, tensors(), lambda files: dataclasses.replace(config, files=files, distillation=record), reader.small_files(), overwrite=True)

@@ -133,11 +133,12 @@ def test_segment_tiles_cover_each_row_once_and_never_mix_slots(slot_list, rows_p
 def test_choose_config_decode_and_prefill():
     distinct = build_plan(torch.arange(32))
     cfg = choose_config(4096, distinct)
-    assert cfg.rows == 1 and not cfg.fuse_base  # many distinct slots: base from cuBLAS, once
+    assert cfg.rows == 1 and not cfg.fuse_base and cfg.use_fma  # many distinct slots: base from cuBLAS, once
     shared = build_plan(torch.zeros(4, dtype=torch.long))
     cfg = choose_config(4096, shared)
-    assert cfg.rows == 4 and cfg.fuse_base
+    assert cfg.rows == 4 and cfg.fuse_base and not cfg.use_fma
     assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
+    assert not choose_config(4096, build_plan(torch.arange(64).repeat(8))).use_fma  # 8 rows a slot: dot
     prefill = build_plan(torch.zeros(DECODE_MAX_ROWS + 1, dtype=torch.long))
     assert choose_config(4096, prefill).rows > DECODE_MAX_ROWS
 

@@ -13,7 +13,6 @@ from bitdelta.kernels.grouping import SlotPlan
 DECODE_MAX_ROWS = 16  # a slot with more rows than this in one step is treated as prefill
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 FMA_MAX_ROWS = 4  # the bit-plane path keeps a [rows, block_n, block_k/32] fp32 accumulator
-_TARGET_PROGRAMS = 264  # two per SM of an H100: enough loads in flight for a memory-bound pass
 
 
 @dataclass(frozen=True)
@@ -42,17 +41,19 @@ def next_pow2(value: int) -> int:
 
 
 def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
-    """Decode (every slot has few rows) gets narrow column blocks for parallelism and, for tiles of
-    at most FMA_MAX_ROWS rows, the CUDA-core bit-plane path; prefill gets GEMM-sized tiles that
-    amortise the bit expansion over many rows."""
+    """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md, sweep v2).
+
+    Few distinct deltas: one fused pass (base + bits), tensor-core products, narrow column
+    blocks. Many distinct deltas: cuBLAS for the base once, then the delta kernel; tiles of at
+    most FMA_MAX_ROWS rows use the CUDA-core bit-plane path with wide column blocks. Prefill gets
+    GEMM-sized tiles that amortise the bit expansion over many rows.
+    """
     if plan.max_rows > DECODE_MAX_ROWS:
         return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
     rows = next_pow2(plan.max_rows)
-    fuse = plan.num_deltas <= FUSED_MAX_DELTAS
-    fma = rows <= FMA_MAX_ROWS
-    tiles = len(plan.counts)
-    block_n = 64
-    while block_n > 16 and tiles * -(-n // block_n) < _TARGET_PROGRAMS:
-        block_n //= 2
-    return KernelConfig(rows=rows, block_n=block_n, block_k=256 if fma else 128, num_warps=4, num_stages=3,
-                        fuse_base=fuse, use_fma=fma)
+    if plan.num_deltas <= FUSED_MAX_DELTAS:
+        return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True)
+    if rows <= FMA_MAX_ROWS:
+        return KernelConfig(rows=rows, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False,
+                            use_fma=True)
+    return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)

@@ -41,7 +41,7 @@ def next_pow2(value: int) -> int:
 
 
 def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
-    """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md, sweep v2).
+    """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md, sweeps v2 and v3).
 
     Few distinct deltas: one fused pass (base + bits), tensor-core products, narrow column
     blocks. Many distinct deltas: cuBLAS for the base once, then the delta kernel; tiles of at
@@ -52,8 +52,10 @@ def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
         return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
     rows = next_pow2(plan.max_rows)
     if plan.num_deltas <= FUSED_MAX_DELTAS:
-        return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True)
+        # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
+        warps, stages = (2, 3) if rows <= 2 else (4, 4)
+        return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True)
     if rows <= FMA_MAX_ROWS:
-        return KernelConfig(rows=rows, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False,
+        return KernelConfig(rows=rows, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False,
                             use_fma=True)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)

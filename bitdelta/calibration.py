@@ -91,7 +91,7 @@ def sample_from_model(model, tokenizer, count: int, seq_len: int, seed: int, bat
     for first in range(0, count, batch_size):
         prompt = torch.full((min(batch_size, count - first), 1), start, dtype=torch.long, device=device)
         out = model.generate(
-            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, use_cache=True,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
         )
         batches.append(out[:, :seq_len].cpu())

@@ -155,9 +155,11 @@ def demo(
     table = Table(title="held-out loss (lower is better)")
     table.add_column("model")
     table.add_column("prose (fine-tune domain)", justify="right")
+    table.add_column("share of fine-tune's gain kept", justify="right")
     table.add_column("code (base domain)", justify="right")
+    base_loss, ft_loss = result.rows[0][1], result.rows[1][1]
     for label, prose, code in result.rows:
-        table.add_row(label, f"{prose:.4f}", f"{code:.4f}")
+        table.add_row(label, f"{prose:.4f}", f"{(base_loss - prose) / (base_loss - ft_loss):.1%}", f"{code:.4f}")
     out.print(table)
     sizes = Table(title="sizes")
     sizes.add_column("artifact")
@@ -167,6 +169,7 @@ def demo(
     for name, nbytes in result.sizes.items():
         sizes.add_row(name, f"{nbytes:,}", f"{reference / nbytes:.2f}x smaller" if nbytes < reference else "1x")
     out.print(sizes)
+    out.print("seconds: " + ", ".join(f"{name} {value:.1f}" for name, value in result.seconds.items()))
 
 
 def _gb(nbytes: int) -> str:

@@ -1,0 +1,170 @@
+"""Compression factor of a BitDelta delta for the real shapes of Llama-2-7B/13B/70B and Mistral-7B.
+
+    python benchmarks/compression_factor.py [--configs DIR] [--out DIR]
+
+No weights and no download: each model is built on the meta device from its public config.json
+(benchmarks/configs/), and the sizes follow from the tensor shapes, counted the way our delta
+format stores them (bitdelta/fileformat.py):
+
+  fp16 fine-tune   every tensor of the state dict at 2 bytes per value
+  1-bit matrix     "<name>.sign" int32 [N, ceil(K/32)] = N*ceil(K/32)*4 bytes, plus "<name>.scale"
+                   fp32 [1] = 4 bytes (or [N] = 4*N bytes with per-row scales)
+  kept lossless    every other tensor, in fp16 (it differs from the base after a full fine-tune)
+
+Variants: (a) the paper's: block linears 1-bit (the set bitdelta.targets.block_linear_weights
+finds, which is what `bitdelta compress` picks), embeddings, lm_head and norms in fp16;
+(b) embeddings and lm_head 1-bit too (`--include`), norms fp16; (c) = (a) with per-row scales
+(`--scale row`). Safetensors headers (a few tens of KB per file) are left out.
+Writes compression_factor.json and .md to --out (default benchmarks/results) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# `python benchmarks/x.py` puts benchmarks/ first on sys.path, where benchmarks/kernels.py then
+# shadows the `kernels` package transformers probes for at import (and fails on `import triton`).
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from bitdelta.pack import packed_words  # noqa: E402
+from bitdelta.targets import block_linear_weights  # noqa: E402
+
+MODELS = ["Llama-2-7b-hf", "Llama-2-13b-hf", "Llama-2-70b-hf", "Mistral-7B-v0.1"]
+FP16 = 2
+REPRODUCE = "python benchmarks/compression_factor.py"
+PAPER_SOURCE = "https://arxiv.org/html/2402.10193v3 (BitDelta, table of model size, delta size and compression factor)"
+# The paper's values could not be retrieved from the stored copies the `search` tool reaches
+# (its page excerpts stop before the table), so none are recorded rather than quoted from memory.
+PAPER: dict[str, dict[str, float]] = {}
+
+
+def shapes_from_config(config: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of this model holds (built on meta: no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def one_bit_bytes(shape: tuple[int, ...], row_scales: bool) -> int:
+    """Bytes of "<name>.sign" + "<name>.scale" for one [N, K] matrix."""
+    n, k = shape
+    return n * packed_words(k) * 4 + (4 * n if row_scales else 4)
+
+
+def delta_bytes(shapes: dict[str, tuple[int, ...]], one_bit: set[str], row_scales: bool = False) -> int:
+    return sum(one_bit_bytes(s, row_scales) if n in one_bit else numel(s) * FP16 for n, s in shapes.items())
+
+
+def measure(name: str, config: dict) -> dict:
+    shapes = shapes_from_config(config)
+    linears = block_linear_weights(config)
+    assert linears is not None and linears <= shapes.keys(), f"target finder failed on {name}"
+    # Embeddings and lm_head: the 2-D tensors outside the blocks (norms are 1-D).
+    vocab = {n for n, s in shapes.items() if len(s) == 2 and n not in linears}
+    fp16 = sum(numel(s) for s in shapes.values()) * FP16
+    sizes = {
+        "a_paper": delta_bytes(shapes, linears),
+        "b_embed_head_1bit": delta_bytes(shapes, linears | vocab),
+        "c_row_scales": delta_bytes(shapes, linears, row_scales=True),
+    }
+    return {
+        "model": name,
+        "params": sum(numel(s) for s in shapes.values()),
+        "block_linears": len(linears),
+        "block_linear_params": sum(numel(shapes[n]) for n in linears),
+        "one_bit_in_b": sorted(vocab),
+        "finetune_fp16_bytes": fp16,
+        "delta_bytes": sizes,
+        "compression_factor": {k: fp16 / v for k, v in sizes.items()},
+        "paper": PAPER.get(name),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    lines = [
+        "# Compression factor for real model shapes",
+        "",
+        f"Reproduce: `{REPRODUCE}` (CPU, seconds; no weights, models built on the meta device from `benchmarks/configs/`).",
+        "",
+        "Fine-tune = every tensor in fp16. Delta bytes counted as our format stores them: 1-bit matrix = "
+        "`N*ceil(K/32)*4` bytes of int32 signs + 4 bytes fp32 scale (4*N with per-row scales); everything else fp16. "
+        "Safetensors headers (tens of KB) excluded. GB = 1e9 bytes.",
+        "",
+        "- (a) paper's choice: block linears (from `bitdelta.targets.block_linear_weights`) 1-bit; embeddings, lm_head, norms fp16",
+        "- (b) embeddings and lm_head 1-bit too (`bitdelta compress --include ...`); norms fp16",
+        "- (c) = (a) with per-row scales (`--scale row`)",
+        "",
+        "| model | params | fine-tune fp16 GB | delta (a) GB | factor (a) | delta (b) GB | factor (b) | delta (c) GB | factor (c) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        d, f = r["delta_bytes"], r["compression_factor"]
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {gb(r['finetune_fp16_bytes'])} "
+            + " ".join(f"| {gb(d[k])} | {f[k]:.2f}x" for k in d) + " |"
+        )
+    lines += [
+        "",
+        "## The paper's table",
+        "",
+        f"Source looked up: {PAPER_SOURCE}.",
+        "",
+    ]
+    if PAPER:
+        lines += ["| model | size | delta size | factor |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {p['size']} | {p['delta']} | {p['factor']}x |" for m, p in PAPER.items()]
+    else:
+        lines += [
+            "**Not recorded: the paper's numbers could not be retrieved.** The `search` tool's stored copies of the paper "
+            "(arxiv.org/html/2402.10193v3, arxiv-vanity, several mirrors) only return the opening of the page, never the "
+            "table. A third-party summary (github.com/deep-diver/neurips2024, content/posters/XuWWq3gy7W/index.md) confirms "
+            "the table exists (model size, delta size, compression factor for the Llama-2 and Mistral bases), that the "
+            "factor exceeds 10x in all cases, and that the paper does not compress the embedding and LM head layers "
+            "(tokenizer vocabularies differ), i.e. variant (a). Fill `PAPER` in the script from the paper itself to compare.",
+        ]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- Why the factor grows with model size: the fp16 embeddings and lm_head (2 x 32000 x hidden) are a fixed cost "
+        "that shrinks relative to the block linears as the model grows; the block linears alone approach 16x "
+        "(16 bits -> 1 bit). Variant (b) is close to 16x for every size.",
+        "- Per-row scales cost 4 bytes per output row: negligible (compare (a) and (c)).",
+        "- The configs in `benchmarks/configs/` were written from the public Hugging Face config.json files "
+        "(meta-llama/Llama-2-{7,13,70}b-hf, mistralai/Mistral-7B-v0.1); only the shape fields matter here.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, default=HERE / "configs", help="folder of <model>.json configs")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="where to write the json and md")
+    args = parser.parse_args()
+
+    rows = [measure(m, json.loads((args.configs / f"{m}.json").read_text())) for m in MODELS]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compression_factor.json").write_text(json.dumps(
+        {"reproduce": REPRODUCE, "paper_source": PAPER_SOURCE, "models": rows}, indent=2) + "\n")
+    text = markdown(rows)
+    (args.out / "compression_factor.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

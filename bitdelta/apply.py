@@ -18,7 +18,7 @@ from bitdelta.progress import byte_progress
 from bitdelta.storage import ShardWriter, atomic_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_MERGE_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3  # merge holds one output shard in memory
 
 
 def parse_dtype(dtype: str, reader: DeltaReader) -> torch.dtype:

@@ -129,14 +129,14 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         with self._open(self.tensors[name].file) as handle:
-            return handle.get_tensor(name)
+            return _owned(handle.get_tensor(name))
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one shard at a time (the file is closed before the next one opens)."""
         for file in self.files:
             with self._open(file) as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    yield name, _owned(handle.get_tensor(name))
 
     @cached_property
     def config(self) -> dict:
@@ -175,6 +175,12 @@ class Checkpoint:
                     digest.update(f"{name}|{meta.shape}|{meta.dtype}".encode())
                     digest.update(_corner(handle.get_slice(name), meta.shape).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:32]
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy that owns its memory. safetensors may hand out views of the memory map; a view kept
+    (say, in an output shard) would keep every page of its file mapped and resident."""
+    return tensor.clone()
 
 
 def _corner(view, shape: tuple[int, ...]) -> torch.Tensor:

@@ -13,10 +13,11 @@ from typing import Literal
 
 import torch
 
-from bitdelta.pack import pack_signs, unpack_signs
+from bitdelta.pack import pack_signs, packed_words, unpack_signs
 
 Granularity = Literal["matrix", "row"]
 GRANULARITIES = ("matrix", "row")
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,18 @@ class BinaryDelta:
 
     @classmethod
     def from_weights(cls, base: torch.Tensor, finetuned: torch.Tensor, granularity: Granularity = "matrix") -> BinaryDelta:
-        delta = finetuned.float() - base.float()
-        magnitude = delta.abs()
-        scale = magnitude.mean().reshape(1) if granularity == "matrix" else magnitude.mean(dim=1)
-        return cls(pack_signs(delta), scale, tuple(delta.shape))
+        n, k = finetuned.shape
+        signs = torch.empty(n, packed_words(k), dtype=torch.int32)
+        row_means = torch.empty(n, dtype=torch.float64)
+        # A few MB of rows at a time: a whole fp32 delta of a 28672 x 8192 matrix would be 0.9 GB,
+        # and large temporaries freed between small kept tensors fragment the heap.
+        step = max(1, _CHUNK_ELEMENTS // k)
+        for start in range(0, n, step):
+            delta = finetuned[start : start + step].float() - base[start : start + step].float()
+            row_means[start : start + step] = delta.abs().sum(dim=1, dtype=torch.float64) / k
+            signs[start : start + step] = pack_signs(delta)
+        scale = row_means.mean().reshape(1) if granularity == "matrix" else row_means
+        return cls(signs, scale.float(), (n, k))
 
     def to_dense(self) -> torch.Tensor:
         """The approximated delta, fp32 [N, K]."""

@@ -106,11 +106,14 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int = 16, seq_len: int
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
     )
     model.train()
+    device = next(model.parameters()).device
     losses = []
     for _ in range(steps):
         starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=generator)
-        window = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=window, labels=window).loss
+        window = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()]).to(device)
+        # bf16 autocast on a GPU: same recipe, several times faster; the CPU trains in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=window, labels=window).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -128,9 +131,11 @@ def eval_windows(tokens: torch.Tensor, count: int = 16, seq_len: int = 64) -> to
 
 
 @torch.no_grad()
-def heldout_loss(model, windows: torch.Tensor) -> float:
+def heldout_loss(model, windows: torch.Tensor, batch: int = 16) -> float:
     model.eval()
-    return model(input_ids=windows, labels=windows).loss.item()
+    device = next(model.parameters()).device
+    losses = [model(input_ids=w.to(device), labels=w.to(device)).loss.item() for w in windows.split(batch)]
+    return sum(losses) / len(losses)
 
 
 def make_pair(

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from bitdelta.kernels.grouping import SlotPlan
 
-DECODE_MAX_ROWS = 16  # a slot with more rows than this in one step is treated as prefill
+DECODE_MAX_ROWS = 16  # with several distinct deltas, a slot with more rows than this is prefill
+SHARED_DECODE_MAX_ROWS = 128  # with one or two deltas, decode tiles serve up to this many rows a slot
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 FMA_MAX_ROWS = 4  # the bit-plane path keeps a [rows, block_n, block_k/32] fp32 accumulator
 
@@ -32,6 +33,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.use_fma and self.rows > FMA_MAX_ROWS:
             raise ValueError(f"use_fma holds rows x block_n x block_k/32 accumulators: rows <= {FMA_MAX_ROWS}")
+        if self.use_fma and self.fuse_base:
+            raise ValueError("use_fma is the split path: the base product comes from cuBLAS")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
 
@@ -40,7 +43,7 @@ def next_pow2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
+def choose_config(n: int, plan: SlotPlan, k: int = 4096) -> KernelConfig:
     """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md, sweeps v2 and v3).
 
     Few distinct deltas: one fused pass (base + bits), tensor-core products, narrow column
@@ -48,14 +51,21 @@ def choose_config(n: int, plan: SlotPlan) -> KernelConfig:
     most FMA_MAX_ROWS rows use the CUDA-core bit-plane path with wide column blocks. Prefill gets
     GEMM-sized tiles that amortise the bit expansion over many rows.
     """
-    if plan.max_rows > DECODE_MAX_ROWS:
+    few_deltas = plan.num_deltas <= FUSED_MAX_DELTAS
+    if plan.max_rows > (SHARED_DECODE_MAX_ROWS if few_deltas else DECODE_MAX_ROWS):
         return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
     rows = next_pow2(plan.max_rows)
-    if plan.num_deltas <= FUSED_MAX_DELTAS:
+    if few_deltas:
+        if rows > DECODE_MAX_ROWS and n >= 8192:
+            # tall tiles on wide layers: 64 columns (still >= 128 programs), shorter K step past 32 rows
+            return KernelConfig(rows=rows, block_n=64, block_k=128 if rows <= 32 else 64, num_warps=4,
+                                num_stages=4, fuse_base=True)
         # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
         warps, stages = (2, 3) if rows <= 2 else (4, 4)
         return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True)
     if rows <= FMA_MAX_ROWS:
-        return KernelConfig(rows=rows, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False,
+        # bit-plane path; past 32 deltas on long rows (K > 8192) wider column blocks measured faster
+        block_n, block_k = (256, 128) if plan.num_deltas > 16 and k > 8192 else (128, 256)
+        return KernelConfig(rows=rows, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, fuse_base=False,
                             use_fma=True)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)

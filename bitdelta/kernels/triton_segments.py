@@ -55,27 +55,67 @@ def expand_signs(words, dtype: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_bit_planes(acc, words, x_ptr, rows, row_mask, stride_xm, kw, K, EVEN_K: tl.constexpr):
-    """acc [R, BN, BKW] += sign(bit j of words[n, kw]) * x[r, 32*kw + j], for j = 0..31, in fp32.
+def _bitplane_kernel(
+    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    N, K, KW,
+    stride_xm, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The CUDA-core delta path for tiles of very few rows; the base product comes from cuBLAS (ws).
 
-    The CUDA-core path for tiles of very few rows. Working one bit plane at a time keeps the words
-    in the layout they were loaded in (no broadcast, no shared-memory round trip) and makes every
-    shift an immediate. Multiplying by +-1 is flipping the sign bit of x, so each weight costs
-    three instructions: shift the (inverted) bit to bit 31, and-xor it into x, add.
-    The sum over the word axis is left to the caller, once per tile.
+    x . sign = 2 * sum_{bit set} x - sum x. A thread holds one word column (kw) of several bit rows,
+    so each x value it loads serves all of them; bit j of every word is then one predicate and one
+    predicated add (`_add_if_bit`). The next K block's words are loaded before the current one is
+    used (register double buffering), so DRAM latency overlaps the arithmetic.
     """
-    flips = words ^ -1  # bit 0 (-1) must flip x's sign
+    BKW: tl.constexpr = BLOCK_K // 32
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+
+    r = first + tl.arange(0, ROWS)
+    row_mask = r < end
+    rows = tl.load(order_ptr + r, mask=row_mask, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    has_delta = slot >= 0
+
+    jw = tl.arange(0, BKW)
+    sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
+    word_mask = has_delta & col_mask[:, None]
     x_rows = x_ptr + rows[:, None, None] * stride_xm
-    for j in tl.static_range(32):
-        ks = kw * 32 + j
-        if EVEN_K:
-            xj = tl.load(x_rows + ks[None, None, :], mask=row_mask[:, None, None], other=0.0)
-        else:
-            xj = tl.load(x_rows + ks[None, None, :], mask=row_mask[:, None, None] & (ks < K)[None, None, :], other=0.0)
-        x_bits = xj.to(tl.float32).to(tl.int32, bitcast=True)
-        flip = (flips << (31 - j)) & _SIGN_BIT
-        acc += (x_bits ^ flip[None, :, :]).to(tl.float32, bitcast=True)
-    return acc
+    acc = tl.zeros((ROWS, BLOCK_N, BKW), dtype=tl.float32)
+    x_sum = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+    one = tl.full((1, 1, 1), 1, tl.int32)
+    # An explicit num_stages makes Triton software-pipeline these loads (cp.async into shared
+    # memory) although no tl.dot consumes them; without it the bit loads sat in each iteration.
+    for kw0 in tl.range(0, KW, BKW, num_stages=NUM_STAGES):
+        kw = kw0 + jw
+        words = tl.load(sign_rows + kw[None, :], mask=word_mask & ((kw < KW) | EVEN_K)[None, :], other=0)
+        ks = kw0 * 32 + tl.arange(0, BLOCK_K)
+        x_sum += tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=((ks < K) | EVEN_K)[None, :],
+                         other=0.0).to(tl.float32)
+        # Rows past the tile's end read row order[0]'s x (valid memory); they are never stored.
+        xk = x_rows + (kw * 32)[None, None, :]
+        kmask = ((kw * 32 < K) | EVEN_K)[None, None, :]  # a word past K has no set bits: any x will do
+        w3 = words[None, :, :]
+        for j in tl.static_range(32):
+            xj = tl.load(xk + j, mask=kmask, other=0.0)
+            # ptxas makes this one LOP3 (bit -> predicate) and one predicated FADD per weight
+            acc = tl.where((w3 & (one << j)) != 0, acc + xj.to(tl.float32), acc)
+
+    out = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                  other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if has_delta:
+        delta = 2.0 * tl.sum(acc, axis=2) - tl.sum(x_sum, axis=1)[:, None]  # one cross-lane reduction per tile
+        scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
+        out += scale[None, :] * delta
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -83,7 +123,7 @@ def _segment_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW,
     stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, USE_FMA: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, EVEN_K: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tiles vary fastest, so the programs sharing a column block (and its base columns) run
@@ -101,7 +141,6 @@ def _segment_kernel(
 
     acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    acc_planes = tl.zeros((ROWS, BLOCK_N, BLOCK_K // 32) if USE_FMA else (1, 1, 1), dtype=tl.float32)
     has_delta = slot >= 0
     sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
     for k0 in range(0, K, BLOCK_K):
@@ -118,12 +157,7 @@ def _segment_kernel(
         # 2x slower). A base-only tile reads no bits (masked) and discards its delta product.
         kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
-        if USE_FMA:
-            acc_planes = _accumulate_bit_planes(acc_planes, words, x_ptr, rows, row_mask, stride_xm, kw, K, EVEN_K)
-        else:
-            acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
-    if USE_FMA:
-        acc_sign += tl.sum(acc_planes, axis=2)  # one cross-lane reduction per tile, after the K loop
+        acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
 
     if not FUSE_BASE:
         acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
@@ -165,13 +199,22 @@ def segment_matmul(
         weight = x  # unused
     tiles = segment_tiles(plan, config.rows)
     grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
+    common = dict(HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, ROWS=config.rows,
+                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    if config.use_fma:
+        _bitplane_kernel[grid](
+            x, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
+            n, k, signs.shape[-1],
+            x.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
+            NUM_STAGES=config.num_stages, **common,
+        )
+        return y
     _segment_kernel[grid](
         x, weight, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
         n, k, signs.shape[-1],
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0),
-        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, USE_FMA=config.use_fma, EVEN_K=k % config.block_k == 0,
-        ROWS=config.rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        FUSE_BASE=config.fuse_base, **common,
     )
     return y

@@ -1,0 +1,3 @@
+from bitdelta.cli import main
+
+main()

@@ -1,6 +1,6 @@
 """Wall time, throughput and peak memory of `bitdelta compress` and `bitdelta merge` on a >1 GB checkpoint.
 
-    python benchmarks/compress_throughput.py [--workdir /tmp/bitdelta-throughput] [--out DIR]
+    python -m benchmarks.compress_throughput [--workdir /tmp/bitdelta-throughput] [--out DIR]
 
 Builds (once, cached in --workdir) a Llama-architecture pair in bf16, sharded by save_pretrained
 at 500 MB: the base is a random init and the fine-tune is the base plus a small random perturbation
@@ -26,14 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-# `python benchmarks/x.py` puts benchmarks/ first on sys.path, where benchmarks/kernels.py then
-# shadows the `kernels` package transformers probes for at import (and fails on `import triton`).
+import torch
+
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import torch  # noqa: E402
-
-REPRODUCE = "python benchmarks/compress_throughput.py"
+REPRODUCE = "python -m benchmarks.compress_throughput"
 SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=12,
              num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False)
 PERTURBATION = 0.05  # fine-tune = base + N(0, 1) * 5% of the tensor's mean |value|
@@ -103,7 +100,7 @@ def fragmentation(shapes: list[tuple[int, int]], iters: int) -> list[dict]:
     """Anonymous RSS growth over repeated compression of one matrix shape, each in a fresh process."""
     rows = []
     for n, k in shapes:
-        out = subprocess.run([sys.executable, __file__, "--heap-growth", str(n), str(k), str(iters)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.compress_throughput", "--heap-growth", str(n), str(k), str(iters)],
                              capture_output=True, text=True, check=True).stdout.split()
         rows.append({"shape": [n, k], "fp32_temporary_mb": n * k * 4 / 1e6, "matrices": iters,
                      "anon_growth_bytes": int(out[-2]), "kept_sign_bytes": int(out[-1])})

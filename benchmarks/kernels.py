@@ -103,7 +103,7 @@ class Problem:
         return n * k * 2 + s * n * self.kw * 4 + s * n * 4 + b * k * 2 + b * n * 2
 
     def ours_us(self, config: KernelConfig | None = None) -> float:
-        config = config or choose_config(self.n, self.plan)
+        config = config or choose_config(self.n, self.plan, k=self.k)
         return graph_us([lambda d=d: segment_matmul(d["x"], d["w"], d["signs"], d["scales"], self.plan, None, config)
                          for d in self.sets])
 
@@ -152,7 +152,7 @@ def decode_suite(bandwidth: float, shapes, batches, modes=(True, False)) -> list
             for batch in batches:
                 p = Problem(k, n, batch, distinct)
                 row = {"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared",
-                       "config": choose_config(n, p.plan).__dict__, "floor_us": p.bytes / bandwidth * 1e6,
+                       "config": choose_config(n, p.plan, k=k).__dict__, "floor_us": p.bytes / bandwidth * 1e6,
                        "ours_us": p.ours_us(), "base_us": p.base_us(), "dequant_us": p.dequant_us(),
                        "dense_us": p.dense_us()}
                 row["ours_over_floor"] = row["ours_us"] / row["floor_us"]
@@ -173,7 +173,7 @@ def sweep_suite(bandwidth: float, shapes, batches) -> list[dict]:
             for batch in batches:
                 p = Problem(k, n, batch, distinct)
                 rows = next_pow2(p.plan.max_rows)
-                variants = {"auto": choose_config(n, p.plan)}
+                variants = {"auto": choose_config(n, p.plan, k=k)}
                 for warps, stages in ((2, 3), (4, 4), (8, 3)):
                     variants[f"fused_dot_bn32_w{warps}_s{stages}"] = KernelConfig(
                         rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True)
@@ -222,7 +222,7 @@ def prefill_suite(shapes, tokens_list, deltas_list) -> list[dict]:
                 # each request's tokens are contiguous, as in a prefill batch
                 slot_ids = torch.arange(tokens, device="cuda") * deltas // tokens
                 plan = build_plan(slot_ids)
-                ms = bench_ms(lambda: segment_matmul(x, w, signs, scales, plan, None, choose_config(n, plan)))
+                ms = bench_ms(lambda: segment_matmul(x, w, signs, scales, plan, None, choose_config(n, plan, k=k)))
                 flops = 2 * tokens * n * k
                 rows.append({"K": k, "N": n, "tokens": tokens, "deltas": deltas, "ours_ms": ms,
                              "ours_TFLOPs": flops / (ms * 1e-3) / 1e12, "base_TFLOPs": flops / (base_ms * 1e-3) / 1e12})

@@ -64,7 +64,7 @@ def _check(out: torch.Tensor, x, w, signs, scales, slot_ids, bias) -> None:
 
 def _run(x, w, signs, scales, slot_ids, bias, config: KernelConfig | None) -> torch.Tensor:
     plan = build_plan(slot_ids)
-    config = config or choose_config(w.shape[0], plan)
+    config = config or choose_config(w.shape[0], plan, k=w.shape[1])
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
     return segment_matmul(x, w, signs, scales, plan, bias, config, out=out)
 
@@ -81,15 +81,21 @@ CONFIGS = [
     None,  # whatever the dispatcher picks
     KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
     KernelConfig(rows=1, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
-    KernelConfig(rows=4, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True, use_fma=True),
+    KernelConfig(rows=4, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
+    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=8, num_stages=3, fuse_base=False, use_fma=True),
     KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False),
     KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True),
+    KernelConfig(rows=64, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
+    KernelConfig(rows=128, block_n=32, block_k=128, num_warps=8, num_stages=3, fuse_base=True),
+    KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
+    KernelConfig(rows=128, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True),
+    KernelConfig(rows=1, block_n=256, block_k=128, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
-@pytest.mark.parametrize("m,n,k", [(1, 333, 4097), (7, 333, 4097), (16, 1024, 512), (33, 300, 1000)])
+@pytest.mark.parametrize("m,n,k", [(1, 333, 4097), (7, 333, 4097), (16, 1024, 512), (33, 300, 1000), (100, 200, 3000)])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "auto" if c is None else f"r{c.rows}n{c.block_n}"
                          f"{'F' if c.fuse_base else 'S'}{'fma' if c.use_fma else ''}")
 def test_kernel_matches_reference(m, n, k, kind, dtype, config):

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
-from bitdelta.kernels.configs import DECODE_MAX_ROWS, FUSED_MAX_DELTAS, KernelConfig, choose_config, next_pow2
+from bitdelta.kernels.configs import (DECODE_MAX_ROWS, FUSED_MAX_DELTAS, SHARED_DECODE_MAX_ROWS, KernelConfig,
+                                      choose_config, next_pow2)
 from bitdelta.kernels.grouping import build_plan, segment_tiles
 from bitdelta.pack import pack_signs
 
@@ -139,13 +140,22 @@ def test_choose_config_decode_and_prefill():
     assert cfg.rows == 4 and cfg.fuse_base and not cfg.use_fma
     assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
     assert not choose_config(4096, build_plan(torch.arange(64).repeat(8))).use_fma  # 8 rows a slot: dot
-    prefill = build_plan(torch.zeros(DECODE_MAX_ROWS + 1, dtype=torch.long))
-    assert choose_config(4096, prefill).rows > DECODE_MAX_ROWS
+    # one shared delta keeps decode tiles up to SHARED_DECODE_MAX_ROWS rows, then prefill tiles
+    tall = choose_config(4096, build_plan(torch.zeros(64, dtype=torch.long)))
+    assert tall.rows == 64 and tall.fuse_base and tall.block_n == 32
+    assert choose_config(8192, build_plan(torch.zeros(64, dtype=torch.long))).block_n == 64
+    prefill = build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long))
+    assert choose_config(4096, prefill).rows == 128 and choose_config(4096, prefill).block_n == 128
+    many = build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1))  # 4 deltas, 17 rows each: prefill tiles
+    assert choose_config(4096, many).block_n == 128
+    assert choose_config(4096, build_plan(torch.arange(64)), k=11008).block_n == 256
 
 
 def test_kernel_config_validation():
     with pytest.raises(ValueError):
         KernelConfig(rows=8, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
+    with pytest.raises(ValueError):  # the bit-plane path adds its delta to cuBLAS's base product
+        KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
     with pytest.raises(ValueError):
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]

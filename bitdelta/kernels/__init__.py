@@ -58,4 +58,4 @@ def bitdelta_matmul(
 
     if plan is None:
         plan = build_plan(slot_ids)
-    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan))
+    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan, k=base_weight.shape[1]))

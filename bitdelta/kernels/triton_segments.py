@@ -13,8 +13,8 @@ variant the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds th
 that pays when many distinct slots would otherwise each re-read the base columns.
 
 Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
-(`tl.dot`, fp32 accumulation), or, for tiles of very few rows, one bit plane at a time in fp32 on
-the CUDA cores (`USE_FMA`).
+(`tl.dot`, fp32 accumulation), or, for tiles of very few rows with the base from cuBLAS, summed
+one bit plane at a time in fp32 on the CUDA cores (`_bitplane_kernel`, config `use_fma`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
-_SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as int32
 _NEG_ONE_F16 = tl.constexpr(0xBC00)
 _NEG_ONE_BF16 = tl.constexpr(0xBF80)
 
@@ -65,9 +64,9 @@ def _bitplane_kernel(
     """The CUDA-core delta path for tiles of very few rows; the base product comes from cuBLAS (ws).
 
     x . sign = 2 * sum_{bit set} x - sum x. A thread holds one word column (kw) of several bit rows,
-    so each x value it loads serves all of them; bit j of every word is then one predicate and one
-    predicated add (`_add_if_bit`). The next K block's words are loaded before the current one is
-    used (register double buffering), so DRAM latency overlaps the arithmetic.
+    so each x value it loads serves all of them, and bit j of a word costs one LOP3 (bit ->
+    predicate) and one predicated FADD. The K loop is software-pipelined (cp.async into shared
+    memory) through an explicit `num_stages`: Triton does not pipeline loads that feed no tl.dot.
     """
     BKW: tl.constexpr = BLOCK_K // 32
     tile = tl.program_id(0)

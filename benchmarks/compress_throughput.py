@@ -82,32 +82,6 @@ def format_overhead(delta: Path) -> tuple[int, int]:
     return predicted, weight_bytes(delta)
 
 
-def heap_growth(n: int, k: int, iters: int) -> None:
-    """Child mode: BinaryDelta.from_weights on an [n, k] bf16 pair `iters` times, keeping each result
-    (as compress does until the delta shard is written); print the growth of anonymous RSS in bytes."""
-    from bitdelta.delta import BinaryDelta
-
-    def anon() -> int:
-        return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-    base = torch.randn(n, k).to(torch.bfloat16)
-    finetuned = (base.float() + 0.01 * torch.randn(n, k)).to(torch.bfloat16)
-    start, kept = anon(), [BinaryDelta.from_weights(base, finetuned) for _ in range(iters)]
-    print(anon() - start, sum(d.signs.numel() * 4 for d in kept))
-
-
-def fragmentation(shapes: list[tuple[int, int]], iters: int) -> list[dict]:
-    """Anonymous RSS growth over repeated compression of one matrix shape, each in a fresh process."""
-    rows = []
-    for n, k in shapes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.compress_throughput", "--heap-growth", str(n), str(k), str(iters)],
-                             capture_output=True, text=True, check=True).stdout.split()
-        rows.append({"shape": [n, k], "fp32_temporary_mb": n * k * 4 / 1e6, "matrices": iters,
-                     "anon_growth_bytes": int(out[-2]), "kept_sign_bytes": int(out[-1])})
-        print(f"heap growth {n}x{k} x{iters}: {int(out[-2]) / 1e9:.2f} GB (signs kept {int(out[-1]) / 1e9:.3f} GB)", flush=True)
-    return rows
-
-
 def row(label: str, command: list[str], checkpoint: int, repeat: int, env: dict[str, str] | None = None) -> dict:
     """Median wall time and peak RSS over `repeat` runs (other jobs may share the cores: see load)."""
     walls, cpus, rsss, loads = [], [], [], []
@@ -166,15 +140,6 @@ def markdown(result: dict) -> str:
         f"{13.48 / result['runs'][1]['gb_per_s'] / 60:.1f} min on this machine, and Llama-2-70B (137.95 GB) about "
         f"{137.95 / result['runs'][1]['gb_per_s'] / 60:.0f} min (linear extrapolation; imports are a smaller share there).",
         "",
-        f"Heap growth check (why the compress peak above is partly a small-model effect): one matrix shape compressed "
-        f"{result['fragmentation'][0]['matrices']} times in a fresh process, every result kept, as compress keeps them "
-        "until its output shard is written:",
-        "",
-        "| matrix [N, K] | fp32 temporary MB | bf16 input compressed GB | anonymous RSS growth GB | signs kept GB |",
-        "|---|---:|---:|---:|---:|",
-        *[f"| {f['shape'][0]}x{f['shape'][1]} | {f['fp32_temporary_mb']:.0f} "
-          f"| {f['shape'][0] * f['shape'][1] * 2 * f['matrices'] / 1e9:.2f} | {f['anon_growth_bytes'] / 1e9:.2f} "
-          f"| {f['kept_sign_bytes'] / 1e9:.3f} |" for f in result["fragmentation"]],
         "",
         "## Notes",
         "",
@@ -184,30 +149,16 @@ def markdown(result: dict) -> str:
 
 
 NOTES = [
-    "Peak RSS of `compress` is about 3x the checkpoint, not 'one tensor pair plus a shard of output' as its "
-    "docstring says. Two causes, both measured. (1) `ShardWriter` keeps the lossless tensors (embeddings, lm_head, "
-    "every norm) as the zero-copy tensors safetensors returns, which are views of the fine-tune shard's memory map; "
-    "holding one keeps that whole mapping alive after `Checkpoint.iter_tensors` closes the file, so every page read "
-    "from every fine-tune shard stays resident until the delta is written: ~1.2 GB of file-backed RSS here, the "
-    "whole fine-tune, and it would be the whole fine-tune for any model whose delta fits one output shard (2 GB "
-    "default), e.g. 13.5 GB for Llama-2-7B. It is clean page cache the kernel can reclaim, but it counts in RSS and "
-    "against cgroup limits. (2) glibc heap fragmentation, ~2 GB of anonymous RSS here: the per-matrix fp32 "
-    "temporaries (float copies, difference, abs) are freed, but while they are at most 32 MB glibc's dynamic mmap "
-    "threshold serves them from the heap, and the small results kept between them (scales, signs) pin the freed "
-    "holes, so the heap grows with every matrix. Pinning the threshold (`MALLOC_MMAP_THRESHOLD_=131072` row) brings "
-    "the peak down to about the floor + the mapped fine-tune (at a CPU cost: every large temporary is then a fresh, "
-    "page-faulted mapping, so it is a diagnosis, not a setting to recommend). The heap growth table shows this is mostly a "
-    "small-matrix effect: at this model's MLP shape the heap grows by more than the bf16 input it compressed, while "
-    "at Llama-2-7B shapes the temporaries (67 and 180 MB) are mmapped and returned, and the growth is a small "
-    "multiple of the kept signs (about a tenth of the input). Possible fixes in the package (not done "
-    "here): `.clone()` lossless tensors before keeping them, and compute the delta in chunks of rows so no large temporaries are made.",
-    "`merge` with the default `--max-shard-size` (5 GB) holds the whole merged model in memory before writing the "
-    "single shard, so its peak is the floor + the full checkpoint + fragmentation; with 0.5 GB shards it drops (row "
-    "'merge, 0.5 GB shards'). For a 70B model the default means ~5 GB of held output per shard.",
-    "Throughput: compress is compute-bound: per matrix it makes fp32 copies of both weights, their difference, "
-    "its absolute value and mean, then packs the signs with numpy. One cProfile of compress (in-process, same "
-    "model) put ~60% of the time in that fp32 math, ~20% in pack_signs and most of the rest in importing "
-    "transformers and building the model on the meta device for the target finder.",
+    "Memory: compress reads each fine-tune tensor and its base twin through memory maps that are closed again, "
+    "computes the delta a few MB of rows at a time, and keeps only its output (packed signs, scales, changed "
+    "tensors) until the output shard is written, so its peak is the import floor + one tensor pair + the output "
+    "shard (here the whole 0.27 GB delta). An earlier version peaked at 2.9x the checkpoint: it kept safetensors' "
+    "zero-copy views (which pin their file's pages) and made whole-matrix fp32 temporaries that fragmented the heap.",
+    "merge holds one output shard in memory before writing it (2 GB by default, --max-shard-size to change); here "
+    "the whole 1.33 GB model fits one shard, hence its higher peak; with 0.5 GB shards it stays near the checkpoint "
+    "size. For a 70B model the peak is the floor + one shard, not the model.",
+    "Throughput: compress is compute-bound on 2 cores (fp32 difference, mean |delta|, sign packing with numpy); "
+    "merge rebuilds W_base + scale * sign in fp32 and casts back.",
 ]
 
 
@@ -216,11 +167,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bitdelta-throughput"), help="model pair cache and outputs")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where to write the json and md")
     parser.add_argument("--repeat", type=int, default=3, help="runs per step (median reported)")
-    parser.add_argument("--heap-growth", type=int, nargs=3, metavar=("N", "K", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.heap_growth:
-        return heap_growth(*args.heap_growth)
-
     base, ft = build_pair(args.workdir)
     next_to_python = Path(sys.executable).parent / "bitdelta"
     cli = str(next_to_python) if next_to_python.exists() else "bitdelta"
@@ -232,14 +179,10 @@ def main() -> None:
         # What python + torch + transformers cost before any tensor is read: the floor under every RSS below.
         row("import floor", [sys.executable, "-c", "import torch, transformers.models.llama.modeling_llama"], size, n),
         row("compress", compress, size, n),
-        # Same run with glibc's mmap threshold pinned: isolates heap fragmentation in the peak (see notes).
-        row("compress, MALLOC_MMAP_THRESHOLD_=131072", compress, size, n, {"MALLOC_MMAP_THRESHOLD_": "131072"}),
         row("merge", merge, size, n),
-        # merge holds a whole output shard in memory before writing it (default 5 GB): smaller shards bound it.
+        # merge holds a whole output shard in memory before writing it (default 2 GB): smaller shards bound it.
         row("merge, 0.5 GB shards", [*merge, "--max-shard-size", "0.5"], size, n),
     ]
-    # This model's MLP shape, then Llama-2-7B's two shapes: fp32 temporaries below / above glibc's 32 MB ceiling.
-    heap = fragmentation([(SHAPE["hidden_size"], SHAPE["intermediate_size"]), (4096, 4096), (11008, 4096)], 30)
     config = json.loads((delta / "bitdelta_config.json").read_text())
     predicted, actual = format_overhead(delta)
     result = {
@@ -254,7 +197,6 @@ def main() -> None:
         "delta": {"bytes": actual, "predicted_bytes": predicted, "compressed": len(config["compressed"]),
                   "dense": len(config["dense"])},
         "runs": runs,
-        "fragmentation": heap,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compress_throughput.json").write_text(json.dumps({**result, "notes": NOTES}, indent=2) + "\n")

@@ -132,11 +132,10 @@ class Checkpoint:
             return _owned(handle.get_tensor(name))
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one shard at a time (the file is closed before the next one opens)."""
-        for file in self.files:
-            with self._open(file) as handle:
-                for name in handle.keys():
-                    yield name, _owned(handle.get_tensor(name))
+        """Every tensor, in file order. Each is read through a memory map opened and closed for it
+        alone, so resident memory holds the tensor, never the rest of its shard."""
+        for name in self.tensors:
+            yield name, self.get(name)
 
     @cached_property
     def config(self) -> dict:

@@ -54,7 +54,7 @@ def eval_command(
 
 def results_table(result: dict) -> Table:
     table = Table(title=f"fidelity to {result['finetuned']} on {result['windows']} x {result['seq_len']} tokens ({result['data']})")
-    task_columns = sorted({f"{task}/{metric}" for row in result["rows"] for task, m in row.get("tasks", {}).items() for metric in m if metric != "sample_len"})
+    task_columns = sorted({f"{task}/{metric}" for row in result["rows"] for task, m in row.get("tasks", {}).items() for metric in m})
     for column in ("model", "bits/weight", "ppl", "gain kept", "logit MSE", "KL", "top-1", *task_columns):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in result["rows"]:

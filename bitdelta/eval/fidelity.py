@@ -130,8 +130,7 @@ def _add_gains(rows: list[dict]) -> None:
         gains = {"loss": gain_kept(row["loss"], base["loss"], finetuned["loss"])}
         for task, metrics in row.get("tasks", {}).items():
             for metric, value in metrics.items():
-                if metric != "sample_len":
-                    gains[f"{task}/{metric}"] = gain_kept(value, base["tasks"][task][metric], finetuned["tasks"][task][metric])
+                gains[f"{task}/{metric}"] = gain_kept(value, base["tasks"][task][metric], finetuned["tasks"][task][metric])
         row["gain_kept"] = gains
 
 

@@ -92,7 +92,7 @@ def run_tasks(model, tokenizer, tasks: TaskSet, *, batch_size: int = 8, limit: i
         log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )
     return {
-        task: {metric.split(",")[0]: float(value) for metric, value in scores.items() if _is_number(value) and "stderr" not in metric}
+        task: {metric.split(",")[0]: float(value) for metric, value in scores.items() if _is_number(value) and "stderr" not in metric and metric != "sample_len"}
         for task, scores in results["results"].items()
     }
 

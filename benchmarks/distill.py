@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,10 +70,13 @@ def logit_errors(model, teacher_logits: list[torch.Tensor], windows: torch.Tenso
 
 
 def run_distill(base: Path, finetuned: Path, delta: Path, loss: str, device: str, args) -> dict:
+    """One `bitdelta distill` process; its record, plus the 1-minute load average it started under
+    (wall time on a shared CPU is only an upper bound)."""
+    load_before = os.getloadavg()[0]
     command = [sys.executable, "-m", "bitdelta", "distill", str(base), str(finetuned), str(delta), "--loss", loss, "--device", device,
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--lr", str(args.lr), "-q"]
     subprocess.run(command, check=True)
-    return DeltaReader(delta).config.distillation
+    return {**DeltaReader(delta).config.distillation, "load_avg_before": load_before}
 
 
 def main() -> None:
@@ -108,7 +112,8 @@ def main() -> None:
         mse, kl = logit_errors(model, teacher_logits, windows["prose"])
         row = dict(model=label, prose_loss=tiny.heldout_loss(model, windows["prose"]), code_loss=tiny.heldout_loss(model, windows["code"]), logit_mse=mse, kl=kl)
         if record:
-            row.update(seconds=record["seconds"], peak_memory_gb=record["peak_memory_bytes"] / 1e9, device=record["device"])
+            row.update(seconds=record["seconds"], peak_memory_gb=record["peak_memory_bytes"] / 1e9, device=record["device"],
+                       load_avg_before=record["load_avg_before"])
         rows.append(row)
         print(row, flush=True)
 
@@ -139,9 +144,11 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     command = f"python -m benchmarks.distill --pair {result['pair']} --device {result['device']}"
+    loads = ", ".join(f"{r['load_avg_before']:.1f}" for r in result["rows"] if "load_avg_before" in r)
     lines = [
         f"# Scale distillation: {result['pair']} pair ({result['parameters'] / 1e6:.1f}M parameters, {result['gpu'] or 'CPU'})",
-        "", f"Reproduce: `{command}`. Settings: {result['settings']}. Held-out text never seen in calibration.", "",
+        "", f"Reproduce: `{command}`. Settings: {result['settings']}. Held-out text never seen in calibration. "
+        f"{os.cpu_count()} CPU cores; 1-minute load average when each distillation started: {loads or 'not recorded'}.", "",
         "| model | prose loss | gain kept | code loss | logit MSE vs fine-tune | KL(fine-tune ‖ model) | distill s | peak memory GB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

@@ -14,7 +14,7 @@ from bitdelta.checkpoint import Checkpoint
 from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
-from bitdelta.progress import byte_progress
+from bitdelta.progress import tensor_progress
 from bitdelta.storage import ShardWriter, atomic_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -76,10 +76,11 @@ def merge(
     target = None if dtype == "auto" else parse_dtype(dtype, reader)
     with atomic_directory(Path(output), overwrite) as tmp:
         writer = ShardWriter(tmp, "model", max_shard_bytes)
-        with byte_progress("merging", base_ckpt.nbytes, progress) as advance:
+        dtypes = reader.config.dtypes
+        with tensor_progress("merging", len(dtypes), reader.config.finetuned_bytes, progress) as advance:
             for name, tensor in merged_tensors(base_ckpt, reader, target):
                 writer.add(name, tensor)
-                advance(tensor.numel() * tensor.element_size())
+                advance(tensor.numel() * getattr(torch, dtypes[name]).itemsize)  # in fine-tune bytes, whatever --dtype
         writer.finish()
         for path in reader.small_files():
             shutil.copy2(path, tmp / path.name)

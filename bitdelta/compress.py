@@ -13,7 +13,7 @@ from bitdelta.errors import BitDeltaError
 from bitdelta.fileformat import DEFAULT_SHARD_BYTES, DeltaConfig, write_delta
 from bitdelta.distill import DistillConfig
 from bitdelta.distill import distill as run_distillation
-from bitdelta.progress import byte_progress
+from bitdelta.progress import tensor_progress
 from bitdelta.storage import atomic_directory
 from bitdelta.targets import select_targets
 
@@ -58,7 +58,7 @@ def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_sha
     dense: dict[str, list[int]] = {}
 
     def stored_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        with byte_progress("compressing", ft_ckpt.nbytes, progress) as advance:
+        with tensor_progress("compressing", len(ft_ckpt.tensors), ft_ckpt.nbytes, progress) as advance:
             for name, tensor in ft_ckpt.iter_tensors():
                 if name in targets:
                     delta = BinaryDelta.from_weights(base_ckpt.get(name), tensor, scale)

@@ -10,12 +10,21 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 
 
 @contextlib.contextmanager
-def byte_progress(description: str, total_bytes: int, enabled: bool = True) -> Iterator:
-    """Yields `advance(nbytes)`: a bar of bytes processed, with speed and time left."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+def tensor_progress(description: str, total_tensors: int, total_bytes: int, enabled: bool = True) -> Iterator:
+    """Yields `advance(nbytes)`, called once per tensor: a bar of bytes processed with the tensor
+    count, speed and time left."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tensors]}/" + str(total_tensors) + " tensors"),
+               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True) as progress:
-        task = progress.add_task(description, total=total_bytes)
-        yield lambda nbytes: progress.advance(task, nbytes)
+        task = progress.add_task(description, total=total_bytes, tensors=0)
+        done = 0
+
+        def advance(nbytes: int) -> None:
+            nonlocal done
+            done += 1
+            progress.update(task, advance=nbytes, tensors=done)
+
+        yield advance
 
 
 @contextlib.contextmanager

@@ -315,9 +315,10 @@ def _spectrum(approx: bl.Approximator) -> dict:
     kept_equal = kept_16 = kept_sign = total = 0.0
     for name in approx.names:
         delta = approx.finetuned[name].float() - approx.base[name].float()
-        left, _ = approx._svd(name, bl.SVD(None).rank_for(*delta.shape), "cpu")
+        rank = bl.SVD(None).rank_for(*delta.shape)
+        left, _ = approx._svd(name, max(rank, 16), "cpu")
         s2 = left.pow(2).sum(0)
-        kept_equal += s2.sum().item()
+        kept_equal += s2[:rank].sum().item()
         kept_16 += s2[:16].sum().item()
         kept_sign += delta.abs().mean().pow(2).item() * delta.numel()
         total += delta.pow(2).sum().item()

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -121,7 +122,7 @@ def fit(model, batches, steps: int, lr: float, cap_s: float | None, params=None,
     device = next(model.parameters()).device
     params = [p for p in (params or model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if label == "lora" else 0.01)
-    generator = torch.Generator().manual_seed(hash(label) % 2**31)
+    generator = torch.Generator().manual_seed(zlib.crc32(label.encode()))  # str hash() is salted per process
     model.train()
     start, losses, step = time.perf_counter(), [], 0
     while step < steps:

@@ -44,7 +44,7 @@ SIZES = {  # Llama, GQA (kv heads = heads / 2), untied embeddings, vocab 8192
 # steps, lr and a wall-clock cap (seconds) per phase and size; --steps-scale multiplies steps
 PLAN = {
     "base": dict(steps=600, lr={"micro": 3e-3, "15m": 2e-3, "50m": 1e-3, "150m": 6e-4}, cap={"15m": 25, "50m": 35, "150m": 60}),
-    "sft": dict(steps=400, lr={"micro": 1e-3, "15m": 3e-4, "50m": 2e-4, "150m": 1e-4}, cap={"15m": 10, "50m": 12, "150m": 20}),
+    "sft": dict(steps=400, lr={"micro": 1e-3, "15m": 4e-4, "50m": 3e-4, "150m": 2e-4}, cap={"15m": 10, "50m": 12, "150m": 20}),
     "domain": dict(steps=100, lr={"micro": 3e-4, "15m": 1e-4, "50m": 1e-4, "150m": 1e-4}, cap={"15m": 6, "50m": 8, "150m": 12}),
     "lora": dict(steps=400, lr={"micro": 3e-3, "15m": 2e-3, "50m": 1.5e-3, "150m": 1e-3}, cap={"15m": 10, "50m": 12, "150m": 20}),
 }

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bitdelta import kernels
-from bitdelta.kernels import reference
+from bitdelta.kernels import SlotPlan, reference
 
 
 class DeltaRouting:
@@ -20,10 +20,13 @@ class DeltaRouting:
 
     One object is shared by every BitDeltaLinear of a model, so a caller sets it once per step.
     `slot_ids` of None means every row uses slot 0; -1 means the base model alone.
+    `plan` (kernels.build_plan of the row slot ids) lets every layer of a step share one grouping
+    of the rows by slot instead of each kernel call building its own; None builds it per call.
     """
 
     def __init__(self) -> None:
         self.slot_ids: torch.Tensor | None = None
+        self.plan: SlotPlan | None = None
 
     def row_slots(self, rows: int, sequences: int, device: torch.device) -> torch.Tensor:
         if self.slot_ids is None:
@@ -48,15 +51,27 @@ class BitDeltaLinear(nn.Module):
         self.register_buffer("signs", signs)
         self.scales = nn.Parameter(scales.float(), requires_grad=False)  # distillation trains these
         self.routing = routing
+        # Per-slot biases [S, N] (rows of slot -1 keep `bias`): a fine-tune changes biases too
+        # (Qwen2's q/k/v), and a multi-tenant batch needs each row's own. None: `bias` for all.
+        self.slot_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         slot_ids = self.routing.row_slots(rows.shape[0], x.shape[0] if x.ndim > 1 else 1, x.device)
         if self.scales.requires_grad and torch.is_grad_enabled():
             y = reference.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias)
+        elif self.slot_bias is None:
+            y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias, self.routing.plan)
         else:
-            y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias)
+            y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, None, self.routing.plan)
+            y = y + self._row_biases(slot_ids).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _row_biases(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        own = self.slot_bias[slot_ids.clamp(min=0).long()]
+        if self.bias is None:
+            return own.masked_fill(slot_ids[:, None] < 0, 0)
+        return torch.where(slot_ids[:, None] >= 0, own, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.signs.shape[0]}"

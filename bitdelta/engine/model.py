@@ -1,0 +1,219 @@
+"""The engine's model: one base in memory, every row of a batch computed with its own fine-tune.
+
+Block linears become BitDeltaLinear (1-bit deltas in `max_slots` slots, Triton on a GPU, the
+PyTorch reference on a CPU). A fine-tune also changes tensors that are stored losslessly
+(embeddings, norms, lm_head, biases; DeltaConfig.dense): each of those gets a per-slot table
+[max_slots + 1, ...] (the last entry is the base) from which every row gathers its own version,
+so a row computes exactly its merged fine-tune. Tables are created only for tensors some loaded
+delta actually changes.
+
+The forward runs a packed batch: the new tokens of many sequences side by side (decode rows and
+prefill chunks), no padding. Attention reads each sequence's keys from the paged KV cache. It is
+written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
+structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitdelta.errors import IncompatibleModelsError
+from bitdelta.kernels import build_plan
+from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
+from bitdelta.pack import packed_words
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class SequenceSpan:
+    """One sequence's rows in a packed step: rows [start, start + count) are its positions
+    [length - count, length); `kv_rows` are the pool rows of all its `length` positions."""
+
+    start: int
+    count: int
+    length: int
+    kv_rows: torch.Tensor
+
+
+@dataclass
+class StepBatch:
+    token_ids: torch.Tensor  # long [T]
+    positions: torch.Tensor  # long [T]
+    slots: torch.Tensor  # int32 [T], -1 = base
+    spans: list[SequenceSpan]
+    write_rows: torch.Tensor  # long [T]: pool row of each new token
+    logit_rows: torch.Tensor  # long [B]: rows whose next-token logits are needed
+
+
+@dataclass(frozen=True)
+class SlotWeights:
+    """One delta as the model stores it in a slot (the CPU tier holds these)."""
+
+    signs: dict[str, torch.Tensor]  # weight name -> int32 [N, Kw]
+    scales: dict[str, torch.Tensor]  # weight name -> fp32 [N]
+    dense: dict[str, torch.Tensor]  # routable tensor name -> tensor in the model's dtype
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.signs.values(), *self.scales.values(), *self.dense.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class MultiTenantModel:
+    def __init__(self, model: nn.Module, max_slots: int):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise IncompatibleModelsError(f"the engine serves the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); {model_type!r} is not supported yet")
+        self.model, self.config, self.max_slots = model, model.config, max_slots
+        self.param = next(model.parameters())
+        decoder = model.model
+        self.layers = list(decoder.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.kv_heads = self.config.num_key_value_heads
+        self.groups = self.config.num_attention_heads // self.kv_heads
+        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.routing = DeltaRouting()
+        self.linears = self._swap_linears(model)
+        self.embed_name = "model.embed_tokens.weight"
+        self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
+        self.norm_names = [f"model.layers.{i}.{n}.weight" for i in range(len(self.layers)) for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm.weight"]
+        params = dict(model.named_parameters())
+        self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names}}
+        self.bias_names = {name.removesuffix(".weight") + ".bias": lin for name, lin in self.linears.items() if lin.bias is not None}
+        self.tables: dict[str, torch.Tensor] = {}  # per-slot copies of the lossless tensors deltas change
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    @property
+    def context(self) -> int:
+        """Longest sequence: the position table's size (or Mistral's sliding window, which this
+        attention does not implement, so sequences never grow past it)."""
+        window = getattr(self.config, "sliding_window", None) if getattr(self.config, "use_sliding_window", True) else None
+        return min(self.config.max_position_embeddings, window or self.config.max_position_embeddings)
+
+    def _swap_linears(self, model: nn.Module) -> dict[str, BitDeltaLinear]:
+        """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes
+        a BitDeltaLinear with `max_slots` empty slots; keyed by checkpoint weight name."""
+        linears = {}
+        for name, module in list(model.model.layers.named_modules(prefix="model.layers")):
+            if isinstance(module, nn.Linear):
+                n, k = module.weight.shape
+                signs = torch.zeros(self.max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
+                scales = torch.zeros(self.max_slots, n, device=module.weight.device)
+                linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
+                replace_linear(model, name, new)
+        return linears
+
+    def routable(self, name: str) -> bool:
+        """Whether a lossless tensor can differ per row: embeddings, norms, lm_head, linear biases."""
+        return name in self.base_tensors or name in self.bias_names
+
+    def base_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.linears:
+            return tuple(self.linears[name].weight.shape)
+        tensor = self.base_tensors.get(name)
+        return tuple(tensor.shape) if tensor is not None else tuple(self.bias_names[name].bias.shape)
+
+    def install(self, slot: int, weights: SlotWeights) -> None:
+        """Put a delta into `slot`, replacing whatever was there (called between steps)."""
+        for name, linear in self.linears.items():
+            if name in weights.signs:
+                linear.signs[slot].copy_(weights.signs[name], non_blocking=True)
+                linear.scales[slot].copy_(weights.scales[name], non_blocking=True)
+            else:  # the fine-tune left this linear unchanged: a zero delta
+                linear.scales[slot].zero_()
+        for name in weights.dense:
+            self._ensure_table(name)
+        for name, linear in self.bias_names.items():
+            if linear.slot_bias is not None:
+                linear.slot_bias[slot].copy_(weights.dense.get(name, linear.bias), non_blocking=True)
+        for name, table in self.tables.items():
+            table[slot].copy_(weights.dense.get(name, self.base_tensors[name]), non_blocking=True)
+
+    def _ensure_table(self, name: str) -> None:
+        if name in self.bias_names:
+            linear = self.bias_names[name]
+            if linear.slot_bias is None:
+                linear.slot_bias = linear.bias.detach().expand(self.max_slots, -1).clone()
+        elif name not in self.tables:
+            base = self.base_tensors[name].detach()
+            self.tables[name] = base.expand(self.max_slots + 1, *base.shape).clone()  # entry max_slots: the base
+
+    def _own(self, name: str, table_rows: torch.Tensor) -> torch.Tensor | None:
+        table = self.tables.get(name)
+        return None if table is None else table[table_rows]
+
+    @torch.no_grad()
+    def forward(self, batch: StepBatch, kv) -> torch.Tensor:
+        """fp32 logits [B, vocab] for `batch.logit_rows`; writes the new tokens' keys and values."""
+        device = self.device
+        slots = batch.slots.to(device)
+        table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
+        self.routing.slot_ids = slots
+        self.routing.plan = build_plan(slots) if device.type == "cuda" else None  # only kernels read it
+        ids = batch.token_ids.to(device)
+        embed = self.tables.get(self.embed_name)
+        h = self.model.model.embed_tokens(ids) if embed is None else embed[table_rows, ids]
+        cos, sin = self.model.model.rotary_emb(h[None], batch.positions.to(device)[None])
+        for index, layer in enumerate(self.layers):
+            x = self._rms_norm(h, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight", table_rows)
+            h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv)
+            x = self._rms_norm(h, layer.post_attention_layernorm, f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
+            h = h + layer.mlp(x)
+        rows = batch.logit_rows.to(device)
+        h = self._rms_norm(h[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
+        return self._lm_head(h, table_rows[rows])
+
+    def _rms_norm(self, h: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
+        # LlamaRMSNorm's arithmetic, with the weight of each row's own fine-tune
+        hidden = h.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        weight = self._own(name, table_rows)
+        return (norm.weight if weight is None else weight) * hidden.to(h.dtype)
+
+    def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv) -> torch.Tensor:
+        t = x.shape[0]
+        q = attn.q_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(t, -1, self.head_dim)
+        q, k = self.rope(q, k, cos, sin)
+        kv.write(layer, batch.write_rows, k[0].transpose(0, 1), v)
+        q = q[0]  # [heads, T, D]
+        out = torch.empty(t, q.shape[0], self.head_dim, dtype=x.dtype, device=x.device)
+        # One attention call per sequence over its own cached positions: no padding to the longest
+        # sequence; a GPU build would use a varlen/paged attention kernel here instead.
+        for span in batch.spans:
+            keys, values = kv.read(layer, span.kv_rows)  # [L, kv_heads, D]
+            keys = keys.transpose(0, 1).repeat_interleave(self.groups, 0)
+            values = values.transpose(0, 1).repeat_interleave(self.groups, 0)
+            mask = None
+            if span.count > 1:  # causal, offset by the positions already cached
+                mask = torch.ones(span.count, span.length, dtype=torch.bool, device=x.device).tril(span.length - span.count)
+            rows = slice(span.start, span.start + span.count)
+            o = F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None], attn_mask=mask, scale=self.scaling)
+            out[rows] = o[0].transpose(0, 1)
+        return attn.o_proj(out.reshape(t, -1))
+
+    def _lm_head(self, h: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
+        table = self.tables.get(self.head_name)
+        if table is None:
+            return self.model.lm_head(h).float()
+        logits = torch.empty(h.shape[0], table.shape[1], dtype=torch.float32, device=h.device)
+        # grouped by slot: gathering a [vocab, hidden] matrix per row would cost a copy per row
+        for entry in torch.unique(table_rows).tolist():
+            rows = (table_rows == entry).nonzero(as_tuple=True)[0]
+            logits[rows] = (h[rows] @ table[entry].T).float()
+        return logits

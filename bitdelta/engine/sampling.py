@@ -1,0 +1,63 @@
+"""Sampling parameters, next-token choice, and incremental detokenization with stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy, exactly what `generate(do_sample=False)` picks
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Next token from fp32 logits [vocab]: argmax, or temperature + nucleus (top-p) sampling."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always survives)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TextStream:
+    """The text of a growing list of generated tokens, released in pieces that never need taking
+    back: an incomplete UTF-8 character and anything that could still become a stop string wait."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token_id: int) -> bool:
+        """Append a token; True when a stop string appeared (the text is cut before it)."""
+        self.token_ids.append(token_id)
+        # Decoding the whole list each time is quadratic but always right for byte-level BPE
+        # merges across token boundaries; outputs here are at most the context long.
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return False
+        search_from = max(len(self.text) - self._holdback, 0)
+        self.text = text
+        hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = text[: min(hits)]
+            return True
+        return False
+
+    def release(self, final: bool) -> str:
+        """New text safe to send now (everything that is left, when `final`)."""
+        end = len(self.text) if final else max(len(self.text) - self._holdback, self.sent)
+        piece, self.sent = self.text[self.sent : end], end
+        return piece

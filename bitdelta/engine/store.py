@@ -1,0 +1,261 @@
+"""DeltaStore: the deltas an engine serves, in three tiers.
+
+    disk   every registered delta (a folder in the deltas directory, or given by path)
+    CPU    up to max_cpu_deltas read and validated deltas (pinned memory when CUDA is present,
+           so the copy into a GPU slot is a fast asynchronous DMA)
+    GPU    max_gpu_deltas slots inside the model (MultiTenantModel.install); on a CPU-only host
+           the slots are simply tensors on the CPU
+
+Both caches evict the least recently used entry; a slot used by a running sequence is never
+evicted. Reading from disk runs in a worker thread, so a request for a cold delta waits only for
+its own load while the batch keeps decoding. A delta is checked against the base (fingerprint,
+architecture, every tensor name and shape) before it is registered, and fully verified
+(checksums) before its bits reach a slot: a bad file is an error for its caller only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError
+from bitdelta.fileformat import DeltaConfig, DeltaReader, read_config
+
+from .errors import UnknownModelError
+from .model import MultiTenantModel, SlotWeights
+
+
+@dataclass(eq=False)
+class DeltaEntry:
+    """A served model: the base (slot -1, `path` None) or one delta."""
+
+    name: str
+    path: Path | None
+    tokenizer_dir: Path
+    weights: SlotWeights | None = None  # CPU tier
+    loading: Future | None = None
+    load_error: BitDeltaError | None = None
+    slot: int | None = None  # GPU tier
+    users: int = 0  # running sequences reading its slot
+    registered: bool = True
+
+    @property
+    def is_base(self) -> bool:
+        return self.path is None
+
+    @cached_property
+    def tokenizer(self):
+        return _load_tokenizer(self.tokenizer_dir)
+
+    @cached_property
+    def eos_ids(self) -> frozenset[int]:
+        """What ends a generation: the generation config's eos ids (as `generate` uses), else the tokenizer's."""
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(self.tokenizer_dir).eos_token_id
+        except (OSError, ValueError):
+            eos = None
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:  # never remote code; chat templates render in transformers' sandboxed jinja
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # a malformed tokenizer file can raise anything; it is the delta's fault
+        raise DeltaFormatError(f"{folder}: its tokenizer cannot be loaded ({type(error).__name__}: {error})") from None
+
+
+class DeltaStore:
+    def __init__(self, model: MultiTenantModel, base_name: str, base_dir: Path, base_fingerprint: str, max_cpu_deltas: int, on_loaded=lambda: None):
+        self.model, self.base_fingerprint = model, base_fingerprint
+        self.max_cpu = max_cpu_deltas
+        self._lock = threading.RLock()
+        self._entries: dict[str, DeltaEntry] = {base_name: DeltaEntry(base_name, None, base_dir)}
+        self._cpu: OrderedDict[int, DeltaEntry] = OrderedDict()  # id(entry) -> entry, LRU first
+        self._slots: list[DeltaEntry | None] = [None] * model.max_slots
+        self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slots without users, LRU first
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bitdelta-load")
+        self._on_loaded = on_loaded  # wakes the scheduler when a cold delta is ready
+
+    # ---- registry (any thread) ----------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, name: str) -> DeltaEntry:
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownModelError(f"the model {name!r} does not exist; GET /v1/models lists the served models")
+        return entry
+
+    def register(self, name: str, path: Path, load_now: bool = False) -> DeltaEntry:
+        """Serve the delta at `path` under `name`, after checking it fits the base. `load_now`
+        also reads and verifies its weights here (the admin API does, so a hostile file fails
+        the call that brought it)."""
+        path = Path(path)
+        _check_config(read_config(path), self.model, self.base_fingerprint, path)
+        entry = DeltaEntry(name, path, path if (path / "tokenizer_config.json").is_file() else self.get_base().tokenizer_dir)
+        if load_now:
+            entry.weights = read_weights(path, self.model, self.base_fingerprint)
+            entry.tokenizer  # noqa: B018 -- a broken tokenizer is refused now, not at the first request
+        with self._lock:
+            if name in self._entries:
+                raise BitDeltaError(f"a model named {name!r} is already served; DELETE /v1/deltas/{name} first")
+            self._entries[name] = entry
+            if entry.weights is not None:
+                self._remember(entry)
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Stop serving `name`. Requests already holding the entry finish normally; its slot is
+        freed when the last one leaves."""
+        with self._lock:
+            entry = self.get(name)
+            if entry.is_base:
+                raise BitDeltaError("the base model cannot be unloaded")
+            del self._entries[name]
+            entry.registered = False
+            self._cpu.pop(id(entry), None)
+            if entry.slot is not None and entry.users == 0:
+                self._free_slot(entry)
+
+    def get_base(self) -> DeltaEntry:
+        with self._lock:
+            return next(e for e in self._entries.values() if e.is_base)
+
+    def resident(self) -> dict[str, int]:
+        with self._lock:
+            return {"gpu": sum(e is not None for e in self._slots), "cpu": len(self._cpu), "disk": len(self._entries) - 1}
+
+    # ---- tiers (scheduler thread) -------------------------------------------------------------
+    def acquire(self, entry: DeltaEntry) -> int | None:
+        """The slot `entry`'s rows use (one more user), or None while its weights are on their way.
+        Raises the entry's load error if it could not be loaded."""
+        if entry.is_base:
+            return -1
+        with self._lock:
+            if entry.load_error is not None:
+                raise entry.load_error
+            if entry.slot is None:
+                if entry.weights is None:
+                    self._start_load(entry)
+                    return None
+                slot = self._take_slot()
+                if slot is None:
+                    return None  # every slot has running users: wait for one to finish
+                self.model.install(slot, entry.weights)
+                self._slots[slot], entry.slot = entry, slot
+            self._slot_lru.pop(entry.slot, None)
+            entry.users += 1
+            if entry.weights is not None:
+                self._remember(entry)
+            return entry.slot
+
+    def release(self, entry: DeltaEntry) -> None:
+        if entry.is_base:
+            return
+        with self._lock:
+            entry.users -= 1
+            if entry.users == 0:
+                if entry.registered:
+                    self._slot_lru[entry.slot] = None
+                else:
+                    self._free_slot(entry)
+
+    def _take_slot(self) -> int | None:
+        if None in self._slots:
+            return self._slots.index(None)
+        if not self._slot_lru:
+            return None
+        slot, _ = self._slot_lru.popitem(last=False)
+        self._slots[slot].slot = None
+        self._slots[slot] = None
+        return slot
+
+    def _free_slot(self, entry: DeltaEntry) -> None:
+        self._slot_lru.pop(entry.slot, None)
+        self._slots[entry.slot], entry.slot = None, None
+
+    def _remember(self, entry: DeltaEntry) -> None:
+        """Mark `entry` most recently used in the CPU tier, evicting the LRU beyond capacity."""
+        self._cpu.pop(id(entry), None)
+        self._cpu[id(entry)] = entry
+        while len(self._cpu) > self.max_cpu:
+            _, old = self._cpu.popitem(last=False)
+            old.weights = None  # back to disk only; its GPU slot, if any, stays valid
+
+    def _start_load(self, entry: DeltaEntry) -> None:
+        if entry.loading is None:
+            entry.loading = self._pool.submit(read_weights, entry.path, self.model, self.base_fingerprint)
+            entry.loading.add_done_callback(lambda future: self._loaded(entry, future))
+
+    def _loaded(self, entry: DeltaEntry, future: Future) -> None:
+        with self._lock:
+            entry.loading = None
+            error = future.exception()
+            if error is None:
+                entry.weights = future.result()
+            elif isinstance(error, BitDeltaError):
+                entry.load_error = error
+            else:
+                entry.load_error = DeltaFormatError(f"{entry.path}: cannot be loaded ({type(error).__name__}: {error})")
+        self._on_loaded()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint: str, path: Path) -> None:
+    """Refuse a delta the engine cannot serve exactly, before anything of it is loaded."""
+    if config.base_fingerprint != base_fingerprint:
+        raise IncompatibleModelsError(f"{path} was made from base {config.base_model!r}, not the served base (fingerprint {config.base_fingerprint} != {base_fingerprint})")
+    if config.model_type != model.config.model_type:
+        raise IncompatibleModelsError(f"{path} is a {config.model_type} fine-tune; the served base is {model.config.model_type}")
+    if config.removed:
+        raise IncompatibleModelsError(f"{path} removes base tensors ({config.removed[0]}, ...); the engine serves only fine-tunes with the base's architecture")
+    for name, shape in config.compressed.items():
+        if name not in model.linears:
+            raise IncompatibleModelsError(f"{path}: {name} is 1-bit but is not a linear of the decoder blocks; the engine applies 1-bit deltas to block linears only")
+        if tuple(shape) != model.base_shape(name):
+            raise IncompatibleModelsError(f"{path}: {name} is {shape} in the delta but {list(model.base_shape(name))} in the base")
+    for name, shape in config.dense.items():
+        if not model.routable(name):
+            raise IncompatibleModelsError(
+                f"{path} stores {name} losslessly; the engine can apply per fine-tune only embeddings, norms, lm_head, "
+                f"biases and 1-bit block linears (compress it without excluding {name}, or serve the merged model)"
+            )
+        if tuple(shape) != model.base_shape(name):
+            raise IncompatibleModelsError(f"{path}: {name} is {shape} in the delta but {list(model.base_shape(name))} in the base (a grown vocabulary cannot share the base's batch)")
+
+
+def read_weights(path: Path, model: MultiTenantModel, base_fingerprint: str) -> SlotWeights:
+    """Read and verify a delta (checksums, shapes) into CPU memory in the slot layout."""
+    reader = DeltaReader(path, verify=True)
+    _check_config(reader.config, model, base_fingerprint, path)  # the files may have changed since register
+    pin = torch.cuda.is_available()
+    signs, scales, dense = {}, {}, {}
+    for name in reader.config.compressed:
+        delta = reader.binary_delta(name)
+        signs[name] = _maybe_pin(delta.signs.contiguous(), pin)
+        scales[name] = _maybe_pin(delta.row_scales(), pin)
+    for name in reader.config.dense:
+        tensor = reader.dense(name)
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise DeltaFormatError(f"{path}: {name} is not a finite floating-point tensor; the delta is corrupted")
+        dense[name] = _maybe_pin(tensor.to(model.dtype), pin)
+    return SlotWeights(signs, scales, dense)
+
+
+def _maybe_pin(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    return tensor.pin_memory() if pin else tensor

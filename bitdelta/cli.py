@@ -105,7 +105,7 @@ def merge(
     base: Annotated[str, typer.Argument(help="The base the delta was made from.")],
     delta: Annotated[Path, typer.Argument(help="Delta directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
-    dtype: Annotated[str, typer.Option(help="auto (the fine-tune's), bfloat16, float16 or float32.")] = "auto",
+    dtype: Dtype = "auto",
     max_shard_size: Annotated[float, typer.Option(help="Largest checkpoint shard, in GB (merge holds one in memory).")] = 2.0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bitdelta.kernels.configs import FMA_MAX_ROWS, KernelConfig, choose_config, next_pow2
+from bitdelta.kernels.configs import KernelConfig, choose_config, next_pow2
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.triton_segments import segment_matmul
 from bitdelta.pack import unpack_signs
@@ -165,47 +165,73 @@ def decode_suite(bandwidth: float, shapes, batches, modes=(True, False)) -> list
     return rows
 
 
-def sweep_suite(bandwidth: float, shapes, batches) -> list[dict]:
-    """Time kernel variants per case, to pick the dispatcher's thresholds."""
+def _sweep_variants(kind: str, rows: int, k: int) -> dict:
+    """Kernel variants timed per case by --sweep (round 3: gemv, narrow dot tiles, bit-plane tiles)."""
+    v = {}
+    if kind in ("b1", "shared4", "distinct4"):
+        # BLOCK_K = 256 x warps keeps the x load and the W tile in one layout (warps along K)
+        r = 1 if kind == "b1" else 4
+        shapes = ((8, 256, 1), (4, 256, 1), (8, 512, 2), (16, 512, 2), (32, 512, 2), (16, 1024, 4)) if r == 1 else \
+            ((4, 256, 1), (8, 256, 1), (4, 512, 2), (8, 512, 2), (16, 512, 2))
+        for bn, bk, warps in shapes:
+            v[f"gemv_bn{bn}_bk{bk}_w{warps}"] = KernelConfig(
+                rows=r, block_n=bn, block_k=bk, num_warps=warps, num_stages=1, fuse_base=True, gemv=True)
+    if kind == "shared_tall":
+        for bn, bk, warps, stages in ((16, 128, 4, 4), (16, 256, 4, 3), (16, 128, 2, 4)):
+            v[f"dot_bn{bn}_bk{bk}_w{warps}_s{stages}"] = KernelConfig(
+                rows=rows, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, fuse_base=True)
+    if kind == "distinct16":
+        for bn, bk, warps in ((64, 256, 4), (128, 512, 4), (256, 256, 8), (128, 256, 8)):
+            v[f"fma_bn{bn}_bk{bk}_w{warps}"] = KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=warps,
+                                                            num_stages=3, fuse_base=False, use_fma=True)
+    return v
+
+
+def _sweep_error(p: "Problem", cfg: KernelConfig) -> float:
+    d = p.sets[0]
+    from bitdelta.kernels import reference
+    out = torch.full((p.batch, p.n), float("nan"), device="cuda", dtype=DTYPE)
+    segment_matmul(d["x"], d["w"], d["signs"], d["scales"], p.plan, None, cfg, out=out)
+    ref = reference.bitdelta_matmul(d["x"].float(), d["w"], d["signs"], d["scales"], p.slot_ids, None)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def sweep_suite(bandwidth: float, shapes) -> list[dict]:
+    """Time kernel variants per case (each checked against the reference first), to pick the
+    dispatcher's thresholds."""
     out = []
+    cases = [("b1", 1, False), ("shared4", 4, False), ("distinct4", 4, True)]
     for k, n in shapes:
-        for distinct in (True, False):
-            for batch in batches:
-                p = Problem(k, n, batch, distinct)
-                rows = next_pow2(p.plan.max_rows)
-                variants = {"auto": choose_config(n, p.plan, k=k)}
-                for warps, stages in ((2, 3), (4, 4), (8, 3)):
-                    variants[f"fused_dot_bn32_w{warps}_s{stages}"] = KernelConfig(
-                        rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True)
-                    if rows <= FMA_MAX_ROWS:
-                        variants[f"split_fma_bn128_w{warps}_s{stages}"] = KernelConfig(
-                            rows=rows, block_n=128, block_k=256, num_warps=warps, num_stages=stages, fuse_base=False,
-                            use_fma=True)
-                variants["fused_dot_bn64_bk256"] = KernelConfig(rows=rows, block_n=64, block_k=256, num_warps=4,
-                                                                num_stages=3, fuse_base=True)
-                variants["split_dot_bn64"] = KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4,
-                                                          num_stages=3, fuse_base=False)
-                if rows <= FMA_MAX_ROWS:
-                    variants["split_fma_bn256_bk128"] = KernelConfig(rows=rows, block_n=256, block_k=128, num_warps=8,
-                                                                     num_stages=3, fuse_base=False, use_fma=True)
-                times = {}
-                for name, cfg in variants.items():
-                    try:
-                        times[name] = p.ours_us(cfg)
-                    except Exception as exc:  # a variant that fails to compile is reported, not fatal
-                        times[name] = f"error: {type(exc).__name__}: {exc}"[:200]
-                numeric = {name: t for name, t in times.items() if isinstance(t, float)}
-                if not numeric:
-                    print(f"sweep {k}x{n} b={batch}: every variant failed: {times}", flush=True)
-                    continue
-                best = min(numeric, key=numeric.get)
-                out.append({"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared",
-                            "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times, "best": best})
-                print(f"sweep {k}x{n} b={batch:<3} {'dist' if distinct else 'shar'} floor={out[-1]['floor_us']:7.1f} "
-                      f"base={out[-1]['base_us']:7.1f} best={best} {numeric[best]:7.1f} | "
-                      + " ".join(f"{name}={t:.1f}" for name, t in numeric.items()), flush=True)
-                del p
-                torch.cuda.empty_cache()
+        for kind, batch, distinct in cases:
+            if kind == "distinct16" and (k, n) not in ((11008, 4096), (4096, 4096)):
+                continue
+            p = Problem(k, n, batch, distinct)
+            rows = next_pow2(p.plan.max_rows)
+            variants = {"auto": choose_config(n, p.plan, k=k), **_sweep_variants(kind, rows, k)}
+            times, errors = {}, {}
+            for name, cfg in variants.items():
+                try:
+                    errors[name] = _sweep_error(p, cfg)
+                    if errors[name] > 6e-3:
+                        times[name] = f"wrong: rel err {errors[name]:.2e}"
+                        continue
+                    times[name] = p.ours_us(cfg)
+                except Exception as exc:  # a variant that fails to compile is reported, not fatal
+                    times[name] = f"error: {type(exc).__name__}: {exc}"[:200]
+            numeric = {name: t for name, t in times.items() if isinstance(t, float)}
+            bad = {name: t for name, t in times.items() if not isinstance(t, float)}
+            best = min(numeric, key=numeric.get) if numeric else None
+            out.append({"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared", "kind": kind,
+                        "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times,
+                        "errors": errors, "best": best})
+            print(f"sweep {k}x{n} b={batch:<3} {'dist' if distinct else 'shar'} floor={out[-1]['floor_us']:7.1f} "
+                  f"base={out[-1]['base_us']:7.1f} best={best} {numeric.get(best, float('nan')):7.1f} | "
+                  + " ".join(f"{name}={t:.1f}" for name, t in numeric.items()) + (f" BAD {bad}" if bad else ""),
+                  flush=True)
+            del p
+            torch.cuda.empty_cache()
     return out
 
 
@@ -287,6 +313,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep", action="store_true", help="also time kernel variants")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    parser.add_argument("--sweep-only", action="store_true", help="ceilings and the variant sweep only")
     args = parser.parse_args()
     torch.manual_seed(int(time.time()))
     started = time.time()
@@ -296,8 +323,13 @@ def main() -> None:
     bandwidth = result["ceilings"]["copy_bandwidth_GBps"] * 1e9
     print(json.dumps(result), flush=True)
     shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
-    if args.sweep:
-        result["sweep"] = sweep_suite(bandwidth, [(4096, 4096), (8192, 28672)], [1, 16, 64])
+    if args.sweep or args.sweep_only:
+        result["sweep"] = sweep_suite(bandwidth, shapes)
+    if args.sweep_only:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels_sweep.json").write_text(json.dumps(result, indent=1))
+        return
     result["decode"] = decode_suite(bandwidth, shapes, DECODE_BATCHES)
     result["ablation_hidden"] = decode_suite(bandwidth, [(d, d) for d in (1024, 2048, 4096, 8192, 16384)], [1], modes=(True,))
     result["ablation_batch"] = decode_suite(bandwidth, [(4096, 4096)], [2, 8], modes=(True,)) + \

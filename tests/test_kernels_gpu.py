@@ -105,6 +105,36 @@ def test_kernel_matches_reference(m, n, k, kind, dtype, config):
     _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
 
 
+GEMV_CONFIGS = [
+    KernelConfig(rows=1, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
+    KernelConfig(rows=1, block_n=16, block_k=1024, num_warps=4, num_stages=1, fuse_base=True, gemv=True),
+    KernelConfig(rows=2, block_n=4, block_k=256, num_warps=1, num_stages=1, fuse_base=True, gemv=True),
+    KernelConfig(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
+    KernelConfig(rows=4, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
+    KernelConfig(rows=4, block_n=16, block_k=256, num_warps=4, num_stages=3, fuse_base=True, gemv=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(333, 4097), (1024, 512), (200, 3000), (64, 11008)])
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=lambda c: f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}")
+def test_gemv_matches_reference(m, n, k, kind, dtype, config):
+    if m > config.rows:
+        pytest.skip("the gemv program takes the whole batch: m <= rows")
+    s = 5
+    x, w, signs, scales, bias = _problem(m, n, k, s, dtype)
+    slot_ids = _slots(kind, m, s)
+    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+
+
+def test_gemv_rejects_too_many_rows():
+    x, w, signs, scales, bias = _problem(3, 64, 512, 3, torch.bfloat16)
+    with pytest.raises(ValueError):
+        _run(x, w, signs, scales, torch.arange(3, device="cuda"), bias, GEMV_CONFIGS[2])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,s", [(300, 333, 4097, 3), (1000, 256, 512, 32), (129, 4096, 4096, 1)])
 def test_prefill_segments(m, n, k, s, dtype):

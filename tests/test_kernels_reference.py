@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
-from bitdelta.kernels.configs import (DECODE_MAX_ROWS, FUSED_MAX_DELTAS, SHARED_DECODE_MAX_ROWS, KernelConfig,
-                                      choose_config, next_pow2)
-from bitdelta.kernels.grouping import build_plan, segment_tiles
+from bitdelta.kernels.configs import (DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS, SHARED_DECODE_MAX_ROWS,
+                                      KernelConfig, choose_config, next_pow2)
+from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles
 from bitdelta.pack import pack_signs
 
 
@@ -151,6 +151,28 @@ def test_choose_config_decode_and_prefill():
     assert choose_config(4096, build_plan(torch.arange(64)), k=11008).block_n == 256
 
 
+def test_choose_config_gemv_for_few_rows():
+    one = choose_config(4096, build_plan(torch.tensor([3])))
+    assert one.gemv and one.rows == 1 and one.block_k == 256 * one.num_warps
+    assert choose_config(4096, build_plan(torch.tensor([-1])), k=11008).block_k == 1024
+    # one shared slot, 4 rows: gemv only on long rows or wide layers, else the tensor-core tile
+    assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long))).gemv
+    assert choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long)), k=11008).gemv
+    assert choose_config(28672, build_plan(torch.zeros(3, dtype=torch.long)), k=8192).rows == 4
+    # several slots: gemv on N <= 4096 only
+    assert choose_config(4096, build_plan(torch.tensor([0, 1, -1]))).gemv
+    assert not choose_config(8192, build_plan(torch.arange(4)), k=8192).gemv
+    assert not choose_config(4096, build_plan(torch.arange(GEMV_MAX_ROWS + 1))).gemv
+
+
+def test_row_slots_follow_the_order():
+    slot_ids = torch.tensor([2, -1, 0, 2, 1, 0])
+    plan = build_plan(slot_ids)
+    slots = row_slots(plan)
+    assert torch.equal(slots.long(), slot_ids[plan.order.long()])
+    assert row_slots(plan) is slots  # cached
+
+
 def test_kernel_config_validation():
     with pytest.raises(ValueError):
         KernelConfig(rows=8, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
@@ -158,6 +180,8 @@ def test_kernel_config_validation():
         KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
     with pytest.raises(ValueError):
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
+    with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
+        KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 

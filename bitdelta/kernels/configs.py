@@ -14,13 +14,15 @@ DECODE_MAX_ROWS = 16  # with several distinct deltas, a slot with more rows than
 SHARED_DECODE_MAX_ROWS = 128  # with one or two deltas, decode tiles serve up to this many rows a slot
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 FMA_MAX_ROWS = 4  # the bit-plane path keeps a [rows, block_n, block_k/32] fp32 accumulator
+GEMV_MAX_ROWS = 4  # the CUDA-core gemv path takes the whole batch (<= this many rows) in one program
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """rows: rows per tile (power of two); fuse_base: base product in the kernel rather than cuBLAS;
     use_fma: delta products on the CUDA cores, one bit plane at a time (tiles of few rows), instead
-    of expanding the bits for tl.dot."""
+    of expanding the bits for tl.dot; gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2
+    or 4, at least the batch size) per column block; block_k should be 256 x num_warps."""
 
     rows: int
     block_n: int
@@ -29,12 +31,15 @@ class KernelConfig:
     num_stages: int
     fuse_base: bool
     use_fma: bool = False
+    gemv: bool = False
 
     def __post_init__(self) -> None:
         if self.use_fma and self.rows > FMA_MAX_ROWS:
             raise ValueError(f"use_fma holds rows x block_n x block_k/32 accumulators: rows <= {FMA_MAX_ROWS}")
         if self.use_fma and self.fuse_base:
             raise ValueError("use_fma is the split path: the base product comes from cuBLAS")
+        if self.gemv and (self.use_fma or not self.fuse_base or self.rows not in (1, 2, 4)):
+            raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, use_fma=False, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
 
@@ -51,6 +56,9 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096) -> KernelConfig:
     most FMA_MAX_ROWS rows use the CUDA-core bit-plane path with wide column blocks. Prefill gets
     GEMM-sized tiles that amortise the bit expansion over many rows.
     """
+    gemv = _gemv_config(n, plan, k)
+    if gemv is not None:
+        return gemv
     few_deltas = plan.num_deltas <= FUSED_MAX_DELTAS
     if plan.max_rows > (SHARED_DECODE_MAX_ROWS if few_deltas else DECODE_MAX_ROWS):
         return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
@@ -69,3 +77,24 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096) -> KernelConfig:
         return KernelConfig(rows=rows, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, fuse_base=False,
                             use_fma=True)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
+
+
+def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
+    """The fused CUDA-core gemv for batches of <= GEMV_MAX_ROWS rows, where it measured faster
+    (H100 sweep, benchmarks/KERNEL_NOTES.md v6): always at one row; one shared slot on long rows
+    (K > 8192) or wide layers (N > 16384); several slots on N <= 4096. BLOCK_K = 256 x warps keeps
+    the x load in the W tile's layout (warps along K)."""
+    m = plan.num_rows
+    if m == 0 or m > GEMV_MAX_ROWS:
+        return None
+    single = len(plan.host_slots) == 1
+    if m == 1:
+        bn, bk, warps = (16, 1024, 4) if k > 8192 else (8, 512, 2)
+    elif single and (k > 8192 or n > 16384):
+        bn, bk, warps = 4, 512, 2
+    elif not single and n <= 4096:
+        bn, bk, warps = (8, 512, 2) if k > 8192 else (4, 512, 2)
+    else:
+        return None
+    return KernelConfig(rows=next_pow2(m), block_n=bn, block_k=bk, num_warps=warps, num_stages=1, fuse_base=True,
+                        gemv=True)

@@ -35,6 +35,7 @@ class SlotPlan:
     counts: tuple[int, ...]
     host_slots: tuple[int, ...]
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _row_slots: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -89,4 +90,16 @@ def segment_tiles(plan: SlotPlan, rows_per_tile: int) -> torch.Tensor:
         start += count
     table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(plan.order.device)
     plan._tiles[rows_per_tile] = table
+    return table
+
+
+def row_slots(plan: SlotPlan) -> torch.Tensor:
+    """int32 [M] on the plan's device: the slot of each position of `plan.order` (cached, built from
+    the host copies, so no device sync; kernels that take every row of the batch in one program
+    read each row's slot from it)."""
+    if plan._row_slots:
+        return plan._row_slots[0]
+    values = [slot for slot, count in zip(plan.host_slots, plan.counts) for _ in range(count)]
+    table = torch.tensor(values, dtype=torch.int32).to(plan.order.device)
+    plan._row_slots.append(table)
     return table

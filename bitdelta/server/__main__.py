@@ -1,0 +1,3 @@
+from bitdelta.server.cli import main
+
+main()

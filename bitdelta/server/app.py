@@ -1,0 +1,221 @@
+"""The OpenAI-compatible HTTP API over an Engine (FastAPI).
+
+Handlers tokenize with the requested fine-tune's own tokenizer and chat template, hand the request
+to the engine thread, and await its Output events through an asyncio queue. A client that goes
+away is noticed within POLL_SECONDS and its request is cancelled, which frees its batch slot and
+KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bitdelta.engine import Engine, InvalidRequestError, Output, QueueFullError, SamplingParams, UnknownModelError
+from bitdelta.errors import BitDeltaError
+
+from .metrics import Metrics
+from .protocol import AddDelta, APIError, ChatRequest, CompletionRequest, completion_body, new_id, usage
+
+POLL_SECONDS = 0.2
+DELTA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    deltas_dir: Path | None = None  # where POST /v1/deltas may load from (by folder name only)
+    api_key: str | None = None  # guards every endpoint but /health
+    admin_key: str | None = None  # guards /v1/deltas; defaults to api_key
+
+
+def valid_delta_name(name: str) -> bool:
+    return bool(DELTA_NAME.match(name)) and ".." not in name
+
+
+def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    app = FastAPI(title="bitdelta", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def bearer(key: str | None):
+        def check(request: Request) -> None:
+            if key is None:
+                return
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+        return Depends(check)
+
+    user = bearer(settings.api_key)
+    admin = bearer(settings.admin_key or settings.api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        if error.status in (400, 404, 429):
+            metrics.rejected.labels(status=str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "malformed request body"))
+        return await _api_error(request, APIError(400, message, param=param))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=[user])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[user])
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(name) for name in engine.store.names()]}
+
+    @app.post("/v1/completions", dependencies=[user])
+    async def completions(body: CompletionRequest, request: Request):
+        entry = _entry(body.model)
+        if isinstance(body.prompt, str):
+            prompt = entry.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = list(body.prompt)
+        return await _generate("text", body, prompt, body.max_tokens or 16, request)
+
+    @app.post("/v1/chat/completions", dependencies=[user])
+    async def chat(body: ChatRequest, request: Request):
+        tokenizer = _entry(body.model).tokenizer
+        if not tokenizer.chat_template:
+            raise APIError(400, f"{body.model} has no chat template; use /v1/completions", param="model")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # the template's own checks (roles, order) raise jinja errors
+            raise APIError(400, f"messages do not fit {body.model}'s chat template: {error}", param="messages") from None
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.context - len(prompt), 1)
+        return await _generate("chat", body, prompt, max_tokens, request)
+
+    @app.post("/v1/deltas", dependencies=[admin])
+    async def add_delta(body: AddDelta) -> dict:
+        # Only a folder of the served deltas directory, by name: an API caller never names a path.
+        if settings.deltas_dir is None:
+            raise APIError(400, "the server was started without --deltas; it cannot load deltas at runtime")
+        if not valid_delta_name(body.name):
+            raise APIError(400, "a delta name is a folder name of the deltas directory (letters, digits, . _ -), not a path", param="name")
+        root = settings.deltas_dir.resolve()
+        path = (root / body.name).resolve()
+        if path.parent != root or not path.is_dir():
+            raise APIError(404, f"the deltas directory has no delta named {body.name!r}", param="name", code="delta_not_found")
+        if body.name in engine.store.names():
+            raise APIError(409, f"{body.name!r} is already served; DELETE it first to reload it", param="name")
+        try:
+            await run_in_threadpool(engine.store.register, body.name, path, True)
+        except BitDeltaError as error:
+            raise APIError(400, f"delta {body.name!r} refused: {error}", param="name", code="invalid_delta") from None
+        return _model_card(body.name)
+
+    @app.delete("/v1/deltas/{name}", dependencies=[admin])
+    async def remove_delta(name: str) -> dict:
+        entry = _entry(name)
+        if entry.is_base:
+            raise APIError(400, "the base model cannot be unloaded", param="name")
+        try:
+            engine.store.unregister(name)
+        except UnknownModelError:  # removed concurrently
+            raise APIError(404, f"the model {name!r} does not exist", code="model_not_found") from None
+        return {"id": name, "object": "model", "deleted": True}
+
+    def _entry(name: str):
+        try:
+            return engine.store.get(name)
+        except UnknownModelError as error:
+            raise APIError(404, str(error), param="model", code="model_not_found") from None
+
+    def _model_card(name: str) -> dict:
+        entry = engine.store.get(name)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "bitdelta", "parent": None if entry.is_base else engine.store.get_base().name}
+
+    async def _generate(kind: str, body, prompt: list[int], max_tokens: int, request: Request):
+        params = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Output] = asyncio.Queue()
+        try:
+            request_id = engine.submit(body.model, prompt, params, lambda out: loop.call_soon_threadsafe(events.put_nowait, out))
+        except UnknownModelError as error:
+            raise APIError(404, str(error), param="model", code="model_not_found") from None
+        except InvalidRequestError as error:
+            raise APIError(400, str(error), code="context_length_exceeded" if "context" in str(error) else None) from None
+        except QueueFullError as error:
+            raise APIError(429, str(error), code="queue_full") from None
+        response_id = new_id("cmpl" if kind == "text" else "chatcmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(kind, response_id, body.model, request_id, events, request, include_usage), media_type="text/event-stream")
+        outputs = [output async for output in _events(request_id, events, request)]
+        if not outputs or outputs[-1].finish_reason is None:
+            return Response(status_code=499)  # the client has gone (nginx's "client closed request")
+        last = outputs[-1]
+        if last.finish_reason == "error":
+            raise APIError(500, last.error or "generation failed")
+        response = completion_body(kind, response_id, body.model, "".join(o.text for o in outputs), last.finish_reason, chunk=False)
+        return response | {"usage": usage(last.prompt_tokens, last.completion_tokens)}
+
+    async def _events(request_id: int, events: asyncio.Queue, request: Request) -> AsyncIterator[Output]:
+        """The request's Outputs until it finishes; cancels it when the client disconnects."""
+        finished = False
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + POLL_SECONDS
+        try:
+            while True:
+                try:
+                    output = await asyncio.wait_for(events.get(), POLL_SECONDS)
+                except TimeoutError:
+                    output = None
+                if loop.time() >= check_at:  # by the clock: tokens may arrive faster than the poll period
+                    if await request.is_disconnected():
+                        return
+                    check_at = loop.time() + POLL_SECONDS
+                if output is None:
+                    continue
+                finished = output.finish_reason is not None
+                yield output
+                if finished:
+                    return
+        finally:
+            if not finished:
+                engine.cancel(request_id)
+
+    async def _stream(kind: str, response_id: str, model: str, request_id: int, events: asyncio.Queue, request: Request, include_usage: bool):
+        def sse(data: dict) -> str:
+            return f"data: {json.dumps(data)}\n\n"
+
+        if kind == "chat":  # OpenAI's first chat chunk carries the role
+            first = completion_body(kind, response_id, model, "", None, chunk=True)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield sse(first)
+        async for output in _events(request_id, events, request):
+            if output.finish_reason == "error":
+                yield sse(APIError(500, output.error or "generation failed").body())
+                break
+            if output.text or output.finish_reason:
+                yield sse(completion_body(kind, response_id, model, output.text, output.finish_reason, chunk=True))
+            if output.finish_reason and include_usage:
+                chunk = completion_body(kind, response_id, model, "", None, chunk=True) | {"choices": [], "usage": usage(output.prompt_tokens, output.completion_tokens)}
+                yield sse(chunk)
+        yield "data: [DONE]\n\n"
+
+    metrics.bind(engine)
+    app.state.engine, app.state.started = engine, time.time()
+    return app

@@ -1,0 +1,114 @@
+"""`bitdelta serve`: start the engine and the HTTP server.
+
+`serve` is a typer command function (registered as `bitdelta serve`; `python -m bitdelta.server`
+runs it alone); `run_server` is the same as a Python call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bitdelta.engine import Engine, EngineConfig
+from bitdelta.errors import BitDeltaError
+
+from .app import ServerSettings, create_app, valid_delta_name
+from .metrics import Metrics
+
+log = logging.getLogger("bitdelta.server")
+
+
+def build_server(
+    base: str,
+    deltas_dir: Path | None = None,
+    extra_deltas: dict[str, Path] | None = None,
+    config: EngineConfig = EngineConfig(),
+    api_key: str | None = None,
+    admin_key: str | None = None,
+):
+    """The engine (not started) and its FastAPI app. Every valid subfolder of `deltas_dir` is served
+    under its folder name (others are skipped with a warning, so one bad delta cannot keep the
+    rest from serving); `extra_deltas` (NAME -> PATH, given by the operator) must all be valid."""
+    metrics = Metrics()
+    engine = Engine(base, config, metrics)
+    if deltas_dir is not None:
+        if not Path(deltas_dir).is_dir():
+            raise BitDeltaError(f"--deltas {deltas_dir}: no such directory")
+        for folder in sorted(Path(deltas_dir).iterdir()):
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            try:
+                if not valid_delta_name(folder.name):
+                    raise BitDeltaError("its name is not a valid model name (letters, digits, . _ -)")
+                engine.store.register(folder.name, folder)
+            except BitDeltaError as error:
+                log.warning("skipping %s: %s", folder, error)
+    for name, path in (extra_deltas or {}).items():
+        engine.store.register(name, path)
+    settings = ServerSettings(Path(deltas_dir) if deltas_dir else None, api_key, admin_key)
+    return engine, create_app(engine, metrics, settings)
+
+
+def run_server(base: str, deltas_dir: Path | None = None, extra_deltas: dict[str, Path] | None = None, host: str = "127.0.0.1", port: int = 8000,
+               config: EngineConfig = EngineConfig(), api_key: str | None = None, admin_key: str | None = None) -> None:
+    """Serve `base` and its deltas on http://host:port until interrupted."""
+    import uvicorn
+
+    engine, app = build_server(base, deltas_dir, extra_deltas, config, api_key, admin_key)
+    names = engine.store.names()
+    print(f"serving {names[0]} and {len(names) - 1} deltas on http://{host}:{port}/v1 ({engine.model.device}, {engine.model.dtype})", flush=True)
+    engine.start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()
+
+
+def _parse_deltas(items: list[str]) -> dict[str, Path]:
+    deltas = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not valid_delta_name(name) or not path:
+            raise BitDeltaError(f"--delta {item!r}: use NAME=PATH with a name of letters, digits, . _ -")
+        deltas[name] = Path(path)
+    return deltas
+
+
+def serve(
+    base: Annotated[str, typer.Argument(help="Base model: local directory or hub id (served under its folder name).")],
+    deltas: Annotated[Path | None, typer.Option("--deltas", help="Directory whose every subfolder is a delta, served under the folder's name; POST /v1/deltas loads from here.")] = None,
+    delta: Annotated[list[str], typer.Option("--delta", help="Another delta as NAME=PATH (repeatable).")] = [],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    device: Annotated[str, typer.Option("--device", help="cuda or cpu (default: cuda when available).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (float32 on cpu, the base's half type on cuda), bfloat16, float16 or float32.")] = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences in the running batch.")] = 64,
+    max_gpu_deltas: Annotated[int, typer.Option("--max-gpu-deltas", min=1, help="Delta slots on the device.")] = 32,
+    max_cpu_deltas: Annotated[int, typer.Option("--max-cpu-deltas", min=1, help="Deltas kept in (pinned) CPU memory.")] = 256,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting for the batch; more get 429.")] = 1024,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
+    admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
+) -> None:
+    """Serve BASE and many 1-bit fine-tunes of it behind an OpenAI-compatible API."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise BitDeltaError(f"--device {device!r}: use cuda or cpu")
+    config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, device=device, dtype=dtype)
+    run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key)
+
+
+def main() -> None:
+    """`python -m bitdelta.server`: one line per user error, as `bitdelta` does."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        typer.run(serve)
+    except BitDeltaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

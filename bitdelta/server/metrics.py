@@ -1,0 +1,62 @@
+"""Prometheus metrics of one server: counters and latency histograms fed by the engine's
+observer hooks, gauges read from the engine when scraped. A registry per server (not the global
+one), so several servers can live in one process (the tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bitdelta.engine import Engine, EngineObserver
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics(EngineObserver):
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("bitdelta_requests", "Finished requests by model and finish reason (stop, length, cancelled, error).", ["model", "finish_reason"], registry=registry)
+        self.rejected = Counter("bitdelta_rejected_requests", "Requests refused before reaching the engine, by HTTP status.", ["status"], registry=registry)
+        self.prompt_tokens = Counter("bitdelta_prompt_tokens", "Prompt tokens of finished requests.", ["model"], registry=registry)
+        self.generation_tokens = Counter("bitdelta_generation_tokens", "Generated tokens of finished requests.", ["model"], registry=registry)
+        self.batch_size = Histogram("bitdelta_batch_size", "Sequences per forward pass.", buckets=_SIZES, registry=registry)
+        self.batch_deltas = Histogram("bitdelta_batch_deltas", "Distinct fine-tunes per forward pass.", buckets=_SIZES, registry=registry)
+        self.step_tokens = Counter("bitdelta_step_tokens", "Tokens run through the model, by phase.", ["phase"], registry=registry)
+        self.ttft = Histogram("bitdelta_time_to_first_token_seconds", "From arrival to the first generated token.", buckets=_LATENCY, registry=registry)
+        self.itl = Histogram("bitdelta_inter_token_latency_seconds", "Between consecutive tokens of a request.", buckets=_LATENCY, registry=registry)
+        self.queue_depth = Gauge("bitdelta_queue_depth", "Requests waiting to join the batch.", registry=registry)
+        self.running = Gauge("bitdelta_running_requests", "Sequences in the running batch.", registry=registry)
+        self.resident = Gauge("bitdelta_deltas_resident", "Deltas per tier: gpu slots, cpu memory, disk (registered).", ["tier"], registry=registry)
+        self.kv_blocks = Gauge("bitdelta_kv_cache_blocks", "Paged KV cache blocks, used and total.", ["state"], registry=registry)
+        self.kv_tokens = Gauge("bitdelta_kv_cache_tokens", "Tokens held in the KV cache (blocks_used * block_size - tokens = padding waste).", registry=registry)
+
+    def bind(self, engine: Engine) -> None:
+        read = lambda key: lambda: engine.stats()[key]  # noqa: E731
+        self.queue_depth.set_function(read("waiting"))
+        self.running.set_function(read("running"))
+        for tier in ("gpu", "cpu", "disk"):
+            self.resident.labels(tier=tier).set_function(read(f"deltas_{tier}"))
+        self.kv_blocks.labels(state="used").set_function(read("kv_blocks_used"))
+        self.kv_blocks.labels(state="total").set_function(read("kv_blocks_total"))
+        self.kv_tokens.set_function(read("kv_tokens"))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ---- EngineObserver (called from the engine thread) ----
+    def step(self, sequences: int, deltas: int, prefill_tokens: int, decode_tokens: int) -> None:
+        self.batch_size.observe(sequences)
+        self.batch_deltas.observe(deltas)
+        self.step_tokens.labels(phase="prefill").inc(prefill_tokens)
+        self.step_tokens.labels(phase="decode").inc(decode_tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def finished(self, model: str, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests.labels(model=model, finish_reason=reason).inc()
+        self.prompt_tokens.labels(model=model).inc(prompt_tokens)
+        self.generation_tokens.labels(model=model).inc(completion_tokens)

@@ -1,0 +1,283 @@
+"""The OpenAI-compatible server, started for real on localhost, driven by the official `openai`
+client: several tiny fine-tunes answered concurrently, each exactly as its merged model alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from test_engine import _merged, alone, served_deltas
+
+KEY, ADMIN_KEY = "user-key", "admin-key"
+PROMPTS = ("The value of", "def parse(self, text):\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process=None, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def deltas_dir(llama_pair, tmp_path_factory) -> Path:
+    """A private copy of the shared deltas (the admin tests add and remove folders)."""
+    source = served_deltas(*llama_pair, tmp_path_factory.getbasetemp() / "served-deltas")
+    folder = tmp_path_factory.mktemp("server") / "deltas"
+    for name, path in source.items():
+        shutil.copytree(path, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(llama_pair, deltas_dir):
+    """`python -m bitdelta.server` (the `bitdelta serve` command) in a subprocess."""
+    port = free_port()
+    command = [sys.executable, "-m", "bitdelta.server", str(llama_pair[0]), "--deltas", str(deltas_dir), "--port", str(port),
+               "--device", "cpu", "--max-batch", "16", "--max-gpu-deltas", "4", "--api-key", KEY, "--admin-key", ADMIN_KEY]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def admin(server: str, method: str, path: str, key: str = ADMIN_KEY, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{server}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60, **kwargs)
+
+
+def merged_answer(llama_pair, deltas_dir: Path, model: str, prompt_ids: list[int], max_tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = llama_pair[0] if model == "llama-base" else deltas_dir / model
+    reference = AutoModelForCausalLM.from_pretrained(folder) if model == "llama-base" else _merged(llama_pair[0], folder)
+    return AutoTokenizer.from_pretrained(folder).decode(alone(reference, prompt_ids, max_tokens), skip_special_tokens=True)
+
+
+def test_models_lists_the_base_and_every_delta(client):
+    assert sorted(m.id for m in client.models.list()) == ["code-chat", "llama-base", "prose-late", "prose-matrix", "prose-row"]
+
+
+def test_concurrent_requests_for_several_finetunes_match_each_merged_model(client, llama_pair, deltas_dir):
+    from transformers import AutoTokenizer
+
+    jobs = [(model, prompt) for prompt in PROMPTS for model in ("prose-matrix", "prose-row", "prose-late", "code-chat", "llama-base")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: client.completions.create(model=job[0], prompt=job[1], max_tokens=12, temperature=0), jobs))
+    tokenizer = AutoTokenizer.from_pretrained(llama_pair[0])
+    for (model, prompt), answer in zip(jobs, answers):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert answer.choices[0].text == merged_answer(llama_pair, deltas_dir, model, ids, 12), model
+        assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == 12
+        assert answer.model == model and answer.choices[0].finish_reason == "length"
+
+
+def test_chat_uses_the_finetunes_own_template(client, llama_pair, deltas_dir):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Write a loop."}]
+    for model in ("code-chat", "prose-row"):  # code-chat carries its own template, prose-row the base's
+        tokenizer = AutoTokenizer.from_pretrained(deltas_dir / model)
+        ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+        assert answer.choices[0].message.content == merged_answer(llama_pair, deltas_dir, model, ids, 10)
+        assert answer.usage.prompt_tokens == len(ids)
+    assert "### assistant" in AutoTokenizer.from_pretrained(deltas_dir / "code-chat").apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_streaming_matches_non_streaming(client):
+    for stop in (None, ["e"]):
+        whole = client.completions.create(model="prose-row", prompt=PROMPTS[0], max_tokens=20, temperature=0.8, seed=3, stop=stop)
+        chunks = list(client.completions.create(model="prose-row", prompt=PROMPTS[0], max_tokens=20, temperature=0.8, seed=3, stop=stop, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    chat = dict(model="code-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**chat)
+    parts = list(client.chat.completions.create(**chat, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
+
+
+def test_errors_are_openai_style(client, server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    for bad in (dict(temperature=5), dict(n=2), dict(max_tokens=0), dict(logprobs=2), dict(top_p=0)):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="prose-row", prompt="x", **{"max_tokens": 2, **bad})
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
+        client.completions.create(model="prose-row", prompt="word " * 200, max_tokens=2)
+    response = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(f"{server}/v1/chat/completions", json={"model": "prose-row"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 400
+
+
+def test_every_endpoint_but_health_needs_the_key(server):
+    assert httpx.get(f"{server}/health").status_code == 200
+    unauthorized = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        unauthorized.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        unauthorized.completions.create(model="prose-row", prompt="x", max_tokens=2)
+    assert httpx.get(f"{server}/metrics").status_code == 401
+    assert admin(server, "DELETE", "/v1/deltas/prose-row", key=KEY).status_code == 401  # the user key is not the admin key
+    assert admin(server, "POST", "/v1/deltas", key=KEY, json={"name": "prose-row"}).status_code == 401
+
+
+def test_hot_unload_and_load_during_traffic(client, server, llama_pair, deltas_dir):
+    from transformers import AutoTokenizer
+
+    expected = client.completions.create(model="prose-late", prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
+    stop, failures, served = threading.Event(), [], []
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                served.append(client.completions.create(model="prose-row", prompt=PROMPTS[0], max_tokens=8, temperature=0).choices[0].text)
+            except Exception as error:  # noqa: BLE001 -- collected and asserted below
+                failures.append(error)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        in_flight = ThreadPoolExecutor(1).submit(client.completions.create, model="prose-late", prompt=PROMPTS[1], max_tokens=30, temperature=0)
+        time.sleep(0.05)
+        assert admin(server, "DELETE", "/v1/deltas/prose-late").json() == {"id": "prose-late", "object": "model", "deleted": True}
+        assert in_flight.result().choices[0].finish_reason == "length"  # the request already running was not affected
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="prose-late", prompt=PROMPTS[1], max_tokens=8)
+        assert admin(server, "POST", "/v1/deltas", json={"name": "prose-late"}).status_code == 200
+        assert client.completions.create(model="prose-late", prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text == expected
+        assert admin(server, "POST", "/v1/deltas", json={"name": "prose-late"}).status_code == 409
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures and len(served) >= 2 and len(set(served)) == 1
+
+
+def test_runtime_loads_only_by_name_from_the_deltas_folder(server, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("../outside", str(outside), "a/b", "..", "prose-row/../prose-row", "%2e%2e", ""):
+        response = admin(server, "POST", "/v1/deltas", json={"name": name})
+        assert response.status_code in (400, 404) and "error" in response.json(), name
+    assert admin(server, "POST", "/v1/deltas", json={"name": "missing"}).status_code == 404
+    assert admin(server, "DELETE", "/v1/deltas/llama-base").status_code == 400
+
+
+def test_hostile_or_foreign_deltas_are_refused_and_serving_goes_on(client, server, deltas_dir, pairs):
+    from bitdelta import compress
+
+    garbage = deltas_dir / "garbage"
+    shutil.copytree(deltas_dir / "prose-row", garbage)
+    (garbage / "delta.safetensors").write_bytes(b"\x00" * 64)
+    config = json.loads((garbage / "bitdelta_config.json").read_text())
+    config["files"]["delta.safetensors"] = "0" * 64
+    (garbage / "bitdelta_config.json").write_text(json.dumps(config))
+    compress(*pairs["qwen2"], deltas_dir / "foreign", progress=False)
+    (deltas_dir / "not-json").mkdir()
+    (deltas_dir / "not-json" / "bitdelta_config.json").write_text("{{{")
+    for name, reason in (("garbage", "corrupted"), ("foreign", "fingerprint"), ("not-json", "JSON")):
+        response = admin(server, "POST", "/v1/deltas", json={"name": name})
+        assert response.status_code == 400 and reason in response.json()["error"]["message"], name
+    assert "garbage" not in [m.id for m in client.models.list()]
+    assert client.completions.create(model="prose-row", prompt="x", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_metrics_in_prometheus_format(client, server):
+    client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=4)
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    for metric in ("bitdelta_requests_total{finish_reason=\"length\",model=\"prose-matrix\"}", "bitdelta_generation_tokens_total",
+                   "bitdelta_queue_depth", "bitdelta_batch_size_bucket", "bitdelta_deltas_resident{tier=\"gpu\"}",
+                   "bitdelta_time_to_first_token_seconds_count", "bitdelta_inter_token_latency_seconds_count", "bitdelta_kv_cache_blocks"):
+        assert metric in text, metric
+
+
+# ---- a deliberately slow in-process server: one sequence at a time, one waiting ----
+
+@pytest.fixture(scope="module")
+def slow_server(llama_pair, deltas_dir):
+    import uvicorn
+
+    from bitdelta.engine import EngineConfig
+    from bitdelta.server.cli import build_server
+
+    engine, app = build_server(str(llama_pair[0]), deltas_dir, config=EngineConfig(max_batch=1, max_queue=2, device="cpu"))
+    forward = engine.model.forward
+    engine.model.forward = lambda batch, kv: (time.sleep(0.03), forward(batch, kv))[1]  # a bigger model's step time
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    engine.start()
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    yield url, engine
+    server.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+def test_a_full_queue_answers_429(slow_server):
+    url, _ = slow_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+    def attempt(_):
+        try:
+            return client.completions.create(model="prose-row", prompt="x", max_tokens=15).usage.completion_tokens
+        except openai.RateLimitError:
+            return 429
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(attempt, range(6)))
+    assert results.count(429) >= 1 and results.count(15) >= 2 and results.count(429) + results.count(15) == 6
+
+
+def cancelled(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("bitdelta_requests_total") and 'finish_reason="cancelled"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_disconnects_has_its_request_cancelled(slow_server):
+    url, engine = slow_server
+    before = cancelled(url)
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100, "stream": True}) as response:
+        next(response.iter_lines())  # the first token arrived; now hang up
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client giving up
+        httpx.post(f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100}, timeout=0.5)
+    deadline = time.time() + 10
+    while time.time() < deadline and (cancelled(url) < before + 2 or engine.stats()["running"]):
+        time.sleep(0.1)
+    assert cancelled(url) == before + 2 and engine.stats()["running"] == 0 and engine.kv.blocks_used == 0

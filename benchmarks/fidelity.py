@@ -43,10 +43,10 @@ SIZES = {  # Llama, GQA (kv heads = heads / 2), untied embeddings, vocab 8192
 }
 # steps, lr and a wall-clock cap (seconds) per phase and size; --steps-scale multiplies steps
 PLAN = {
-    "base": dict(steps=600, lr={"micro": 3e-3, "15m": 2e-3, "50m": 1e-3, "150m": 6e-4}, cap={"15m": 25, "50m": 35, "150m": 60}),
-    "sft": dict(steps=400, lr={"micro": 1e-3, "15m": 4e-4, "50m": 3e-4, "150m": 2e-4}, cap={"15m": 10, "50m": 12, "150m": 20}),
-    "domain": dict(steps=100, lr={"micro": 3e-4, "15m": 1e-4, "50m": 1e-4, "150m": 1e-4}, cap={"15m": 6, "50m": 8, "150m": 12}),
-    "lora": dict(steps=400, lr={"micro": 3e-3, "15m": 2e-3, "50m": 1.5e-3, "150m": 1e-3}, cap={"15m": 10, "50m": 12, "150m": 20}),
+    "base": dict(steps=600, lr={"micro": 3e-3, "15m": 2e-3, "50m": 1e-3, "150m": 6e-4}, cap={"15m": 20, "50m": 30, "150m": 50}),
+    "sft": dict(steps=400, lr={"micro": 1e-3, "15m": 4e-4, "50m": 3e-4, "150m": 2e-4}, cap={"15m": 12, "50m": 12, "150m": 15}),
+    "domain": dict(steps=100, lr={"micro": 3e-4, "15m": 1e-4, "50m": 1e-4, "150m": 1e-4}, cap={"15m": 6, "50m": 8, "150m": 10}),
+    "lora": dict(steps=400, lr={"micro": 3e-3, "15m": 2e-3, "50m": 1.5e-3, "150m": 1e-3}, cap={"15m": 10, "50m": 12, "150m": 15}),
 }
 LORA_RANK, LORA_ALPHA = 16, 32
 SVD_RANKS = (16, 64, 128)
@@ -121,7 +121,7 @@ def fit(model, batches, steps: int, lr: float, cap_s: float | None, params=None,
     the time cap, so a capped phase still anneals. bf16 autocast on CUDA."""
     device = next(model.parameters()).device
     params = [p for p in (params or model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if label == "lora" else 0.01)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if label == "lora" else 0.01, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(zlib.crc32(label.encode()))  # str hash() is salted per process
     model.train()
     start, losses, step = time.perf_counter(), [], 0

@@ -42,7 +42,7 @@ class OneBit:
         return "bitdelta" if self.granularity == "matrix" else "bitdelta-row"
 
     def approximate(self, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-        return BinaryDelta.from_weights(base, finetuned, self.granularity).apply(base, torch.float32)
+        return one_bit(base, finetuned, self.granularity)
 
     def bits(self, n: int, k: int) -> int:
         return n * k + 16 * (1 if self.granularity == "matrix" else n)
@@ -98,14 +98,20 @@ class Int8Base:
     name: str = "int8base"
 
     def approximate(self, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-        quantized = int8_absmax(base.float())
-        return BinaryDelta.from_weights(quantized, finetuned, self.granularity).apply(quantized, torch.float32)
+        return one_bit(int8_absmax(base.float()), finetuned, self.granularity)
 
     def bits(self, n: int, k: int) -> int:
         return OneBit(self.granularity).bits(n, k)
 
 
 Method = OneBit | SVD | RTN | Int8Base
+
+
+def one_bit(base: torch.Tensor, finetuned: torch.Tensor, granularity: str) -> torch.Tensor:
+    """base + scale * sign(finetuned - base) in fp32 on base's device, through the very code that
+    `compress` uses (BinaryDelta packs on the CPU), so the baseline equals a stored delta bit for bit."""
+    binary = BinaryDelta.from_weights(base.cpu(), finetuned.cpu(), granularity)
+    return binary.apply(base.cpu(), torch.float32).to(base.device)
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

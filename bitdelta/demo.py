@@ -19,6 +19,7 @@ from bitdelta import tiny
 from bitdelta.apply import load, merge
 from bitdelta.compress import compress
 from bitdelta.distill import DistillConfig, distill
+from bitdelta.engine.demo import serve_two_in_one_batch
 from bitdelta.fileformat import DeltaReader
 
 DEMO_SPEC = tiny.TinySpec(family="llama", hidden=256, layers=4, heads=8, intermediate=688, vocab=2048, context=256)
@@ -37,6 +38,7 @@ class DemoResult:
     rows: list[tuple[str, float, float]] = field(default_factory=list)  # (model, loss on fine-tune text, loss on base text)
     sizes: dict[str, int] = field(default_factory=dict)  # name -> bytes
     seconds: dict[str, float] = field(default_factory=dict)
+    batch: list = field(default_factory=list)  # bitdelta.engine.demo.BatchRow: two deltas answered in one batch
 
 
 def build_models(cache: Path, log=print) -> tuple[Path, Path]:
@@ -94,6 +96,12 @@ def run_demo(cache: Path | None = None, log=print) -> DemoResult:
     merged_dir = cache / "merged"
     merge(base_dir, cache / "delta-matrix", merged_dir, overwrite=True, progress=False)
     evaluate("merged checkpoint (matrix)", AutoModelForCausalLM.from_pretrained(merged_dir))
+    start = time.perf_counter()
+    result.batch = serve_two_in_one_batch(base_dir, {"matrix": cache / "delta-matrix", "distilled": distilled_dir})
+    result.seconds["serve two deltas in one batch"] = time.perf_counter() - start
+    same = sum(row.identical for row in result.batch)
+    log(f"served the matrix and distilled deltas in the same batches ({result.batch[0].mixed_steps} mixed forward passes): "
+        f"{same}/{len(result.batch)} greedy answers identical to their merged models run alone")
     result.sizes["fine-tune checkpoint"] = _weights_bytes(ft_dir)
     result.sizes["merged checkpoint"] = _weights_bytes(merged_dir)
     return result

@@ -172,6 +172,16 @@ def demo(
     out.print("seconds: " + ", ".join(f"{name} {value:.1f}" for name, value in result.seconds.items()))
 
 
+def _register_extensions() -> None:
+    """Commands whose code lives with their subsystem: `eval` (bitdelta/eval)."""
+    from bitdelta.eval.cli import eval_command
+
+    app.command("eval")(eval_command)
+
+
+_register_extensions()
+
+
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 

@@ -169,14 +169,23 @@ def demo(
     for name, nbytes in result.sizes.items():
         sizes.add_row(name, f"{nbytes:,}", f"{reference / nbytes:.2f}x smaller" if nbytes < reference else "1x")
     out.print(sizes)
+    if result.batch:
+        served = Table(title=f"two fine-tunes served in the same batches ({result.batch[0].mixed_steps} mixed forward passes)")
+        for column in ("fine-tune", "prompt", "greedy answer (engine)", "= merged model alone?"):
+            served.add_column(column)
+        for row in result.batch:
+            served.add_row(row.model, repr(row.prompt), repr(row.served[:60]), "yes" if row.identical else "NO")
+        out.print(served)
     out.print("seconds: " + ", ".join(f"{name} {value:.1f}" for name, value in result.seconds.items()))
 
 
 def _register_extensions() -> None:
-    """Commands whose code lives with their subsystem: `eval` (bitdelta/eval)."""
+    """Commands whose code lives with their subsystem: `eval` (bitdelta/eval), `serve` (bitdelta/server)."""
     from bitdelta.eval.cli import eval_command
+    from bitdelta.server.cli import serve
 
     app.command("eval")(eval_command)
+    app.command("serve")(serve)
 
 
 _register_extensions()

@@ -165,26 +165,56 @@ def decode_suite(bandwidth: float, shapes, batches, modes=(True, False)) -> list
     return rows
 
 
+V4_BITPLANE = dict(rows=1, num_warps=4, num_stages=3, fuse_base=False, use_fma=True)  # round-3 dispatch, 1 row a slot
+XREG_SHAPES = ((128, 256, 4), (64, 512, 4), (256, 256, 4), (32, 1024, 4))  # (BN, BK, warps)
+
+
 def _sweep_variants(kind: str, rows: int, k: int) -> dict:
-    """Kernel variants timed per case by --sweep (round 3: gemv, narrow dot tiles, bit-plane tiles)."""
+    """Kernel variants timed per case by --sweep (round 4: the all-distinct bit path, one row a slot):
+    the round-3 bit-plane kernel (v4) and the x-in-registers kernel (v7, `xreg`)."""
     v = {}
-    if kind in ("b1", "shared4", "distinct4"):
-        # BLOCK_K = 256 x warps keeps the x load and the W tile in one layout (warps along K)
-        r = 1 if kind == "b1" else 4
-        shapes = ((8, 256, 1), (4, 256, 1), (8, 512, 2), (16, 512, 2), (32, 512, 2), (16, 1024, 4)) if r == 1 else \
-            ((4, 256, 1), (8, 256, 1), (4, 512, 2), (8, 512, 2), (16, 512, 2))
-        for bn, bk, warps in shapes:
-            v[f"gemv_bn{bn}_bk{bk}_w{warps}"] = KernelConfig(
-                rows=r, block_n=bn, block_k=bk, num_warps=warps, num_stages=1, fuse_base=True, gemv=True)
-    if kind == "shared_tall":
-        for bn, bk, warps, stages in ((16, 128, 4, 4), (16, 256, 4, 3), (16, 128, 2, 4)):
-            v[f"dot_bn{bn}_bk{bk}_w{warps}_s{stages}"] = KernelConfig(
-                rows=rows, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, fuse_base=True)
-    if kind == "distinct16":
-        for bn, bk, warps in ((64, 256, 4), (128, 512, 4), (256, 256, 8), (128, 256, 8)):
-            v[f"fma_bn{bn}_bk{bk}_w{warps}"] = KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=warps,
-                                                            num_stages=3, fuse_base=False, use_fma=True)
+    if kind.startswith("distinct"):
+        bn, bk = (256, 128) if kind in ("distinct32", "distinct64") and k > 8192 else (128, 256)
+        v["v4_bitplane"] = KernelConfig(block_n=bn, block_k=bk, **V4_BITPLANE)
+        for bn, bk, warps in XREG_SHAPES:
+            v[f"xreg_bn{bn}_bk{bk}_w{warps}"] = KernelConfig(
+                rows=1, block_n=bn, block_k=bk, num_warps=warps, num_stages=3, fuse_base=False, use_fma=True,
+                xreg=True)
     return v
+
+
+SWEEP_CASES = [("distinct4", 4, True), ("distinct16", 16, True), ("distinct64", 64, True)]
+
+
+def _compile_job(job) -> str:
+    """Run one (K, N, config) once on two distinct rows, so Triton's on-disk cache holds its binary."""
+    k, n, cfg = job
+    try:
+        x = torch.randn(2, k, device="cuda", dtype=DTYPE)
+        w = torch.randn(n, k, device="cuda", dtype=DTYPE)
+        signs = torch.randint(-(2**31), 2**31 - 1, (2, n, (k + 31) // 32), dtype=torch.int32, device="cuda")
+        scales = torch.rand(2, n, device="cuda")
+        segment_matmul(x, w, signs, scales, build_plan(torch.arange(2, device="cuda")), None, cfg)
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # reported by the sweep itself
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def precompile(jobs: list, workers: int = 12) -> None:
+    """Compile the sweep's kernels in parallel processes (Triton compiles serially in one process)."""
+    import multiprocessing as mp
+    started = time.time()
+    seen, unique = set(), []
+    for job in jobs:
+        key = (job[0], job[2])  # N only changes the launch grid (every N here is a multiple of 16)
+        if key not in seen:
+            seen.add(key)
+            unique.append(job)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        results = pool.map(_compile_job, unique, chunksize=1)
+    bad = [(j[0], j[1], j[2], r) for j, r in zip(unique, results) if r != "ok"]
+    print(f"precompiled {len(unique)} kernels in {time.time() - started:.0f} s; failures: {bad}", flush=True)
 
 
 def _sweep_error(p: "Problem", cfg: KernelConfig) -> float:
@@ -192,7 +222,9 @@ def _sweep_error(p: "Problem", cfg: KernelConfig) -> float:
     from bitdelta.kernels import reference
     out = torch.full((p.batch, p.n), float("nan"), device="cuda", dtype=DTYPE)
     segment_matmul(d["x"], d["w"], d["signs"], d["scales"], p.plan, None, cfg, out=out)
-    ref = reference.bitdelta_matmul(d["x"].float(), d["w"], d["signs"], d["scales"], p.slot_ids, None)
+    if getattr(p, "ref", None) is None:
+        p.ref = reference.bitdelta_matmul(d["x"].float(), d["w"], d["signs"], d["scales"], p.slot_ids, None)
+    ref = p.ref
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out.float() - ref).norm() / ref.norm()).item()
@@ -202,11 +234,16 @@ def sweep_suite(bandwidth: float, shapes) -> list[dict]:
     """Time kernel variants per case (each checked against the reference first), to pick the
     dispatcher's thresholds."""
     out = []
-    cases = [("b1", 1, False), ("shared4", 4, False), ("distinct4", 4, True)]
+    jobs = []
     for k, n in shapes:
-        for kind, batch, distinct in cases:
-            if kind == "distinct16" and (k, n) not in ((11008, 4096), (4096, 4096)):
-                continue
+        for kind, batch, distinct in SWEEP_CASES:
+            plan = build_plan(torch.arange(batch) if distinct else torch.zeros(batch, dtype=torch.long))
+            for cfg in [choose_config(n, plan, k=k), *_sweep_variants(kind, 1, k).values()]:
+                if not cfg.gemv:
+                    jobs.append((k, n, cfg))
+    precompile(jobs)
+    for k, n in shapes:
+        for kind, batch, distinct in SWEEP_CASES:
             p = Problem(k, n, batch, distinct)
             rows = next_pow2(p.plan.max_rows)
             variants = {"auto": choose_config(n, p.plan, k=k), **_sweep_variants(kind, rows, k)}
@@ -314,6 +351,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time kernel variants")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     parser.add_argument("--sweep-only", action="store_true", help="ceilings and the variant sweep only")
+    parser.add_argument("--sweep-shapes", default="", help="KxN,KxN,... (default: every decode shape)")
     args = parser.parse_args()
     torch.manual_seed(int(time.time()))
     started = time.time()
@@ -324,7 +362,9 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep_suite(bandwidth, shapes)
+        sweep_shapes = [tuple(map(int, s.split("x"))) for s in args.sweep_shapes.split(",")] if args.sweep_shapes \
+            else shapes
+        result["sweep"] = sweep_suite(bandwidth, sweep_shapes)
     if args.sweep_only:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -90,14 +90,29 @@ CONFIGS = [
     KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
     KernelConfig(rows=128, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True),
     KernelConfig(rows=1, block_n=256, block_k=128, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
+    # v7: x held in registers, one row a tile
+    KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
+                 xreg=True),
+    KernelConfig(rows=1, block_n=64, block_k=512, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
+                 xreg=True),
+    KernelConfig(rows=1, block_n=32, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
+                 xreg=True),
+    KernelConfig(rows=1, block_n=256, block_k=256, num_warps=8, num_stages=3, fuse_base=False, use_fma=True,
+                 xreg=True),
 ]
+
+
+def _config_id(c: KernelConfig | None) -> str:
+    if c is None:
+        return "auto"
+    variant = "xreg" if c.xreg else ("fma" if c.use_fma else "")
+    return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
 @pytest.mark.parametrize("m,n,k", [(1, 333, 4097), (7, 333, 4097), (16, 1024, 512), (33, 300, 1000), (100, 200, 3000)])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "auto" if c is None else f"r{c.rows}n{c.block_n}"
-                         f"{'F' if c.fuse_base else 'S'}{'fma' if c.use_fma else ''}")
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_kernel_matches_reference(m, n, k, kind, dtype, config):
     s = max(m, 3)
     x, w, signs, scales, bias = _problem(m, n, k, s, dtype)
@@ -156,4 +171,13 @@ def test_public_entry_point_without_bias_and_with_plan(dtype):
 def test_all_base_only_rows():
     x, w, signs, scales, bias = _problem(5, 200, 300, 2, torch.bfloat16)
     slot_ids = torch.full((5,), -1, device="cuda")
+    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("m", [4, 16])
+def test_dispatcher_long_rows_distinct(m):
+    """K > 8192, one row a delta: the dispatcher picks the x-in-registers kernel (v7)."""
+    x, w, signs, scales, bias = _problem(m, 320, 11008, m + 1, torch.bfloat16)
+    slot_ids = torch.randperm(m + 1, device="cuda")[:m]
+    assert choose_config(320, build_plan(slot_ids), k=11008).xreg
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)

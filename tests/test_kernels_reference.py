@@ -135,6 +135,11 @@ def test_choose_config_decode_and_prefill():
     distinct = build_plan(torch.arange(32))
     cfg = choose_config(4096, distinct)
     assert cfg.rows == 1 and not cfg.fuse_base and cfg.use_fma  # many distinct slots: base from cuBLAS, once
+    assert not cfg.xreg  # K = 4096: the v4 bit-plane kernel
+    # one row a slot on long rows (K > XREG_MIN_K), up to XREG_MAX_DELTAS deltas: x held in registers (v7)
+    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).xreg
+    assert not choose_config(4096, build_plan(torch.arange(16).repeat(2)), k=11008).xreg  # 2 rows a slot
+    assert choose_config(4096, build_plan(torch.arange(4)), k=11008).xreg  # before the gemv
     shared = build_plan(torch.zeros(4, dtype=torch.long))
     cfg = choose_config(4096, shared)
     assert cfg.rows == 4 and cfg.fuse_base and not cfg.use_fma
@@ -149,6 +154,7 @@ def test_choose_config_decode_and_prefill():
     many = build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1))  # 4 deltas, 17 rows each: prefill tiles
     assert choose_config(4096, many).block_n == 128
     assert choose_config(4096, build_plan(torch.arange(64)), k=11008).block_n == 256
+    assert not choose_config(4096, build_plan(torch.arange(64)), k=11008).xreg
 
 
 def test_choose_config_gemv_for_few_rows():
@@ -182,6 +188,9 @@ def test_kernel_config_validation():
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
         KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
+    with pytest.raises(ValueError):  # xreg takes one row a tile
+        KernelConfig(rows=2, block_n=256, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
+                     xreg=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 

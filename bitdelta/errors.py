@@ -27,3 +27,20 @@ class OutputExistsError(BitDeltaError):
 
 class DistillationError(BitDeltaError):
     """Scale distillation could not run or diverged; the delta was left untouched."""
+
+
+class EvaluationError(BitDeltaError):
+    """An evaluation cannot run as asked: unknown task or baseline, no delta and no baseline, bad data."""
+
+
+# Errors a serving request or admin call can cause; the server maps each to an HTTP status.
+class UnknownModelError(BitDeltaError):
+    """No base or delta is served under that name (HTTP 404)."""
+
+
+class InvalidRequestError(BitDeltaError):
+    """A parameter is out of range or the prompt does not fit the context (HTTP 400)."""
+
+
+class QueueFullError(BitDeltaError):
+    """The waiting queue is at --max-queue (HTTP 429)."""

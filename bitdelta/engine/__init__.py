@@ -8,7 +8,7 @@
 """
 
 from .engine import Engine, EngineConfig, EngineObserver, Output
-from .errors import InvalidRequestError, QueueFullError, UnknownModelError
+from bitdelta.errors import InvalidRequestError, QueueFullError, UnknownModelError
 from .sampling import SamplingParams
 
 __all__ = ["Engine", "EngineConfig", "EngineObserver", "InvalidRequestError", "Output", "QueueFullError", "SamplingParams", "UnknownModelError"]

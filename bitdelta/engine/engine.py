@@ -26,7 +26,7 @@ import torch
 
 from bitdelta.errors import BitDeltaError
 
-from .errors import InvalidRequestError, QueueFullError
+from bitdelta.errors import InvalidRequestError, QueueFullError
 from .kvcache import BlockTable, PagedKVCache
 from .model import MultiTenantModel, SequenceSpan, StepBatch
 from .sampling import SamplingParams, TextStream, sample

@@ -27,7 +27,7 @@ import torch
 from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaConfig, DeltaReader, read_config
 
-from .errors import UnknownModelError
+from bitdelta.errors import UnknownModelError
 from .model import MultiTenantModel, SlotWeights
 
 

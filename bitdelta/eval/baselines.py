@@ -25,7 +25,7 @@ import torch
 
 from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import BinaryDelta
-from bitdelta.eval.errors import EvaluationError
+from bitdelta.errors import EvaluationError
 from bitdelta.targets import select_targets
 
 SPECS = "bitdelta, bitdelta-row, svd:R, svd:equal, rtn:K (K = 2..8), int8base"

@@ -16,7 +16,7 @@ import torch
 from bitdelta.apply import DTYPES
 from bitdelta.errors import DistillationError
 from bitdelta.eval import baselines as bl
-from bitdelta.eval.errors import EvaluationError
+from bitdelta.errors import EvaluationError
 from bitdelta.eval.metrics import Reference, fidelity, gain_kept, reference
 
 

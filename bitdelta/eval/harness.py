@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitdelta.eval.errors import EvaluationError
+from bitdelta.errors import EvaluationError
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--base-steps", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=150)  # the prose is ~170k tokens: more steps overfit
     args = parser.parse_args()
     work = args.workdir / args.pair

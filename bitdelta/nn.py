@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bitdelta import kernels
-from bitdelta.kernels import SlotPlan, reference
+from bitdelta.kernels import SlotPlan
 
 
 class DeltaRouting:
@@ -49,7 +49,7 @@ class BitDeltaLinear(nn.Module):
         self.weight.requires_grad_(False)
         self.bias = base.bias
         self.register_buffer("signs", signs)
-        self.scales = nn.Parameter(scales.float(), requires_grad=False)  # distillation trains these
+        self.register_buffer("scales", scales.float())  # per slot and output row; distillation trains its own copies (DistillLinear)
         self.routing = routing
         # Per-slot biases [S, N] (rows of slot -1 keep `bias`): a fine-tune changes biases too
         # (Qwen2's q/k/v), and a multi-tenant batch needs each row's own. None: `bias` for all.
@@ -58,9 +58,7 @@ class BitDeltaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         slot_ids = self.routing.row_slots(rows.shape[0], x.shape[0] if x.ndim > 1 else 1, x.device)
-        if self.scales.requires_grad and torch.is_grad_enabled():
-            y = reference.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias)
-        elif self.slot_bias is None:
+        if self.slot_bias is None:
             y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self.bias, self.routing.plan)
         else:
             y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, None, self.routing.plan)

@@ -27,6 +27,7 @@ from torch import nn
 from bitdelta.apply import load, open_pair, parse_dtype
 from bitdelta.calibration import calibration_sequences
 from bitdelta.checkpoint import Checkpoint
+from bitdelta.device import resolve_device
 from bitdelta.errors import DistillationError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader, write_delta
 from bitdelta.nn import BitDeltaLinear, bitdelta_linears, replace_linear
@@ -104,7 +105,7 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     ft_ckpt = Checkpoint(finetuned)
     if ft_ckpt.fingerprint != reader.config.finetuned_fingerprint:
         raise IncompatibleModelsError(f"{delta} was not made from fine-tune {finetuned!r} (fingerprint mismatch); pass the fine-tune it was made from")
-    device = _device(config.device)
+    device = resolve_device(config.device)
     dtype = parse_dtype(config.dtype, reader)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
@@ -129,14 +130,6 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     )
     _write_scales(reader, {name: p.detach().cpu() for name, p in scales.items()}, record)
     return record
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DistillationError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def _teacher_phase(ft_ckpt: Checkpoint, config: DistillConfig, device, dtype) -> tuple[torch.Tensor, str, Targets]:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bitdelta.errors import BitDeltaError
+from bitdelta.device import resolve_device
+from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
 
-from bitdelta.errors import InvalidRequestError, QueueFullError
 from .kvcache import BlockTable, PagedKVCache
 from .model import MultiTenantModel, SequenceSpan, StepBatch
 from .sampling import SamplingParams, TextStream, sample
@@ -101,7 +101,7 @@ class Engine:
 
         self.config, self.observer = config, observer or EngineObserver()
         checkpoint = Checkpoint(base)
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        device = resolve_device(config.device)
         hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path))
         self.model = MultiTenantModel(hf_model.to(device).eval(), config.max_gpu_deltas)
         self.context = self.model.context

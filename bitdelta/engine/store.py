@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError
+from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError, UnknownModelError
 from bitdelta.fileformat import DeltaConfig, DeltaReader, read_config
 
-from bitdelta.errors import UnknownModelError
 from .model import MultiTenantModel, SlotWeights
 
 

@@ -14,18 +14,10 @@ from pathlib import Path
 import torch
 
 from bitdelta.apply import DTYPES
-from bitdelta.errors import DistillationError
+from bitdelta.device import resolve_device
+from bitdelta.errors import DistillationError, EvaluationError
 from bitdelta.eval import baselines as bl
-from bitdelta.errors import EvaluationError
 from bitdelta.eval.metrics import Reference, fidelity, gain_kept, reference
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, finetuned_config: dict) -> torch.dtype:

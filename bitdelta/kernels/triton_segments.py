@@ -57,6 +57,21 @@ def expand_signs(words, dtype: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile (grid axis 0: slot, first and end of its rows in the sorted order) and
+    column block (axis 1): the slot, the batch rows it covers and the output columns, with masks."""
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    r = first + tl.arange(0, ROWS)
+    row_mask = r < end
+    rows = tl.load(order_ptr + r, mask=row_mask, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slot, rows, row_mask, cols, cols < N
+
+
+@triton.jit
 def _bitplane_kernel(
     x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW,
@@ -72,16 +87,7 @@ def _bitplane_kernel(
     memory) through an explicit `num_stages`: Triton does not pipeline loads that feed no tl.dot.
     """
     BKW: tl.constexpr = BLOCK_K // 32
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-
-    r = first + tl.arange(0, ROWS)
-    row_mask = r < end
-    rows = tl.load(order_ptr + r, mask=row_mask, other=0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
     has_delta = slot >= 0
 
     jw = tl.arange(0, BKW)
@@ -341,16 +347,7 @@ def _segment_kernel(
 ):
     # Tiles vary fastest, so the programs sharing a column block (and its base columns) run
     # together and the base is read from DRAM about once.
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-
-    r = first + tl.arange(0, ROWS)
-    row_mask = r < end
-    rows = tl.load(order_ptr + r, mask=row_mask, other=0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
 
     acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)

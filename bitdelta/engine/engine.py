@@ -28,7 +28,7 @@ from bitdelta.device import resolve_device
 from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
 
 from .kvcache import BlockTable, PagedKVCache
-from .model import MultiTenantModel, SequenceSpan, StepBatch
+from .model import MultiTenantModel, StepBatch
 from .sampling import SamplingParams, TextStream, sample
 from .store import DeltaEntry, DeltaStore
 
@@ -226,8 +226,8 @@ class Engine:
             self._waiting.remove(sequence)
             self._running.append(sequence)
 
-    def _build_batch(self) -> tuple[StepBatch, list[Sequence]]:
-        ids, positions, slots, spans, write_rows, logit_rows, sequences = [], [], [], [], [], [], []
+    def _build_batch(self) -> tuple[StepBatch | None, list[Sequence]]:
+        ids, positions, slots, row_sequence, tables, write_rows, logit_rows, sequences = [], [], [], [], [], [], [], []
         budget = prefill_tokens = self.config.prefill_chunk
         for sequence in sorted(self._running, key=lambda s: s.prefilling):  # decoders first
             tokens = sequence.tokens
@@ -244,19 +244,22 @@ class Engine:
             ids += tokens[start:end]
             positions += range(start, end)
             slots += [sequence.slot] * count
-            spans.append(SequenceSpan(row, count, end, self.kv.rows(sequence.kv, 0, end, self.model.device)))
-            write_rows.append(spans[-1].kv_rows[start:end])
+            row_sequence += [len(tables)] * count
+            write_rows += self.kv.rows(sequence.kv, start, end)
+            tables.append(sequence.kv.blocks)
             sequence.computed = end
             if end == len(tokens):  # the whole known sequence is cached: sample its next token
                 logit_rows.append(row + count - 1)
                 sequences.append(sequence)
-        if not spans:
+        if not tables:
             return None, []
         prefilled = prefill_tokens - budget
-        self.observer.step(len(spans), len(set(slots) - {-1}), prefilled, len(ids) - prefilled)
+        self.observer.step(len(tables), len(set(slots) - {-1}), prefilled, len(ids) - prefilled)
+        width = max(len(blocks) for blocks in tables)
         batch = StepBatch(
-            torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.int32), spans,
-            torch.cat(write_rows), torch.tensor(logit_rows, dtype=torch.long),
+            torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.int32),
+            torch.tensor(row_sequence, dtype=torch.int32), torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.int32),
+            torch.tensor(write_rows), torch.tensor(logit_rows, dtype=torch.long),
         )
         return batch, sequences
 

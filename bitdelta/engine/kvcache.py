@@ -4,8 +4,8 @@ A transformers cache is one padded [batch, heads, max_len, dim] tensor per layer
 pays for the longest one, and a batch whose members join and leave at every step would have to be
 re-padded each time. Here a sequence owns ceil(len / block_size) blocks of a shared pool, so the
 only waste is the unfilled tail of its last block (< block_size tokens), and a finished sequence's
-blocks serve the next one at once (vLLM's PagedAttention, without a custom attention kernel: each
-sequence's keys are gathered from its blocks).
+blocks serve the next one at once (vLLM's PagedAttention: the attention kernel reads each
+sequence's keys through its block table, kernels/paged_attention.py).
 
 Admission reserves the blocks a request may ever need (prompt + max_tokens), so a running sequence
 never finds the pool empty and nothing has to be preempted; blocks are taken from the reservation
@@ -61,11 +61,10 @@ class PagedKVCache:
         self._reserved -= table.reserved
         table.blocks, table.reserved = [], 0
 
-    def rows(self, table: BlockTable, start: int, end: int, device: torch.device) -> torch.Tensor:
+    def rows(self, table: BlockTable, start: int, end: int) -> list[int]:
         """Pool rows holding positions [start, end) of the sequence."""
-        positions = torch.arange(start, end)
-        blocks = torch.tensor(table.blocks, dtype=torch.long)[positions // self.block_size]
-        return (blocks * self.block_size + positions % self.block_size).to(device)
+        size = self.block_size
+        return [table.blocks[p // size] * size + p % size for p in range(start, end)]
 
     def write(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys[layer, rows] = keys

@@ -8,7 +8,8 @@ so a row computes exactly its merged fine-tune. Tables are created only for tens
 delta actually changes.
 
 The forward runs a packed batch: the new tokens of many sequences side by side (decode rows and
-prefill chunks), no padding. Attention reads each sequence's keys from the paged KV cache. It is
+prefill chunks), no padding. Attention reads each sequence's keys straight from the paged KV cache
+(kernels.paged_attention: one Triton launch per layer on a GPU, per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
 structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a clear error.
 """
@@ -16,7 +17,7 @@ structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a cle
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import nn
 
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
+from bitdelta.kernels.paged_attention import paged_attention
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.pack import packed_words
 
@@ -31,24 +33,19 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
-class SequenceSpan:
-    """One sequence's rows in a packed step: rows [start, start + count) are its positions
-    [length - count, length); `kv_rows` are the pool rows of all its `length` positions."""
-
-    start: int
-    count: int
-    length: int
-    kv_rows: torch.Tensor
-
-
-@dataclass
 class StepBatch:
+    """One packed step on the host; the model moves it to its device."""
+
     token_ids: torch.Tensor  # long [T]
     positions: torch.Tensor  # long [T]
     slots: torch.Tensor  # int32 [T], -1 = base
-    spans: list[SequenceSpan]
+    row_sequence: torch.Tensor  # int32 [T]: the sequence (row of block_tables) each row belongs to
+    block_tables: torch.Tensor  # int32 [S, max blocks]: each sequence's KV cache pages
     write_rows: torch.Tensor  # long [T]: pool row of each new token
     logit_rows: torch.Tensor  # long [B]: rows whose next-token logits are needed
+
+    def to(self, device: torch.device) -> StepBatch:
+        return StepBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
 
 @dataclass(frozen=True)
@@ -160,20 +157,20 @@ class MultiTenantModel:
     def forward(self, batch: StepBatch, kv) -> torch.Tensor:
         """fp32 logits [B, vocab] for `batch.logit_rows`; writes the new tokens' keys and values."""
         device = self.device
-        slots = batch.slots.to(device)
+        batch = batch.to(device)
+        slots = batch.slots
         table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
         self.routing.slot_ids = slots
         self.routing.plan = build_plan(slots) if device.type == "cuda" else None  # only kernels read it
-        ids = batch.token_ids.to(device)
         embed = self.tables.get(self.embed_name)
-        h = self.model.model.embed_tokens(ids) if embed is None else embed[table_rows, ids]
-        cos, sin = self.model.model.rotary_emb(h[None], batch.positions.to(device)[None])
+        h = self.model.model.embed_tokens(batch.token_ids) if embed is None else embed[table_rows, batch.token_ids]
+        cos, sin = self.model.model.rotary_emb(h[None], batch.positions[None])
         for index, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight", table_rows)
             h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv)
             x = self._rms_norm(h, layer.post_attention_layernorm, f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
             h = h + layer.mlp(x)
-        rows = batch.logit_rows.to(device)
+        rows = batch.logit_rows
         h = self._rms_norm(h[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, table_rows[rows])
 
@@ -191,20 +188,10 @@ class MultiTenantModel:
         v = attn.v_proj(x).view(t, -1, self.head_dim)
         q, k = self.rope(q, k, cos, sin)
         kv.write(layer, batch.write_rows, k[0].transpose(0, 1), v)
-        q = q[0]  # [heads, T, D]
-        out = torch.empty(t, q.shape[0], self.head_dim, dtype=x.dtype, device=x.device)
-        # One attention call per sequence over its own cached positions: no padding to the longest
-        # sequence; a GPU build would use a varlen/paged attention kernel here instead.
-        for span in batch.spans:
-            keys, values = kv.read(layer, span.kv_rows)  # [L, kv_heads, D]
-            keys = keys.transpose(0, 1).repeat_interleave(self.groups, 0)
-            values = values.transpose(0, 1).repeat_interleave(self.groups, 0)
-            mask = None
-            if span.count > 1:  # causal, offset by the positions already cached
-                mask = torch.ones(span.count, span.length, dtype=torch.bool, device=x.device).tril(span.length - span.count)
-            rows = slice(span.start, span.start + span.count)
-            o = F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None], attn_mask=mask, scale=self.scaling)
-            out[rows] = o[0].transpose(0, 1)
+        out = paged_attention(
+            q[0].transpose(0, 1), kv.keys[layer], kv.values[layer], batch.block_tables,
+            batch.row_sequence, batch.positions, kv.block_size, self.scaling,
+        )
         return attn.o_proj(out.reshape(t, -1))
 
     def _lm_head(self, h: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Paged attention: the reference against attention written out position by position (CPU), and the
+Triton kernel against the reference (GPU; skipped without CUDA and Triton).
+
+Every case draws a fresh random cache layout: pages shuffled through the pool, sequences of
+different lengths, decode rows and prefill chunks in one step, grouped-query heads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bitdelta.kernels import triton_available
+from bitdelta.kernels.paged_attention import paged_attention, paged_attention_reference
+
+
+def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torch.dtype, device: str = "cpu"):
+    """A step over three sequences: one decoding at a random position, one prefilling a chunk in
+    the middle of its prompt, one decoding its first token."""
+    lengths = [int(torch.randint(page + 1, 6 * page, ())), int(torch.randint(2 * page, 5 * page, ())), 1]
+    pages_needed = [-(-n // page) for n in lengths]
+    pool_pages = sum(pages_needed) + 3
+    keys = torch.randn(pool_pages * page, kv_heads, head_dim, device=device).to(dtype)
+    values = torch.randn(pool_pages * page, kv_heads, head_dim, device=device).to(dtype)
+    order = torch.randperm(pool_pages).tolist()
+    tables, width = [], max(pages_needed)
+    for needed in pages_needed:
+        own, order = order[:needed], order[needed:]
+        tables.append(own + [0] * (width - needed))
+    chunk = int(torch.randint(2, page + 3, ()))
+    row_sequence = [0] + [1] * chunk + [2]
+    row_position = [lengths[0] - 1] + list(range(lengths[1] - chunk, lengths[1])) + [0]
+    q = torch.randn(len(row_sequence), heads, head_dim, device=device).to(dtype)
+    as_int = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+    return q, keys, values, as_int(tables), as_int(row_sequence), as_int(row_position)
+
+
+def attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale):
+    """fp64, one row and head at a time, straight from the definition."""
+    groups = q.shape[1] // keys.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for row in range(q.shape[0]):
+        sequence, position = int(row_sequence[row]), int(row_position[row])
+        pool = [int(tables[sequence, p // page]) * page + p % page for p in range(position + 1)]
+        for head in range(q.shape[1]):
+            k = keys[pool, head // groups].double()
+            v = values[pool, head // groups].double()
+            weights = torch.softmax(k @ q[row, head].double() * scale, dim=0)
+            out[row, head] = weights @ v
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(4, 4, 16, 4), (8, 2, 24, 8), (6, 1, 32, 16)])
+def test_reference_is_causal_attention_over_the_pages(heads, kv_heads, head_dim, page):
+    q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, torch.float32)
+    scale = 1 / math.sqrt(head_dim)
+    got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale)
+    expected = attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale)
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_heads_must_group_evenly():
+    q, keys, values, tables, row_sequence, row_position = random_step(4, 4, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="do not divide"):
+        paged_attention(q[:, :3], keys, values, tables, row_sequence, row_position, 4, 0.25)
+
+
+# fp32 accumulation in both; what differs is the final rounding of the output to fp16/bf16 (half
+# an ulp, relative RMS ~3e-4 / ~2e-3) and the softmax's summation order (~1e-6): about 3x margin.
+BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 6e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype", list(BOUNDS))
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 32, 128, 16), (32, 8, 128, 16), (12, 4, 80, 16), (8, 8, 64, 32)])
+def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, page):
+    for _ in range(3):
+        q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, dtype, "cuda")
+        scale = 1 / math.sqrt(head_dim)
+        expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
+        torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")  # freed at once: the kernel's output block likely reuses it, so unwritten elements show
+        got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale).float()
+        assert torch.isfinite(got).all()
+        assert (got - expected).norm() / expected.norm() < BOUNDS[dtype]

@@ -187,3 +187,31 @@ def test_demo_serves_two_finetunes_in_one_batch_identically(llama_pair, deltas):
     rows = serve_two_in_one_batch(llama_pair[0], {n: deltas[n] for n in ("prose-matrix", "code-chat")}, max_tokens=12)
     assert len(rows) == 4 and all(row.identical for row in rows)
     assert rows[0].mixed_steps > 0 and rows[0].served != rows[-1].served
+
+
+def test_an_engine_over_an_in_memory_model_serves_in_memory_deltas_exactly(llama_pair, deltas):
+    """Engine.from_model + store.add (how benchmarks serve random deltas): token ids in and out,
+    no tokenizer, no end-of-sequence stop, each row still its own merged fine-tune; an in-memory
+    delta outlives the CPU-tier budget since nothing could reload it."""
+    from transformers import AutoModelForCausalLM
+
+    from bitdelta.engine.store import read_weights
+
+    base = llama_pair[0]
+    on_disk = make_engine(base, {})
+    engine = Engine.from_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), EngineConfig(max_gpu_deltas=2, max_cpu_deltas=1))
+    names = list(deltas)[:3]
+    for name in names:
+        engine.store.add(name, read_weights(deltas[name], on_disk.model, on_disk.store.base_fingerprint))
+    prompt = on_disk.store.get_base().tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    outputs = engine.generate([(name, prompt, params) for name in names])
+    for name, out in zip(names, outputs):
+        assert generated(out) == alone(_merged(base, deltas[name]), prompt, params.max_tokens), name
+        assert out[-1].completion_tokens == params.max_tokens and all(o.text == "" for o in out)
+    assert engine.store.resident() == {"gpu": 2, "cpu": 3, "disk": 0}
+    wrong = read_weights(deltas[names[0]], on_disk.model, on_disk.store.base_fingerprint)
+    first = next(iter(wrong.signs))
+    wrong.signs[first] = wrong.signs[first][:, :-1]
+    with pytest.raises(IncompatibleModelsError, match=first):
+        engine.store.add("broken", wrong)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bitdelta.device import resolve_device
 from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
@@ -99,16 +100,28 @@ class Engine:
 
         from bitdelta.checkpoint import Checkpoint
 
-        self.config, self.observer = config, observer or EngineObserver()
         checkpoint = Checkpoint(base)
         device = resolve_device(config.device)
         hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path))
-        self.model = MultiTenantModel(hf_model.to(device).eval(), config.max_gpu_deltas)
+        self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None, name: str = "base") -> Engine:
+        """An engine over a transformers model already in memory, on its device and in its dtype
+        (`config.device` and `config.dtype` are not used). It has no tokenizer: requests are token
+        ids and outputs carry no text. Deltas come in through `engine.store.add`."""
+        engine = cls.__new__(cls)
+        engine._setup(model, config, observer, name, None, "in-memory")
+        return engine
+
+    def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str) -> None:
+        self.config, self.observer = config, observer or EngineObserver()
+        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas)
         self.context = self.model.context
         blocks = config.kv_blocks or config.max_batch * -(-self.context // config.kv_block_size)
-        self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, device)
+        self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, self.model.device)
         self._wakeup = threading.Condition()
-        self.store = DeltaStore(self.model, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint, config.max_cpu_deltas, self._notify)
+        self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify)
         self._inbox: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
         self._waiting: list[Sequence] = []

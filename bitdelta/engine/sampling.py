@@ -31,7 +31,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 class TextStream:
     """The text of a growing list of generated tokens, released in pieces that never need taking
-    back: an incomplete UTF-8 character and anything that could still become a stop string wait."""
+    back: an incomplete UTF-8 character and anything that could still become a stop string wait.
+    Without a tokenizer (a model served as token ids only) the text stays empty."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
@@ -43,6 +44,8 @@ class TextStream:
     def add(self, token_id: int) -> bool:
         """Append a token; True when a stop string appeared (the text is cut before it)."""
         self.token_ids.append(token_id)
+        if self.tokenizer is None:
+            return False
         # Decoding the whole list each time is quadratic but always right for byte-level BPE
         # merges across token boundaries; outputs here are at most the context long.
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)

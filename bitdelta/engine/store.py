@@ -32,31 +32,30 @@ from .model import MultiTenantModel, SlotWeights
 
 @dataclass(eq=False)
 class DeltaEntry:
-    """A served model: the base (slot -1, `path` None) or one delta."""
+    """A served model: the base (slot -1) or one delta, read from `path` or given in memory (`path` None)."""
 
     name: str
     path: Path | None
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None  # None: a model without a tokenizer (token ids in, token ids out)
     weights: SlotWeights | None = None  # CPU tier
     loading: Future | None = None
     load_error: BitDeltaError | None = None
     slot: int | None = None  # GPU tier
     users: int = 0  # running sequences reading its slot
     registered: bool = True
-
-    @property
-    def is_base(self) -> bool:
-        return self.path is None
+    is_base: bool = False
 
     @cached_property
     def tokenizer(self):
-        return _load_tokenizer(self.tokenizer_dir)
+        return None if self.tokenizer_dir is None else _load_tokenizer(self.tokenizer_dir)
 
     @cached_property
     def eos_ids(self) -> frozenset[int]:
         """What ends a generation: the generation config's eos ids (as `generate` uses), else the tokenizer's."""
         from transformers import GenerationConfig
 
+        if self.tokenizer_dir is None:
+            return frozenset()
         try:
             eos = GenerationConfig.from_pretrained(self.tokenizer_dir).eos_token_id
         except (OSError, ValueError):
@@ -75,11 +74,11 @@ def _load_tokenizer(folder: Path):
 
 
 class DeltaStore:
-    def __init__(self, model: MultiTenantModel, base_name: str, base_dir: Path, base_fingerprint: str, max_cpu_deltas: int, on_loaded=lambda: None):
+    def __init__(self, model: MultiTenantModel, base_name: str, base_dir: Path | None, base_fingerprint: str, max_cpu_deltas: int, on_loaded=lambda: None):
         self.model, self.base_fingerprint = model, base_fingerprint
         self.max_cpu = max_cpu_deltas
         self._lock = threading.RLock()
-        self._entries: dict[str, DeltaEntry] = {base_name: DeltaEntry(base_name, None, base_dir)}
+        self._entries: dict[str, DeltaEntry] = {base_name: DeltaEntry(base_name, None, base_dir, is_base=True)}
         self._cpu: OrderedDict[int, DeltaEntry] = OrderedDict()  # id(entry) -> entry, LRU first
         self._slots: list[DeltaEntry | None] = [None] * model.max_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slots without users, LRU first
@@ -108,13 +107,31 @@ class DeltaStore:
         if load_now:
             entry.weights = read_weights(path, self.model, self.base_fingerprint)
             entry.tokenizer  # noqa: B018 -- a broken tokenizer is refused now, not at the first request
+        self._add_entry(entry)
+        return entry
+
+    def add(self, name: str, weights: SlotWeights) -> DeltaEntry:
+        """Serve a delta given in memory, in the slot layout (benchmarks serve random deltas this
+        way). With no file to read it back from, it stays in CPU memory while registered, outside
+        the `max_cpu_deltas` budget."""
+        for weight, signs in weights.signs.items():
+            linear = self.model.linears.get(weight)
+            if linear is None or signs.shape != linear.signs.shape[1:] or weights.scales[weight].shape != linear.scales.shape[1:]:
+                raise IncompatibleModelsError(f"delta {name!r}: {weight} is not a block linear of the served base with these shapes")
+        for tensor in weights.dense:
+            if not self.model.routable(tensor) or tuple(weights.dense[tensor].shape) != self.model.base_shape(tensor):
+                raise IncompatibleModelsError(f"delta {name!r}: {tensor} is not a per-fine-tune tensor of the served base with this shape")
+        entry = DeltaEntry(name, None, self.get_base().tokenizer_dir, weights=weights)
+        self._add_entry(entry)
+        return entry
+
+    def _add_entry(self, entry: DeltaEntry) -> None:
         with self._lock:
-            if name in self._entries:
-                raise BitDeltaError(f"a model named {name!r} is already served; DELETE /v1/deltas/{name} first")
-            self._entries[name] = entry
+            if entry.name in self._entries:
+                raise BitDeltaError(f"a model named {entry.name!r} is already served; DELETE /v1/deltas/{entry.name} first")
+            self._entries[entry.name] = entry
             if entry.weights is not None:
                 self._remember(entry)
-        return entry
 
     def unregister(self, name: str) -> None:
         """Stop serving `name`. Requests already holding the entry finish normally; its slot is
@@ -135,7 +152,8 @@ class DeltaStore:
 
     def resident(self) -> dict[str, int]:
         with self._lock:
-            return {"gpu": sum(e is not None for e in self._slots), "cpu": len(self._cpu), "disk": len(self._entries) - 1}
+            in_memory = sum(e.path is None and not e.is_base for e in self._entries.values())
+            return {"gpu": sum(e is not None for e in self._slots), "cpu": len(self._cpu) + in_memory, "disk": len(self._entries) - 1 - in_memory}
 
     # ---- tiers (scheduler thread) -------------------------------------------------------------
     def acquire(self, entry: DeltaEntry) -> int | None:
@@ -188,6 +206,8 @@ class DeltaStore:
 
     def _remember(self, entry: DeltaEntry) -> None:
         """Mark `entry` most recently used in the CPU tier, evicting the LRU beyond capacity."""
+        if entry.path is None:
+            return  # given in memory: nothing to reload it from, so it is never evicted
         self._cpu.pop(id(entry), None)
         self._cpu[id(entry)] = entry
         while len(self._cpu) > self.max_cpu:

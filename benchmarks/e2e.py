@@ -1,0 +1,528 @@
+"""End-to-end multi-tenant decoding on a GPU: memory and speed of N fine-tunes served at once.
+
+    python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64]
+                             [--prompt 128] [--generate 128] [--out benchmarks/results]
+
+A Llama-2-7B-shaped base in fp16 with random weights, built on the GPU (speed does not depend on
+the values), and N fine-tunes; a batch of B = N requests, one per fine-tune, each a 128-token
+prompt and 128 generated tokens (greedy, no end-of-sequence stop); then B = 64 requests whose
+fine-tunes follow a Zipf law (p ~ 1/rank) over 64. Compared in one run:
+
+  naive     each fine-tune a separate dense fp16 transformers model, batch = its own requests,
+            one model after another each step. As many as fit stay on the GPU; the rest are
+            copied in from pinned CPU memory when their turn comes (a swap: the whole model
+            crosses PCIe). The host holds one pinned model copy that every swapped fine-tune
+            is read from: the bytes moved are the same as with distinct copies, which 64 x 13.5 GB
+            would not fit in any host's memory.
+  bitdelta  `bitdelta.engine` (Engine.from_model + store.add): one base + N 1-bit deltas in GPU
+            slots, every step one batch of all rows, Triton kernels (delta matmul, paged
+            attention), continuous batching, paged KV cache.
+  base      the same engine and batch with every request on the base model (slot -1): the upper
+            bound bitdelta's extra reads are measured against.
+  lora      PEFT with one rank-r LoRA adapter per fine-tune (r = 128: 0.64 GB a fine-tune against
+            bitdelta's 0.81 GB), every step one batch with `adapter_names`, transformers' cache.
+
+The random deltas are 8 distinct sets of bits and scales reused round-robin (each fine-tune still
+occupies its own GPU slot; reading the slot costs the same whatever the bits are).
+
+Per configuration: GPU memory (peak allocated), time to first token (median over requests), decode
+latency per token (median and p99 of the per-step time of decode steps), decode tokens/s
+(B / median step), and end-to-end tokens/s (generated tokens / wall time incl. prefill). The naive
+and LoRA runs time fewer decode steps than 128 when a step takes long (`steps` in the table);
+their per-step cost is constant across the generation. A torch.profiler trace of bitdelta's decode
+at N = 32 says where the step's time goes. Writes e2e.json, e2e.md, e2e.png and e2e_profile.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitdelta.engine import Engine, EngineConfig, EngineObserver, SamplingParams
+from bitdelta.engine.model import SlotWeights
+
+HERE = Path(__file__).resolve().parent
+REPRODUCE = "python -m benchmarks.e2e"
+SHAPES = {  # hidden, intermediate, layers, heads, vocab
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "tiny": (256, 688, 2, 4, 1024),
+}
+DISTINCT_DELTAS = 8
+LORA_RANK = 128
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Setup:
+    shape: str
+    prompt: int
+    generate: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt + self.generate
+
+
+# ---- models --------------------------------------------------------------------------------------
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
+    hidden, intermediate, layers, heads, vocab = SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter of the model: N(0, 0.02) matrices, unit norms."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
+    generator = torch.Generator(device).manual_seed(0)
+    weights = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            weights[name] = torch.ones(shape, dtype=dtype, device=device)
+        else:
+            weights[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+    return weights
+
+
+def model_over(config, weights: dict[str, torch.Tensor]):
+    """A transformers model whose parameters are `weights` (shared, not copied)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(weights, assign=True, strict=True)
+    device = next(iter(weights.values())).device
+    with torch.device(device):  # the rotary embedding's buffers were made on meta
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def model_bytes(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def random_deltas(engine: Engine, count: int) -> list[SlotWeights]:
+    """`count` distinct random deltas in the slot layout, in (pinned) CPU memory like loaded ones."""
+    pin = engine.model.device.type == "cuda"
+    deltas = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        signs, scales = {}, {}
+        for name, linear in engine.model.linears.items():
+            words = torch.randint(-(2**31), 2**31, linear.signs.shape[1:], dtype=torch.int64, generator=generator).to(torch.int32)
+            scale = torch.rand(linear.scales.shape[1:], generator=generator) * 2e-3
+            signs[name], scales[name] = (words.pin_memory(), scale.pin_memory()) if pin else (words, scale)
+        deltas.append(SlotWeights(signs, scales, {}))
+    return deltas
+
+
+def prompts(setup: Setup, count: int) -> list[list[int]]:
+    vocab = SHAPES[setup.shape][4]
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (count, setup.prompt), generator=generator).tolist()
+
+
+def zipf_tenants(count: int, tenants: int) -> list[int]:
+    """Fine-tune of each of `count` requests, Zipf over `tenants` (p ~ 1/rank), fixed seed."""
+    weights = torch.tensor([1 / rank for rank in range(1, tenants + 1)])
+    return torch.multinomial(weights, count, replacement=True, generator=torch.Generator().manual_seed(2)).tolist()
+
+
+# ---- measuring ---------------------------------------------------------------------------------------
+class StepClock(EngineObserver):
+    """Wall time of every engine step (the engine syncs on the sampled tokens at each step's end)."""
+
+    def __init__(self) -> None:
+        self.first_tokens: list[float] = []
+        self.decode_steps: list[float] = []
+        self._last = None
+        self._prefilling = False
+
+    def step(self, sequences, deltas, prefill_tokens, decode_tokens) -> None:
+        now = time.perf_counter()
+        if self._last is not None and not self._prefilling:
+            self.decode_steps.append(now - self._last)
+        self._last, self._prefilling = now, prefill_tokens > 0
+
+    def first_token(self, seconds: float) -> None:
+        self.first_tokens.append(seconds)
+
+    def done(self) -> None:
+        """Close the last step (step() times the step before it)."""
+        self.step(0, 0, 0, 0)
+
+
+def summary(first_tokens: list[float], decode_steps: list[float], rows: int, generated: int, wall: float, memory: int) -> dict:
+    steps = sorted(decode_steps)
+    median = statistics.median(steps)
+    return {
+        "memory_gib": memory / GiB,
+        "ttft_ms": statistics.median(first_tokens) * 1e3,
+        "decode_ms_median": median * 1e3,
+        "decode_ms_p99": steps[min(len(steps) - 1, round(0.99 * (len(steps) - 1)))] * 1e3,
+        "decode_tokens_per_s": rows / median,
+        "tokens_per_s": generated / wall,
+        "steps": len(steps),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+# ---- bitdelta engine and base only --------------------------------------------------------------------
+def build_engine(setup: Setup, config, weights, slots: int, batch: int) -> Engine:
+    blocks_per_sequence = -(-setup.kv_tokens // 16)
+    engine_config = EngineConfig(
+        max_batch=batch, max_gpu_deltas=slots, max_cpu_deltas=1, kv_block_size=16, kv_blocks=batch * blocks_per_sequence,
+        prefill_chunk=batch * setup.prompt,  # every prompt in the first step: later steps are pure decode
+    )
+    return Engine.from_model(model_over(config, weights), engine_config)
+
+
+def run_engine(engine: Engine, setup: Setup, models: list[str], warmup: bool = True) -> dict:
+    requests = [(model, prompt, SamplingParams(max_tokens=setup.generate, temperature=0)) for model, prompt in zip(models, prompts(setup, len(models)))]
+    if warmup:  # compiles the kernels for this batch and puts the deltas in their slots
+        engine.generate([(model, prompt, SamplingParams(max_tokens=4, temperature=0)) for model, prompt, _ in requests])
+    clock = StepClock()
+    engine.observer = clock
+    synchronize(setup.device)
+    start = time.perf_counter()
+    outputs = engine.generate(requests)
+    clock.done()
+    wall = time.perf_counter() - start
+    engine.observer = EngineObserver()
+    generated = sum(out[-1].completion_tokens for out in outputs)
+    assert generated == len(requests) * setup.generate, "every request generates --generate tokens"
+    return summary(clock.first_tokens, clock.decode_steps, len(requests), generated, wall, peak_memory(setup.device))
+
+
+def bitdelta_and_base(setup: Setup, config, weights, tenants_of_requests: list[int]) -> tuple[dict, dict]:
+    batch, distinct = len(tenants_of_requests), sorted(set(tenants_of_requests))
+    reset_peak(setup.device)
+    engine = build_engine(setup, config, weights, slots=len(distinct), batch=batch)
+    deltas = random_deltas(engine, min(DISTINCT_DELTAS, len(distinct)))
+    for index, tenant in enumerate(distinct):
+        engine.store.add(f"ft{tenant}", deltas[index % len(deltas)])
+    bitdelta = run_engine(engine, setup, [f"ft{t}" for t in tenants_of_requests])
+    bitdelta["delta_gib"] = sum(linear.signs.nbytes + linear.scales.nbytes for linear in engine.model.linears.values()) / GiB
+    bitdelta["kv_gib"] = engine.kv.keys.nbytes * 2 / GiB
+    del engine, deltas
+    reset_peak(setup.device)
+    engine = build_engine(setup, config, weights, slots=0, batch=batch)
+    base = run_engine(engine, setup, ["base"] * batch)
+    del engine
+    return bitdelta, base
+
+
+# ---- naive: one dense model per fine-tune -------------------------------------------------------
+class DenseTenants:
+    """Fine-tunes as separate dense models: the first `resident` live on the GPU (fine-tune 0 is
+    the base's own tensors, the others copies); any other is copied from pinned CPU memory into a
+    staging set before it runs."""
+
+    def __init__(self, config, weights, tenants: int, setup: Setup):
+        self.model = model_over(config, weights)
+        self.params = dict(self.model.named_parameters())
+        per_model = model_bytes(weights)
+        kv = tenants * kv_bytes(config, setup.kv_tokens)
+        fits = tenants  # a CPU run (a smoke test of this script) never swaps
+        if setup.device.type == "cuda":  # the base's tensors are already there; 4 GiB for activations
+            fits = 1 + int((torch.cuda.mem_get_info()[0] - kv - 4 * GiB) // per_model)
+        self.resident_count = min(tenants, fits)
+        swapping = tenants > self.resident_count
+        if swapping:
+            self.resident_count -= 1  # one set of GPU tensors becomes the staging area
+        self.sets = [weights] + [{n: t.clone() for n, t in weights.items()} for _ in range(self.resident_count - 1)]
+        self.staging = {n: torch.empty_like(t) for n, t in weights.items()} if swapping else None
+        self.host = {n: t.cpu().pin_memory() if setup.device.type == "cuda" else t.cpu() for n, t in weights.items()} if swapping else None
+        self.out_of_memory_at = self.resident_count + 1 if swapping else None
+
+    def bind(self, tenant: int) -> None:
+        if tenant < self.resident_count:
+            source = self.sets[tenant]
+        else:  # swap in: the whole model crosses PCIe
+            for name, tensor in self.staging.items():
+                tensor.copy_(self.host[name], non_blocking=True)
+            source = self.staging
+        for name, param in self.params.items():
+            param.data = source[name]
+
+    def forward(self, tenant: int, ids: torch.Tensor, cache):
+        self.bind(tenant)
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+
+
+def kv_bytes(config, tokens: int) -> int:
+    return 2 * config.num_hidden_layers * tokens * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
+
+
+def run_naive(setup: Setup, config, weights, tenants_of_requests: list[int], max_seconds: float) -> dict:
+    from transformers import DynamicCache
+
+    reset_peak(setup.device)
+    groups: dict[int, list[int]] = {}
+    for request, tenant in enumerate(tenants_of_requests):
+        groups.setdefault(tenant, []).append(request)
+    dense = DenseTenants(config, weights, len(groups), setup)
+    ids = torch.tensor(prompts(setup, len(tenants_of_requests)), device=setup.device)
+    with torch.no_grad():
+        for tenant in list(groups)[:2]:  # warm-up
+            dense.forward(tenant, ids[groups[tenant]][:, :8], DynamicCache(config=config))
+        synchronize(setup.device)
+        start = time.perf_counter()
+        caches, tokens, first_tokens = {}, {}, []
+        for tenant, requests in groups.items():  # prefill, one fine-tune after another
+            caches[tenant] = DynamicCache(config=config)
+            tokens[tenant] = dense.forward(tenant, ids[requests], caches[tenant])[:, None]
+            synchronize(setup.device)
+            first_tokens += [time.perf_counter() - start] * len(requests)
+        decode_steps = []
+        for _ in range(setup.generate - 1):
+            step_start = time.perf_counter()
+            for tenant, requests in groups.items():
+                tokens[tenant] = dense.forward(tenant, tokens[tenant], caches[tenant])[:, None]
+            synchronize(setup.device)
+            decode_steps.append(time.perf_counter() - step_start)
+            if time.perf_counter() - start > max_seconds and len(decode_steps) >= 2:
+                break  # every step costs the same: enough of them are timed
+    wall = time.perf_counter() - start
+    generated = len(tenants_of_requests) * (1 + len(decode_steps))
+    result = summary(first_tokens, decode_steps, len(tenants_of_requests), generated, wall, peak_memory(setup.device))
+    result.update(resident_models=dense.resident_count, swapping=dense.staging is not None)
+    del dense, caches
+    return result
+
+
+# ---- LoRA: PEFT multi-adapter batches -------------------------------------------------------------------
+def run_lora(setup: Setup, config, weights, tenants_of_requests: list[int], max_seconds: float) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache
+
+    reset_peak(setup.device)
+    distinct = sorted(set(tenants_of_requests))
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(setup.dtype)  # adapters are made, initialised and kept in fp16 on the GPU
+    try:
+        with torch.device(setup.device):
+            model = get_peft_model(model_over(config, weights), lora, adapter_name=f"ft{distinct[0]}", autocast_adapter_dtype=False)
+            for tenant in distinct[1:]:
+                model.add_adapter(f"ft{tenant}", lora, autocast_adapter_dtype=False)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.eval()
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".ft{distinct[0]}." in n)
+    names = [f"ft{t}" for t in tenants_of_requests]
+    ids = torch.tensor(prompts(setup, len(names)), device=setup.device)
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], adapter_names=names)  # warm-up
+        synchronize(setup.device)
+        start = time.perf_counter()
+        cache = DynamicCache(config=config)
+        tokens = model(input_ids=ids, past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]
+        synchronize(setup.device)
+        first = time.perf_counter() - start
+        decode_steps = []
+        for _ in range(setup.generate - 1):
+            step_start = time.perf_counter()
+            tokens = model(input_ids=tokens, past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]
+            synchronize(setup.device)
+            decode_steps.append(time.perf_counter() - step_start)
+            if time.perf_counter() - start > max_seconds and len(decode_steps) >= 2:
+                break
+    wall = time.perf_counter() - start
+    result = summary([first] * len(names), decode_steps, len(names), len(names) * (1 + len(decode_steps)), wall, peak_memory(setup.device))
+    result["adapter_gib"] = adapter_bytes / GiB
+    del model, cache
+    return result
+
+
+# ---- profile ------------------------------------------------------------------------------------------
+def profile_decode(setup: Setup, config, weights, tenants: int, steps: int = 5) -> str:
+    """Where a bitdelta decode step's time goes: torch.profiler over `steps` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = build_engine(setup, config, weights, slots=tenants, batch=tenants)
+    for index, delta in enumerate(random_deltas(engine, min(DISTINCT_DELTAS, tenants)) * -(-tenants // DISTINCT_DELTAS)):
+        if index < tenants:
+            engine.store.add(f"ft{index}", delta)
+    requests = [(f"ft{t}", prompt, SamplingParams(max_tokens=steps + 3, temperature=0)) for t, prompt in enumerate(prompts(setup, tenants))]
+    for model, prompt, params in requests:
+        engine.submit(model, prompt, params, lambda _: None)
+    engine.step()  # prefill
+    engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
+    synchronize(setup.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as trace:
+        for _ in range(steps):
+            engine.step()
+        synchronize(setup.device)
+    wall = (time.perf_counter() - start) / steps
+    averages = trace.key_averages()
+    gpu_busy = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e3 / steps
+    sort = "self_cuda_time_total" if setup.device.type == "cuda" else "self_cpu_time_total"
+    head = (f"bitdelta decode, N = B = {tenants}, {steps} steps under the profiler: {wall * 1e3:.2f} ms a step wall, "
+            f"{gpu_busy:.2f} ms a step of GPU kernel time ({gpu_busy / (wall * 1e3):.0%} busy)\n\n")
+    return head + averages.table(sort_by=sort, row_limit=25)
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    setup = result["setup"]
+    lines = [
+        f"# End-to-end multi-tenant decoding ({setup['shape']}, {setup['dtype']}, {result['device']})",
+        "",
+        f"`{REPRODUCE}` — B = N requests, one per fine-tune (Zipf row: B = 64 over 64 fine-tunes), {setup['prompt']}-token prompts, "
+        f"{setup['generate']} generated tokens, greedy. Decode ms = per-step time of decode steps (median / p99); decode tok/s = B / median step; "
+        "e2e tok/s = generated tokens / wall time incl. prefill; TTFT = median over requests. Memory = peak GPU memory allocated. "
+        f"Model: {result['model_gib']:.2f} GiB fp16; one delta {result['delta_gib_each']:.3f} GiB (1/{result['model_gib'] / result['delta_gib_each']:.1f} of the model).",
+        "",
+        "| N | system | memory GiB | TTFT ms | decode ms median | p99 | decode tok/s | e2e tok/s | steps timed | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        for system in ("naive", "lora", "bitdelta", "base"):
+            r = row.get(system)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {row['label']} | {system} | | | | | | | | {r['error']} |")
+                continue
+            note = ""
+            if system == "naive":
+                note = f"{r['resident_models']} on the GPU" + (", the rest swapped from CPU" if r["swapping"] else "")
+            lines.append(
+                f"| {row['label']} | {system} | {r['memory_gib']:.1f} | {r['ttft_ms']:.0f} | {r['decode_ms_median']:.1f} | {r['decode_ms_p99']:.1f} | "
+                f"{r['decode_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['steps']} | {note} |"
+            )
+    lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+def goals(result: dict) -> list[str]:
+    row = next((r for r in result["rows"] if r["label"] == "32"), None)
+    if row is None:
+        return ["N = 32 was not run"]
+    bd, base, naive = row["bitdelta"], row["base"], row.get("naive")
+    out = []
+    if naive and "error" not in naive:
+        ratio = bd["decode_tokens_per_s"] / naive["decode_tokens_per_s"]
+        out.append(f"N = 32 decode throughput >= 10x naive: {ratio:.1f}x ({'met' if ratio >= 10 else 'not met'})")
+    ratio = bd["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    out.append(f"N = 32 decode throughput >= 0.6x base only: {ratio:.2f}x ({'met' if ratio >= 0.6 else 'not met'})")
+    budget = result["model_gib"] + 32 * result["model_gib"] / 14 + bd["kv_gib"]
+    out.append(f"N = 32 memory under base + 32 x model/14 + KV cache = {budget:.1f} GiB: {bd['memory_gib']:.1f} GiB ({'met' if bd['memory_gib'] < budget else 'not met'})")
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["label"] != "zipf"]
+    figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4))
+    for system, style in (("naive", "o-"), ("lora", "^-"), ("bitdelta", "s-"), ("base", "k--")):
+        points = [(r["n"], r[system]) for r in rows if system in r and "error" not in r[system]]
+        if not points:
+            continue
+        ns = [n for n, _ in points]
+        memory.plot(ns, [p["memory_gib"] for _, p in points], style, label=system)
+        latency.plot(ns, [p["decode_ms_median"] for _, p in points], style, label=system)
+    for axis, title in ((memory, "GPU memory (GiB)"), (latency, "decode latency per token (ms, median)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("fine-tunes served at once (N = batch)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    latency.set_yscale("log")
+    memory.legend()
+    figure.suptitle(f"{result['setup']['shape']} fp16, {result['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
+    parser.add_argument("--tenants", default="1,2,4,8,16,32,64")
+    parser.add_argument("--zipf", type=int, default=64, help="B = fine-tunes of the Zipf row (0: skip)")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--generate", type=int, default=128)
+    parser.add_argument("--systems", default="naive,lora,bitdelta", help="bitdelta includes base only")
+    parser.add_argument("--max-seconds", type=float, default=6, help="naive / LoRA: stop timing decode steps after this long (at least 2)")
+    parser.add_argument("--profile-tenants", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    setup = Setup(args.shape, args.prompt, args.generate, device, torch.float16 if device.type == "cuda" else torch.float32)
+    config = llama_config(args.shape)
+    weights = random_weights(config, device, setup.dtype)
+    systems = set(args.systems.split(","))
+    result = {
+        "command": f"{REPRODUCE} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "device")),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "setup": {"shape": args.shape, "prompt": args.prompt, "generate": args.generate, "dtype": str(setup.dtype).removeprefix("torch.")},
+        "model_gib": model_bytes(weights) / GiB,
+        "rows": [],
+    }
+    cases = [(str(n), n, list(range(n))) for n in map(int, args.tenants.split(","))]
+    if args.zipf:
+        cases.append(("zipf", args.zipf, zipf_tenants(args.zipf, args.zipf)))
+    for label, n, tenants_of_requests in cases:
+        row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests))}
+        for system, run in (("naive", run_naive), ("lora", run_lora)):
+            if system in systems:
+                try:
+                    row[system] = run(setup, config, weights, tenants_of_requests, args.max_seconds)
+                except torch.OutOfMemoryError as error:
+                    row[system] = {"error": f"out of GPU memory ({str(error).splitlines()[0][:80]})"}
+                reset_peak(device)
+        if "bitdelta" in systems:
+            row["bitdelta"], row["base"] = bitdelta_and_base(setup, config, weights, tenants_of_requests)
+            result["delta_gib_each"] = row["bitdelta"]["delta_gib"] / row["distinct"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        reset_peak(device)
+    result["goals"] = goals(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "e2e.md").write_text(markdown(result))
+    print(markdown(result))
+    plot(result, args.out / "e2e.png")
+    if args.profile_tenants and "bitdelta" in systems:
+        (args.out / "e2e_profile.txt").write_text(profile_decode(setup, config, weights, args.profile_tenants))
+
+
+if __name__ == "__main__":
+    main()

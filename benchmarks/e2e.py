@@ -36,6 +36,7 @@ at N = 32 says where the step's time goes. Writes e2e.json, e2e.md, e2e.png and 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -114,19 +115,28 @@ def model_bytes(weights: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in weights.values())
 
 
-def random_deltas(engine: Engine, count: int) -> list[SlotWeights]:
-    """`count` distinct random deltas in the slot layout, in (pinned) CPU memory like loaded ones."""
-    pin = engine.model.device.type == "cuda"
+@functools.cache
+def random_deltas(count: int, shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...], pin: bool) -> list[SlotWeights]:
+    """`count` distinct random deltas (linear name, signs shape, scales shape) in the slot layout,
+    in (pinned) CPU memory like loaded ones; made once per run."""
     deltas = []
     for index in range(count):
         generator = torch.Generator().manual_seed(index)
         signs, scales = {}, {}
-        for name, linear in engine.model.linears.items():
-            words = torch.randint(-(2**31), 2**31, linear.signs.shape[1:], dtype=torch.int64, generator=generator).to(torch.int32)
-            scale = torch.rand(linear.scales.shape[1:], generator=generator) * 2e-3
+        for name, signs_shape, scales_shape in shapes:
+            words = torch.randint(-(2**31), 2**31, signs_shape, dtype=torch.int64, generator=generator).to(torch.int32)
+            scale = torch.rand(scales_shape, generator=generator) * 2e-3
             signs[name], scales[name] = (words.pin_memory(), scale.pin_memory()) if pin else (words, scale)
         deltas.append(SlotWeights(signs, scales, {}))
     return deltas
+
+
+def serve_random_deltas(engine: Engine, tenants: list[int]) -> None:
+    """Register fine-tune `ft{t}` for each tenant t, on DISTINCT_DELTAS random deltas round-robin."""
+    shapes = tuple((name, tuple(linear.signs.shape[1:]), tuple(linear.scales.shape[1:])) for name, linear in engine.model.linears.items())
+    deltas = random_deltas(DISTINCT_DELTAS, shapes, engine.model.device.type == "cuda")
+    for index, tenant in enumerate(tenants):
+        engine.store.add(f"ft{tenant}", deltas[index % len(deltas)])
 
 
 def prompts(setup: Setup, count: int) -> list[list[int]]:
@@ -196,11 +206,12 @@ def peak_memory(device: torch.device) -> int:
 
 
 # ---- bitdelta engine and base only --------------------------------------------------------------------
-def build_engine(setup: Setup, config, weights, slots: int, batch: int) -> Engine:
+def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: bool = True) -> Engine:
     blocks_per_sequence = -(-setup.kv_tokens // 16)
     engine_config = EngineConfig(
         max_batch=batch, max_gpu_deltas=slots, max_cpu_deltas=1, kv_block_size=16, kv_blocks=batch * blocks_per_sequence,
         prefill_chunk=batch * setup.prompt,  # every prompt in the first step: later steps are pure decode
+        cuda_graphs=graphs,
     )
     return Engine.from_model(model_over(config, weights), engine_config)
 
@@ -222,22 +233,27 @@ def run_engine(engine: Engine, setup: Setup, models: list[str], warmup: bool = T
     return summary(clock.first_tokens, clock.decode_steps, len(requests), generated, wall, peak_memory(setup.device))
 
 
-def bitdelta_and_base(setup: Setup, config, weights, tenants_of_requests: list[int]) -> tuple[dict, dict]:
-    batch, distinct = len(tenants_of_requests), sorted(set(tenants_of_requests))
+def run_bitdelta(setup: Setup, config, weights, tenants_of_requests: list[int], graphs: bool = True) -> dict:
+    distinct = sorted(set(tenants_of_requests))
     reset_peak(setup.device)
-    engine = build_engine(setup, config, weights, slots=len(distinct), batch=batch)
-    deltas = random_deltas(engine, min(DISTINCT_DELTAS, len(distinct)))
-    for index, tenant in enumerate(distinct):
-        engine.store.add(f"ft{tenant}", deltas[index % len(deltas)])
-    bitdelta = run_engine(engine, setup, [f"ft{t}" for t in tenants_of_requests])
-    bitdelta["delta_gib"] = sum(linear.signs.nbytes + linear.scales.nbytes for linear in engine.model.linears.values()) / GiB
-    bitdelta["kv_gib"] = engine.kv.keys.nbytes * 2 / GiB
-    del engine, deltas
+    engine = build_engine(setup, config, weights, slots=len(distinct), batch=len(tenants_of_requests), graphs=graphs)
+    serve_random_deltas(engine, distinct)
+    try:
+        result = run_engine(engine, setup, [f"ft{t}" for t in tenants_of_requests])
+    finally:
+        engine.stop()
+    result["delta_gib"] = sum(linear.signs.nbytes + linear.scales.nbytes for linear in engine.model.linears.values()) / GiB
+    result["kv_gib"] = engine.kv.keys.nbytes * 2 / GiB
+    return result
+
+
+def run_base(setup: Setup, config, weights, tenants_of_requests: list[int], graphs: bool = True) -> dict:
     reset_peak(setup.device)
-    engine = build_engine(setup, config, weights, slots=0, batch=batch)
-    base = run_engine(engine, setup, ["base"] * batch)
-    del engine
-    return bitdelta, base
+    engine = build_engine(setup, config, weights, slots=0, batch=len(tenants_of_requests), graphs=graphs)
+    try:
+        return run_engine(engine, setup, ["base"] * len(tenants_of_requests))
+    finally:
+        engine.stop()
 
 
 # ---- naive: one dense model per fine-tune -------------------------------------------------------
@@ -260,12 +276,12 @@ class DenseTenants:
             self.resident_count -= 1  # one set of GPU tensors becomes the staging area
         self.sets = [weights] + [{n: t.clone() for n, t in weights.items()} for _ in range(self.resident_count - 1)]
         self.staging = {n: torch.empty_like(t) for n, t in weights.items()} if swapping else None
-        self.host = {n: t.cpu().pin_memory() if setup.device.type == "cuda" else t.cpu() for n, t in weights.items()} if swapping else None
+        self.host = host_copy(weights, setup.device.type == "cuda") if swapping else None
         self.out_of_memory_at = self.resident_count + 1 if swapping else None
 
-    def bind(self, tenant: int) -> None:
-        if tenant < self.resident_count:
-            source = self.sets[tenant]
+    def bind(self, model: int) -> None:
+        if model < self.resident_count:
+            source = self.sets[model]
         else:  # swap in: the whole model crosses PCIe
             for name, tensor in self.staging.items():
                 tensor.copy_(self.host[name], non_blocking=True)
@@ -273,9 +289,19 @@ class DenseTenants:
         for name, param in self.params.items():
             param.data = source[name]
 
-    def forward(self, tenant: int, ids: torch.Tensor, cache):
-        self.bind(tenant)
+    def forward(self, model: int, ids: torch.Tensor, cache):
+        self.bind(model)
         return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+
+
+_HOST_COPIES: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def host_copy(weights: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    """One (pinned) CPU copy of the model that swapped fine-tunes are read from; made once per run."""
+    if id(weights) not in _HOST_COPIES:
+        _HOST_COPIES[id(weights)] = {n: t.cpu().pin_memory() if pin else t.cpu() for n, t in weights.items()}
+    return _HOST_COPIES[id(weights)]
 
 
 def kv_bytes(config, tokens: int) -> int:
@@ -286,27 +312,28 @@ def run_naive(setup: Setup, config, weights, tenants_of_requests: list[int], max
     from transformers import DynamicCache
 
     reset_peak(setup.device)
-    groups: dict[int, list[int]] = {}
+    by_tenant: dict[int, list[int]] = {}
     for request, tenant in enumerate(tenants_of_requests):
-        groups.setdefault(tenant, []).append(request)
+        by_tenant.setdefault(tenant, []).append(request)
+    groups = list(by_tenant.values())  # dense model i serves the requests groups[i]
     dense = DenseTenants(config, weights, len(groups), setup)
     ids = torch.tensor(prompts(setup, len(tenants_of_requests)), device=setup.device)
     with torch.no_grad():
-        for tenant in list(groups)[:2]:  # warm-up
-            dense.forward(tenant, ids[groups[tenant]][:, :8], DynamicCache(config=config))
+        for model in range(min(2, len(groups))):  # warm-up
+            dense.forward(model, ids[groups[model]][:, :8], DynamicCache(config=config))
         synchronize(setup.device)
         start = time.perf_counter()
-        caches, tokens, first_tokens = {}, {}, []
-        for tenant, requests in groups.items():  # prefill, one fine-tune after another
-            caches[tenant] = DynamicCache(config=config)
-            tokens[tenant] = dense.forward(tenant, ids[requests], caches[tenant])[:, None]
+        caches, tokens, first_tokens = [], [], []
+        for model, requests in enumerate(groups):  # prefill, one fine-tune after another
+            caches.append(DynamicCache(config=config))
+            tokens.append(dense.forward(model, ids[requests], caches[model])[:, None])
             synchronize(setup.device)
             first_tokens += [time.perf_counter() - start] * len(requests)
         decode_steps = []
         for _ in range(setup.generate - 1):
             step_start = time.perf_counter()
-            for tenant, requests in groups.items():
-                tokens[tenant] = dense.forward(tenant, tokens[tenant], caches[tenant])[:, None]
+            for model in range(len(groups)):
+                tokens[model] = dense.forward(model, tokens[model], caches[model])[:, None]
             synchronize(setup.device)
             decode_steps.append(time.perf_counter() - step_start)
             if time.perf_counter() - start > max_seconds and len(decode_steps) >= 2:
@@ -364,19 +391,16 @@ def run_lora(setup: Setup, config, weights, tenants_of_requests: list[int], max_
 
 
 # ---- profile ------------------------------------------------------------------------------------------
-def profile_decode(setup: Setup, config, weights, tenants: int, steps: int = 5) -> str:
+def profile_decode(setup: Setup, config, weights, tenants: int, graphs: bool, steps: int = 5) -> str:
     """Where a bitdelta decode step's time goes: torch.profiler over `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = build_engine(setup, config, weights, slots=tenants, batch=tenants)
-    for index, delta in enumerate(random_deltas(engine, min(DISTINCT_DELTAS, tenants)) * -(-tenants // DISTINCT_DELTAS)):
-        if index < tenants:
-            engine.store.add(f"ft{index}", delta)
-    requests = [(f"ft{t}", prompt, SamplingParams(max_tokens=steps + 3, temperature=0)) for t, prompt in enumerate(prompts(setup, tenants))]
-    for model, prompt, params in requests:
-        engine.submit(model, prompt, params, lambda _: None)
-    engine.step()  # prefill
-    engine.step()
+    engine = build_engine(setup, config, weights, slots=tenants, batch=tenants, graphs=graphs)
+    serve_random_deltas(engine, list(range(tenants)))
+    for tenant, prompt in enumerate(prompts(setup, tenants)):
+        engine.submit(f"ft{tenant}", prompt, SamplingParams(max_tokens=steps + 4, temperature=0), lambda _: None)
+    for _ in range(3):  # prefill, then two decode steps: the second captures the graph
+        engine.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
     synchronize(setup.device)
     start = time.perf_counter()
@@ -388,9 +412,9 @@ def profile_decode(setup: Setup, config, weights, tenants: int, steps: int = 5) 
     averages = trace.key_averages()
     gpu_busy = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e3 / steps
     sort = "self_cuda_time_total" if setup.device.type == "cuda" else "self_cpu_time_total"
-    head = (f"bitdelta decode, N = B = {tenants}, {steps} steps under the profiler: {wall * 1e3:.2f} ms a step wall, "
-            f"{gpu_busy:.2f} ms a step of GPU kernel time ({gpu_busy / (wall * 1e3):.0%} busy)\n\n")
-    return head + averages.table(sort_by=sort, row_limit=25)
+    head = (f"bitdelta decode, N = B = {tenants}, {'CUDA graphs' if graphs else 'eager'}, {steps} steps under the profiler: "
+            f"{wall * 1e3:.2f} ms a step wall, {gpu_busy:.2f} ms a step of GPU kernel time ({gpu_busy / (wall * 1e3):.0%} busy)\n\n")
+    return head + averages.table(sort_by=sort, row_limit=20) + "\n"
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -402,13 +426,13 @@ def markdown(result: dict) -> str:
         f"`{REPRODUCE}` — B = N requests, one per fine-tune (Zipf row: B = 64 over 64 fine-tunes), {setup['prompt']}-token prompts, "
         f"{setup['generate']} generated tokens, greedy. Decode ms = per-step time of decode steps (median / p99); decode tok/s = B / median step; "
         "e2e tok/s = generated tokens / wall time incl. prefill; TTFT = median over requests. Memory = peak GPU memory allocated. "
-        f"Model: {result['model_gib']:.2f} GiB fp16; one delta {result['delta_gib_each']:.3f} GiB (1/{result['model_gib'] / result['delta_gib_each']:.1f} of the model).",
+        f"Model: {result['model_gib']:.2f} GiB fp16" + (f"; one delta {result['delta_gib_each']:.3f} GiB (1/{result['model_gib'] / result['delta_gib_each']:.1f} of the model)." if "delta_gib_each" in result else "."),
         "",
         "| N | system | memory GiB | TTFT ms | decode ms median | p99 | decode tok/s | e2e tok/s | steps timed | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        for system in ("naive", "lora", "bitdelta", "base"):
+        for system in ("naive", "lora", "bitdelta-eager", "base-eager", "bitdelta", "base"):
             r = row.get(system)
             if r is None:
                 continue
@@ -428,7 +452,7 @@ def markdown(result: dict) -> str:
 
 def goals(result: dict) -> list[str]:
     row = next((r for r in result["rows"] if r["label"] == "32"), None)
-    if row is None:
+    if row is None or "bitdelta" not in row:
         return ["N = 32 was not run"]
     bd, base, naive = row["bitdelta"], row["base"], row.get("naive")
     out = []
@@ -469,6 +493,13 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def write(result: dict, folder: Path) -> None:
+    result["goals"] = goals(result)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "e2e.md").write_text(markdown(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
@@ -476,7 +507,7 @@ def main() -> None:
     parser.add_argument("--zipf", type=int, default=64, help="B = fine-tunes of the Zipf row (0: skip)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--generate", type=int, default=128)
-    parser.add_argument("--systems", default="naive,lora,bitdelta", help="bitdelta includes base only")
+    parser.add_argument("--systems", default="naive,lora,bitdelta,eager", help="bitdelta includes base only; eager: both again without CUDA graphs")
     parser.add_argument("--max-seconds", type=float, default=6, help="naive / LoRA: stop timing decode steps after this long (at least 2)")
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -509,19 +540,21 @@ def main() -> None:
                     row[system] = {"error": f"out of GPU memory ({str(error).splitlines()[0][:80]})"}
                 reset_peak(device)
         if "bitdelta" in systems:
-            row["bitdelta"], row["base"] = bitdelta_and_base(setup, config, weights, tenants_of_requests)
+            row["bitdelta"] = run_bitdelta(setup, config, weights, tenants_of_requests)
+            row["base"] = run_base(setup, config, weights, tenants_of_requests)
             result["delta_gib_each"] = row["bitdelta"]["delta_gib"] / row["distinct"]
+        if "eager" in systems:  # the same engine issuing every kernel from Python
+            row["bitdelta-eager"] = run_bitdelta(setup, config, weights, tenants_of_requests, graphs=False)
+            row["base-eager"] = run_base(setup, config, weights, tenants_of_requests, graphs=False)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         reset_peak(device)
-    result["goals"] = goals(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "e2e.md").write_text(markdown(result))
+        write(result, args.out)  # after every row: a run cut short keeps what it measured
     print(markdown(result))
     plot(result, args.out / "e2e.png")
     if args.profile_tenants and "bitdelta" in systems:
-        (args.out / "e2e_profile.txt").write_text(profile_decode(setup, config, weights, args.profile_tenants))
+        report = [profile_decode(setup, config, weights, args.profile_tenants, graphs) for graphs in (False, True)]
+        (args.out / "e2e_profile.txt").write_text("\n\n".join(report))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch import nn
 from bitdelta.device import resolve_device
 from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
 
+from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
 from .model import MultiTenantModel, StepBatch
 from .sampling import SamplingParams, TextStream, sample
@@ -45,6 +46,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step, shared by the prefilling sequences
     kv_block_size: int = 16
     kv_blocks: int | None = None  # None: enough for max_batch sequences at full context
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs on a GPU (graphs.py)
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: float32 on a CPU, the base's dtype on a GPU
 
@@ -120,6 +122,7 @@ class Engine:
         self.context = self.model.context
         blocks = config.kv_blocks or config.max_batch * -(-self.context // config.kv_block_size)
         self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, self.model.device)
+        self.graphs = DecodeGraphs(self.model, self.kv, config.max_batch) if config.cuda_graphs and self.model.device.type == "cuda" else None
         self._wakeup = threading.Condition()
         self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify)
         self._inbox: deque[Sequence] = deque()
@@ -218,7 +221,7 @@ class Engine:
         batch, sequences = self._build_batch()
         if batch is None:
             return
-        logits = self.model.forward(batch, self.kv)
+        logits = self.model.forward(batch, self.kv) if self.graphs is None else self.graphs.forward(batch)
         self._advance(sequences, logits)
 
     def _admit(self) -> None:

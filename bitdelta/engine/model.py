@@ -156,12 +156,20 @@ class MultiTenantModel:
     @torch.no_grad()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor:
         """fp32 logits [B, vocab] for `batch.logit_rows`; writes the new tokens' keys and values."""
-        device = self.device
-        batch = batch.to(device)
+        batch = batch.to(self.device)
+        self.route(batch.slots, build_plan(batch.slots) if self.device.type == "cuda" else None)  # only kernels read the plan
+        return self.compute(batch, kv)
+
+    def route(self, slots: torch.Tensor, plan) -> None:
+        """Tell every BitDeltaLinear which slot each row of the next pass uses."""
+        self.routing.slot_ids, self.routing.plan = slots, plan
+
+    @torch.no_grad()
+    def compute(self, batch: StepBatch, kv) -> torch.Tensor:
+        """The forward pass of a batch already on the device and routed: device work only, so a
+        CUDA graph can capture it (graphs.py) when no lossless tensor needs host-side grouping."""
         slots = batch.slots
         table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
-        self.routing.slot_ids = slots
-        self.routing.plan = build_plan(slots) if device.type == "cuda" else None  # only kernels read it
         embed = self.tables.get(self.embed_name)
         h = self.model.model.embed_tokens(batch.token_ids) if embed is None else embed[table_rows, batch.token_ids]
         cos, sin = self.model.model.rotary_emb(h[None], batch.positions[None])
@@ -193,6 +201,11 @@ class MultiTenantModel:
             batch.row_sequence, batch.positions, kv.block_size, self.scaling,
         )
         return attn.o_proj(out.reshape(t, -1))
+
+    @property
+    def capturable(self) -> bool:
+        """Whether `compute` runs without host syncs (a per-slot lm_head groups rows on the host)."""
+        return self.head_name not in self.tables
 
     def _lm_head(self, h: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
         table = self.tables.get(self.head_name)

@@ -446,6 +446,10 @@ def markdown(result: dict) -> str:
                 f"| {row['label']} | {system} | {r['memory_gib']:.1f} | {r['ttft_ms']:.0f} | {r['decode_ms_median']:.1f} | {r['decode_ms_p99']:.1f} | "
                 f"{r['decode_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['steps']} | {note} |"
             )
+    calls = sorted({(row.get("call", "?"), row.get("device", result["device"])) for row in result["rows"]})
+    if len(calls) > 1:
+        lines += ["", "Rows were measured in separate calls (each row holds its own baselines, measured side by side in its call): "
+                  + "; ".join(f"{call} on {device}: N = {', '.join(r['label'] for r in result['rows'] if r.get('call') == call)}" for call, device in calls) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
     return "\n".join(lines) + "\n"
 
@@ -512,6 +516,7 @@ def main() -> None:
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--append", action="store_true", help="keep the rows of --out's e2e.json that this run does not measure (a run split over calls)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -527,11 +532,17 @@ def main() -> None:
         "model_gib": model_bytes(weights) / GiB,
         "rows": [],
     }
+    earlier = json.loads((args.out / "e2e.json").read_text()) if args.append and (args.out / "e2e.json").is_file() else None
     cases = [(str(n), n, list(range(n))) for n in map(int, args.tenants.split(","))]
     if args.zipf:
         cases.append(("zipf", args.zipf, zipf_tenants(args.zipf, args.zipf)))
+    if earlier is not None:
+        measuring = {label for label, _, _ in cases}
+        result["rows"] = [row for row in earlier["rows"] if row["label"] not in measuring]
+        result["delta_gib_each"] = earlier.get("delta_gib_each")
+        result["command"] = f"{earlier['command']} ; {result['command']}"
     for label, n, tenants_of_requests in cases:
-        row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests))}
+        row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests)), "device": result["device"], "call": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         for system, run in (("naive", run_naive), ("lora", run_lora)):
             if system in systems:
                 try:
@@ -547,6 +558,7 @@ def main() -> None:
             row["bitdelta-eager"] = run_bitdelta(setup, config, weights, tenants_of_requests, graphs=False)
             row["base-eager"] = run_base(setup, config, weights, tenants_of_requests, graphs=False)
         result["rows"].append(row)
+        result["rows"].sort(key=lambda r: (r["label"] == "zipf", r["n"]))
         print(json.dumps(row), flush=True)
         reset_peak(device)
         write(result, args.out)  # after every row: a run cut short keeps what it measured

@@ -42,25 +42,33 @@ def test_rows_of_a_mixed_bf16_batch_match_their_merged_finetunes(llama_pair, tmp
         assert got.argmax() == expected.argmax(), name
 
 
-def test_decode_steps_replayed_as_cuda_graphs_generate_what_eager_steps_do(llama_pair, tmp_path):
+def test_decode_steps_replayed_as_cuda_graphs_compute_what_eager_steps_do(llama_pair, tmp_path):
     """Graphs capture a batch's composition; tokens, positions, KV rows and block tables change at
-    every replay. Same kernels, same inputs: the tokens must be identical, and graphs must be used."""
+    every replay. Each replay's logits are checked against an eager forward of the same step (which
+    rewrites the same keys and values), over compositions that change as requests finish."""
     from bitdelta.engine import Engine, EngineConfig, SamplingParams
     from bitdelta.engine.demo import make_deltas
 
     deltas = make_deltas(*llama_pair, tmp_path / "deltas")
-    results = {}
-    for graphs in (False, True):
-        engine = Engine(llama_pair[0], EngineConfig(device="cuda", dtype="bfloat16", max_gpu_deltas=4, max_batch=8, cuda_graphs=graphs))
-        for name, path in deltas.items():
-            engine.store.register(name, path, load_now=True)
-        tokenizer = engine.store.get(next(iter(deltas))).tokenizer
-        prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("The value of", "def parse(self, text):\n", "Return a new list of")]
-        requests = [(name, prompt, SamplingParams(max_tokens=24, temperature=0)) for name in deltas for prompt in prompts]
-        requests += [(engine.store.get_base().name, prompts[0], SamplingParams(max_tokens=5, temperature=0))]  # leaves early: a new composition
-        outputs = engine.generate(requests)
-        results[graphs] = [[t for out in outs for t in out.token_ids] for outs in outputs]
-        if graphs:
-            assert engine.graphs.replays >= 10 and len(engine.graphs.graphs) >= 2
-    assert results[True] == results[False]
-    assert len({tuple(tokens) for tokens in results[True]}) >= 4
+    engine = Engine(llama_pair[0], EngineConfig(device="cuda", dtype="bfloat16", max_gpu_deltas=4, max_batch=8))
+    for name, path in deltas.items():
+        engine.store.register(name, path, load_now=True)
+    replay, errors = engine.graphs.forward, []
+
+    def checked(batch):
+        before = engine.graphs.replays
+        logits = replay(batch).clone()
+        if engine.graphs.replays > before:
+            eager = engine.model.forward(batch, engine.kv)
+            # same kernels on the same inputs; cuBLAS may pick other algorithms under capture, so
+            # allow bf16 accumulation-order noise, far below what a stale input would cause (~1)
+            errors.append(float((logits - eager).norm() / eager.norm()))
+        return logits
+
+    engine.graphs.forward = checked
+    tokenizer = engine.store.get(next(iter(deltas))).tokenizer
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("The value of", "def parse(self, text):\n", "Return a new list of")]
+    requests = [(name, prompt, SamplingParams(max_tokens=16 + 4 * i, temperature=0)) for i, (name, prompt) in enumerate((n, p) for n in deltas for p in prompts)]
+    engine.generate(requests)
+    assert len(errors) >= 10 and len(engine.graphs.graphs) >= 2
+    assert max(errors) < 1e-2, max(errors)

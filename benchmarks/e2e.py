@@ -519,6 +519,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows of --out's e2e.json that this run does not measure (a run split over calls)")
     args = parser.parse_args()
 
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     device = torch.device(args.device)
     setup = Setup(args.shape, args.prompt, args.generate, device, torch.float16 if device.type == "cuda" else torch.float32)
     config = llama_config(args.shape)
@@ -542,7 +543,7 @@ def main() -> None:
         result["delta_gib_each"] = earlier.get("delta_gib_each")
         result["command"] = f"{earlier['command']} ; {result['command']}"
     for label, n, tenants_of_requests in cases:
-        row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests)), "device": result["device"], "call": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests)), "device": result["device"], "call": started}
         for system, run in (("naive", run_naive), ("lora", run_lora)):
             if system in systems:
                 try:

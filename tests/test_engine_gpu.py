@@ -42,17 +42,12 @@ def test_rows_of_a_mixed_bf16_batch_match_their_merged_finetunes(llama_pair, tmp
         assert got.argmax() == expected.argmax(), name
 
 
-def test_decode_steps_replayed_as_cuda_graphs_compute_what_eager_steps_do(llama_pair, tmp_path):
-    """Graphs capture a batch's composition; tokens, positions, KV rows and block tables change at
-    every replay. Each replay's logits are checked against an eager forward of the same step (which
-    rewrites the same keys and values), over compositions that change as requests finish."""
-    from bitdelta.engine import Engine, EngineConfig, SamplingParams
-    from bitdelta.engine.demo import make_deltas
+def graph_checked_engine(base, **config):
+    """An engine whose every CUDA-graph replay is checked against an eager forward of the same step
+    (which rewrites the same keys and values); returns the engine and the list of relative errors."""
+    from bitdelta.engine import Engine, EngineConfig
 
-    deltas = make_deltas(*llama_pair, tmp_path / "deltas")
-    engine = Engine(llama_pair[0], EngineConfig(device="cuda", dtype="bfloat16", max_gpu_deltas=4, max_batch=8))
-    for name, path in deltas.items():
-        engine.store.register(name, path, load_now=True)
+    engine = Engine(base, EngineConfig(device="cuda", dtype="bfloat16", **config))
     replay, errors = engine.graphs.forward, []
 
     def checked(batch):
@@ -60,15 +55,51 @@ def test_decode_steps_replayed_as_cuda_graphs_compute_what_eager_steps_do(llama_
         logits = replay(batch).clone()
         if engine.graphs.replays > before:
             eager = engine.model.forward(batch, engine.kv)
-            # same kernels on the same inputs; cuBLAS may pick other algorithms under capture, so
-            # allow bf16 accumulation-order noise, far below what a stale input would cause (~1)
             errors.append(float((logits - eager).norm() / eager.norm()))
         return logits
 
     engine.graphs.forward = checked
+    return engine, errors
+
+
+# Same kernels on the same inputs; cuBLAS may pick other algorithms under capture, so allow bf16
+# accumulation-order noise, far below what a stale input or a stale table would cause (~1).
+REPLAY_BOUND = 1e-2
+PROMPTS = ("The value of", "def parse(self, text):\n", "Return a new list of")
+
+
+def test_decode_steps_replayed_as_cuda_graphs_compute_what_eager_steps_do(llama_pair, tmp_path):
+    """Graphs capture a batch's composition; tokens, positions, KV rows and block tables change at
+    every replay, and compositions change as requests of different lengths finish."""
+    from bitdelta.engine import SamplingParams
+    from bitdelta.engine.demo import make_deltas
+
+    deltas = make_deltas(*llama_pair, tmp_path / "deltas")
+    engine, errors = graph_checked_engine(llama_pair[0], max_gpu_deltas=4, max_batch=8)
+    for name, path in deltas.items():
+        engine.store.register(name, path, load_now=True)
     tokenizer = engine.store.get(next(iter(deltas))).tokenizer
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("The value of", "def parse(self, text):\n", "Return a new list of")]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PROMPTS]
     requests = [(name, prompt, SamplingParams(max_tokens=16 + 4 * i, temperature=0)) for i, (name, prompt) in enumerate((n, p) for n in deltas for p in prompts)]
     engine.generate(requests)
     assert len(errors) >= 10 and len(engine.graphs.graphs) >= 2
-    assert max(errors) < 1e-2, max(errors)
+    assert max(errors) < REPLAY_BOUND, max(errors)
+
+
+def test_a_slot_reused_by_a_finetune_with_its_own_lm_head_drops_older_graphs(llama_pair, tmp_path):
+    """One slot, served first to a bits-only delta (no per-slot tables: its graph reads the base's
+    lm_head and norms), then to the full fine-tune whose lm_head, embeddings and norms differ: the
+    same composition, which must not replay the graph captured before those tables existed."""
+    from bitdelta.engine import SamplingParams
+    from bitdelta.engine.demo import make_deltas
+    from bitdelta.engine.model import SlotWeights
+
+    name, path = next(iter(make_deltas(*llama_pair, tmp_path / "deltas").items()))
+    engine, errors = graph_checked_engine(llama_pair[0], max_gpu_deltas=1, max_batch=1)
+    full = engine.store.register(name, path, load_now=True)
+    assert engine.model.head_name in full.weights.dense  # the fine-tune changed its lm_head
+    engine.store.add("bits-only", SlotWeights(full.weights.signs, full.weights.scales, {}))
+    prompt = full.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    engine.generate([(model, prompt, SamplingParams(max_tokens=12, temperature=0)) for model in ("bits-only", name)])
+    assert len(errors) >= 12
+    assert max(errors) < REPLAY_BOUND, max(errors)

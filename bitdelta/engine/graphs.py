@@ -9,8 +9,9 @@ What a graph fixes is the batch's *composition*: the number of rows and the slot
 kernels' grouping plan and tile shapes are built from it on the host). Everything else — token
 ids, positions, the rows written in the KV cache, the block tables, sequence lengths — is copied
 into static device buffers before each replay, and the kernels read it from there. Decode-only
-steps qualify (one row per sequence); prefill chunks and models whose lm_head differs per
-fine-tune (host-side grouping) run eagerly. A composition is captured the second step in a row it
+steps qualify (one row per sequence); steps with prefill chunks run eagerly. A delta that brings
+the first per-slot table (a changed norm, embedding, lm_head or bias) changes what the forward
+reads, so every graph captured before it is dropped (`layout_version`). A composition is captured the second step in a row it
 is seen, so batches in flux do not pay for captures they never replay; the most recent
 `capacity` graphs are kept, sharing one memory pool.
 """
@@ -32,6 +33,7 @@ from .model import MultiTenantModel, StepBatch
 class _Graph:
     graph: torch.cuda.CUDAGraph
     plan: SlotPlan  # its device tensors are read by the captured kernels: keep them alive
+    head_groups: list[tuple[int, torch.Tensor]] | None  # likewise
     logits: torch.Tensor  # written by every replay
 
 
@@ -53,9 +55,13 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self._last_seen: tuple[int, ...] | None = None
+        self._layout = model.layout_version
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """The model's logits for `batch` (host tensors), from a graph when one applies."""
+        if self._layout != self.model.layout_version:
+            self.graphs.clear()
+            self._layout = self.model.layout_version
         if not self._eligible(batch):
             return self.model.forward(batch, self.kv)
         key = tuple(batch.slots.tolist())
@@ -65,7 +71,7 @@ class DecodeGraphs:
             return self.model.forward(batch, self.kv)
         rows = self._load(batch)
         if graph is None:
-            graph = self._capture(key, rows)
+            graph = self._capture(key, rows, self.model.head_groups(batch.slots))
         self.graphs.move_to_end(key)
         graph.graph.replay()
         self.replays += 1
@@ -74,8 +80,7 @@ class DecodeGraphs:
     def _eligible(self, batch: StepBatch) -> bool:
         rows = batch.token_ids.numel()
         return (
-            self.model.capturable
-            and 0 < rows <= self.static.token_ids.numel()
+            0 < rows <= self.static.token_ids.numel()
             and batch.logit_rows.numel() == rows == batch.block_tables.shape[0]  # decode only: a row per sequence
             and batch.block_tables.shape[1] <= self.static.block_tables.shape[1]
         )
@@ -95,7 +100,7 @@ class DecodeGraphs:
             static.block_tables[:rows], static.write_rows[:rows], static.logit_rows[:rows],
         )
 
-    def _capture(self, key: tuple[int, ...], rows: int) -> _Graph:
+    def _capture(self, key: tuple[int, ...], rows: int, head_groups) -> _Graph:
         view = self._view(rows)
         plan = build_plan(view.slots)
         self.model.route(view.slots, plan)
@@ -105,12 +110,12 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.compute(view, self.kv)
+            self.model.compute(view, self.kv, head_groups)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # the delta loader thread may pin memory meanwhile
-            logits = self.model.compute(view, self.kv)
+            logits = self.model.compute(view, self.kv, head_groups)
         while len(self.graphs) >= self.capacity:
             self.graphs.popitem(last=False)
-        self.graphs[key] = captured = _Graph(graph, plan, logits)
+        self.graphs[key] = captured = _Graph(graph, plan, head_groups, logits)
         return captured

@@ -85,6 +85,7 @@ class MultiTenantModel:
         self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names}}
         self.bias_names = {name.removesuffix(".weight") + ".bias": lin for name, lin in self.linears.items() if lin.bias is not None}
         self.tables: dict[str, torch.Tensor] = {}  # per-slot copies of the lossless tensors deltas change
+        self.layout_version = 0  # bumped when a table or per-slot bias appears: captured graphs predate it
 
     @property
     def device(self) -> torch.device:
@@ -145,9 +146,11 @@ class MultiTenantModel:
             linear = self.bias_names[name]
             if linear.slot_bias is None:
                 linear.slot_bias = linear.bias.detach().expand(self.max_slots, -1).clone()
+                self.layout_version += 1
         elif name not in self.tables:
             base = self.base_tensors[name].detach()
             self.tables[name] = base.expand(self.max_slots + 1, *base.shape).clone()  # entry max_slots: the base
+            self.layout_version += 1
 
     def _own(self, name: str, table_rows: torch.Tensor) -> torch.Tensor | None:
         table = self.tables.get(name)
@@ -156,18 +159,19 @@ class MultiTenantModel:
     @torch.no_grad()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor:
         """fp32 logits [B, vocab] for `batch.logit_rows`; writes the new tokens' keys and values."""
+        head_groups = self.head_groups(batch.slots[batch.logit_rows])
         batch = batch.to(self.device)
         self.route(batch.slots, build_plan(batch.slots) if self.device.type == "cuda" else None)  # only kernels read the plan
-        return self.compute(batch, kv)
+        return self.compute(batch, kv, head_groups)
 
     def route(self, slots: torch.Tensor, plan) -> None:
         """Tell every BitDeltaLinear which slot each row of the next pass uses."""
         self.routing.slot_ids, self.routing.plan = slots, plan
 
     @torch.no_grad()
-    def compute(self, batch: StepBatch, kv) -> torch.Tensor:
-        """The forward pass of a batch already on the device and routed: device work only, so a
-        CUDA graph can capture it (graphs.py) when no lossless tensor needs host-side grouping."""
+    def compute(self, batch: StepBatch, kv, head_groups: list[tuple[int, torch.Tensor]] | None) -> torch.Tensor:
+        """The forward pass of a batch already on the device and routed (`head_groups` from
+        `head_groups`): device work only, so a CUDA graph can capture it (graphs.py)."""
         slots = batch.slots
         table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
         embed = self.tables.get(self.embed_name)
@@ -180,7 +184,7 @@ class MultiTenantModel:
             h = h + layer.mlp(x)
         rows = batch.logit_rows
         h = self._rms_norm(h[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
-        return self._lm_head(h, table_rows[rows])
+        return self._lm_head(h, head_groups)
 
     def _rms_norm(self, h: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
         # LlamaRMSNorm's arithmetic, with the weight of each row's own fine-tune
@@ -202,18 +206,21 @@ class MultiTenantModel:
         )
         return attn.o_proj(out.reshape(t, -1))
 
-    @property
-    def capturable(self) -> bool:
-        """Whether `compute` runs without host syncs (a per-slot lm_head groups rows on the host)."""
-        return self.head_name not in self.tables
+    def head_groups(self, logit_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]] | None:
+        """The logit rows grouped by lm_head table entry, from the host copy of their slots: (entry,
+        row indices on the device) per entry, or None while no delta changes the lm_head. Built on
+        the host so that the forward has no device sync and a CUDA graph can capture it."""
+        if self.head_name not in self.tables:
+            return None
+        entries = torch.where(logit_slots < 0, self.max_slots, logit_slots)
+        return [(entry, (entries == entry).nonzero(as_tuple=True)[0].to(self.device)) for entry in torch.unique(entries).tolist()]
 
-    def _lm_head(self, h: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
-        table = self.tables.get(self.head_name)
-        if table is None:
+    def _lm_head(self, h: torch.Tensor, head_groups: list[tuple[int, torch.Tensor]] | None) -> torch.Tensor:
+        if head_groups is None:
             return self.model.lm_head(h).float()
+        table = self.tables[self.head_name]
         logits = torch.empty(h.shape[0], table.shape[1], dtype=torch.float32, device=h.device)
         # grouped by slot: gathering a [vocab, hidden] matrix per row would cost a copy per row
-        for entry in torch.unique(table_rows).tolist():
-            rows = (table_rows == entry).nonzero(as_tuple=True)[0]
+        for entry, rows in head_groups:
             logits[rows] = (h[rows] @ table[entry].T).float()
         return logits

@@ -58,4 +58,6 @@ def bitdelta_matmul(
 
     if plan is None:
         plan = build_plan(slot_ids)
+    if plan.num_deltas == 0:  # every row on the base alone: exactly the dense layer (cuBLAS)
+        return torch.nn.functional.linear(x, base_weight, bias)
     return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan, k=base_weight.shape[1]))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bitdelta.kernels.configs import KernelConfig, choose_config, next_pow2
+from bitdelta.kernels.configs import KernelConfig, choose_config
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.triton_segments import segment_matmul
 from bitdelta.pack import unpack_signs
@@ -75,14 +75,19 @@ def measure_ceilings() -> dict:
 
 
 # --------------------------------------------------------------------------------------- problems
-class Problem:
-    """R buffer sets for one (K, N, batch, distinct deltas) decode case."""
+def _slot_ids(batch: int, distinct: bool, rows_per_slot: int = 1) -> torch.Tensor:
+    return torch.arange(batch) // rows_per_slot if distinct else torch.zeros(batch, dtype=torch.long)
 
-    def __init__(self, k: int, n: int, batch: int, distinct: bool):
+
+class Problem:
+    """R buffer sets for one (K, N, batch, distinct deltas) decode case; with rows_per_slot > 1 the
+    distinct case gives each delta that many rows (batch / rows_per_slot deltas)."""
+
+    def __init__(self, k: int, n: int, batch: int, distinct: bool, rows_per_slot: int = 1):
         self.k, self.n, self.batch = k, n, batch
-        self.num_slots = batch if distinct else 1
+        self.num_slots = batch // rows_per_slot if distinct else 1
         self.kw = (k + 31) // 32
-        self.slot_ids = torch.arange(batch, device="cuda") if distinct else torch.zeros(batch, dtype=torch.long, device="cuda")
+        self.slot_ids = _slot_ids(batch, distinct, rows_per_slot).cuda()
         self.plan: SlotPlan = build_plan(self.slot_ids)
         self.bytes = self.floor_bytes()
         reps = max(1, min(8, math.ceil(ROTATE_BYTES / self.bytes)))
@@ -165,25 +170,21 @@ def decode_suite(bandwidth: float, shapes, batches, modes=(True, False)) -> list
     return rows
 
 
-V4_BITPLANE = dict(rows=1, num_warps=4, num_stages=3, fuse_base=False, use_fma=True)  # round-3 dispatch, 1 row a slot
-XREG_SHAPES = ((128, 256, 4), (64, 512, 4), (256, 256, 4), (32, 1024, 4))  # (BN, BK, warps)
+BITMMA_SHAPES = ((128, 256, 4, 4), (64, 512, 4, 4), (128, 512, 4, 3), (256, 512, 4, 3), (128, 1024, 4, 2),
+                 (256, 1024, 8, 2))  # (BN, BK, warps, stages)
 
 
-def _sweep_variants(kind: str, rows: int, k: int) -> dict:
-    """Kernel variants timed per case by --sweep (round 4: the all-distinct bit path, one row a slot):
-    the round-3 bit-plane kernel (v4) and the x-in-registers kernel (v7, `xreg`)."""
-    v = {}
-    if kind.startswith("distinct"):
-        bn, bk = (256, 128) if kind in ("distinct32", "distinct64") and k > 8192 else (128, 256)
-        v["v4_bitplane"] = KernelConfig(block_n=bn, block_k=bk, **V4_BITPLANE)
-        for bn, bk, warps in XREG_SHAPES:
-            v[f"xreg_bn{bn}_bk{bk}_w{warps}"] = KernelConfig(
-                rows=1, block_n=bn, block_k=bk, num_warps=warps, num_stages=3, fuse_base=False, use_fma=True,
-                xreg=True)
-    return v
+def _sweep_variants() -> dict:
+    """Kernel variants timed per case by --sweep (round 5: the tensor-core delta kernel, v8 `bitmma`,
+    against whatever the dispatcher picks, "auto")."""
+    return {f"bitmma_bn{bn}_bk{bk}_w{warps}_s{stages}": KernelConfig(
+                rows=8, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, fuse_base=False, bitmma=True)
+            for bn, bk, warps, stages in BITMMA_SHAPES}
 
 
-SWEEP_CASES = [("distinct4", 4, True), ("distinct16", 16, True), ("distinct64", 64, True)]
+# (kind, batch, rows per delta): all-distinct decode and a few rows per delta
+SWEEP_CASES = [("distinct4", 4, 1), ("distinct16", 16, 1), ("distinct32", 32, 1), ("distinct64", 64, 1),
+               ("rows4x16", 64, 4), ("rows8x8", 64, 8)]
 
 
 def _compile_job(job) -> str:
@@ -236,17 +237,16 @@ def sweep_suite(bandwidth: float, shapes) -> list[dict]:
     out = []
     jobs = []
     for k, n in shapes:
-        for kind, batch, distinct in SWEEP_CASES:
-            plan = build_plan(torch.arange(batch) if distinct else torch.zeros(batch, dtype=torch.long))
-            for cfg in [choose_config(n, plan, k=k), *_sweep_variants(kind, 1, k).values()]:
+        for kind, batch, per_slot in SWEEP_CASES:
+            plan = build_plan(_slot_ids(batch, True, per_slot))
+            for cfg in [choose_config(n, plan, k=k), *_sweep_variants().values()]:
                 if not cfg.gemv:
                     jobs.append((k, n, cfg))
     precompile(jobs)
     for k, n in shapes:
-        for kind, batch, distinct in SWEEP_CASES:
-            p = Problem(k, n, batch, distinct)
-            rows = next_pow2(p.plan.max_rows)
-            variants = {"auto": choose_config(n, p.plan, k=k), **_sweep_variants(kind, rows, k)}
+        for kind, batch, per_slot in SWEEP_CASES:
+            p = Problem(k, n, batch, True, per_slot)
+            variants = {"auto": choose_config(n, p.plan, k=k), **_sweep_variants()}
             times, errors = {}, {}
             for name, cfg in variants.items():
                 try:
@@ -260,16 +260,28 @@ def sweep_suite(bandwidth: float, shapes) -> list[dict]:
             numeric = {name: t for name, t in times.items() if isinstance(t, float)}
             bad = {name: t for name, t in times.items() if not isinstance(t, float)}
             best = min(numeric, key=numeric.get) if numeric else None
-            out.append({"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared", "kind": kind,
+            out.append({"K": k, "N": n, "batch": batch, "deltas": p.num_slots, "kind": kind,
                         "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times,
                         "errors": errors, "best": best})
-            print(f"sweep {k}x{n} b={batch:<3} {'dist' if distinct else 'shar'} floor={out[-1]['floor_us']:7.1f} "
+            print(f"sweep {k}x{n} {kind:<10} floor={out[-1]['floor_us']:7.1f} "
                   f"base={out[-1]['base_us']:7.1f} best={best} {numeric.get(best, float('nan')):7.1f} | "
                   + " ".join(f"{name}={t:.1f}" for name, t in numeric.items()) + (f" BAD {bad}" if bad else ""),
                   flush=True)
             del p
             torch.cuda.empty_cache()
     return out
+
+
+def launch_variants(case: str) -> None:
+    """Run each sweep variant twice on one case, untimed: the workload for a profiler
+    (`ncu --kernel-name regex:bitmma ... python3 benchmarks/kernels.py --launch-only 4096x4096x64`)."""
+    k, n, batch = map(int, case.split("x"))
+    p = Problem(k, n, batch, True)
+    d = p.sets[0]
+    for cfg in _sweep_variants().values():
+        for _ in range(2):
+            segment_matmul(d["x"], d["w"], d["signs"], d["scales"], p.plan, None, cfg)
+    torch.cuda.synchronize()
 
 
 def prefill_suite(shapes, tokens_list, deltas_list) -> list[dict]:
@@ -352,7 +364,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     parser.add_argument("--sweep-only", action="store_true", help="ceilings and the variant sweep only")
     parser.add_argument("--sweep-shapes", default="", help="KxN,KxN,... (default: every decode shape)")
+    parser.add_argument("--launch-only", default="", help="KxNxB: run the sweep variants once each (for ncu)")
     args = parser.parse_args()
+    if args.launch_only:
+        launch_variants(args.launch_only)
+        return
     torch.manual_seed(int(time.time()))
     started = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -80,32 +80,24 @@ def _slots(kind: str, m: int, s: int) -> torch.Tensor:
 CONFIGS = [
     None,  # whatever the dispatcher picks
     KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
-    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
-    KernelConfig(rows=4, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
-    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=8, num_stages=3, fuse_base=False, use_fma=True),
     KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False),
     KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True),
     KernelConfig(rows=64, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
     KernelConfig(rows=128, block_n=32, block_k=128, num_warps=8, num_stages=3, fuse_base=True),
     KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
     KernelConfig(rows=128, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True),
-    KernelConfig(rows=1, block_n=256, block_k=128, num_warps=4, num_stages=3, fuse_base=False, use_fma=True),
-    # v7: x held in registers, one row a tile
-    KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
-                 xreg=True),
-    KernelConfig(rows=1, block_n=64, block_k=512, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
-                 xreg=True),
-    KernelConfig(rows=1, block_n=32, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
-                 xreg=True),
-    KernelConfig(rows=1, block_n=256, block_k=256, num_warps=8, num_stages=3, fuse_base=False, use_fma=True,
-                 xreg=True),
+    # v8: tensor-core delta (Gluon), up to 8 rows a tile on the mma's N side
+    KernelConfig(rows=8, block_n=64, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
+    KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
+    KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
+    KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
 ]
 
 
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = "xreg" if c.xreg else ("fma" if c.use_fma else "")
+    variant = "bitmma" if c.bitmma else ""
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
@@ -174,10 +166,13 @@ def test_all_base_only_rows():
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
 
 
-@pytest.mark.parametrize("m", [4, 16])
-def test_dispatcher_long_rows_distinct(m):
-    """K > 8192, one row a delta: the dispatcher picks the x-in-registers kernel (v7)."""
-    x, w, signs, scales, bias = _problem(m, 320, 11008, m + 1, torch.bfloat16)
-    slot_ids = torch.randperm(m + 1, device="cuda")[:m]
-    assert choose_config(320, build_plan(slot_ids), k=11008).xreg
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,rows_per_slot", [(4, 320, 11008, 1), (16, 4096, 4096, 1), (64, 1000, 4096, 1),
+                                                 (48, 700, 8192, 3), (64, 256, 2048, 8)])
+def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype):
+    """Several deltas with up to 8 rows each (and base-only rows): the tensor-core delta kernel (v8)."""
+    s = m // rows_per_slot
+    x, w, signs, scales, bias = _problem(m, n, k, s + 1, dtype)
+    slot_ids = (torch.randperm(m, device="cuda") // rows_per_slot) - 1  # slot -1: base only
+    assert choose_config(n, build_plan(slot_ids), k=k).bitmma
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
-from bitdelta.kernels.configs import (DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS, SHARED_DECODE_MAX_ROWS,
-                                      KernelConfig, choose_config, next_pow2)
+from bitdelta.kernels.configs import (BITMMA_MAX_ROWS, DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS,
+                                      SHARED_DECODE_MAX_ROWS, KernelConfig, choose_config, next_pow2)
 from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles
 from bitdelta.pack import pack_signs
 
@@ -134,17 +134,17 @@ def test_segment_tiles_cover_each_row_once_and_never_mix_slots(slot_list, rows_p
 def test_choose_config_decode_and_prefill():
     distinct = build_plan(torch.arange(32))
     cfg = choose_config(4096, distinct)
-    assert cfg.rows == 1 and not cfg.fuse_base and cfg.use_fma  # many distinct slots: base from cuBLAS, once
-    assert not cfg.xreg  # K = 4096: the v4 bit-plane kernel
-    # one row a slot on long rows (K > XREG_MIN_K), up to XREG_MAX_DELTAS deltas: x held in registers (v7)
-    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).xreg
-    assert not choose_config(4096, build_plan(torch.arange(16).repeat(2)), k=11008).xreg  # 2 rows a slot
-    assert choose_config(4096, build_plan(torch.arange(4)), k=11008).xreg  # before the gemv
+    assert cfg.bitmma and not cfg.fuse_base  # many distinct slots: base from cuBLAS once, deltas on v8
+    assert cfg.rows == BITMMA_MAX_ROWS and cfg.block_n == 256
+    assert choose_config(4096, build_plan(torch.arange(16).repeat(8))).bitmma  # 8 rows a slot: one tile each
+    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).block_k == 256  # long rows
+    assert choose_config(4096, build_plan(torch.arange(4))).block_n == 64  # 4 tiles: narrow blocks
     shared = build_plan(torch.zeros(4, dtype=torch.long))
     cfg = choose_config(4096, shared)
-    assert cfg.rows == 4 and cfg.fuse_base and not cfg.use_fma
+    assert cfg.rows == 4 and cfg.fuse_base and not cfg.bitmma
     assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
-    assert not choose_config(4096, build_plan(torch.arange(64).repeat(8))).use_fma  # 8 rows a slot: dot
+    nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: split dot tiles
+    assert nine.rows == 16 and not nine.bitmma and not nine.fuse_base
     # one shared delta keeps decode tiles up to SHARED_DECODE_MAX_ROWS rows, then prefill tiles
     tall = choose_config(4096, build_plan(torch.zeros(64, dtype=torch.long)))
     assert tall.rows == 64 and tall.fuse_base and tall.block_n == 32
@@ -153,8 +153,6 @@ def test_choose_config_decode_and_prefill():
     assert choose_config(4096, prefill).rows == 128 and choose_config(4096, prefill).block_n == 128
     many = build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1))  # 4 deltas, 17 rows each: prefill tiles
     assert choose_config(4096, many).block_n == 128
-    assert choose_config(4096, build_plan(torch.arange(64)), k=11008).block_n == 256
-    assert not choose_config(4096, build_plan(torch.arange(64)), k=11008).xreg
 
 
 def test_choose_config_gemv_for_few_rows():
@@ -165,9 +163,11 @@ def test_choose_config_gemv_for_few_rows():
     assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long))).gemv
     assert choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long)), k=11008).gemv
     assert choose_config(28672, build_plan(torch.zeros(3, dtype=torch.long)), k=8192).rows == 4
-    # several slots: gemv on N <= 4096 only
+    # several slots: gemv for 2-3 rows on N <= 4096, K <= 8192; at 4 rows the tensor-core delta kernel
     assert choose_config(4096, build_plan(torch.tensor([0, 1, -1]))).gemv
-    assert not choose_config(8192, build_plan(torch.arange(4)), k=8192).gemv
+    assert choose_config(4096, build_plan(torch.arange(4))).bitmma
+    assert not choose_config(4096, build_plan(torch.tensor([0, 1])), k=11008).gemv
+    assert not choose_config(8192, build_plan(torch.arange(3)), k=8192).gemv
     assert not choose_config(4096, build_plan(torch.arange(GEMV_MAX_ROWS + 1))).gemv
 
 
@@ -180,17 +180,16 @@ def test_row_slots_follow_the_order():
 
 
 def test_kernel_config_validation():
-    with pytest.raises(ValueError):
-        KernelConfig(rows=8, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
-    with pytest.raises(ValueError):  # the bit-plane path adds its delta to cuBLAS's base product
-        KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=True, use_fma=True)
+    with pytest.raises(ValueError):  # the tensor-core delta path adds its delta to cuBLAS's base product
+        KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=True, bitmma=True)
+    with pytest.raises(ValueError):  # a tile's rows are the mma's 8 columns
+        KernelConfig(rows=16, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
+    with pytest.raises(ValueError):  # each warp owns 16-row mma slabs
+        KernelConfig(rows=8, block_n=96, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     with pytest.raises(ValueError):
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
         KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
-    with pytest.raises(ValueError):  # xreg takes one row a tile
-        KernelConfig(rows=2, block_n=256, block_k=256, num_warps=4, num_stages=3, fuse_base=False, use_fma=True,
-                     xreg=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 
@@ -213,3 +212,30 @@ def test_cpu_import_and_call_never_import_triton():
         "assert 'triton' not in sys.modules, 'triton imported on the CPU path'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("k,block_k", [(256, 256), (1000, 256), (4097, 128), (2048, 512)])
+def test_bitmma_reduction_order_is_a_permutation_of_k(k, block_k):
+    """v8 (decode_bitmma.py) reads mma k index kk = 32w + 16a + 8h + 2q + e of a K-tile as bit
+    j + 16e of word w, j = 8a + 4h + q, and takes x in `permute_activations` order; both sides must
+    visit the same k, so the product equals x . sign. Checked here on the host side of that contract
+    (the kernel's own layouts are checked at compile time, its results in test_kernels_gpu.py)."""
+    decode_bitmma = pytest.importorskip("bitdelta.kernels.decode_bitmma")  # needs Triton with Gluon
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3, k, generator=gen, dtype=torch.float64)
+    dense = torch.randn(5, k, generator=gen)
+    words = pack_signs(dense)
+    kw = words.shape[1]
+    k_tiles = -(-k // block_k)
+    xp = decode_bitmma.permute_activations(x, block_k)
+    assert xp.shape == (3, k_tiles * block_k)
+    kk = torch.arange(k_tiles * block_k)
+    tile, pos = kk // block_k, kk % block_k
+    w, a, h, q, e = pos // 32, (pos >> 4) & 1, (pos >> 3) & 1, (pos >> 1) & 3, pos & 1
+    word = tile * (block_k // 32) + w
+    bit = 8 * a + 4 * h + q + 16 * e
+    padded = torch.cat([words, torch.zeros(5, k_tiles * block_k // 32 - kw, dtype=torch.int32)], 1)
+    signs = torch.where((padded[:, word] >> bit) & 1 == 1, 1.0, -1.0).double()  # [5, KT*BK] in kk order
+    x_kk = xp.view(3, k_tiles, 4, block_k // 4)[:, tile, q, 8 * w + 4 * a + 2 * h + e]  # the B operand
+    expected = x @ torch.where(dense > 0, 1.0, -1.0).double().T
+    torch.testing.assert_close(x_kk @ signs.T, expected)

@@ -13,9 +13,9 @@ variant the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds th
 that pays when many distinct slots would otherwise each re-read the base columns.
 
 Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
-(`tl.dot`, fp32 accumulation), or, for tiles of very few rows with the base from cuBLAS, summed
-one bit plane at a time in fp32 on the CUDA cores (`_bitplane_kernel`, config `use_fma`; with x held
-in registers for one-row tiles on long rows: `_bitreg_kernel`, config `xreg`).
+(`tl.dot`, fp32 accumulation). Decode tiles of up to 8 rows of a slot with the base from cuBLAS
+take the Gluon kernel of `decode_bitmma.py` instead (config `bitmma`), whose expansion costs one
+instruction per weight (v8 in benchmarks/KERNEL_NOTES.md).
 Batches of at most 4 rows can instead take `_gemv_kernel` (config `gemv`): the whole batch in one
 program per column block, base and delta fused on the CUDA cores.
 """
@@ -69,158 +69,6 @@ def _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS: tl.constexpr, BLOCK_N: tl.con
     rows = tl.load(order_ptr + r, mask=row_mask, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     return slot, rows, row_mask, cols, cols < N
-
-
-@triton.jit
-def _bitplane_kernel(
-    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
-    N, K, KW,
-    stride_xm, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    """The CUDA-core delta path for tiles of very few rows; the base product comes from cuBLAS (ws).
-
-    x . sign = 2 * sum_{bit set} x - sum x. A thread holds one word column (kw) of several bit rows,
-    so each x value it loads serves all of them, and bit j of a word costs one LOP3 (bit ->
-    predicate) and one predicated FADD. The K loop is software-pipelined (cp.async into shared
-    memory) through an explicit `num_stages`: Triton does not pipeline loads that feed no tl.dot.
-    """
-    BKW: tl.constexpr = BLOCK_K // 32
-    slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
-    has_delta = slot >= 0
-
-    jw = tl.arange(0, BKW)
-    sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
-    word_mask = has_delta & col_mask[:, None]
-    x_rows = x_ptr + rows[:, None, None] * stride_xm
-    acc = tl.zeros((ROWS, BLOCK_N, BKW), dtype=tl.float32)
-    x_sum = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-    one = tl.full((1, 1, 1), 1, tl.int32)
-    # An explicit num_stages makes Triton software-pipeline these loads (cp.async into shared
-    # memory) although no tl.dot consumes them; without it the bit loads sat in each iteration.
-    for kw0 in tl.range(0, KW, BKW, num_stages=NUM_STAGES):
-        kw = kw0 + jw
-        words = tl.load(sign_rows + kw[None, :], mask=word_mask & ((kw < KW) | EVEN_K)[None, :], other=0)
-        ks = kw0 * 32 + tl.arange(0, BLOCK_K)
-        x_sum += tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=((ks < K) | EVEN_K)[None, :],
-                         other=0.0).to(tl.float32)
-        # Rows past the tile's end read row order[0]'s x (valid memory); they are never stored.
-        xk = x_rows + (kw * 32)[None, None, :]
-        kmask = ((kw * 32 < K) | EVEN_K)[None, None, :]  # a word past K has no set bits: any x will do
-        w3 = words[None, :, :]
-        for j in tl.static_range(32):
-            xj = tl.load(xk + j, mask=kmask, other=0.0)
-            # ptxas makes this one LOP3 (bit -> predicate) and one predicated FADD per weight
-            acc = tl.where((w3 & (one << j)) != 0, acc + xj.to(tl.float32), acc)
-
-    out = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                  other=0.0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if has_delta:
-        delta = 2.0 * tl.sum(acc, axis=2) - tl.sum(x_sum, axis=1)[:, None]  # one cross-lane reduction per tile
-        scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
-        out += scale[None, :] * delta
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
-
-
-# acc + sum_{bit j of word set} x_j for one word, bits back to back so that ptxas turns the 32 bit
-# tests into R2P (7 predicates from one byte) + LOP3; even bits add into $0, odd bits into a second
-# accumulator, so consecutive FADDs are independent (two chains instead of one 32-deep chain).
-_WORD_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .b32 t; .reg .f32 o; mov.b32 $0, $1; mov.b32 o, 0x80000000; " + " ".join(
-        f"and.b32 t, $2, {1 << j}; setp.ne.b32 p, t, 0; @p add.f32 {'o, o' if j % 2 else '$0, $0'}, ${j + 3};"
-        for j in range(32)) + " add.f32 $0, $0, o; }")
-
-
-@triton.jit
-def _xj(xb, jb3, neg_zero, j: tl.constexpr):
-    return tl.sum(tl.where(jb3 == j, xb, neg_zero), axis=0)
-
-
-@triton.jit
-def _add_set_bits(acc, words, xb, jb3, neg_zero):
-    """acc + sum of x_j over the set bits j of each word, one word's 32 bits back to back (inline PTX)."""
-    return tl.inline_asm_elementwise(
-        _WORD_ASM, "=f,f,r" + ",f" * 32,
-        [acc, words, _xj(xb, jb3, neg_zero, 0), _xj(xb, jb3, neg_zero, 1), _xj(xb, jb3, neg_zero, 2),
-         _xj(xb, jb3, neg_zero, 3), _xj(xb, jb3, neg_zero, 4), _xj(xb, jb3, neg_zero, 5), _xj(xb, jb3, neg_zero, 6),
-         _xj(xb, jb3, neg_zero, 7), _xj(xb, jb3, neg_zero, 8), _xj(xb, jb3, neg_zero, 9), _xj(xb, jb3, neg_zero, 10),
-         _xj(xb, jb3, neg_zero, 11), _xj(xb, jb3, neg_zero, 12), _xj(xb, jb3, neg_zero, 13),
-         _xj(xb, jb3, neg_zero, 14), _xj(xb, jb3, neg_zero, 15), _xj(xb, jb3, neg_zero, 16),
-         _xj(xb, jb3, neg_zero, 17), _xj(xb, jb3, neg_zero, 18), _xj(xb, jb3, neg_zero, 19),
-         _xj(xb, jb3, neg_zero, 20), _xj(xb, jb3, neg_zero, 21), _xj(xb, jb3, neg_zero, 22),
-         _xj(xb, jb3, neg_zero, 23), _xj(xb, jb3, neg_zero, 24), _xj(xb, jb3, neg_zero, 25),
-         _xj(xb, jb3, neg_zero, 26), _xj(xb, jb3, neg_zero, 27), _xj(xb, jb3, neg_zero, 28),
-         _xj(xb, jb3, neg_zero, 29), _xj(xb, jb3, neg_zero, 30), _xj(xb, jb3, neg_zero, 31)],
-        dtype=tl.float32, is_pure=True, pack=1)
-
-
-# KW and the bit-row stride are kept out of Triton's divisibility specialization: when they are
-# known multiples of 16 (K = 4096, 8192), Triton vectorises the words load and carries that layout
-# into the [32, BN, BKW] compute tile -- 64 registers, a 2 KB spill stack and a shared-memory
-# round trip per bit (SASS, sm_90), ~20x slower on the H100. Unspecialised, every K gets the code
-# measured at K = 11008 (KW = 344, not a multiple of 16).
-@triton.jit(do_not_specialize=["KW", "stride_sg_n"])
-def _bitreg_kernel(
-    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
-    N, K, KW,
-    stride_xm, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """The CUDA-core delta path for one row per tile (all-distinct decode; v7, config `xreg`); the
-    base product comes from cuBLAS (ws). Dispatched only where it measured faster than
-    `_bitplane_kernel` (K > 8192, <= 32 deltas; benchmarks/KERNEL_NOTES.md v7).
-
-    As in `_bitplane_kernel`, x . sign = 2 * sum_{bit set} x - sum x. The difference is where x
-    comes from: the K-tile of x is held as a [32, BKW] register block, the bit index leading (so
-    each thread keeps all 32 values of its word column in registers, as in `expand_signs`), and
-    the words tile [BN, BKW] shares its word-column distribution. Bit j then selects a register,
-    not a load: each thread reads its 32 x values once per K-tile (from the cp.async-pipelined
-    shared-memory copy) and reuses them for all BN*BK/(1024*warps) words it holds. A word's 32
-    bits are summed back to back in inline PTX (`_add_set_bits`), which ptxas turns into R2P
-    (7 predicates per instruction) + predicated FADDs: ~1.85 instructions per weight (SASS).
-    """
-    BKW: tl.constexpr = BLOCK_K // 32
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    row = tl.load(order_ptr + first).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    has_delta = slot >= 0
-
-    jw = tl.arange(0, BKW)
-    jb = tl.arange(0, 32)
-    sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
-    word_mask = has_delta & col_mask[:, None]
-    x_row = x_ptr + row * stride_xm
-    jb3 = jb[:, None, None]
-    # -0.0 (built from its bits: a literal -0.0 reaches LLVM as +0.0) is the exact identity of fadd
-    neg_zero = tl.full((1, 1, 1), -2147483648, tl.int32).to(tl.float32, bitcast=True)
-    acc = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-    x_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for kw0 in tl.range(0, KW, BKW, num_stages=NUM_STAGES):
-        kw = kw0 + jw
-        words = tl.load(sign_rows + kw[None, :], mask=word_mask & ((kw < KW) | EVEN_K)[None, :], other=0)
-        ks = kw0 * 32 + tl.arange(0, BLOCK_K)
-        x_sum += tl.load(x_row + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)
-        kx = (kw * 32)[None, :] + jb[:, None]  # [32, BKW]: x[32 kw + j] at (j, kw)
-        xk = tl.load(x_row + kx, mask=(kx < K) | EVEN_K, other=0.0).to(tl.float32)
-        xb = tl.broadcast_to(xk[:, None, :], (32, BLOCK_N, BKW))  # bit index in each thread's registers
-        acc = _add_set_bits(acc, words, xb, jb3, neg_zero)
-
-    out = tl.load(ws_ptr + row * stride_wsm + cols, mask=col_mask, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if has_delta:
-        delta = 2.0 * tl.sum(acc, axis=1) - tl.sum(x_sum, axis=0)
-        scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
-        out += scale * delta
-    tl.store(y_ptr + row * stride_ym + cols, out.to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -420,35 +268,19 @@ def segment_matmul(
     else:
         ws = torch.mm(x, base_weight.t(), out_dtype=torch.float32)  # cuBLAS, fp32 out: one rounding
         weight = x  # unused
+    if config.bitmma:
+        from bitdelta.kernels.decode_bitmma import bitmma_delta  # Gluon: imported only on this path
+
+        return bitmma_delta(x, ws, bias, signs, scales, plan, config, y)
     tiles = segment_tiles(plan, config.rows)
     grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
-    common = dict(HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, ROWS=config.rows,
-                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
-    if config.xreg:
-        _bitreg_kernel[grid](
-            x, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
-            n, k, signs.shape[-1],
-            x.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        return y
-    if config.use_fma:
-        _bitplane_kernel[grid](
-            x, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
-            n, k, signs.shape[-1],
-            x.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
-            NUM_STAGES=config.num_stages, **common,
-        )
-        return y
     _segment_kernel[grid](
         x, weight, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
         n, k, signs.shape[-1],
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0),
-        FUSE_BASE=config.fuse_base, **common,
+        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, EVEN_K=k % config.block_k == 0, ROWS=config.rows,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 

@@ -1,0 +1,242 @@
+"""Tensor-core delta kernel for decode tiles of 1..8 rows of one slot (v8, config `bitmma`; Gluon, GPU only).
+
+The base product comes from cuBLAS (fp32 `ws`), as on the other split paths; this kernel adds
+scale[t] * (x . sign[t]) for each tile of rows sharing a slot. The rows of a tile are the N=8 side
+of an m16n8k16 mma and the bit matrix is the M side, so one program streams its slot's bits once
+for up to 8 rows (one row: the other 7 columns are zero and cost nothing but tensor-core slots).
+
+Why this shape (benchmarks/KERNEL_NOTES.md, v8): on the CUDA cores the bit path costs ~1.85
+instructions per weight at best (v7) and Triton's shared-memory staging of the words tile adds
+8-way bank conflicts. Here a weight costs one instruction: the reduction dimension of an mma may
+be visited in any order, as long as x follows the same order, so the k index of the mma fragment is
+chosen such that each 32-bit A register (two bf16 of one row) holds bits j and j+16 of one word.
+`(word * 2^(15 - j)) & 0x80008000` puts both bits on the two sign positions and xor-ing in -1.0 in
+both halves makes bit 1 -> +1.0, bit 0 -> -1.0: one IMAD + one LOP3 per two weights. x is
+permuted once per call into the matching order (`permute_activations`), so that each thread's
+B fragment is contiguous and loads in 16-byte pieces.
+
+Layouts are explicit (Gluon): words and x are staged in shared memory by cp.async in a
+`STAGES`-deep ring (the bits are the DRAM stream and need many bytes in flight), then read in
+layouts derived from the mma operand layouts, so that the bit expansion and the operand
+assembly are register-local (`convert_layout(..., assert_trivial=True)` checks that at compile
+time). The x ring is swizzled (16-byte chunk index xor row) so that the 8 lanes of a 16-byte load
+phase hit distinct banks: `gl.bank_conflicts` gives 0 for both reads (7 for x unswizzled).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from bitdelta.kernels.configs import KernelConfig
+from bitdelta.kernels.grouping import SlotPlan, segment_tiles
+
+MMA_COLS = gl.constexpr(8)  # rows of one tile: the N side of m16n8k16
+WORD_BITS = gl.constexpr(32)
+SUB_K = gl.constexpr(256)  # k per compute step: 32 bf16 x values per thread; one x swizzle period (8 x 16 B)
+
+
+def _sign_asm(neg_one_pair: int) -> str:
+    # $1 = the word (both elements of the pair hold it), $3 = 2^(15 - j): bits j, j+16 -> bits 15, 31.
+    # A multiply, not a shift: the shift amount depends on the lane, so ptxas emits SHF, which shares
+    # the half-rate ALU pipe with LOP3; IMAD runs on the FMA pipe (ncu, 4096^2 b=64: ALU pipe 70% busy
+    # at 45% issue, 107 us with SHF; 46% and 89 us with IMAD). lop3 0x6a = (a & b) ^ c: keep the two
+    # sign bits, xor in -1.0 in both halves.
+    return ("{ .reg .b32 t; mul.lo.u32 t, $1, $3; "
+            f"lop3.b32 $0, t, 0x80008000, {neg_one_pair:#x}, 0x6a; }}")
+
+
+_SIGN_ASM_BF16 = gl.constexpr(_sign_asm(0xBF80BF80))
+_SIGN_ASM_F16 = gl.constexpr(_sign_asm(0xBC00BC00))
+
+
+@gluon.constexpr_function
+def _words_layout(a_ll):
+    """The A operand's layout [BN, BK] seen as [BN, BK/32, 32] (row, word, bit slot): slicing away
+    the bit slot gives the layout in which each thread reads exactly the words its A registers use."""
+    def split(basis):
+        n, kk = basis
+        return [n, kk // 32, kk % 32]
+
+    return gl.DistributedLinearLayout(
+        reg_bases=[split(b) for b in a_ll.reg_bases], lane_bases=[split(b) for b in a_ll.lane_bases],
+        warp_bases=[split(b) for b in a_ll.warp_bases], block_bases=[],
+        shape=[a_ll.shape[0], a_ll.shape[1] // 32, 32])
+
+
+@gluon.constexpr_function
+def _x_layout(b_ll):
+    """The B operand's layout [BK, 8] seen as the permuted x tile [32, BK/4] (row 4c + q, position r):
+    mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
+    thread's B registers are one contiguous run (see `permute_activations`)."""
+    def move(basis):
+        kk, c = basis
+        return [4 * c + ((kk >> 1) & 3), (kk & 1) | ((kk >> 3) << 1)]
+
+    bk = b_ll.shape[0]
+    return gl.DistributedLinearLayout(
+        reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
+        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[32, bk // 4])
+
+
+@gluon.jit
+def _x_operand(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
+    """[32, BK/4] permuted x (rows 4c + q) -> the mma B operand [BK, 8]; moves no data."""
+    x6 = gl.reshape(x_tile, [MMA_COLS, 4, BK // 32, 2, 2, 2])  # (c, q, w, a, h, e)
+    x6 = gl.permute(x6, (2, 3, 4, 1, 5, 0))  # (w, a, h, q, e, c): kk = 32w + 16a + 8h + 2q + e
+    return gl.convert_layout(gl.reshape(x6, [BK, MMA_COLS]), b_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _sign_operand(words, multipliers, a_layout: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                  FP16: gl.constexpr):
+    """words [BN, BK/32] -> +-1 [BN, BK] in the mma A layout, one IMAD + one LOP3 per two weights."""
+    w3, s3 = gl.broadcast(gl.expand_dims(words, 2), multipliers)
+    if FP16:
+        signs = gl.inline_asm_elementwise(_SIGN_ASM_F16, "=r,r,r,r,r", [w3, s3], dtype=gl.float16,
+                                          is_pure=True, pack=2)
+    else:
+        signs = gl.inline_asm_elementwise(_SIGN_ASM_BF16, "=r,r,r,r,r", [w3, s3], dtype=gl.bfloat16,
+                                          is_pure=True, pack=2)
+    return gl.convert_layout(gl.reshape(signs, [BN, BK]), a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _issue_tile_copies(w_smem, x_smem, w_ptrs, w_mask, x_ptrs, x_mask, kt, KW, WORD_VEC: gl.constexpr,
+                       BK: gl.constexpr, w_cols):
+    """cp.async of K-tile kt: the words [BN, BK/32] of the slot and the permuted x [32, BK/4]."""
+    BKW: gl.constexpr = BK // WORD_BITS
+    # whole WORD_VEC-word vectors are in or out together (WORD_VEC divides KW): 16-byte copies
+    in_k = (kt * BKW + (w_cols // WORD_VEC) * WORD_VEC) < KW
+    async_copy.async_copy_global_to_shared(w_smem, w_ptrs + kt * BKW, mask=w_mask & in_k[None, :])
+    async_copy.async_copy_global_to_shared(x_smem, x_ptrs + kt * BK, mask=x_mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _tile_product(acc, w_stage, x_stage, multipliers, sub: gl.constexpr, words_layout: gl.constexpr,
+                  x_layout: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                  FP16: gl.constexpr):
+    """acc + the delta product of compute step `sub` (SUB_K of k) of the staged K-tile."""
+    words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
+    x_tile = x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout)
+    a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, FP16)
+    return mma_v2(a, _x_operand(x_tile, b_layout, SUB_K), acc)
+
+
+@gluon.jit
+def _bitmma_kernel(
+    xp_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    N, KW, KT,
+    stride_xp, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
+    HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr, WORD_VEC: gl.constexpr,
+):
+    """Program = (tile of <= 8 rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
+    through the cp.async ring, SUB_K at a time on the tensor cores, then y = ws + bias + scale * acc."""
+    NW: gl.constexpr = gl.num_warps()
+    BKW: gl.constexpr = BLOCK_K // WORD_BITS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
+    words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
+    x_layout: gl.constexpr = _x_layout(gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS]))
+    # cp.async layouts: 16 bytes per thread and copy
+    w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
+    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 32), BLOCK_K // 32], [NW, 1], [1, 0])
+    w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    x_shared: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
+
+    tile = gl.program_id(0)
+    slot = gl.load(tiles_ptr + tile * 3)
+    first = gl.load(tiles_ptr + tile * 3 + 1)
+    count = gl.load(tiles_ptr + tile * 3 + 2) - first
+    has_delta = slot >= 0
+    slot64 = gl.maximum(slot, 0).to(gl.int64)
+    col0 = gl.program_id(1) * BLOCK_N
+
+    # copy pointers: words [BN, BKW] of the slot, x rows (4c + q) of the tile
+    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
+    w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
+              + wk[None, :])
+    w_mask = has_delta & ((col0 + wn) < N)[:, None]
+    xr = gl.arange(0, 4 * MMA_COLS, layout=gl.SliceLayout(1, x_copy))
+    xk = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, x_copy))
+    x_live = (xr // 4) < count
+    x_row = gl.load(order_ptr + first + xr // 4, mask=x_live, other=0).to(gl.int64)
+    x_ptrs = xp_ptr + x_row[:, None] * stride_xp + ((xr % 4) * (BLOCK_K // 4))[:, None] + xk[None, :]
+    x_mask = x_live[:, None]
+
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
+    x_smem = gl.allocate_shared_memory(xp_ptr.dtype.element_ty, [STAGES, 4 * MMA_COLS, BLOCK_K // 4], x_shared)
+
+    # 2^(15 - j) for the bit slot t = 16a + 8h + 2q + e of a word (j = 8a + 4h + q; e picks j or j + 16)
+    t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
+    multipliers = gl.expand_dims(gl.expand_dims(1 << (15 - (((t >> 1) & 3) + 4 * (t >> 3))), 0), 0)
+
+    for s in gl.static_range(STAGES - 1):
+        _issue_tile_copies(w_smem.index(s), x_smem.index(s), w_ptrs, w_mask, x_ptrs, x_mask & (s < KT), s, KW,
+                           WORD_VEC, BLOCK_K, wk)
+    acc = gl.zeros([BLOCK_N, MMA_COLS], gl.float32, layout=mma)
+    for kt in range(KT):
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()  # every thread's copies of tile kt have landed; stage kt-1 is free again
+        nxt = kt + STAGES - 1
+        _issue_tile_copies(w_smem.index(nxt % STAGES), x_smem.index(nxt % STAGES), w_ptrs, w_mask, x_ptrs,
+                           x_mask & (nxt < KT), nxt, KW, WORD_VEC, BLOCK_K, wk)
+        w_stage = w_smem.index(kt % STAGES)
+        x_stage = x_smem.index(kt % STAGES)
+        for sub in gl.static_range(BLOCK_K // SUB_K):
+            acc = _tile_product(acc, w_stage, x_stage, multipliers, sub, words_layout, x_layout, a_layout, b_layout,
+                                BLOCK_N, FP16)
+    async_copy.wait_group(0)
+
+    # y[row_c, n] = ws + bias + scale[slot, n] * acc[n, c]
+    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    n_mask = n < N
+    c_live = c < count
+    rows = gl.load(order_ptr + first + c, mask=c_live, other=0).to(gl.int64)
+    mask = n_mask[:, None] & c_live[None, :]
+    out = gl.load(ws_ptr + rows[None, :] * stride_ws + n[:, None], mask=mask, other=0.0)
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
+    scale = gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0)
+    out += scale[:, None] * acc
+    gl.store(y_ptr + rows[None, :] * stride_y + n[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """x [M, K] -> [M, ceil(K/block_k) * block_k] in the kernel's reduction order (zero padded).
+
+    Within a K-tile, k = 32w + 16e + 8a + 4h + q (word w, bit j = 8a + 4h + q, e: j or j + 16) is
+    stored at q * block_k/4 + 8w + 4a + 2h + e: the order of each thread's mma B registers."""
+    m, k = x.shape
+    k_tiles = triton.cdiv(k, block_k)
+    if k_tiles * block_k != k:
+        x = torch.nn.functional.pad(x, (0, k_tiles * block_k - k))
+    tiles = x.view(m, k_tiles, block_k // 32, 2, 2, 2, 4)  # (w, e, a, h, q)
+    return tiles.permute(0, 1, 6, 2, 4, 5, 3).reshape(m, k_tiles * block_k)
+
+
+def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
+                 scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
+    """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma)."""
+    n, kw = signs.shape[1], signs.shape[2]
+    xp = permute_activations(x, config.block_k)
+    tiles = segment_tiles(plan, config.rows)
+    word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
+    _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+        xp, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
+        n, kw, xp.shape[1] // config.block_k,
+        xp.stride(0), ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
+    )
+    return y

@@ -155,6 +155,13 @@ def test_choose_config_decode_and_prefill():
     assert choose_config(4096, many).block_n == 128
 
 
+def test_choose_config_without_gluon_takes_the_dot_kernel():
+    plan = build_plan(torch.arange(32, dtype=torch.int32))  # all-distinct decode: v8 when Gluon exists
+    assert choose_config(4096, plan).bitmma
+    fallback = choose_config(4096, plan, bitmma=False)
+    assert not fallback.bitmma and not fallback.fuse_base and fallback.rows == 1
+
+
 def test_choose_config_gemv_for_few_rows():
     one = choose_config(4096, build_plan(torch.tensor([3])))
     assert one.gemv and one.rows == 1 and one.block_k == 256 * one.num_warps

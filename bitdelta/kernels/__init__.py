@@ -23,7 +23,7 @@ import torch
 from bitdelta.kernels import reference
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 
-__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "triton_available"]
+__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "gluon_available", "triton_available"]
 
 delta_matmul = reference.delta_matmul
 
@@ -35,6 +35,16 @@ def triton_available() -> bool:
         return False
     try:
         import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def gluon_available() -> bool:
+    """True when Triton has Gluon (triton >= 3.5), which the v8 decode kernel is written in."""
+    try:
+        import triton.experimental.gluon  # noqa: F401
     except ImportError:
         return False
     return True
@@ -60,4 +70,4 @@ def bitdelta_matmul(
         plan = build_plan(slot_ids)
     if plan.num_deltas == 0:  # every row on the base alone: exactly the dense layer (cuBLAS)
         return torch.nn.functional.linear(x, base_weight, bias)
-    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan, k=base_weight.shape[1]))
+    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan, k=base_weight.shape[1], bitmma=gluon_available()))

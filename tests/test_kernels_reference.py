@@ -143,8 +143,9 @@ def test_choose_config_decode_and_prefill():
     cfg = choose_config(4096, shared)
     assert cfg.rows == 4 and cfg.fuse_base and not cfg.bitmma
     assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
-    nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: split dot tiles
-    assert nine.rows == 16 and not nine.bitmma and not nine.fuse_base
+    nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: two v8 tiles
+    assert nine.rows == BITMMA_MAX_ROWS and nine.bitmma and not nine.fuse_base
+    assert not choose_config(4096, build_plan(torch.arange(64).repeat(9)), bitmma=False).bitmma
     # one shared delta keeps decode tiles up to SHARED_DECODE_MAX_ROWS rows, then prefill tiles
     tall = choose_config(4096, build_plan(torch.zeros(64, dtype=torch.long)))
     assert tall.rows == 64 and tall.fuse_base and tall.block_n == 32

@@ -58,9 +58,8 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md).
 
     Few distinct deltas: one fused pass (base + bits), tensor-core products, narrow column
-    blocks. Many distinct deltas: cuBLAS for the base once, then the delta kernel; slots of at most
-    BITMMA_MAX_ROWS rows take the tensor-core delta kernel (v8), which reads each slot's bits once
-    per tile of up to 8 rows. Prefill gets GEMM-sized tiles that amortise the bit expansion over
+    blocks. Many distinct deltas: cuBLAS for the base once, then the tensor-core delta kernel (v8),
+    which reads each slot's bits once per tile of up to 8 rows (a slot of 9..16 rows takes two). Prefill gets GEMM-sized tiles that amortise the bit expansion over
     many rows. `bitmma=False` (a Triton without Gluon) takes the tl.dot kernel instead of v8.
     """
     gemv = _gemv_config(n, plan, k)
@@ -78,7 +77,7 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
         # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
         warps, stages = (2, 3) if rows <= 2 else (4, 4)
         return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True)
-    if rows <= BITMMA_MAX_ROWS and bitmma:
+    if bitmma:  # slots of 9..16 rows take two 8-row tiles (bits read twice): still 1.4-4x the dot kernel (KERNEL_NOTES round 5b)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
 

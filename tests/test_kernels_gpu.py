@@ -172,7 +172,7 @@ def test_all_base_only_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,rows_per_slot", [(4, 320, 11008, 1), (16, 4096, 4096, 1), (64, 1000, 4096, 1),
                                                  (48, 700, 8192, 3), (64, 256, 2048, 8), (64, 700, 4096, 13),
-                                                 (48, 256, 11008, 16)])
+                                                 (64, 256, 11008, 16)])
 def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype):
     """Several deltas with up to 16 rows each (and base-only rows): the tensor-core delta kernel
     (v8), a slot of more than 8 rows split over two tiles."""

@@ -61,6 +61,8 @@ class DecodeGraphs:
         """The model's logits for `batch` (host tensors), from a graph when one applies."""
         if self._layout != self.model.layout_version:
             self.graphs.clear()
+            # a private pool is released once no graph holds it; a new capture needs a new one
+            self.pool = torch.cuda.graph_pool_handle()
             self._layout = self.model.layout_version
         if not self._eligible(batch):
             return self.model.forward(batch, self.kv)

@@ -1,7 +1,7 @@
 """CUDA graphs of decode steps: one replay instead of thousands of kernel launches from Python.
 
-A decode step of a 7B model launches ~2,400 kernels (norms, rotary, 224 linears each a cuBLAS
-product and a delta kernel, attention, ...). Issued one by one from Python they cost more host
+A decode step of a 7B model launches well over a thousand kernels (norms, rotary, 224 linears
+each a cuBLAS product and a delta kernel, attention, ...). Issued one by one from Python they cost more host
 time than the GPU needs to run them at small batches (e2e_profile.txt), so the step is bound by
 Python, not by the bytes it reads. A graph replays the whole step with one launch.
 

@@ -451,6 +451,7 @@ def markdown(result: dict) -> str:
         lines += ["", "Rows were measured in separate calls (each row holds its own baselines, measured side by side in its call): "
                   + "; ".join(f"{call} on {device}: N = {', '.join(r['label'] for r in result['rows'] if r.get('call') == call)}" for call, device in calls) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
+    lines += ["", "Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): e2e_profile.txt; read in README.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -465,6 +466,12 @@ def goals(result: dict) -> list[str]:
         out.append(f"N = 32 decode throughput >= 10x naive: {ratio:.1f}x ({'met' if ratio >= 10 else 'not met'})")
     ratio = bd["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     out.append(f"N = 32 decode throughput >= 0.6x base only: {ratio:.2f}x ({'met' if ratio >= 0.6 else 'not met'})")
+    setup = result["setup"]
+    kv_read = bd["kv_gib"] * (setup["prompt"] + setup["generate"] / 2) / (setup["prompt"] + setup["generate"])  # mean context of a decode step
+    deltas = row["distinct"] * result["delta_gib_each"]
+    base_bytes, bitdelta_bytes = result["model_gib"] + kv_read, result["model_gib"] + kv_read + deltas
+    out.append(f"bytes a decode step reads at N = 32: base {result['model_gib']:.1f} GiB + KV ~{kv_read:.1f} GiB, plus {deltas:.1f} GiB of delta bits for bitdelta: "
+               f"at the memory floor bitdelta/base throughput = {base_bytes / bitdelta_bytes:.2f}x; measured steps are {bd['decode_ms_median'] / base['decode_ms_median']:.2f}x apart")
     budget = result["model_gib"] + 32 * result["model_gib"] / 14 + bd["kv_gib"]
     out.append(f"N = 32 memory under base + 32 x model/14 + KV cache = {budget:.1f} GiB: {bd['memory_gib']:.1f} GiB ({'met' if bd['memory_gib'] < budget else 'not met'})")
     return out
@@ -516,8 +523,14 @@ def main() -> None:
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite e2e.md and e2e.png from --out's e2e.json, measuring nothing")
     parser.add_argument("--append", action="store_true", help="keep the rows of --out's e2e.json that this run does not measure (a run split over calls)")
     args = parser.parse_args()
+    if args.report_only:
+        result = json.loads((args.out / "e2e.json").read_text())
+        write(result, args.out)
+        plot(result, args.out / "e2e.png")
+        return
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     device = torch.device(args.device)

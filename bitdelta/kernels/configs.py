@@ -34,6 +34,7 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
+    natural_x: bool = False  # round-6 measurement only: v8 reads x unpermuted (see KERNEL_NOTES round 6)
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):

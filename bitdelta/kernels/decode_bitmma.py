@@ -82,6 +82,32 @@ def _x_layout(b_ll):
         warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[32, bk // 4])
 
 
+@gluon.constexpr_function
+def _x_layout_one_row(b_ll):
+    """`_x_layout` for a tile of one row: the permuted x [4, BK/4] (row q) read by every mma column
+    c alike (the c bases map to nothing: the 8 lanes of a quad group read the same address, a shared
+    memory broadcast), so the x ring stages 1 row instead of 8."""
+    def move(basis):
+        kk, c = basis
+        return [(kk >> 1) & 3, (kk & 1) | ((kk >> 3) << 1)]
+
+    bk = b_ll.shape[0]
+    return gl.DistributedLinearLayout(
+        reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
+        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[4, bk // 4])
+
+
+@gluon.jit
+def _x_operand_one_row(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
+    """[4, BK/4] permuted x of one row -> the mma B operand [BK, 8], that row in every column (the
+    tile's other 7 columns compute copies of column 0, which the epilogue drops); moves no data."""
+    x5 = gl.reshape(x_tile, [4, BK // 32, 2, 2, 2])  # (q, w, a, h, e)
+    x5 = gl.permute(x5, (1, 2, 3, 0, 4))  # (w, a, h, q, e): kk = 32w + 16a + 8h + 2q + e
+    x_k = gl.convert_layout(gl.reshape(x5, [BK]), gl.SliceLayout(1, b_layout), assert_trivial=True)
+    x_kc, _ = gl.broadcast(gl.expand_dims(x_k, 1), gl.full([1, MMA_COLS], 0, x_tile.dtype, layout=b_layout))
+    return x_kc
+
+
 @gluon.jit
 def _x_operand(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
     """[32, BK/4] permuted x (rows 4c + q) -> the mma B operand [BK, 8]; moves no data."""
@@ -105,49 +131,69 @@ def _sign_operand(words, multipliers, a_layout: gl.constexpr, BN: gl.constexpr, 
 
 
 @gluon.jit
-def _issue_tile_copies(w_smem, x_smem, w_ptrs, w_mask, x_ptrs, x_mask, kt, KW, WORD_VEC: gl.constexpr,
-                       BK: gl.constexpr, w_cols):
-    """cp.async of K-tile kt: the words [BN, BK/32] of the slot and the permuted x [32, BK/4]."""
+def _issue_word_copies(w_smem, w_ptrs, w_mask, kt, KW, WORD_VEC: gl.constexpr, BK: gl.constexpr, w_cols):
+    """cp.async of the slot's words [BN, BK/32] of K-tile kt."""
     BKW: gl.constexpr = BK // WORD_BITS
     # whole WORD_VEC-word vectors are in or out together (WORD_VEC divides KW): 16-byte copies
     in_k = (kt * BKW + (w_cols // WORD_VEC) * WORD_VEC) < KW
     async_copy.async_copy_global_to_shared(w_smem, w_ptrs + kt * BKW, mask=w_mask & in_k[None, :])
-    async_copy.async_copy_global_to_shared(x_smem, x_ptrs + kt * BK, mask=x_mask)
-    async_copy.commit_group()
+
+
+@gluon.jit
+def _load_x_tile(x_ptrs, x_live, x_cols, kt, K, BK: gl.constexpr):
+    """x [X_ROWS, BK] of K-tile kt in natural k order (zero past K and for dead rows)."""
+    return gl.load(x_ptrs + kt * BK, mask=x_live[:, None] & (kt * BK + x_cols < K)[None, :], other=0.0)
+
+
+@gluon.jit
+def _permute_x_tile(x_tile, X_ROWS: gl.constexpr, BK: gl.constexpr):
+    """x [X_ROWS, BK], natural k = 32w + 16e + 8a + 4h + q -> [4 X_ROWS, BK/4] in the mma order: row 4c + q,
+    position 8w + 4a + 2h + e (what `permute_activations` does on the host side)."""
+    x6 = gl.reshape(x_tile, [X_ROWS, BK // 32, 2, 2, 2, 4])  # (c, w, e, a, h, q)
+    x6 = gl.permute(x6, (0, 5, 1, 3, 4, 2))  # (c, q, w, a, h, e)
+    return gl.reshape(x6, [4 * X_ROWS, BK // 4])
 
 
 @gluon.jit
 def _tile_product(acc, w_stage, x_stage, multipliers, sub: gl.constexpr, words_layout: gl.constexpr,
                   x_layout: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                  FP16: gl.constexpr):
+                  FP16: gl.constexpr, ONE_ROW: gl.constexpr):
     """acc + the delta product of compute step `sub` (SUB_K of k) of the staged K-tile."""
     words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
     x_tile = x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout)
     a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, FP16)
-    return mma_v2(a, _x_operand(x_tile, b_layout, SUB_K), acc)
+    if ONE_ROW:
+        b = _x_operand_one_row(x_tile, b_layout, SUB_K)
+    else:
+        b = _x_operand(x_tile, b_layout, SUB_K)
+    return mma_v2(a, b, acc)
 
 
 @gluon.jit
 def _bitmma_kernel(
-    xp_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
-    N, KW, KT,
-    stride_xp, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
+    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    N, K, KW, KT,
+    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr, WORD_VEC: gl.constexpr,
+    STAGES: gl.constexpr, WORD_VEC: gl.constexpr, ONE_ROW: gl.constexpr, NATURAL_X: gl.constexpr,
 ):
     """Program = (tile of <= 8 rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
     through the cp.async ring, SUB_K at a time on the tensor cores, then y = ws + bias + scale * acc."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
+    X_ROWS: gl.constexpr = 1 if ONE_ROW else MMA_COLS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
-    x_layout: gl.constexpr = _x_layout(gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS]))
+    b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS])
+    x_layout: gl.constexpr = _x_layout_one_row(b_ll) if ONE_ROW else _x_layout(b_ll)
     # cp.async layouts: 16 bytes per thread and copy
     w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 32), BLOCK_K // 32], [NW, 1], [1, 0])
+    # natural x tile: consecutive k along lanes and warps
+    x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
     w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     x_shared: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
 
@@ -159,41 +205,61 @@ def _bitmma_kernel(
     slot64 = gl.maximum(slot, 0).to(gl.int64)
     col0 = gl.program_id(1) * BLOCK_N
 
-    # copy pointers: words [BN, BKW] of the slot, x rows (4c + q) of the tile
+    # copy pointers: words [BN, BKW] of the slot, x rows of the tile
     wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
     w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
               + wk[None, :])
     w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    xr = gl.arange(0, 4 * MMA_COLS, layout=gl.SliceLayout(1, x_copy))
-    xk = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, x_copy))
-    x_live = (xr // 4) < count
-    x_row = gl.load(order_ptr + first + xr // 4, mask=x_live, other=0).to(gl.int64)
-    x_ptrs = xp_ptr + x_row[:, None] * stride_xp + ((xr % 4) * (BLOCK_K // 4))[:, None] + xk[None, :]
-    x_mask = x_live[:, None]
+    if NATURAL_X:
+        xc = gl.arange(0, X_ROWS, layout=gl.SliceLayout(1, x_natural))
+        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_natural))
+        x_live = xc < count
+        x_row = gl.load(order_ptr + first + xc, mask=x_live, other=0).to(gl.int64)
+        x_ptrs = x_ptr + x_row[:, None] * stride_x + xk[None, :]
+    else:  # x permuted on the host (rows 4c + q of each K-tile)
+        xr = gl.arange(0, 4 * X_ROWS, layout=gl.SliceLayout(1, x_copy))
+        xk = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, x_copy))
+        x_live = (xr // 4) < count
+        x_row = gl.load(order_ptr + first + xr // 4, mask=x_live, other=0).to(gl.int64)
+        x_ptrs = x_ptr + x_row[:, None] * stride_x + ((xr % 4) * (BLOCK_K // 4))[:, None] + xk[None, :]
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
-    x_smem = gl.allocate_shared_memory(xp_ptr.dtype.element_ty, [STAGES, 4 * MMA_COLS, BLOCK_K // 4], x_shared)
+    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, 4 * X_ROWS, BLOCK_K // 4], x_shared)
 
     # 2^(15 - j) for the bit slot t = 16a + 8h + 2q + e of a word (j = 8a + 4h + q; e picks j or j + 16)
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
     multipliers = gl.expand_dims(gl.expand_dims(1 << (15 - (((t >> 1) & 3) + 4 * (t >> 3))), 0), 0)
 
     for s in gl.static_range(STAGES - 1):
-        _issue_tile_copies(w_smem.index(s), x_smem.index(s), w_ptrs, w_mask, x_ptrs, x_mask & (s < KT), s, KW,
-                           WORD_VEC, BLOCK_K, wk)
+        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
+        if NATURAL_X:
+            x_smem.index(s).store(_permute_x_tile(_load_x_tile(x_ptrs, x_live, xk, s, K, BLOCK_K), X_ROWS, BLOCK_K))
+        else:
+            async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + s * BLOCK_K,
+                                                   mask=x_live[:, None] & (s < KT))
+        async_copy.commit_group()
     acc = gl.zeros([BLOCK_N, MMA_COLS], gl.float32, layout=mma)
     for kt in range(KT):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of tile kt have landed; stage kt-1 is free again
         nxt = kt + STAGES - 1
-        _issue_tile_copies(w_smem.index(nxt % STAGES), x_smem.index(nxt % STAGES), w_ptrs, w_mask, x_ptrs,
-                           x_mask & (nxt < KT), nxt, KW, WORD_VEC, BLOCK_K, wk)
+        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
+        if NATURAL_X:
+            # loaded now, stored after this tile's products: the load's latency hides behind them
+            x_next = _load_x_tile(x_ptrs, x_live, xk, nxt, K, BLOCK_K)
+        else:
+            async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
+                                                   mask=x_live[:, None] & (nxt < KT))
+        async_copy.commit_group()
         w_stage = w_smem.index(kt % STAGES)
         x_stage = x_smem.index(kt % STAGES)
         for sub in gl.static_range(BLOCK_K // SUB_K):
             acc = _tile_product(acc, w_stage, x_stage, multipliers, sub, words_layout, x_layout, a_layout, b_layout,
-                                BLOCK_N, FP16)
+                                BLOCK_N, FP16, ONE_ROW)
+        if NATURAL_X:
+            # stage nxt is stage kt-1, free since this iteration's barrier; the next barrier publishes it
+            x_smem.index(nxt % STAGES).store(_permute_x_tile(x_next, X_ROWS, BLOCK_K))
     async_copy.wait_group(0)
 
     # y[row_c, n] = ws + bias + scale[slot, n] * acc[n, c]
@@ -228,15 +294,18 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
                  scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
     """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma)."""
     n, kw = signs.shape[1], signs.shape[2]
-    xp = permute_activations(x, config.block_k)
+    k = x.shape[1]
+    natural_x = config.natural_x
+    xk = x if natural_x else permute_activations(x, config.block_k)
     tiles = segment_tiles(plan, config.rows)
     word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
     _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
-        xp, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
-        n, kw, xp.shape[1] // config.block_k,
-        xp.stride(0), ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0),
+        xk, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
+        n, k, kw, triton.cdiv(k, config.block_k),
+        xk.stride(0), ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
+        STAGES=config.num_stages, WORD_VEC=word_vec, ONE_ROW=config.rows == 1, NATURAL_X=natural_x,
+        num_warps=config.num_warps,
     )
     return y

@@ -1,0 +1,86 @@
+"""All-distinct decode (every row its own delta slot): the dispatched delta path against v8
+variants, each checked against the reference first, graph-timed side by side in one process.
+
+    PYTHONPATH=. python3 benchmarks/kernels_decode_sweep.py [--out DIR]     (H100; KERNEL_NOTES.md round 6)
+
+--auto-only times the dispatched path alone (run it with an older tree's `bitdelta` first on
+PYTHONPATH for a before/after in one device call); --precompile-only fills Triton's cache and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernels import DECODE_SHAPES, Problem, _sweep_error, measure_ceilings, precompile
+from bitdelta.kernels.configs import KernelConfig, choose_config
+from bitdelta.kernels.grouping import build_plan
+
+BATCHES = [4, 16, 32, 64]
+
+
+def _v8(rows: int, bn: int, bk: int, stages: int, natural_x: bool = False) -> KernelConfig:
+    return KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=4, num_stages=stages, fuse_base=False,
+                        bitmma=True, natural_x=natural_x)
+
+
+def variants() -> dict:
+    return {f"1row{'_nat' if nat else ''}_{bn}x{bk}s{st}": _v8(1, bn, bk, st, nat)
+            for nat in (False, True) for bn, bk, st in ((256, 512, 3), (128, 512, 4), (128, 256, 4), (64, 512, 4))}
+
+
+def auto_natural(config: KernelConfig) -> KernelConfig:
+    """The dispatched 8-row v8 config with x read unpermuted."""
+    return KernelConfig(**{**config.__dict__, "natural_x": True})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="")
+    parser.add_argument("--auto-only", action="store_true")
+    parser.add_argument("--precompile-only", action="store_true")
+    args = parser.parse_args()
+    extra = {} if args.auto_only else variants()
+
+    def configs_for(n: int, k: int, plan) -> dict:
+        auto = choose_config(n, plan, k=k)
+        return {"auto": auto, **({} if args.auto_only else {"auto_nat": auto_natural(auto)}), **extra}
+
+    jobs = [(k, n, cfg) for k, n in DECODE_SHAPES for b in BATCHES
+            for cfg in configs_for(n, k, build_plan(torch.arange(b))).values()]
+    precompile(jobs)
+    if args.precompile_only:
+        return
+    bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
+    names = list(configs_for(4096, 4096, build_plan(torch.arange(4))))
+    rows = []
+    print("| KxN | b | floor | " + " | ".join(names) + " | best/floor (auto/floor) |")
+    print("|---" * (len(names) + 4) + "|")
+    for k, n in DECODE_SHAPES:
+        for batch in BATCHES:
+            problem = Problem(k, n, batch, True)
+            floor_us = problem.bytes / bandwidth * 1e6
+            configs = configs_for(n, k, problem.plan)
+            times, errors = {}, {}
+            for name, cfg in configs.items():
+                try:
+                    errors[name] = _sweep_error(problem, cfg)
+                    times[name] = problem.ours_us(cfg) if errors[name] < 6e-3 else float("nan")
+                except Exception as exc:  # reported, not fatal: the other variants still run
+                    errors[name], times[name] = f"{type(exc).__name__}: {exc}"[:200], float("nan")
+            best = min((t for t in times.values() if t == t), default=float("nan"))
+            rows.append({"K": k, "N": n, "batch": batch, "floor_us": floor_us, "times_us": times, "errors": errors})
+            print(f"| {k}x{n} | {batch} | {floor_us:.1f} | " + " | ".join(f"{times[m]:.1f}" for m in names)
+                  + f" | {best / floor_us:.2f} ({times['auto'] / floor_us:.2f}) |", flush=True)
+            del problem
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"kernels_decode_sweep{'_auto' if args.auto_only else ''}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

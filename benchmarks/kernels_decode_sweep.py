@@ -4,7 +4,8 @@ variants, each checked against the reference first, graph-timed side by side in 
     PYTHONPATH=. python3 benchmarks/kernels_decode_sweep.py [--out DIR]     (H100; KERNEL_NOTES.md round 6)
 
 --auto-only times the dispatched path alone (run it with an older tree's `bitdelta` first on
-PYTHONPATH for a before/after in one device call); --precompile-only fills Triton's cache and exits.
+PYTHONPATH for a before/after in one device call); --precompile-only fills Triton's cache and exits
+(run it for both trees, beside the GPU tests, before timing anything).
 """
 
 from __future__ import annotations
@@ -22,19 +23,11 @@ from bitdelta.kernels.grouping import build_plan
 BATCHES = [4, 16, 32, 64]
 
 
-def _v8(rows: int, bn: int, bk: int, stages: int, natural_x: bool = False) -> KernelConfig:
-    return KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=4, num_stages=stages, fuse_base=False,
-                        bitmma=True, natural_x=natural_x)
-
-
 def variants() -> dict:
-    return {f"1row{'_nat' if nat else ''}_{bn}x{bk}s{st}": _v8(1, bn, bk, st, nat)
-            for nat in (False, True) for bn, bk, st in ((256, 512, 3), (128, 512, 4), (128, 256, 4), (64, 512, 4))}
-
-
-def auto_natural(config: KernelConfig) -> KernelConfig:
-    """The dispatched 8-row v8 config with x read unpermuted."""
-    return KernelConfig(**{**config.__dict__, "natural_x": True})
+    """v8 one-row tiles at the tile shapes of round 6 (KERNEL_NOTES.md), besides the dispatched one."""
+    return {f"1row_{bn}x{bk}s{stages}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
+                                                     fuse_base=False, bitmma=True)
+            for bn, bk, stages in ((256, 512, 3), (128, 512, 4), (128, 256, 4), (64, 512, 4))}
 
 
 def main() -> None:
@@ -46,8 +39,7 @@ def main() -> None:
     extra = {} if args.auto_only else variants()
 
     def configs_for(n: int, k: int, plan) -> dict:
-        auto = choose_config(n, plan, k=k)
-        return {"auto": auto, **({} if args.auto_only else {"auto_nat": auto_natural(auto)}), **extra}
+        return {"auto": choose_config(n, plan, k=k), **extra}
 
     jobs = [(k, n, cfg) for k, n in DECODE_SHAPES for b in BATCHES
             for cfg in configs_for(n, k, build_plan(torch.arange(b))).values()]

@@ -91,21 +91,18 @@ CONFIGS = [
     KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
-    # round 6: one-row tiles (x staged for one row), and x read unpermuted (folded permutation)
+    # round 6: one-row tiles (x read unpermuted, staged for one row; 256 x 512 is dispatched for all-distinct
+    # batches), and the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True,
-                 natural_x=True),
-    KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True,
-                 natural_x=True),
-    KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True,
-                 natural_x=True),
+    KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
+    KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
 ]
 
 
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = ("bitmma" + ("nat" if c.natural_x else "")) if c.bitmma else ""
+    variant = "bitmma" if c.bitmma else ""
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 

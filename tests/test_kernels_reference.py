@@ -135,9 +135,11 @@ def test_choose_config_decode_and_prefill():
     distinct = build_plan(torch.arange(32))
     cfg = choose_config(4096, distinct)
     assert cfg.bitmma and not cfg.fuse_base  # many distinct slots: base from cuBLAS once, deltas on v8
-    assert cfg.rows == BITMMA_MAX_ROWS and cfg.block_n == 256
-    assert choose_config(4096, build_plan(torch.arange(16).repeat(8))).bitmma  # 8 rows a slot: one tile each
-    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).block_k == 256  # long rows
+    assert cfg.rows == 1 and cfg.block_n == 256  # every slot one row: one-row tiles (x staged for one row)
+    eight = choose_config(4096, build_plan(torch.arange(16).repeat(8)))  # 8 rows a slot: one tile each
+    assert eight.bitmma and eight.rows == BITMMA_MAX_ROWS
+    assert choose_config(4096, build_plan(torch.arange(16).repeat(2)), k=11008).block_k == 256  # long rows
+    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).block_k == 512  # one-row tiles: any K
     assert choose_config(4096, build_plan(torch.arange(4))).block_n == 64  # 4 tiles: narrow blocks
     shared = build_plan(torch.zeros(4, dtype=torch.long))
     cfg = choose_config(4096, shared)

@@ -34,7 +34,6 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
-    natural_x: bool = False  # round-6 measurement only: v8 reads x unpermuted (see KERNEL_NOTES round 6)
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
@@ -107,7 +106,14 @@ def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
 def _bitmma_config(n: int, plan: SlotPlan, k: int) -> KernelConfig:
     """Tiles of up to 8 rows of one slot on the tensor cores (v8, H100 sweeps of round 5): 256 x 512
     tiles, 4 warps (4 mma slabs a warp); long rows (K > 8192) 128 x 256; with <= 4 tiles (few programs)
-    narrower column blocks, 64 on N <= 4096."""
+    narrower column blocks, 64 on N <= 4096. Every slot one row (all-distinct batch): one-row tiles,
+    which stage and permute x in the kernel (round 6): 256 x 512 for every K, <= 4 tiles 64 (N <= 4096)
+    or 128 columns x 512 with 4 stages."""
+    if plan.max_rows == 1:
+        tiles = len(plan.counts)
+        bn, stages = ((64 if n <= 4096 else 128), 4) if tiles <= 4 else (256, 3)
+        return KernelConfig(rows=1, block_n=bn, block_k=512, num_warps=4, num_stages=stages, fuse_base=False,
+                            bitmma=True)
     tiles = sum(-(-count // BITMMA_MAX_ROWS) for count in plan.counts)
     if k > 8192:
         bn, bk, stages = 128, 256, 4

@@ -12,11 +12,14 @@ be visited in any order, as long as x follows the same order, so the k index of 
 chosen such that each 32-bit A register (two bf16 of one row) holds bits j and j+16 of one word.
 `(word * 2^(15 - j)) & 0x80008000` puts both bits on the two sign positions and xor-ing in -1.0 in
 both halves makes bit 1 -> +1.0, bit 0 -> -1.0: one IMAD + one LOP3 per two weights. x is
-permuted once per call into the matching order (`permute_activations`), so that each thread's
-B fragment is contiguous and loads in 16-byte pieces.
+stored in shared memory in the matching order, so that each thread's B fragment is contiguous
+and loads in 16-byte pieces: for 8-row tiles x is permuted once per call on the host
+(`permute_activations`); tiles of one row (the all-distinct batch, `rows=1`) load x unpermuted
+and permute it in registers on its way to shared memory, stage that one row only (the x ring
+shrinks 8x) and feed it to all 8 mma columns (the epilogue keeps column 0).
 
-Layouts are explicit (Gluon): words and x are staged in shared memory by cp.async in a
-`STAGES`-deep ring (the bits are the DRAM stream and need many bytes in flight), then read in
+Layouts are explicit (Gluon): words and x are staged in shared memory (cp.async; x of one-row
+tiles by plain loads issued one K-tile ahead) in a `STAGES`-deep ring (the bits are the DRAM stream and need many bytes in flight), then read in
 layouts derived from the mma operand layouts, so that the bit expansion and the operand
 assembly are register-local (`convert_layout(..., assert_trivial=True)` checks that at compile
 time). The x ring is swizzled (16-byte chunk index xor row) so that the 8 lanes of a 16-byte load
@@ -132,7 +135,7 @@ def _sign_operand(words, multipliers, a_layout: gl.constexpr, BN: gl.constexpr, 
 
 @gluon.jit
 def _issue_word_copies(w_smem, w_ptrs, w_mask, kt, KW, WORD_VEC: gl.constexpr, BK: gl.constexpr, w_cols):
-    """cp.async of the slot's words [BN, BK/32] of K-tile kt."""
+    """cp.async of the slot's words [BN, BK/32] of K-tile kt (the caller commits the group)."""
     BKW: gl.constexpr = BK // WORD_BITS
     # whole WORD_VEC-word vectors are in or out together (WORD_VEC divides KW): 16-byte copies
     in_k = (kt * BKW + (w_cols // WORD_VEC) * WORD_VEC) < KW
@@ -175,10 +178,16 @@ def _bitmma_kernel(
     N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr, WORD_VEC: gl.constexpr, ONE_ROW: gl.constexpr, NATURAL_X: gl.constexpr,
+    STAGES: gl.constexpr, WORD_VEC: gl.constexpr, ONE_ROW: gl.constexpr,
 ):
     """Program = (tile of <= 8 rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
-    through the cp.async ring, SUB_K at a time on the tensor cores, then y = ws + bias + scale * acc."""
+    through the cp.async ring, SUB_K at a time on the tensor cores, then y = ws + bias + scale * acc.
+
+    ONE_ROW (tiles of one row, the all-distinct batch): x is read in its natural order, permuted in
+    registers and stored to shared memory (4 elements a thread a K-tile), so the host-side
+    `permute_activations` kernel goes away; 8-row tiles take x permuted on the host and copy it by
+    cp.async (there the in-kernel permutation costs 32 scalar loads and stores a thread a K-tile
+    and measured 1-12% slower: KERNEL_NOTES round 6)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
     X_ROWS: gl.constexpr = 1 if ONE_ROW else MMA_COLS
@@ -211,7 +220,7 @@ def _bitmma_kernel(
     w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
               + wk[None, :])
     w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    if NATURAL_X:
+    if ONE_ROW:
         xc = gl.arange(0, X_ROWS, layout=gl.SliceLayout(1, x_natural))
         xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_natural))
         x_live = xc < count
@@ -233,7 +242,7 @@ def _bitmma_kernel(
 
     for s in gl.static_range(STAGES - 1):
         _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
-        if NATURAL_X:
+        if ONE_ROW:
             x_smem.index(s).store(_permute_x_tile(_load_x_tile(x_ptrs, x_live, xk, s, K, BLOCK_K), X_ROWS, BLOCK_K))
         else:
             async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + s * BLOCK_K,
@@ -245,7 +254,7 @@ def _bitmma_kernel(
         gl.thread_barrier()  # every thread's copies of tile kt have landed; stage kt-1 is free again
         nxt = kt + STAGES - 1
         _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
-        if NATURAL_X:
+        if ONE_ROW:
             # loaded now, stored after this tile's products: the load's latency hides behind them
             x_next = _load_x_tile(x_ptrs, x_live, xk, nxt, K, BLOCK_K)
         else:
@@ -257,7 +266,7 @@ def _bitmma_kernel(
         for sub in gl.static_range(BLOCK_K // SUB_K):
             acc = _tile_product(acc, w_stage, x_stage, multipliers, sub, words_layout, x_layout, a_layout, b_layout,
                                 BLOCK_N, FP16, ONE_ROW)
-        if NATURAL_X:
+        if ONE_ROW:
             # stage nxt is stage kt-1, free since this iteration's barrier; the next barrier publishes it
             x_smem.index(nxt % STAGES).store(_permute_x_tile(x_next, X_ROWS, BLOCK_K))
     async_copy.wait_group(0)
@@ -295,8 +304,8 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma)."""
     n, kw = signs.shape[1], signs.shape[2]
     k = x.shape[1]
-    natural_x = config.natural_x
-    xk = x if natural_x else permute_activations(x, config.block_k)
+    one_row = config.rows == 1
+    xk = x if one_row else permute_activations(x, config.block_k)
     tiles = segment_tiles(plan, config.rows)
     word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
     _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
@@ -305,7 +314,7 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
         xk.stride(0), ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STAGES=config.num_stages, WORD_VEC=word_vec, ONE_ROW=config.rows == 1, NATURAL_X=natural_x,
+        STAGES=config.num_stages, WORD_VEC=word_vec, ONE_ROW=one_row,
         num_warps=config.num_warps,
     )
     return y

@@ -216,10 +216,10 @@ def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: 
     return Engine.from_model(model_over(config, weights), engine_config)
 
 
-def run_engine(engine: Engine, setup: Setup, models: list[str], warmup: bool = True) -> dict:
+def run_engine(engine: Engine, setup: Setup, models: list[str]) -> dict:
     requests = [(model, prompt, SamplingParams(max_tokens=setup.generate, temperature=0)) for model, prompt in zip(models, prompts(setup, len(models)))]
-    if warmup:  # compiles the kernels for this batch and puts the deltas in their slots
-        engine.generate([(model, prompt, SamplingParams(max_tokens=4, temperature=0)) for model, prompt, _ in requests])
+    # warm-up: compiles the kernels for this batch and puts the deltas in their slots
+    engine.generate([(model, prompt, SamplingParams(max_tokens=4, temperature=0)) for model, prompt, _ in requests])
     clock = StepClock()
     engine.observer = clock
     synchronize(setup.device)
@@ -277,7 +277,6 @@ class DenseTenants:
         self.sets = [weights] + [{n: t.clone() for n, t in weights.items()} for _ in range(self.resident_count - 1)]
         self.staging = {n: torch.empty_like(t) for n, t in weights.items()} if swapping else None
         self.host = host_copy(weights, setup.device.type == "cuda") if swapping else None
-        self.out_of_memory_at = self.resident_count + 1 if swapping else None
 
     def bind(self, model: int) -> None:
         if model < self.resident_count:
@@ -308,6 +307,20 @@ def kv_bytes(config, tokens: int) -> int:
     return 2 * config.num_hidden_layers * tokens * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
 
 
+def time_decode_steps(decode_step, setup: Setup, start: float, max_seconds: float) -> list[float]:
+    """Seconds of each of up to `generate - 1` calls of `decode_step`; once `max_seconds` have
+    passed since `start` it stops after at least 2 (every step costs the same)."""
+    steps = []
+    for _ in range(setup.generate - 1):
+        step_start = time.perf_counter()
+        decode_step()
+        synchronize(setup.device)
+        steps.append(time.perf_counter() - step_start)
+        if time.perf_counter() - start > max_seconds and len(steps) >= 2:
+            break
+    return steps
+
+
 def run_naive(setup: Setup, config, weights, tenants_of_requests: list[int], max_seconds: float) -> dict:
     from transformers import DynamicCache
 
@@ -329,20 +342,16 @@ def run_naive(setup: Setup, config, weights, tenants_of_requests: list[int], max
             tokens.append(dense.forward(model, ids[requests], caches[model])[:, None])
             synchronize(setup.device)
             first_tokens += [time.perf_counter() - start] * len(requests)
-        decode_steps = []
-        for _ in range(setup.generate - 1):
-            step_start = time.perf_counter()
+
+        def decode_step() -> None:
             for model in range(len(groups)):
                 tokens[model] = dense.forward(model, tokens[model], caches[model])[:, None]
-            synchronize(setup.device)
-            decode_steps.append(time.perf_counter() - step_start)
-            if time.perf_counter() - start > max_seconds and len(decode_steps) >= 2:
-                break  # every step costs the same: enough of them are timed
+
+        decode_steps = time_decode_steps(decode_step, setup, start, max_seconds)
     wall = time.perf_counter() - start
     generated = len(tenants_of_requests) * (1 + len(decode_steps))
     result = summary(first_tokens, decode_steps, len(tenants_of_requests), generated, wall, peak_memory(setup.device))
     result.update(resident_models=dense.resident_count, swapping=dense.staging is not None)
-    del dense, caches
     return result
 
 
@@ -372,21 +381,17 @@ def run_lora(setup: Setup, config, weights, tenants_of_requests: list[int], max_
         synchronize(setup.device)
         start = time.perf_counter()
         cache = DynamicCache(config=config)
-        tokens = model(input_ids=ids, past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]
+        tokens = [model(input_ids=ids, past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]]
         synchronize(setup.device)
         first = time.perf_counter() - start
-        decode_steps = []
-        for _ in range(setup.generate - 1):
-            step_start = time.perf_counter()
-            tokens = model(input_ids=tokens, past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]
-            synchronize(setup.device)
-            decode_steps.append(time.perf_counter() - step_start)
-            if time.perf_counter() - start > max_seconds and len(decode_steps) >= 2:
-                break
+
+        def decode_step() -> None:
+            tokens[0] = model(input_ids=tokens[0], past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]
+
+        decode_steps = time_decode_steps(decode_step, setup, start, max_seconds)
     wall = time.perf_counter() - start
     result = summary([first] * len(names), decode_steps, len(names), len(names) * (1 + len(decode_steps)), wall, peak_memory(setup.device))
     result["adapter_gib"] = adapter_bytes / GiB
-    del model, cache
     return result
 
 

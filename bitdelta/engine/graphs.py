@@ -19,7 +19,7 @@ is seen, so batches in flux do not pay for captures they never replay; the most 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -88,19 +88,14 @@ class DecodeGraphs:
         )
 
     def _load(self, batch: StepBatch) -> int:
-        rows, width = batch.block_tables.shape
-        static = self.static
-        for name in ("token_ids", "positions", "slots", "row_sequence", "write_rows"):
-            getattr(static, name)[:rows].copy_(getattr(batch, name), non_blocking=True)
-        static.block_tables[:rows, :width].copy_(batch.block_tables, non_blocking=True)
-        return rows
+        """Copy the step's inputs into the leading rows (and columns) of the static buffers."""
+        for field in fields(batch):
+            source = getattr(batch, field.name)
+            getattr(self.static, field.name)[tuple(map(slice, source.shape))].copy_(source, non_blocking=True)
+        return batch.token_ids.numel()
 
     def _view(self, rows: int) -> StepBatch:
-        static = self.static
-        return StepBatch(
-            static.token_ids[:rows], static.positions[:rows], static.slots[:rows], static.row_sequence[:rows],
-            static.block_tables[:rows], static.write_rows[:rows], static.logit_rows[:rows],
-        )
+        return StepBatch(**{field.name: getattr(self.static, field.name)[:rows] for field in fields(self.static)})
 
     def _capture(self, key: tuple[int, ...], rows: int, head_groups) -> _Graph:
         view = self._view(rows)

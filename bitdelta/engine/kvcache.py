@@ -70,9 +70,6 @@ class PagedKVCache:
         self.keys[layer, rows] = keys
         self.values[layer, rows] = values
 
-    def read(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[layer, rows], self.values[layer, rows]
-
     @property
     def blocks_used(self) -> int:
         return self.num_blocks - len(self._free)

@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bitdelta.errors import IncompatibleModelsError
@@ -74,7 +73,6 @@ class MultiTenantModel:
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.kv_heads = self.config.num_key_value_heads
-        self.groups = self.config.num_attention_heads // self.kv_heads
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.routing = DeltaRouting()
         self.linears = self._swap_linears(model)

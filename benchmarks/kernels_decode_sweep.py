@@ -1,7 +1,7 @@
 """All-distinct decode (every row its own delta slot): the dispatched delta path against v8
 variants, each checked against the reference first, graph-timed side by side in one process.
 
-    PYTHONPATH=. python3 benchmarks/kernels_decode_sweep.py [--out DIR]     (H100; KERNEL_NOTES.md round 6)
+    PYTHONPATH=. python3 benchmarks/kernels_decode_sweep.py [--out DIR]     (H100; KERNEL_NOTES.md rounds 6, 7)
 
 --auto-only times the dispatched path alone (run it with an older tree's `bitdelta` first on
 PYTHONPATH for a before/after in one device call); --precompile-only fills Triton's cache and exits
@@ -24,10 +24,12 @@ BATCHES = [4, 16, 32, 64]
 
 
 def variants() -> dict:
-    """v8 one-row tiles at the tile shapes of round 6 (KERNEL_NOTES.md), besides the dispatched one."""
-    return {f"1row_{bn}x{bk}s{stages}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
-                                                     fuse_base=False, bitmma=True)
-            for bn, bk, stages in ((256, 512, 3), (128, 512, 4), (128, 256, 4), (64, 512, 4))}
+    """v8 one-row tiles on the int8 tensor cores (x as digit planes; KERNEL_NOTES.md round 7) at several
+    tile shapes, besides the dispatched path."""
+    return {f"i8_{bn}x{bk}s{stages}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
+                                                   fuse_base=False, bitmma=True, int8=True)
+            for bn, bk, stages in ((256, 512, 3), (256, 512, 4), (128, 512, 4), (128, 1024, 3), (64, 512, 4),
+                                   (128, 256, 4))}
 
 
 def main() -> None:

@@ -96,13 +96,18 @@ CONFIGS = [
     KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
+    # round 7: one-row tiles on the int8 tensor cores, x as digit planes
+    KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True, int8=True),
+    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True, int8=True),
+    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True,
+                 int8=True),
 ]
 
 
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = "bitmma" if c.bitmma else ""
+    variant = ("bitmma" if c.bitmma else "") + ("i8" if c.int8 else "")
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
@@ -186,3 +191,23 @@ def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype)
     slot_ids = (torch.randperm(m, device="cuda") // rows_per_slot) - 1  # slot -1: base only
     assert choose_config(n, build_plan(slot_ids), k=k).bitmma
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_path_keeps_outlier_rows_and_zero_rows_exact(dtype):
+    """The int8 one-row kernel writes x as a 28-bit fixed point of each row's |max|: a row with one
+    activation 10^4 times the rest must keep its small entries, and an all-zero row (max 0) must give
+    exactly the base output."""
+    m, n, k = 6, 520, 4096
+    x, w, signs, scales, bias = _problem(m, n, k, m, dtype)
+    x[1, 17] = 1e4 * x[1].abs().mean()
+    x[2] = 0
+    slot_ids = torch.randperm(m, device="cuda")
+    config = KernelConfig(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4, fuse_base=False, bitmma=True,
+                          int8=True)
+    out = _run(x, w, signs, scales, slot_ids, bias, config)
+    _check(out, x, w, signs, scales, slot_ids, bias)
+    for row in range(m):  # row by row, so the outlier row's error is not hidden by the others
+        _check(out[row:row + 1], x[row:row + 1], w, signs, scales, slot_ids[row:row + 1], bias)
+    base = (x[2:3].float() @ w.float().t() + bias.float()).to(dtype)
+    torch.testing.assert_close(out[2:3], base, rtol=0, atol=0)

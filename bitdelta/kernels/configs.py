@@ -23,8 +23,9 @@ class KernelConfig:
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
     `decode_bitmma.py` (v8, split: base from cuBLAS; rows <= 8, block_n a multiple of 16 x num_warps,
-    num_stages = depth of its cp.async ring). Otherwise the Triton segment kernel, bits expanded for
-    tl.dot."""
+    num_stages = depth of its cp.async ring); int8: its one-row form on the int8 tensor cores (x as
+    digit planes, `_bitmma_int8_kernel`; rows = 1). Otherwise the Triton segment kernel, bits expanded
+    for tl.dot."""
 
     rows: int
     block_n: int
@@ -34,12 +35,15 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
+    int8: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
+        if self.int8 and not self.bitmma:
+            raise ValueError("int8 is a form of the bitmma kernel (bitmma=True)")
         if self.bitmma:
             self._check_bitmma()
 
@@ -48,6 +52,8 @@ class KernelConfig:
             raise ValueError(f"bitmma is a split path (fuse_base=False) for rows <= {BITMMA_MAX_ROWS}")
         if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
+        if self.int8 and self.rows != 1:
+            raise ValueError("int8 is the one-row form of bitmma (rows=1)")
 
 
 def next_pow2(value: int) -> int:

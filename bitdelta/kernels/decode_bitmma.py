@@ -286,6 +286,177 @@ def _bitmma_kernel(
     gl.store(y_ptr + rows[None, :] * stride_y + n[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# int8 path (one-row tiles): x as DIGITS 7-bit digit planes of a 28-bit fixed point of the row's |max|
+DIGITS = gl.constexpr(4)
+X_FULL_SCALE = gl.constexpr(127.0 * 2 ** 21)  # |x| = row max -> v = 127 * 2^21: top digit in [-128, 127]
+SIGN_MAGNITUDE = gl.constexpr(64.0)  # an expanded weight is -64 * sign (the int8 byte 0xC0 or 0x40)
+ROW_MAX_CHUNK = gl.constexpr(4096)  # x elements a block reads per step of the row-max prologue
+# bits j, j+8, j+16, j+24 of the word -> the top bit of bytes 0..3 ($5 = 2^(7 - j)); lop3 (t & 0x80808080) ^ 0x40404040:
+# bit 1 -> 0xC0 (-64), bit 0 -> 0x40 (+64). One IMAD + one LOP3 per four weights.
+_SIGN_ASM_INT8 = gl.constexpr("{ .reg .b32 t; mul.lo.u32 t, $1, $5; lop3.b32 $0, t, 0x80808080, 0x40404040, 0x6a; }")
+
+
+@gluon.constexpr_function
+def _x_digits_layout(b_ll):
+    """The int8 B operand [SUB_K, 8] (k_width 4) seen as the digit planes [16, SUB_K/4] (row 4d + q,
+    position r): mma k index kk = 32w + 16a + 4q + p is stored at 8w + 4a + p of row 4d + q, so each
+    thread's B registers are one contiguous run; column c reads digit plane c % 4 (columns 4..7 repeat
+    0..3: the c = 4 basis maps to nothing, a shared-memory broadcast)."""
+    def move(basis):
+        kk, c = basis
+        return [4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
+
+    bk = b_ll.shape[0]
+    return gl.DistributedLinearLayout(
+        reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
+        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[16, bk // 4])
+
+
+@gluon.constexpr_function
+def _split_columns(b_ll):
+    """The B operand's layout [SUB_K, 8] seen as [SUB_K, 2, 4] (kk, c // 4, c % 4)."""
+    def split(basis):
+        kk, c = basis
+        return [kk, c >> 2, c & 3]
+
+    return gl.DistributedLinearLayout(
+        reg_bases=[split(b) for b in b_ll.reg_bases], lane_bases=[split(b) for b in b_ll.lane_bases],
+        warp_bases=[split(b) for b in b_ll.warp_bases], block_bases=[], shape=[b_ll.shape[0], 2, 4])
+
+
+@gluon.jit
+def _row_absmax(x_row_ptr, K, layout: gl.constexpr):
+    """max |x| over one row of K elements (the whole block takes part; one reduction at the end)."""
+    ks = gl.arange(0, ROW_MAX_CHUNK, layout=layout)
+    peak = gl.zeros([ROW_MAX_CHUNK], gl.float32, layout=layout)
+    for k0 in range(0, K, ROW_MAX_CHUNK):
+        xv = gl.load(x_row_ptr + k0 + ks, mask=k0 + ks < K, other=0.0)
+        peak = gl.maximum(peak, gl.abs(xv.to(gl.float32)))
+    return gl.max(peak, axis=0)
+
+
+@gluon.jit
+def _digit_planes(x_tile, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
+    """x [1, BK] in natural k order -> int8 digit planes [16, BK/4] in the mma order.
+
+    v = trunc(x * inv_scale), |v| <= 127 * 2^21, is written as sum_d digit_d * 2^(7 (3 - d)): digit 0 =
+    v >> 21 (signed, in [-128, 127]), digits 1..3 the next 7-bit fields (in [0, 127]). Natural
+    k = 32w + 8p + 4a + q goes to row 4d + q, position 8w + 4a + p (`_x_digits_layout`)."""
+    v = (x_tile.to(gl.float32) * inv_scale).to(gl.int32)
+    d = gl.expand_dims(gl.arange(0, DIGITS, layout=gl.SliceLayout(1, layout)), 1)
+    digits = ((v >> (7 * (DIGITS - 1 - d))) & gl.where(d == 0, -1, 127)).to(gl.int8)  # [DIGITS, BK]
+    x5 = gl.reshape(digits, [DIGITS, BK // 32, 4, 2, 4])  # (d, w, p, a, q)
+    x5 = gl.permute(x5, (0, 4, 1, 3, 2))  # (d, q, w, a, p)
+    return gl.reshape(x5, [4 * DIGITS, BK // 4])
+
+
+@gluon.jit
+def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: gl.constexpr):
+    """[16, BK/4] digit planes -> the int8 mma B operand [BK, 8], column c = plane c % 4; moves no data."""
+    x5 = gl.reshape(x_tile, [DIGITS, 4, BK // 32, 2, 4])  # (d, q, w, a, p)
+    x5 = gl.permute(x5, (2, 3, 1, 4, 0))  # (w, a, q, p, d): kk = 32w + 16a + 4q + p
+    x_kd = gl.convert_layout(gl.reshape(x5, [BK, DIGITS]), gl.SliceLayout(1, cols3), assert_trivial=True)
+    x3, _ = gl.broadcast(gl.expand_dims(x_kd, 1), gl.full([1, 2, 1], 0, gl.int8, layout=cols3))
+    return gl.convert_layout(gl.reshape(x3, [BK, 2 * DIGITS]), b_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _bitmma_int8_kernel(
+    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    N, K, KW, KT,
+    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
+    HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    WORD_VEC: gl.constexpr,
+):
+    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores (m16n8k32):
+    the slot's bits expand to -64 * sign (4 weights a register), the row's x is written as four 7-bit
+    digit planes of a 28-bit fixed point (scale: the row's |max|, found in a prologue) placed in mma
+    columns 0..3, so the int32 accumulator holds exact integer products; the epilogue weights the
+    columns by 2^21, 2^14, 2^7, 1 and rescales. x tiles are loaded one K-tile ahead and digitised on
+    their way to shared memory; the words stream through the cp.async ring as in `_bitmma_kernel`."""
+    NW: gl.constexpr = gl.num_warps()
+    BKW: gl.constexpr = BLOCK_K // WORD_BITS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
+    words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
+    b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS])
+    x_layout: gl.constexpr = _x_digits_layout(b_ll)
+    cols3: gl.constexpr = _split_columns(b_ll)
+    w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
+    x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
+    x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
+    w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    x_shared: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
+
+    tile = gl.program_id(0)
+    slot = gl.load(tiles_ptr + tile * 3)
+    first = gl.load(tiles_ptr + tile * 3 + 1)
+    has_delta = slot >= 0
+    slot64 = gl.maximum(slot, 0).to(gl.int64)
+    col0 = gl.program_id(1) * BLOCK_N
+    row = gl.load(order_ptr + first).to(gl.int64)
+
+    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
+    w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
+              + wk[None, :])
+    w_mask = has_delta & ((col0 + wn) < N)[:, None]
+    xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_natural))
+    x_live = gl.arange(0, 1, layout=gl.SliceLayout(1, x_natural)) < 1
+    x_ptrs = x_ptr + row * stride_x + gl.expand_dims(xk, 0)
+
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
+    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
+
+    # 2^(7 - j) for the bit slot t = 16a + 4q + p of a word (j = 4a + q; p picks byte p: bit j + 8p)
+    t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
+    multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (4 * (t >> 4) + ((t >> 2) & 3))), 0), 0)
+
+    for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
+        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
+        async_copy.commit_group()
+    peak = _row_absmax(x_ptr + row * stride_x, K, x_row_layout)
+    inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
+    for s in gl.static_range(STAGES - 1):
+        x_smem.index(s).store(_digit_planes(_load_x_tile(x_ptrs, x_live, xk, s, K, BLOCK_K), inv_scale,
+                                            x_natural, BLOCK_K))
+    acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
+    for kt in range(KT):
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()  # tile kt's words have landed and its digits are stored; stage kt-1 is free
+        nxt = kt + STAGES - 1
+        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
+        async_copy.commit_group()
+        x_next = _load_x_tile(x_ptrs, x_live, xk, nxt, K, BLOCK_K)  # its latency hides behind the products
+        w_stage = w_smem.index(kt % STAGES)
+        x_stage = x_smem.index(kt % STAGES)
+        for sub in gl.static_range(BLOCK_K // SUB_K):
+            words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
+            w3, s3 = gl.broadcast(gl.expand_dims(words, 2), multipliers)
+            signs = gl.inline_asm_elementwise(_SIGN_ASM_INT8, "=r,r,r,r,r,r,r,r,r", [w3, s3], dtype=gl.int8,
+                                              is_pure=True, pack=4)
+            a = gl.convert_layout(gl.reshape(signs, [BLOCK_N, SUB_K]), a_layout, assert_trivial=True)
+            b = _x_digits_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout,
+                                  cols3, SUB_K)
+            acc = mma_v2(a, b, acc)
+        x_smem.index(nxt % STAGES).store(_digit_planes(x_next, inv_scale, x_natural, BLOCK_K))
+    async_copy.wait_group(0)
+
+    # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
+    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
+    dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
+    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    n_mask = n < N
+    out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
+    out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
+    gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
     """x [M, K] -> [M, ceil(K/block_k) * block_k] in the kernel's reduction order (zero padded).
 
@@ -299,22 +470,34 @@ def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
     return tiles.permute(0, 1, 6, 2, 4, 5, 3).reshape(m, k_tiles * block_k)
 
 
+INT8_MAX_K = 1 << 18  # the int32 accumulator holds at most 64 * 128 * K (top digit x the expanded weight)
+
+
 def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
                  scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
     """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma)."""
     n, kw = signs.shape[1], signs.shape[2]
     k = x.shape[1]
     one_row = config.rows == 1
-    xk = x if one_row else permute_activations(x, config.block_k)
     tiles = segment_tiles(plan, config.rows)
     word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
-    _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
-        xk, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
-        n, k, kw, triton.cdiv(k, config.block_k),
-        xk.stride(0), ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0),
-        y.stride(0),
-        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STAGES=config.num_stages, WORD_VEC=word_vec, ONE_ROW=one_row,
+    grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
+    common = (n, k, kw, triton.cdiv(k, config.block_k))
+    strides = (ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0), y.stride(0))
+    if config.int8:
+        if k >= INT8_MAX_K:
+            raise ValueError(f"the int8 delta kernel takes K < {INT8_MAX_K} (got {k}): use a bf16 config")
+        _bitmma_int8_kernel[grid](
+            x, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order, *common, x.stride(0),
+            *strides, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
+        )
+        return y
+    xk = x if one_row else permute_activations(x, config.block_k)
+    _bitmma_kernel[grid](
+        xk, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order, *common, xk.stride(0),
+        *strides, HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, STAGES=config.num_stages, WORD_VEC=word_vec, ONE_ROW=one_row,
         num_warps=config.num_warps,
     )
     return y

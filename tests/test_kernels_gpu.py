@@ -90,24 +90,23 @@ CONFIGS = [
     KernelConfig(rows=8, block_n=64, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
+    # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 256 x 512 and 128 x 1024 are dispatched),
+    # programs walking several column blocks; the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
-    # round 6: one-row tiles (x read unpermuted, staged for one row; 256 x 512 is dispatched for all-distinct
-    # batches), and the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
+    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
+    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True,
+                 col_blocks=3),
+    KernelConfig(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4, fuse_base=False, bitmma=True,
+                 col_blocks=2),
     KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    # round 7: one-row tiles on the int8 tensor cores, x as digit planes
-    KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True, int8=True),
-    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True, int8=True),
-    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True,
-                 int8=True),
 ]
 
 
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = ("bitmma" if c.bitmma else "") + ("i8" if c.int8 else "")
+    variant = ("bitmma" if c.bitmma else "") + (f"c{c.col_blocks}" if c.col_blocks > 1 else "")
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
@@ -194,8 +193,8 @@ def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_path_keeps_outlier_rows_and_zero_rows_exact(dtype):
-    """The int8 one-row kernel writes x as a 28-bit fixed point of each row's |max|: a row with one
+def test_one_row_tiles_keep_outlier_rows_and_zero_rows_exact(dtype):
+    """The one-row kernel (int8) writes x as a 28-bit fixed point of each row's |max|: a row with one
     activation 10^4 times the rest must keep its small entries, and an all-zero row (max 0) must give
     exactly the base output."""
     m, n, k = 6, 520, 4096
@@ -203,8 +202,7 @@ def test_int8_path_keeps_outlier_rows_and_zero_rows_exact(dtype):
     x[1, 17] = 1e4 * x[1].abs().mean()
     x[2] = 0
     slot_ids = torch.randperm(m, device="cuda")
-    config = KernelConfig(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4, fuse_base=False, bitmma=True,
-                          int8=True)
+    config = KernelConfig(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4, fuse_base=False, bitmma=True)
     out = _run(x, w, signs, scales, slot_ids, bias, config)
     _check(out, x, w, signs, scales, slot_ids, bias)
     for row in range(m):  # row by row, so the outlier row's error is not hidden by the others

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
 from bitdelta.kernels.configs import (BITMMA_MAX_ROWS, DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS,
-                                      SHARED_DECODE_MAX_ROWS, KernelConfig, choose_config, next_pow2)
+                                      ONE_ROW_MAX_K, SHARED_DECODE_MAX_ROWS, KernelConfig, choose_config, next_pow2)
 from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles
 from bitdelta.pack import pack_signs
 
@@ -135,12 +135,14 @@ def test_choose_config_decode_and_prefill():
     distinct = build_plan(torch.arange(32))
     cfg = choose_config(4096, distinct)
     assert cfg.bitmma and not cfg.fuse_base  # many distinct slots: base from cuBLAS once, deltas on v8
-    assert cfg.rows == 1 and cfg.block_n == 256  # every slot one row: one-row tiles (x staged for one row)
+    assert cfg.rows == 1 and cfg.block_k == 1024  # every slot one row: one-row tiles (v9, int8)
+    assert choose_config(4096, build_plan(torch.arange(16))).block_n == 256  # N <= 4096, 5..16 tiles: one wave
+    assert choose_config(4096, build_plan(torch.arange(32)), k=ONE_ROW_MAX_K + 1).rows == BITMMA_MAX_ROWS
     eight = choose_config(4096, build_plan(torch.arange(16).repeat(8)))  # 8 rows a slot: one tile each
     assert eight.bitmma and eight.rows == BITMMA_MAX_ROWS
     assert choose_config(4096, build_plan(torch.arange(16).repeat(2)), k=11008).block_k == 256  # long rows
-    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).block_k == 512  # one-row tiles: any K
-    assert choose_config(4096, build_plan(torch.arange(4))).block_n == 64  # 4 tiles: narrow blocks
+    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).rows == 1  # one-row tiles: any K up to the bound
+    assert choose_config(4096, build_plan(torch.arange(4).repeat(2))).block_n == 64  # 4 tiles: narrow blocks
     shared = build_plan(torch.zeros(4, dtype=torch.long))
     cfg = choose_config(4096, shared)
     assert cfg.rows == 4 and cfg.fuse_base and not cfg.bitmma
@@ -200,6 +202,9 @@ def test_kernel_config_validation():
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
         KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
+    with pytest.raises(ValueError):  # only the one-row kernel walks several column blocks a program
+        KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True,
+                     col_blocks=2)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 

@@ -15,6 +15,7 @@ SHARED_DECODE_MAX_ROWS = 128  # with one or two deltas, decode tiles serve up to
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 GEMV_MAX_ROWS = 4  # the CUDA-core gemv path takes the whole batch (<= this many rows) in one program
 BITMMA_MAX_ROWS = 8  # v8 puts a tile's rows on the N side of an m16n8k16 mma
+ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class KernelConfig:
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
     `decode_bitmma.py` (v8, split: base from cuBLAS; rows <= 8, block_n a multiple of 16 x num_warps,
-    num_stages = depth of its cp.async ring); int8: its one-row form on the int8 tensor cores (x as
-    digit planes, `_bitmma_int8_kernel`; rows = 1). Otherwise the Triton segment kernel, bits expanded
+    num_stages = depth of its cp.async ring; rows = 1 takes the int8 kernel v9, whose programs walk
+    col_blocks consecutive column blocks each). Otherwise the Triton segment kernel, bits expanded
     for tl.dot."""
 
     rows: int
@@ -35,15 +36,15 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
-    int8: bool = False
+    col_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
-        if self.int8 and not self.bitmma:
-            raise ValueError("int8 is a form of the bitmma kernel (bitmma=True)")
+        if self.col_blocks != 1 and not (self.bitmma and self.rows == 1):
+            raise ValueError("col_blocks > 1 is a form of the one-row bitmma kernel (bitmma=True, rows=1)")
         if self.bitmma:
             self._check_bitmma()
 
@@ -52,8 +53,6 @@ class KernelConfig:
             raise ValueError(f"bitmma is a split path (fuse_base=False) for rows <= {BITMMA_MAX_ROWS}")
         if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
-        if self.int8 and self.rows != 1:
-            raise ValueError("int8 is the one-row form of bitmma (rows=1)")
 
 
 def next_pow2(value: int) -> int:
@@ -110,17 +109,16 @@ def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
 
 
 def _bitmma_config(n: int, plan: SlotPlan, k: int) -> KernelConfig:
-    """Tiles of up to 8 rows of one slot on the tensor cores (v8, H100 sweeps of round 5): 256 x 512
-    tiles, 4 warps (4 mma slabs a warp); long rows (K > 8192) 128 x 256; with <= 4 tiles (few programs)
-    narrower column blocks, 64 on N <= 4096. Every slot one row (all-distinct batch): one-row tiles,
-    which stage and permute x in the kernel (round 6): 256 x 512 for every K, <= 4 tiles 64 (N <= 4096)
-    or 128 columns x 512 with 4 stages."""
-    if plan.max_rows == 1:
-        tiles = len(plan.counts)
-        bn, stages = ((64 if n <= 4096 else 128), 4) if tiles <= 4 else (256, 3)
-        return KernelConfig(rows=1, block_n=bn, block_k=512, num_warps=4, num_stages=stages, fuse_base=False,
-                            bitmma=True)
-    tiles = sum(-(-count // BITMMA_MAX_ROWS) for count in plan.counts)
+    """Tiles of up to 8 rows of one slot on the tensor cores (H100 sweeps, KERNEL_NOTES.md).
+
+    Every slot one row (the all-distinct batch; round 7): one-row tiles on the int8 kernel v9, 128 x
+    1024 with 3 stages, except 256 x 512 on N <= 4096 with 5..16 tiles (half the programs: a single
+    wave). Otherwise v8 with 8-row tiles: 256 x 512, 4 warps (4 mma slabs a warp); long rows (K > 8192)
+    128 x 256; with <= 4 tiles (few programs) narrower column blocks, 64 on N <= 4096."""
+    tiles = len(plan.counts) if plan.max_rows == 1 else sum(-(-count // BITMMA_MAX_ROWS) for count in plan.counts)
+    if plan.max_rows == 1 and k <= ONE_ROW_MAX_K:
+        bn, bk = (256, 512) if n <= 4096 and 4 < tiles <= 16 else (128, 1024)
+        return KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     if k > 8192:
         bn, bk, stages = 128, 256, 4
     elif tiles <= 4:

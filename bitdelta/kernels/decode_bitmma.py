@@ -1,29 +1,28 @@
-"""Tensor-core delta kernel for decode tiles of 1..8 rows of one slot (v8, config `bitmma`; Gluon, GPU only).
+"""Tensor-core delta kernels for decode tiles of 1..8 rows of one slot (config `bitmma`; Gluon, GPU only).
 
-The base product comes from cuBLAS (fp32 `ws`), as on the other split paths; this kernel adds
-scale[t] * (x . sign[t]) for each tile of rows sharing a slot. The rows of a tile are the N=8 side
-of an m16n8k16 mma and the bit matrix is the M side, so one program streams its slot's bits once
-for up to 8 rows (one row: the other 7 columns are zero and cost nothing but tensor-core slots).
+The base product comes from cuBLAS (fp32 `ws`), as on the other split paths; these kernels add
+scale[t] * (x . sign[t]) for each tile of rows sharing a slot. The slot's bit matrix is the M side
+of an mma and the tile's rows the N = 8 side, so one program streams its slot's bits once for
+its rows. The reduction dimension of an mma may be visited in any order, as long as x follows
+the same order: the k index of the A fragment is chosen so that each 32-bit A register takes its
+bits from one word with one IMAD (x 2^(s - j): the bits move to the sign positions) and one LOP3
+(mask, xor in a constant), and x is stored in shared memory in the matching order, so that each
+thread's B fragment is one contiguous run (16-byte loads). Two forms (benchmarks/KERNEL_NOTES.md):
 
-Why this shape (benchmarks/KERNEL_NOTES.md, v8): on the CUDA cores the bit path costs ~1.85
-instructions per weight at best (v7) and Triton's shared-memory staging of the words tile adds
-8-way bank conflicts. Here a weight costs one instruction: the reduction dimension of an mma may
-be visited in any order, as long as x follows the same order, so the k index of the mma fragment is
-chosen such that each 32-bit A register (two bf16 of one row) holds bits j and j+16 of one word.
-`(word * 2^(15 - j)) & 0x80008000` puts both bits on the two sign positions and xor-ing in -1.0 in
-both halves makes bit 1 -> +1.0, bit 0 -> -1.0: one IMAD + one LOP3 per two weights. x is
-stored in shared memory in the matching order, so that each thread's B fragment is contiguous
-and loads in 16-byte pieces: for 8-row tiles x is permuted once per call on the host
-(`permute_activations`); tiles of one row (the all-distinct batch, `rows=1`) load x unpermuted
-and permute it in registers on its way to shared memory, stage that one row only (the x ring
-shrinks 8x) and feed it to all 8 mma columns (the epilogue keeps column 0).
+- `_bitmma_kernel` (v8), tiles of 2..8 rows: bf16/fp16 m16n8k16, a register = 2 weights = +-1.0
+  (bits j and j + 16 of a word); x permuted once per call on the host (`permute_activations`).
+- `_bitmma_int8_kernel` (v9), tiles of one row (the all-distinct batch): int8 m16n8k32, a register =
+  4 weights = -64 * sign (bits j, j+8, j+16, j+24): half the instructions a weight and half the
+  mma count. The row's x becomes four 7-bit digit planes of a 28-bit fixed point (scale: the row's
+  |max|), one plane per mma column, digitised in the kernel on its way to shared memory: the int32
+  accumulator holds exact integer products and the epilogue weights the columns 2^21, 2^14, 2^7,
+  1 (error ~1e-7 relative, far below the bf16/fp16 rounding of y).
 
-Layouts are explicit (Gluon): words and x are staged in shared memory (cp.async; x of one-row
-tiles by plain loads issued one K-tile ahead) in a `STAGES`-deep ring (the bits are the DRAM stream and need many bytes in flight), then read in
-layouts derived from the mma operand layouts, so that the bit expansion and the operand
-assembly are register-local (`convert_layout(..., assert_trivial=True)` checks that at compile
-time). The x ring is swizzled (16-byte chunk index xor row) so that the 8 lanes of a 16-byte load
-phase hit distinct banks: `gl.bank_conflicts` gives 0 for both reads (7 for x unswizzled).
+Layouts are explicit: words and x are staged in shared memory in a `STAGES`-deep ring (the bits
+are the DRAM stream and need many bytes in flight) and read in layouts derived from the mma
+operand layouts, so that the bit expansion and the operand assembly are register-local
+(`convert_layout(..., assert_trivial=True)` checks that at compile time). The x ring is swizzled
+(16-byte chunk index xor row) so that the 8 lanes of a 16-byte load phase hit distinct banks.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from bitdelta.kernels.configs import KernelConfig
+from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 
 MMA_COLS = gl.constexpr(8)  # rows of one tile: the N side of m16n8k16
@@ -42,18 +41,28 @@ WORD_BITS = gl.constexpr(32)
 SUB_K = gl.constexpr(256)  # k per compute step: 32 bf16 x values per thread; one x swizzle period (8 x 16 B)
 
 
-def _sign_asm(neg_one_pair: int) -> str:
-    # $1 = the word (both elements of the pair hold it), $3 = 2^(15 - j): bits j, j+16 -> bits 15, 31.
+def _sign_asm(mask: int, constant: int) -> str:
+    # $1 = the word, $N = its multiplier 2^(s - j) ($3 for 2 elements a register, $5 for 4): the bits
+    # j, j + 16 (bf16/fp16) or j, j + 8, j + 16, j + 24 (int8) move to the sign position of each element.
     # A multiply, not a shift: the shift amount depends on the lane, so ptxas emits SHF, which shares
     # the half-rate ALU pipe with LOP3; IMAD runs on the FMA pipe (ncu, 4096^2 b=64: ALU pipe 70% busy
-    # at 45% issue, 107 us with SHF; 46% and 89 us with IMAD). lop3 0x6a = (a & b) ^ c: keep the two
-    # sign bits, xor in -1.0 in both halves.
-    return ("{ .reg .b32 t; mul.lo.u32 t, $1, $3; "
-            f"lop3.b32 $0, t, 0x80008000, {neg_one_pair:#x}, 0x6a; }}")
+    # at 45% issue, 107 us with SHF; 46% and 89 us with IMAD). lop3 0x6a = (a & b) ^ c: keep the sign
+    # bits, xor in a constant: -1.0 in both halves (bit 1 -> +1.0), or 0x40 in every byte (bit 1 ->
+    # 0xC0 = -64, bit 0 -> +64).
+    multiplier = "$5" if mask == 0x80808080 else "$3"
+    return (f"{{ .reg .b32 t; mul.lo.u32 t, $1, {multiplier}; "
+            f"lop3.b32 $0, t, {mask:#x}, {constant:#x}, 0x6a; }}")
 
 
-_SIGN_ASM_BF16 = gl.constexpr(_sign_asm(0xBF80BF80))
-_SIGN_ASM_F16 = gl.constexpr(_sign_asm(0xBC00BC00))
+_SIGN_ASM_BF16 = gl.constexpr(_sign_asm(0x80008000, 0xBF80BF80))
+_SIGN_ASM_F16 = gl.constexpr(_sign_asm(0x80008000, 0xBC00BC00))
+_SIGN_ASM_INT8 = gl.constexpr(_sign_asm(0x80808080, 0x40404040))
+
+# the int8 kernel: x as DIGITS 7-bit digit planes of a 28-bit fixed point of the row's |max|
+DIGITS = gl.constexpr(4)
+X_FULL_SCALE = gl.constexpr(127.0 * 2 ** 21)  # |x| = row max -> v = 127 * 2^21: top digit in [-128, 127]
+SIGN_MAGNITUDE = gl.constexpr(64.0)  # an expanded weight is -64 * sign (the int8 byte 0xC0 or 0x40)
+ROW_MAX_CHUNK = gl.constexpr(4096)  # x elements a block reads per step of the row-max prologue
 
 
 @gluon.constexpr_function
@@ -72,8 +81,8 @@ def _words_layout(a_ll):
 
 @gluon.constexpr_function
 def _x_layout(b_ll):
-    """The B operand's layout [BK, 8] seen as the permuted x tile [32, BK/4] (row 4c + q, position r):
-    mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
+    """The bf16 B operand's layout [BK, 8] seen as the permuted x tile [32, BK/4] (row 4c + q, position
+    r): mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
     thread's B registers are one contiguous run (see `permute_activations`)."""
     def move(basis):
         kk, c = basis
@@ -86,45 +95,61 @@ def _x_layout(b_ll):
 
 
 @gluon.constexpr_function
-def _x_layout_one_row(b_ll):
-    """`_x_layout` for a tile of one row: the permuted x [4, BK/4] (row q) read by every mma column
-    c alike (the c bases map to nothing: the 8 lanes of a quad group read the same address, a shared
-    memory broadcast), so the x ring stages 1 row instead of 8."""
+def _x_digits_layout(b_ll):
+    """The int8 B operand [BK, 8] (k_width 4) seen as the digit planes [16, BK/4] (row 4d + q,
+    position r): mma k index kk = 32w + 16a + 4q + p is stored at 8w + 4a + p of row 4d + q, so each
+    thread's B registers are one contiguous run; column c reads digit plane c % 4 (columns 4..7 repeat
+    0..3: the c = 4 basis maps to nothing, a shared-memory broadcast)."""
     def move(basis):
         kk, c = basis
-        return [(kk >> 1) & 3, (kk & 1) | ((kk >> 3) << 1)]
+        return [4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
 
     bk = b_ll.shape[0]
     return gl.DistributedLinearLayout(
         reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
-        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[4, bk // 4])
+        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[16, bk // 4])
 
 
-@gluon.jit
-def _x_operand_one_row(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
-    """[4, BK/4] permuted x of one row -> the mma B operand [BK, 8], that row in every column (the
-    tile's other 7 columns compute copies of column 0, which the epilogue drops); moves no data."""
-    x5 = gl.reshape(x_tile, [4, BK // 32, 2, 2, 2])  # (q, w, a, h, e)
-    x5 = gl.permute(x5, (1, 2, 3, 0, 4))  # (w, a, h, q, e): kk = 32w + 16a + 8h + 2q + e
-    x_k = gl.convert_layout(gl.reshape(x5, [BK]), gl.SliceLayout(1, b_layout), assert_trivial=True)
-    x_kc, _ = gl.broadcast(gl.expand_dims(x_k, 1), gl.full([1, MMA_COLS], 0, x_tile.dtype, layout=b_layout))
-    return x_kc
+@gluon.constexpr_function
+def _split_columns(b_ll):
+    """The B operand's layout [BK, 8] seen as [BK, 2, 4] (kk, c // 4, c % 4)."""
+    def split(basis):
+        kk, c = basis
+        return [kk, c >> 2, c & 3]
+
+    return gl.DistributedLinearLayout(
+        reg_bases=[split(b) for b in b_ll.reg_bases], lane_bases=[split(b) for b in b_ll.lane_bases],
+        warp_bases=[split(b) for b in b_ll.warp_bases], block_bases=[], shape=[b_ll.shape[0], 2, 4])
 
 
 @gluon.jit
 def _x_operand(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
-    """[32, BK/4] permuted x (rows 4c + q) -> the mma B operand [BK, 8]; moves no data."""
+    """[32, BK/4] permuted x (rows 4c + q) -> the bf16 mma B operand [BK, 8]; moves no data."""
     x6 = gl.reshape(x_tile, [MMA_COLS, 4, BK // 32, 2, 2, 2])  # (c, q, w, a, h, e)
     x6 = gl.permute(x6, (2, 3, 4, 1, 5, 0))  # (w, a, h, q, e, c): kk = 32w + 16a + 8h + 2q + e
     return gl.convert_layout(gl.reshape(x6, [BK, MMA_COLS]), b_layout, assert_trivial=True)
 
 
 @gluon.jit
+def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: gl.constexpr):
+    """[16, BK/4] digit planes -> the int8 mma B operand [BK, 8], column c = plane c % 4; moves no data."""
+    x5 = gl.reshape(x_tile, [DIGITS, 4, BK // 32, 2, 4])  # (d, q, w, a, p)
+    x5 = gl.permute(x5, (2, 3, 1, 4, 0))  # (w, a, q, p, d): kk = 32w + 16a + 4q + p
+    x_kd = gl.convert_layout(gl.reshape(x5, [BK, DIGITS]), gl.SliceLayout(1, cols3), assert_trivial=True)
+    x3, _ = gl.broadcast(gl.expand_dims(x_kd, 1), gl.full([1, 2, 1], 0, gl.int8, layout=cols3))
+    return gl.convert_layout(gl.reshape(x3, [BK, 2 * DIGITS]), b_layout, assert_trivial=True)
+
+
+@gluon.jit
 def _sign_operand(words, multipliers, a_layout: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                  FP16: gl.constexpr):
-    """words [BN, BK/32] -> +-1 [BN, BK] in the mma A layout, one IMAD + one LOP3 per two weights."""
+                  KIND: gl.constexpr):
+    """words [BN, BK/32] -> the mma A operand [BN, BK]: +-1 in bf16 (KIND 0) or fp16 (1), one IMAD +
+    one LOP3 per two weights; -64 * sign in int8 (2), the same per four weights."""
     w3, s3 = gl.broadcast(gl.expand_dims(words, 2), multipliers)
-    if FP16:
+    if KIND == 2:
+        signs = gl.inline_asm_elementwise(_SIGN_ASM_INT8, "=r,r,r,r,r,r,r,r,r", [w3, s3], dtype=gl.int8,
+                                          is_pure=True, pack=4)
+    elif KIND == 1:
         signs = gl.inline_asm_elementwise(_SIGN_ASM_F16, "=r,r,r,r,r", [w3, s3], dtype=gl.float16,
                                           is_pure=True, pack=2)
     else:
@@ -143,66 +168,27 @@ def _issue_word_copies(w_smem, w_ptrs, w_mask, kt, KW, WORD_VEC: gl.constexpr, B
 
 
 @gluon.jit
-def _load_x_tile(x_ptrs, x_live, x_cols, kt, K, BK: gl.constexpr):
-    """x [X_ROWS, BK] of K-tile kt in natural k order (zero past K and for dead rows)."""
-    return gl.load(x_ptrs + kt * BK, mask=x_live[:, None] & (kt * BK + x_cols < K)[None, :], other=0.0)
-
-
-@gluon.jit
-def _permute_x_tile(x_tile, X_ROWS: gl.constexpr, BK: gl.constexpr):
-    """x [X_ROWS, BK], natural k = 32w + 16e + 8a + 4h + q -> [4 X_ROWS, BK/4] in the mma order: row 4c + q,
-    position 8w + 4a + 2h + e (what `permute_activations` does on the host side)."""
-    x6 = gl.reshape(x_tile, [X_ROWS, BK // 32, 2, 2, 2, 4])  # (c, w, e, a, h, q)
-    x6 = gl.permute(x6, (0, 5, 1, 3, 4, 2))  # (c, q, w, a, h, e)
-    return gl.reshape(x6, [4 * X_ROWS, BK // 4])
-
-
-@gluon.jit
-def _tile_product(acc, w_stage, x_stage, multipliers, sub: gl.constexpr, words_layout: gl.constexpr,
-                  x_layout: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                  FP16: gl.constexpr, ONE_ROW: gl.constexpr):
-    """acc + the delta product of compute step `sub` (SUB_K of k) of the staged K-tile."""
-    words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
-    x_tile = x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout)
-    a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, FP16)
-    if ONE_ROW:
-        b = _x_operand_one_row(x_tile, b_layout, SUB_K)
-    else:
-        b = _x_operand(x_tile, b_layout, SUB_K)
-    return mma_v2(a, b, acc)
-
-
-@gluon.jit
 def _bitmma_kernel(
     x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr, WORD_VEC: gl.constexpr, ONE_ROW: gl.constexpr,
+    STAGES: gl.constexpr, WORD_VEC: gl.constexpr,
 ):
     """Program = (tile of <= 8 rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
-    through the cp.async ring, SUB_K at a time on the tensor cores, then y = ws + bias + scale * acc.
-
-    ONE_ROW (tiles of one row, the all-distinct batch): x is read in its natural order, permuted in
-    registers and stored to shared memory (4 elements a thread a K-tile), so the host-side
-    `permute_activations` kernel goes away; 8-row tiles take x permuted on the host and copy it by
-    cp.async (there the in-kernel permutation costs 32 scalar loads and stores a thread a K-tile
-    and measured 1-12% slower: KERNEL_NOTES round 6)."""
+    through the cp.async ring (words and the host-permuted x), SUB_K at a time on the tensor cores,
+    then y = ws + bias + scale * acc."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
-    X_ROWS: gl.constexpr = 1 if ONE_ROW else MMA_COLS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
-    b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS])
-    x_layout: gl.constexpr = _x_layout_one_row(b_ll) if ONE_ROW else _x_layout(b_ll)
+    x_layout: gl.constexpr = _x_layout(gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS]))
     # cp.async layouts: 16 bytes per thread and copy
     w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 32), BLOCK_K // 32], [NW, 1], [1, 0])
-    # natural x tile: consecutive k along lanes and warps
-    x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
     w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     x_shared: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
 
@@ -214,27 +200,20 @@ def _bitmma_kernel(
     slot64 = gl.maximum(slot, 0).to(gl.int64)
     col0 = gl.program_id(1) * BLOCK_N
 
-    # copy pointers: words [BN, BKW] of the slot, x rows of the tile
+    # copy pointers: words [BN, BKW] of the slot, x rows of the tile (permuted: rows 4c + q of each K-tile)
     wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
     w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
               + wk[None, :])
     w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    if ONE_ROW:
-        xc = gl.arange(0, X_ROWS, layout=gl.SliceLayout(1, x_natural))
-        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_natural))
-        x_live = xc < count
-        x_row = gl.load(order_ptr + first + xc, mask=x_live, other=0).to(gl.int64)
-        x_ptrs = x_ptr + x_row[:, None] * stride_x + xk[None, :]
-    else:  # x permuted on the host (rows 4c + q of each K-tile)
-        xr = gl.arange(0, 4 * X_ROWS, layout=gl.SliceLayout(1, x_copy))
-        xk = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, x_copy))
-        x_live = (xr // 4) < count
-        x_row = gl.load(order_ptr + first + xr // 4, mask=x_live, other=0).to(gl.int64)
-        x_ptrs = x_ptr + x_row[:, None] * stride_x + ((xr % 4) * (BLOCK_K // 4))[:, None] + xk[None, :]
+    xr = gl.arange(0, 4 * MMA_COLS, layout=gl.SliceLayout(1, x_copy))
+    xk = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, x_copy))
+    x_live = (xr // 4) < count
+    x_row = gl.load(order_ptr + first + xr // 4, mask=x_live, other=0).to(gl.int64)
+    x_ptrs = x_ptr + x_row[:, None] * stride_x + ((xr % 4) * (BLOCK_K // 4))[:, None] + xk[None, :]
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
-    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, 4 * X_ROWS, BLOCK_K // 4], x_shared)
+    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, 4 * MMA_COLS, BLOCK_K // 4], x_shared)
 
     # 2^(15 - j) for the bit slot t = 16a + 8h + 2q + e of a word (j = 8a + 4h + q; e picks j or j + 16)
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
@@ -242,11 +221,7 @@ def _bitmma_kernel(
 
     for s in gl.static_range(STAGES - 1):
         _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
-        if ONE_ROW:
-            x_smem.index(s).store(_permute_x_tile(_load_x_tile(x_ptrs, x_live, xk, s, K, BLOCK_K), X_ROWS, BLOCK_K))
-        else:
-            async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + s * BLOCK_K,
-                                                   mask=x_live[:, None] & (s < KT))
+        async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + s * BLOCK_K, mask=x_live[:, None] & (s < KT))
         async_copy.commit_group()
     acc = gl.zeros([BLOCK_N, MMA_COLS], gl.float32, layout=mma)
     for kt in range(KT):
@@ -254,21 +229,16 @@ def _bitmma_kernel(
         gl.thread_barrier()  # every thread's copies of tile kt have landed; stage kt-1 is free again
         nxt = kt + STAGES - 1
         _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
-        if ONE_ROW:
-            # loaded now, stored after this tile's products: the load's latency hides behind them
-            x_next = _load_x_tile(x_ptrs, x_live, xk, nxt, K, BLOCK_K)
-        else:
-            async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
-                                                   mask=x_live[:, None] & (nxt < KT))
+        async_copy.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * BLOCK_K,
+                                               mask=x_live[:, None] & (nxt < KT))
         async_copy.commit_group()
         w_stage = w_smem.index(kt % STAGES)
         x_stage = x_smem.index(kt % STAGES)
         for sub in gl.static_range(BLOCK_K // SUB_K):
-            acc = _tile_product(acc, w_stage, x_stage, multipliers, sub, words_layout, x_layout, a_layout, b_layout,
-                                BLOCK_N, FP16, ONE_ROW)
-        if ONE_ROW:
-            # stage nxt is stage kt-1, free since this iteration's barrier; the next barrier publishes it
-            x_smem.index(nxt % STAGES).store(_permute_x_tile(x_next, X_ROWS, BLOCK_K))
+            words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
+            a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, 1 if FP16 else 0)
+            b = _x_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout, SUB_K)
+            acc = mma_v2(a, b, acc)
     async_copy.wait_group(0)
 
     # y[row_c, n] = ws + bias + scale[slot, n] * acc[n, c]
@@ -286,44 +256,6 @@ def _bitmma_kernel(
     gl.store(y_ptr + rows[None, :] * stride_y + n[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# int8 path (one-row tiles): x as DIGITS 7-bit digit planes of a 28-bit fixed point of the row's |max|
-DIGITS = gl.constexpr(4)
-X_FULL_SCALE = gl.constexpr(127.0 * 2 ** 21)  # |x| = row max -> v = 127 * 2^21: top digit in [-128, 127]
-SIGN_MAGNITUDE = gl.constexpr(64.0)  # an expanded weight is -64 * sign (the int8 byte 0xC0 or 0x40)
-ROW_MAX_CHUNK = gl.constexpr(4096)  # x elements a block reads per step of the row-max prologue
-# bits j, j+8, j+16, j+24 of the word -> the top bit of bytes 0..3 ($5 = 2^(7 - j)); lop3 (t & 0x80808080) ^ 0x40404040:
-# bit 1 -> 0xC0 (-64), bit 0 -> 0x40 (+64). One IMAD + one LOP3 per four weights.
-_SIGN_ASM_INT8 = gl.constexpr("{ .reg .b32 t; mul.lo.u32 t, $1, $5; lop3.b32 $0, t, 0x80808080, 0x40404040, 0x6a; }")
-
-
-@gluon.constexpr_function
-def _x_digits_layout(b_ll):
-    """The int8 B operand [SUB_K, 8] (k_width 4) seen as the digit planes [16, SUB_K/4] (row 4d + q,
-    position r): mma k index kk = 32w + 16a + 4q + p is stored at 8w + 4a + p of row 4d + q, so each
-    thread's B registers are one contiguous run; column c reads digit plane c % 4 (columns 4..7 repeat
-    0..3: the c = 4 basis maps to nothing, a shared-memory broadcast)."""
-    def move(basis):
-        kk, c = basis
-        return [4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
-
-    bk = b_ll.shape[0]
-    return gl.DistributedLinearLayout(
-        reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
-        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[16, bk // 4])
-
-
-@gluon.constexpr_function
-def _split_columns(b_ll):
-    """The B operand's layout [SUB_K, 8] seen as [SUB_K, 2, 4] (kk, c // 4, c % 4)."""
-    def split(basis):
-        kk, c = basis
-        return [kk, c >> 2, c & 3]
-
-    return gl.DistributedLinearLayout(
-        reg_bases=[split(b) for b in b_ll.reg_bases], lane_bases=[split(b) for b in b_ll.lane_bases],
-        warp_bases=[split(b) for b in b_ll.warp_bases], block_bases=[], shape=[b_ll.shape[0], 2, 4])
-
-
 @gluon.jit
 def _row_absmax(x_row_ptr, K, layout: gl.constexpr):
     """max |x| over one row of K elements (the whole block takes part; one reduction at the end)."""
@@ -336,13 +268,20 @@ def _row_absmax(x_row_ptr, K, layout: gl.constexpr):
 
 
 @gluon.jit
-def _digit_planes(x_tile, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
+def _load_x_tile(x_row_ptr, kt, K, layout: gl.constexpr, BK: gl.constexpr):
+    """x[kt * BK : (kt + 1) * BK] of one row as [1, BK], natural k order, zero past K."""
+    ks = kt * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+    return gl.expand_dims(gl.load(x_row_ptr + ks, mask=ks < K, other=0.0), 0)
+
+
+@gluon.jit
+def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
     """x [1, BK] in natural k order -> int8 digit planes [16, BK/4] in the mma order.
 
     v = trunc(x * inv_scale), |v| <= 127 * 2^21, is written as sum_d digit_d * 2^(7 (3 - d)): digit 0 =
     v >> 21 (signed, in [-128, 127]), digits 1..3 the next 7-bit fields (in [0, 127]). Natural
     k = 32w + 8p + 4a + q goes to row 4d + q, position 8w + 4a + p (`_x_digits_layout`)."""
-    v = (x_tile.to(gl.float32) * inv_scale).to(gl.int32)
+    v = (x.to(gl.float32) * inv_scale).to(gl.int32)
     d = gl.expand_dims(gl.arange(0, DIGITS, layout=gl.SliceLayout(1, layout)), 1)
     digits = ((v >> (7 * (DIGITS - 1 - d))) & gl.where(d == 0, -1, 127)).to(gl.int8)  # [DIGITS, BK]
     x5 = gl.reshape(digits, [DIGITS, BK // 32, 4, 2, 4])  # (d, w, p, a, q)
@@ -351,29 +290,18 @@ def _digit_planes(x_tile, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: gl.constexpr):
-    """[16, BK/4] digit planes -> the int8 mma B operand [BK, 8], column c = plane c % 4; moves no data."""
-    x5 = gl.reshape(x_tile, [DIGITS, 4, BK // 32, 2, 4])  # (d, q, w, a, p)
-    x5 = gl.permute(x5, (2, 3, 1, 4, 0))  # (w, a, q, p, d): kk = 32w + 16a + 4q + p
-    x_kd = gl.convert_layout(gl.reshape(x5, [BK, DIGITS]), gl.SliceLayout(1, cols3), assert_trivial=True)
-    x3, _ = gl.broadcast(gl.expand_dims(x_kd, 1), gl.full([1, 2, 1], 0, gl.int8, layout=cols3))
-    return gl.convert_layout(gl.reshape(x3, [BK, 2 * DIGITS]), b_layout, assert_trivial=True)
-
-
-@gluon.jit
 def _bitmma_int8_kernel(
     x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
-    N, K, KW, KT,
+    N, K, KW, KT, COL_BLOCKS,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     WORD_VEC: gl.constexpr,
 ):
-    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores (m16n8k32):
-    the slot's bits expand to -64 * sign (4 weights a register), the row's x is written as four 7-bit
-    digit planes of a 28-bit fixed point (scale: the row's |max|, found in a prologue) placed in mma
-    columns 0..3, so the int32 accumulator holds exact integer products; the epilogue weights the
-    columns by 2^21, 2^14, 2^7, 1 and rescales. x tiles are loaded one K-tile ahead and digitised on
-    their way to shared memory; the words stream through the cp.async ring as in `_bitmma_kernel`."""
+    """Program = (one row and its slot, COL_BLOCKS consecutive blocks of BLOCK_N output columns) on the
+    int8 tensor cores. The steps (column block, K-tile) run through one cp.async ring, so the ring
+    stays full across column blocks and the row's |max| is found once. x tiles are loaded one step
+    ahead and digitised on their way to shared memory; at the last K-tile of a column block the
+    epilogue weights the digit columns, rescales and writes y = ws + bias + scale * (x . sign)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
@@ -385,6 +313,7 @@ def _bitmma_int8_kernel(
     x_layout: gl.constexpr = _x_digits_layout(b_ll)
     cols3: gl.constexpr = _split_columns(b_ll)
     w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
+    # natural x tile: consecutive k along lanes and warps (4 a thread at BK 512, 4 warps: one q group)
     x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
     x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
     w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
@@ -392,20 +321,17 @@ def _bitmma_int8_kernel(
 
     tile = gl.program_id(0)
     slot = gl.load(tiles_ptr + tile * 3)
-    first = gl.load(tiles_ptr + tile * 3 + 1)
+    row = gl.load(order_ptr + gl.load(tiles_ptr + tile * 3 + 1)).to(gl.int64)
     has_delta = slot >= 0
     slot64 = gl.maximum(slot, 0).to(gl.int64)
-    col0 = gl.program_id(1) * BLOCK_N
-    row = gl.load(order_ptr + first).to(gl.int64)
+    block0 = gl.program_id(1) * COL_BLOCKS
+    steps = gl.minimum(COL_BLOCKS, gl.cdiv(N, BLOCK_N) - block0) * KT
+    x_row_ptr = x_ptr + row * stride_x
 
-    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    wn = block0 * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
-    w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
-              + wk[None, :])
-    w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_natural))
-    x_live = gl.arange(0, 1, layout=gl.SliceLayout(1, x_natural)) < 1
-    x_ptrs = x_ptr + row * stride_x + gl.expand_dims(xk, 0)
+    w_ptrs = signs_ptr + slot64 * stride_sg_s * WORD_VEC + wn[:, None] * stride_sg_n * WORD_VEC + wk[None, :]
+    block_stride = BLOCK_N * stride_sg_n * WORD_VEC
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
     x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
@@ -415,46 +341,52 @@ def _bitmma_int8_kernel(
     multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (4 * (t >> 4) + ((t >> 2) & 3))), 0), 0)
 
     for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
-        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
+        j = s // KT
+        _issue_word_copies(w_smem.index(s), w_ptrs + j * block_stride,
+                           has_delta & (s < steps) & (wn + j * BLOCK_N < N)[:, None], s % KT, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-    peak = _row_absmax(x_ptr + row * stride_x, K, x_row_layout)
+    peak = _row_absmax(x_row_ptr, K, x_row_layout)
     inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
     for s in gl.static_range(STAGES - 1):
-        x_smem.index(s).store(_digit_planes(_load_x_tile(x_ptrs, x_live, xk, s, K, BLOCK_K), inv_scale,
+        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, s % KT, K, x_natural, BLOCK_K), inv_scale,
                                             x_natural, BLOCK_K))
+
+    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
+    column_weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
+    column_weight = column_weight * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
     acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
-    for kt in range(KT):
+    for step in range(steps):
         async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # tile kt's words have landed and its digits are stored; stage kt-1 is free
-        nxt = kt + STAGES - 1
-        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
+        gl.thread_barrier()  # this step's words have landed and its digits are stored; stage step-1 is free
+        nxt = step + STAGES - 1
+        j = nxt // KT
+        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs + j * block_stride,
+                           has_delta & (nxt < steps) & (wn + j * BLOCK_N < N)[:, None], nxt % KT, KW, WORD_VEC,
+                           BLOCK_K, wk)
         async_copy.commit_group()
-        x_next = _load_x_tile(x_ptrs, x_live, xk, nxt, K, BLOCK_K)  # its latency hides behind the products
-        w_stage = w_smem.index(kt % STAGES)
-        x_stage = x_smem.index(kt % STAGES)
+        x_next = _load_x_tile(x_row_ptr, nxt % KT, K, x_natural, BLOCK_K)  # its latency hides behind the products
+        w_stage = w_smem.index(step % STAGES)
+        x_stage = x_smem.index(step % STAGES)
         for sub in gl.static_range(BLOCK_K // SUB_K):
             words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
-            w3, s3 = gl.broadcast(gl.expand_dims(words, 2), multipliers)
-            signs = gl.inline_asm_elementwise(_SIGN_ASM_INT8, "=r,r,r,r,r,r,r,r,r", [w3, s3], dtype=gl.int8,
-                                              is_pure=True, pack=4)
-            a = gl.convert_layout(gl.reshape(signs, [BLOCK_N, SUB_K]), a_layout, assert_trivial=True)
+            a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, 2)
             b = _x_digits_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout,
                                   cols3, SUB_K)
             acc = mma_v2(a, b, acc)
+        # stage step-1, free since this step's barrier; the next barrier publishes it
         x_smem.index(nxt % STAGES).store(_digit_planes(x_next, inv_scale, x_natural, BLOCK_K))
+        if step % KT == KT - 1:  # the column block is complete
+            n = (block0 + step // KT) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+            n_mask = n < N
+            out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
+            if HAS_BIAS:
+                out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
+            dot = gl.sum(acc.to(gl.float32) * column_weight[None, :], axis=1)
+            out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
+            gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+            acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
     async_copy.wait_group(0)
-
-    # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
-    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
-    weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
-    dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
-    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    n_mask = n < N
-    out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
-    out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
-    gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -470,34 +402,31 @@ def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
     return tiles.permute(0, 1, 6, 2, 4, 5, 3).reshape(m, k_tiles * block_k)
 
 
-INT8_MAX_K = 1 << 18  # the int32 accumulator holds at most 64 * 128 * K (top digit x the expanded weight)
-
-
 def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
                  scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
-    """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma)."""
+    """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma): one-row
+    tiles on the int8 kernel, taller ones on the bf16/fp16 kernel."""
     n, kw = signs.shape[1], signs.shape[2]
     k = x.shape[1]
-    one_row = config.rows == 1
     tiles = segment_tiles(plan, config.rows)
     word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
-    grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
-    common = (n, k, kw, triton.cdiv(k, config.block_k))
+    shape = (n, k, kw, triton.cdiv(k, config.block_k))
     strides = (ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0), y.stride(0))
-    if config.int8:
-        if k >= INT8_MAX_K:
-            raise ValueError(f"the int8 delta kernel takes K < {INT8_MAX_K} (got {k}): use a bf16 config")
+    bias_arg = bias if bias is not None else y
+    if config.rows == 1:
+        if k > ONE_ROW_MAX_K:
+            raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
+        grid = (tiles.shape[0], triton.cdiv(triton.cdiv(n, config.block_n), config.col_blocks))
         _bitmma_int8_kernel[grid](
-            x, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order, *common, x.stride(0),
-            *strides, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
+            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, config.col_blocks, x.stride(0), *strides,
+            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
+            WORD_VEC=word_vec, num_warps=config.num_warps,
         )
         return y
-    xk = x if one_row else permute_activations(x, config.block_k)
-    _bitmma_kernel[grid](
-        xk, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order, *common, xk.stride(0),
-        *strides, HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, STAGES=config.num_stages, WORD_VEC=word_vec, ONE_ROW=one_row,
-        num_warps=config.num_warps,
+    xk = permute_activations(x, config.block_k)
+    _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+        xk, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, xk.stride(0), *strides,
+        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
     )
     return y

@@ -91,14 +91,11 @@ CONFIGS = [
     KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
     # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 256 x 512 and 128 x 1024 are dispatched),
-    # programs walking several column blocks; the 8-row tile of few-tile batches on wide layers
+    # and a narrow 2-warp tile; the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True,
-                 col_blocks=3),
-    KernelConfig(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4, fuse_base=False, bitmma=True,
-                 col_blocks=2),
+    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
 ]
 
@@ -106,7 +103,7 @@ CONFIGS = [
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = ("bitmma" if c.bitmma else "") + (f"c{c.col_blocks}" if c.col_blocks > 1 else "")
+    variant = "bitmma" if c.bitmma else ""
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 

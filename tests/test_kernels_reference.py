@@ -202,9 +202,6 @@ def test_kernel_config_validation():
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
         KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
-    with pytest.raises(ValueError):  # only the one-row kernel walks several column blocks a program
-        KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True,
-                     col_blocks=2)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 

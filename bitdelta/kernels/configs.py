@@ -24,8 +24,7 @@ class KernelConfig:
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
     `decode_bitmma.py` (v8, split: base from cuBLAS; rows <= 8, block_n a multiple of 16 x num_warps,
-    num_stages = depth of its cp.async ring; rows = 1 takes the int8 kernel v9, whose programs walk
-    col_blocks consecutive column blocks each). Otherwise the Triton segment kernel, bits expanded
+    num_stages = depth of its cp.async ring; rows = 1 takes the int8 kernel v9). Otherwise the Triton segment kernel, bits expanded
     for tl.dot."""
 
     rows: int
@@ -36,15 +35,12 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
-    col_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
-        if self.col_blocks != 1 and not (self.bitmma and self.rows == 1):
-            raise ValueError("col_blocks > 1 is a form of the one-row bitmma kernel (bitmma=True, rows=1)")
         if self.bitmma:
             self._check_bitmma()
 

@@ -292,16 +292,15 @@ def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
 @gluon.jit
 def _bitmma_int8_kernel(
     x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
-    N, K, KW, KT, COL_BLOCKS,
+    N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     WORD_VEC: gl.constexpr,
 ):
-    """Program = (one row and its slot, COL_BLOCKS consecutive blocks of BLOCK_N output columns) on the
-    int8 tensor cores. The steps (column block, K-tile) run through one cp.async ring, so the ring
-    stays full across column blocks and the row's |max| is found once. x tiles are loaded one step
-    ahead and digitised on their way to shared memory; at the last K-tile of a column block the
-    epilogue weights the digit columns, rescales and writes y = ws + bias + scale * (x . sign)."""
+    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores: walks K in
+    BLOCK_K tiles through the cp.async ring of words; x tiles are loaded one ring stage ahead and
+    digitised on their way to shared memory; the epilogue weights the digit columns, rescales and
+    writes y = ws + bias + scale * (x . sign)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
@@ -324,14 +323,14 @@ def _bitmma_int8_kernel(
     row = gl.load(order_ptr + gl.load(tiles_ptr + tile * 3 + 1)).to(gl.int64)
     has_delta = slot >= 0
     slot64 = gl.maximum(slot, 0).to(gl.int64)
-    block0 = gl.program_id(1) * COL_BLOCKS
-    steps = gl.minimum(COL_BLOCKS, gl.cdiv(N, BLOCK_N) - block0) * KT
+    col0 = gl.program_id(1) * BLOCK_N
     x_row_ptr = x_ptr + row * stride_x
 
-    wn = block0 * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
-    w_ptrs = signs_ptr + slot64 * stride_sg_s * WORD_VEC + wn[:, None] * stride_sg_n * WORD_VEC + wk[None, :]
-    block_stride = BLOCK_N * stride_sg_n * WORD_VEC
+    w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
+              + wk[None, :])
+    w_mask = has_delta & ((col0 + wn) < N)[:, None]
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
     x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
@@ -341,52 +340,44 @@ def _bitmma_int8_kernel(
     multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (4 * (t >> 4) + ((t >> 2) & 3))), 0), 0)
 
     for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
-        j = s // KT
-        _issue_word_copies(w_smem.index(s), w_ptrs + j * block_stride,
-                           has_delta & (s < steps) & (wn + j * BLOCK_N < N)[:, None], s % KT, KW, WORD_VEC, BLOCK_K, wk)
+        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
     peak = _row_absmax(x_row_ptr, K, x_row_layout)
     inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
     for s in gl.static_range(STAGES - 1):
-        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, s % KT, K, x_natural, BLOCK_K), inv_scale,
+        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, s, K, x_natural, BLOCK_K), inv_scale,
                                             x_natural, BLOCK_K))
-
-    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
-    # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
-    column_weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
-    column_weight = column_weight * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
     acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
-    for step in range(steps):
+    for kt in range(KT):
         async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # this step's words have landed and its digits are stored; stage step-1 is free
-        nxt = step + STAGES - 1
-        j = nxt // KT
-        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs + j * block_stride,
-                           has_delta & (nxt < steps) & (wn + j * BLOCK_N < N)[:, None], nxt % KT, KW, WORD_VEC,
-                           BLOCK_K, wk)
+        gl.thread_barrier()  # tile kt's words have landed and its digits are stored; stage kt-1 is free
+        nxt = kt + STAGES - 1
+        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-        x_next = _load_x_tile(x_row_ptr, nxt % KT, K, x_natural, BLOCK_K)  # its latency hides behind the products
-        w_stage = w_smem.index(step % STAGES)
-        x_stage = x_smem.index(step % STAGES)
+        x_next = _load_x_tile(x_row_ptr, nxt, K, x_natural, BLOCK_K)  # its latency hides behind the products
+        w_stage = w_smem.index(kt % STAGES)
+        x_stage = x_smem.index(kt % STAGES)
         for sub in gl.static_range(BLOCK_K // SUB_K):
             words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
             a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, 2)
             b = _x_digits_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout,
                                   cols3, SUB_K)
             acc = mma_v2(a, b, acc)
-        # stage step-1, free since this step's barrier; the next barrier publishes it
+        # stage kt-1, free since this iteration's barrier; the next barrier publishes it
         x_smem.index(nxt % STAGES).store(_digit_planes(x_next, inv_scale, x_natural, BLOCK_K))
-        if step % KT == KT - 1:  # the column block is complete
-            n = (block0 + step // KT) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-            n_mask = n < N
-            out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
-            if HAS_BIAS:
-                out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
-            dot = gl.sum(acc.to(gl.float32) * column_weight[None, :], axis=1)
-            out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
-            gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-            acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
     async_copy.wait_group(0)
+
+    # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
+    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
+    dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
+    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    n_mask = n < N
+    out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
+    out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
+    gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -416,9 +407,8 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     if config.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
-        grid = (tiles.shape[0], triton.cdiv(triton.cdiv(n, config.block_n), config.col_blocks))
-        _bitmma_int8_kernel[grid](
-            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, config.col_blocks, x.stride(0), *strides,
+        _bitmma_int8_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
             HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
             WORD_VEC=word_vec, num_warps=config.num_warps,
         )

@@ -42,7 +42,7 @@ def triton_available() -> bool:
 
 @functools.cache
 def gluon_available() -> bool:
-    """True when Triton has Gluon (triton >= 3.5), which the v8 decode kernel is written in."""
+    """True when Triton has Gluon (triton >= 3.5), which the v8/v9 decode kernels are written in."""
     try:
         import triton.experimental.gluon  # noqa: F401
     except ImportError:

@@ -23,9 +23,9 @@ class KernelConfig:
     """rows: rows per tile (power of two); fuse_base: base product in the kernel rather than cuBLAS;
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
-    `decode_bitmma.py` (v8, split: base from cuBLAS; rows <= 8, block_n a multiple of 16 x num_warps,
-    num_stages = depth of its cp.async ring; rows = 1 takes the int8 kernel v9). Otherwise the Triton segment kernel, bits expanded
-    for tl.dot."""
+    `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, rows = 1 on the int8 kernel v9, else v8;
+    block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring). Otherwise the
+    Triton segment kernel, bits expanded for tl.dot."""
 
     rows: int
     block_n: int
@@ -59,9 +59,10 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md).
 
     Few distinct deltas: one fused pass (base + bits), tensor-core products, narrow column
-    blocks. Many distinct deltas: cuBLAS for the base once, then the tensor-core delta kernel (v8),
-    which reads each slot's bits once per tile of up to 8 rows (a slot of 9..16 rows takes two). Prefill gets GEMM-sized tiles that amortise the bit expansion over
-    many rows. `bitmma=False` (a Triton without Gluon) takes the tl.dot kernel instead of v8.
+    blocks. Many distinct deltas: cuBLAS for the base once, then a tensor-core delta kernel (v8;
+    v9 for one-row tiles), which reads each slot's bits once per tile of up to 8 rows (a slot of
+    9..16 rows takes two). Prefill gets GEMM-sized tiles that amortise the bit expansion over
+    many rows. `bitmma=False` (a Triton without Gluon) takes the tl.dot kernel instead of v8/v9.
     """
     gemv = _gemv_config(n, plan, k)
     if gemv is not None:

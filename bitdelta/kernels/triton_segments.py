@@ -14,8 +14,8 @@ that pays when many distinct slots would otherwise each re-read the base columns
 
 Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
 (`tl.dot`, fp32 accumulation). Decode tiles of up to 8 rows of a slot with the base from cuBLAS
-take the Gluon kernel of `decode_bitmma.py` instead (config `bitmma`), whose expansion costs one
-instruction per weight (v8 in benchmarks/KERNEL_NOTES.md).
+take the Gluon kernels of `decode_bitmma.py` instead (config `bitmma`), whose expansion costs one
+instruction per weight (v8 in benchmarks/KERNEL_NOTES.md), half that for one-row tiles (v9, int8).
 Batches of at most 4 rows can instead take `_gemv_kernel` (config `gemv`): the whole batch in one
 program per column block, base and delta fused on the CUDA cores.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,13 +23,13 @@ from bitdelta.kernels.grouping import build_plan
 BATCHES = [4, 16, 32, 64]
 
 
-def variants(auto: KernelConfig) -> dict:
-    """The dispatched tile (v9 for one-row tiles) after cuBLAS's base product and overlapped with it
-    (KERNEL_NOTES.md round 7), besides v9 at other tile shapes."""
-    tiles = {f"{bn}x{bk}s{stages}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
-                                                 fuse_base=False, bitmma=True)
-             for bn, bk, stages in ((256, 512, 3), (128, 1024, 3), (128, 512, 4))}
-    return {"sequential": replace(auto, overlap=False), "overlapped": replace(auto, overlap=True), **tiles}
+def variants() -> dict:
+    """v9 (one-row tiles on the int8 tensor cores; KERNEL_NOTES.md round 7) at several tile shapes,
+    besides the dispatched path."""
+    return {f"{bn}x{bk}s{stages}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
+                                                fuse_base=False, bitmma=True)
+            for bn, bk, stages in ((256, 512, 3), (256, 512, 4), (128, 512, 4), (128, 1024, 3), (64, 512, 4),
+                                   (128, 256, 4))}
 
 
 def main() -> None:
@@ -39,10 +38,10 @@ def main() -> None:
     parser.add_argument("--auto-only", action="store_true")
     parser.add_argument("--precompile-only", action="store_true")
     args = parser.parse_args()
+    extra = {} if args.auto_only else variants()
 
     def configs_for(n: int, k: int, plan) -> dict:
-        auto = choose_config(n, plan, k=k)
-        return {"auto": auto} if args.auto_only else {"auto": auto, **variants(auto)}
+        return {"auto": choose_config(n, plan, k=k), **extra}
 
     jobs = [(k, n, cfg) for k, n in DECODE_SHAPES for b in BATCHES
             for cfg in configs_for(n, k, build_plan(torch.arange(b))).values()]

@@ -1,13 +1,10 @@
 """Decode batches whose slots hold different numbers of rows (a Zipf mix, 9..16 rows a slot): the
-dispatched delta path against v8 with 8-row tiles after the cuBLAS base product and overlapped with
-it, each checked against the reference first.
+dispatched delta path against v8 with 8-row tiles, each checked against the reference first.
 
-    PYTHONPATH=. python3 benchmarks/kernels_mixed_rows.py        (H100; KERNEL_NOTES.md rounds 5b, 7)
+    PYTHONPATH=. python3 benchmarks/kernels_mixed_rows.py        (H100; KERNEL_NOTES.md round 5b)
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
@@ -31,8 +28,8 @@ def timed(problem: Problem, config: KernelConfig) -> str:
 
 def main() -> None:
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
-    print("| batch of 64 rows | KxN | slots | dispatched us | v8 8-row tiles us | v8 overlapped us | floor us |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch of 64 rows | KxN | slots | dispatched us | v8 8-row tiles us | floor us |")
+    print("|---|---|---|---|---|---|")
     for name, slots in CASES.items():
         for k, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
             problem = Problem(k, n, 64, True, 1)
@@ -40,9 +37,8 @@ def main() -> None:
             problem.plan = build_plan(problem.slot_ids)
             problem.num_slots = int(slots.max()) + 1
             floor_us = problem.floor_bytes() / bandwidth * 1e6
-            dispatched, v8 = choose_config(n, problem.plan, k=k), replace(_bitmma_config(n, problem.plan, k), overlap=False)
-            print(f"| {name} | {k}x{n} | {problem.num_slots} | {timed(problem, dispatched)} | {timed(problem, v8)} | "
-                  f"{timed(problem, replace(v8, overlap=True))} | {floor_us:.1f} |", flush=True)
+            dispatched, v8 = choose_config(n, problem.plan, k=k), _bitmma_config(n, problem.plan, k)
+            print(f"| {name} | {k}x{n} | {problem.num_slots} | {timed(problem, dispatched)} | {timed(problem, v8)} | {floor_us:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ class KernelConfig:
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
     `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, rows = 1 on the int8 kernel v9, else v8;
-    block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring; overlap: cuBLAS's
-    base product on a side stream while the delta kernel runs, then one add). Otherwise the Triton
-    segment kernel, bits expanded for tl.dot."""
+    block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring). Otherwise the
+    Triton segment kernel, bits expanded for tl.dot."""
 
     rows: int
     block_n: int
@@ -36,15 +35,12 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
-    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
-        if self.overlap and not self.bitmma:
-            raise ValueError("overlap is a form of the split bitmma path (bitmma=True)")
         if self.bitmma:
             self._check_bitmma()
 

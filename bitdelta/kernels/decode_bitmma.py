@@ -172,12 +172,12 @@ def _bitmma_kernel(
     x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
-    HAS_WS: gl.constexpr, HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr, WORD_VEC: gl.constexpr,
 ):
     """Program = (tile of <= 8 rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
     through the cp.async ring (words and the host-permuted x), SUB_K at a time on the tensor cores,
-    then y = ws + bias + scale * acc (without ws: bias + scale * acc, the overlapped split's partial)."""
+    then y = ws + bias + scale * acc."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
@@ -248,10 +248,7 @@ def _bitmma_kernel(
     c_live = c < count
     rows = gl.load(order_ptr + first + c, mask=c_live, other=0).to(gl.int64)
     mask = n_mask[:, None] & c_live[None, :]
-    if HAS_WS:
-        out = gl.load(ws_ptr + rows[None, :] * stride_ws + n[:, None], mask=mask, other=0.0)
-    else:
-        out = gl.zeros([BLOCK_N, MMA_COLS], gl.float32, layout=mma)
+    out = gl.load(ws_ptr + rows[None, :] * stride_ws + n[:, None], mask=mask, other=0.0)
     if HAS_BIAS:
         out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
     scale = gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0)
@@ -297,13 +294,13 @@ def _bitmma_int8_kernel(
     x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
-    HAS_WS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr, WORD_VEC: gl.constexpr,
+    HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    WORD_VEC: gl.constexpr,
 ):
     """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores: walks K in
     BLOCK_K tiles through the cp.async ring of words; x tiles are loaded one ring stage ahead and
     digitised on their way to shared memory; the epilogue weights the digit columns, rescales and
-    writes y = ws + bias + scale * (x . sign) (without ws: the overlapped split's partial)."""
+    writes y = ws + bias + scale * (x . sign)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
@@ -376,10 +373,7 @@ def _bitmma_int8_kernel(
     dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
     n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     n_mask = n < N
-    if HAS_WS:
-        out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
-    else:
-        out = gl.zeros([BLOCK_N], gl.float32, layout=gl.SliceLayout(1, mma))
+    out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
     out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
@@ -399,31 +393,30 @@ def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
     return tiles.permute(0, 1, 6, 2, 4, 5, 3).reshape(m, k_tiles * block_k)
 
 
-def bitmma_delta(x: torch.Tensor, ws: torch.Tensor | None, bias: torch.Tensor | None, signs: torch.Tensor,
+def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
                  scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
-    """y = ws + bias + per-slot delta (ws None: bias + delta), for tiles of <= 8 rows of one slot
-    (config.bitmma): one-row tiles on the int8 kernel, taller ones on the bf16/fp16 kernel."""
+    """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma): one-row
+    tiles on the int8 kernel, taller ones on the bf16/fp16 kernel."""
     n, kw = signs.shape[1], signs.shape[2]
     k = x.shape[1]
     tiles = segment_tiles(plan, config.rows)
     word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
     shape = (n, k, kw, triton.cdiv(k, config.block_k))
-    ws_arg = ws if ws is not None else y
-    strides = (ws_arg.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0), y.stride(0))
+    strides = (ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0), y.stride(0))
     bias_arg = bias if bias is not None else y
     if config.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
         _bitmma_int8_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
-            x, ws_arg, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
-            HAS_WS=ws is not None, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
+            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
+            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
             WORD_VEC=word_vec, num_warps=config.num_warps,
         )
         return y
     xk = permute_activations(x, config.block_k)
     _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
-        xk, ws_arg, bias_arg, signs, scales, y, tiles, plan.order, *shape, xk.stride(0), *strides,
-        HAS_WS=ws is not None, HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        xk, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, xk.stride(0), *strides,
+        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
     )
     return y

@@ -22,8 +22,6 @@ program per column block, base and delta fused on the CUDA cores.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -264,8 +262,6 @@ def segment_matmul(
             NUM_STAGES=config.num_stages, num_warps=config.num_warps,
         )
         return y
-    if config.overlap:
-        return _overlapped_split(x, base_weight, signs, scales, plan, bias, config, y)
     if config.fuse_base:
         ws = y  # unused: the kernel computes the base product itself
         weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
@@ -286,42 +282,5 @@ def segment_matmul(
         HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, EVEN_K=k % config.block_k == 0, ROWS=config.rows,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return y
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
-@triton.jit
-def _add_cast_kernel(a_ptr, b_ptr, y_ptr, N, stride_y, BLOCK: tl.constexpr):
-    """y[m, :] = (a[m, :] + b[m, :]) in y's dtype; a, b contiguous fp32 [M, N]."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    total = tl.load(a_ptr + row * N + cols, mask=mask) + tl.load(b_ptr + row * N + cols, mask=mask)
-    tl.store(y_ptr + row * stride_y + cols, total.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _overlapped_split(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
-                      plan: SlotPlan, bias: torch.Tensor | None, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
-    """The split path with its two memory-bound halves running at once: cuBLAS's base product (fp32)
-    on a side stream while the delta kernel writes bias + delta (fp32) on the current one, then
-    y = base + partial in one pass. Both buffers are allocated on the current stream before the fork
-    and read after the join, so the caching allocator never hands them out early; under CUDA-graph
-    capture the fork and join become two branches of the graph."""
-    from bitdelta.kernels.decode_bitmma import bitmma_delta  # Gluon: imported only on this path
-
-    m, n = y.shape
-    base = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    partial = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        torch.mm(x, base_weight.t(), out_dtype=torch.float32, out=base)
-    bitmma_delta(x, None, bias, signs, scales, plan, config, partial)
-    main.wait_stream(side)
-    _add_cast_kernel[(m, triton.cdiv(n, 1024))](base, partial, y, n, y.stride(0), BLOCK=1024)
     return y
 

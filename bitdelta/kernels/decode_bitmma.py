@@ -80,6 +80,24 @@ def _words_layout(a_ll):
 
 
 @gluon.constexpr_function
+def _words_layout_int8(a_ll):
+    """The int8 A operand [BN, 256] (k_width 4) seen as [BN, 8 words, 32 bit slots]: mma k index
+    kk = 32s + 16a + 4q + p (k-step s, register a, lane q, byte p) takes bit 8p + 2(s % 4) + a of word
+    2q + s // 4. So the four lanes q of a row read four different words (two contiguous words a row
+    and compute step each) instead of all four reading every word, and the bit j = 2(s % 4) + a of a
+    register is fixed at compile time."""
+    def split(basis):
+        n, kk = basis
+        s, a, q, p = kk >> 5, (kk >> 4) & 1, (kk >> 2) & 3, kk & 3
+        return [n, 2 * q + (s >> 2), 8 * p + 2 * (s & 3) + a]
+
+    assert a_ll.shape[1] == 256, "the int8 word split is written for compute steps of 256"
+    return gl.DistributedLinearLayout(
+        reg_bases=[split(b) for b in a_ll.reg_bases], lane_bases=[split(b) for b in a_ll.lane_bases],
+        warp_bases=[split(b) for b in a_ll.warp_bases], block_bases=[], shape=[a_ll.shape[0], 8, 32])
+
+
+@gluon.constexpr_function
 def _x_layout(b_ll):
     """The bf16 B operand's layout [BK, 8] seen as the permuted x tile [32, BK/4] (row 4c + q, position
     r): mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
@@ -144,18 +162,22 @@ def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: g
 def _sign_operand(words, multipliers, a_layout: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   KIND: gl.constexpr):
     """words [BN, BK/32] -> the mma A operand [BN, BK]: +-1 in bf16 (KIND 0) or fp16 (1), one IMAD +
-    one LOP3 per two weights; -64 * sign in int8 (2), the same per four weights."""
+    one LOP3 per two weights; -64 * sign in int8 (2), the same per four weights, with the word split
+    of `_words_layout_int8` (BK = 256)."""
     w3, s3 = gl.broadcast(gl.expand_dims(words, 2), multipliers)
     if KIND == 2:
         signs = gl.inline_asm_elementwise(_SIGN_ASM_INT8, "=r,r,r,r,r,r,r,r,r", [w3, s3], dtype=gl.int8,
                                           is_pure=True, pack=4)
+        t6 = gl.reshape(signs, [BN, 4, 2, 4, 4, 2])  # (n, q, s2, p, s10, a): word 2q + s2, bit 8p + 2 s10 + a
+        t6 = gl.permute(t6, (0, 2, 4, 5, 1, 3))  # (n, s2, s10, a, q, p): kk = 32s + 16a + 4q + p, s = 4 s2 + s10
+        signs = gl.reshape(t6, [BN, BK])
     elif KIND == 1:
-        signs = gl.inline_asm_elementwise(_SIGN_ASM_F16, "=r,r,r,r,r", [w3, s3], dtype=gl.float16,
-                                          is_pure=True, pack=2)
+        signs = gl.reshape(gl.inline_asm_elementwise(_SIGN_ASM_F16, "=r,r,r,r,r", [w3, s3], dtype=gl.float16,
+                                                     is_pure=True, pack=2), [BN, BK])
     else:
-        signs = gl.inline_asm_elementwise(_SIGN_ASM_BF16, "=r,r,r,r,r", [w3, s3], dtype=gl.bfloat16,
-                                          is_pure=True, pack=2)
-    return gl.convert_layout(gl.reshape(signs, [BN, BK]), a_layout, assert_trivial=True)
+        signs = gl.reshape(gl.inline_asm_elementwise(_SIGN_ASM_BF16, "=r,r,r,r,r", [w3, s3], dtype=gl.bfloat16,
+                                                     is_pure=True, pack=2), [BN, BK])
+    return gl.convert_layout(signs, a_layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -280,13 +302,15 @@ def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
 
     v = trunc(x * inv_scale), |v| <= 127 * 2^21, is written as sum_d digit_d * 2^(7 (3 - d)): digit 0 =
     v >> 21 (signed, in [-128, 127]), digits 1..3 the next 7-bit fields (in [0, 127]). Natural
-    k = 32w + 8p + 4a + q goes to row 4d + q, position 8w + 4a + p (`_x_digits_layout`)."""
+    k = 256c + 64q + 32 s2 + 8p + 2 s10 + a (bit 8p + 2 s10 + a of word 2q + s2 of compute step c: the
+    split of `_words_layout_int8`) goes to row 4d + q, position 64c + 8s + 4a + p with s = 4 s2 + s10
+    (`_x_digits_layout`)."""
     v = (x.to(gl.float32) * inv_scale).to(gl.int32)
     d = gl.expand_dims(gl.arange(0, DIGITS, layout=gl.SliceLayout(1, layout)), 1)
     digits = ((v >> (7 * (DIGITS - 1 - d))) & gl.where(d == 0, -1, 127)).to(gl.int8)  # [DIGITS, BK]
-    x5 = gl.reshape(digits, [DIGITS, BK // 32, 4, 2, 4])  # (d, w, p, a, q)
-    x5 = gl.permute(x5, (0, 4, 1, 3, 2))  # (d, q, w, a, p)
-    return gl.reshape(x5, [4 * DIGITS, BK // 4])
+    x7 = gl.reshape(digits, [DIGITS, BK // 256, 4, 2, 4, 4, 2])  # (d, c, q, s2, p, s10, a)
+    x7 = gl.permute(x7, (0, 2, 1, 3, 5, 6, 4))  # (d, q, c, s2, s10, a, p)
+    return gl.reshape(x7, [4 * DIGITS, BK // 4])
 
 
 @gluon.jit
@@ -306,7 +330,7 @@ def _bitmma_int8_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-    bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
+    bits3: gl.constexpr = _words_layout_int8(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
     b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS])
     x_layout: gl.constexpr = _x_digits_layout(b_ll)
@@ -315,7 +339,9 @@ def _bitmma_int8_kernel(
     # natural x tile: consecutive k along lanes and warps (4 a thread at BK 512, 4 warps: one q group)
     x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
     x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
-    w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    # a lane reads two words of a row a compute step (LDS.64, `_words_layout_int8`): the 4 rows of a 16-lane
+    # phase xor their (BKW/4)-word units, so the phase hits 32 distinct banks (2 wavefronts an LDS.64)
+    w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])
     x_shared: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
 
     tile = gl.program_id(0)
@@ -335,9 +361,9 @@ def _bitmma_int8_kernel(
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
     x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
 
-    # 2^(7 - j) for the bit slot t = 16a + 4q + p of a word (j = 4a + q; p picks byte p: bit j + 8p)
+    # 2^(7 - j) for bit t = 8p + j of a word: bits j, j + 8, j + 16, j + 24 -> the top bits of bytes 0..3
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
-    multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (4 * (t >> 4) + ((t >> 2) & 3))), 0), 0)
+    multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (t & 7)), 0), 0)
 
     for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
         _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)

@@ -226,13 +226,12 @@ def test_cpu_import_and_call_never_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("k,block_k", [(256, 256), (1000, 256), (4097, 512), (2048, 1024)])
+@pytest.mark.parametrize("k,block_k", [(256, 256), (1000, 256), (4097, 128), (2048, 512)])
 def test_bitmma_reduction_order_is_a_permutation_of_k(k, block_k):
-    """v8 (decode_bitmma.py) reads mma k index kk = 16s + 8h + 2q + e of compute step c (256 of k) as
-    bit 2(s % 8) + h + 16e of word 8c + 2q + s // 8, and takes x in `permute_activations` order; both
-    sides must visit the same k, so the product equals x . sign. Checked here on the host side of
-    that contract (the kernel's own layouts are checked at compile time, its results in
-    test_kernels_gpu.py)."""
+    """v8 (decode_bitmma.py) reads mma k index kk = 32w + 16a + 8h + 2q + e of a K-tile as bit
+    j + 16e of word w, j = 8a + 4h + q, and takes x in `permute_activations` order; both sides must
+    visit the same k, so the product equals x . sign. Checked here on the host side of that contract
+    (the kernel's own layouts are checked at compile time, its results in test_kernels_gpu.py)."""
     decode_bitmma = pytest.importorskip("bitdelta.kernels.decode_bitmma")  # needs Triton with Gluon
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(3, k, generator=gen, dtype=torch.float64)
@@ -243,12 +242,12 @@ def test_bitmma_reduction_order_is_a_permutation_of_k(k, block_k):
     xp = decode_bitmma.permute_activations(x, block_k)
     assert xp.shape == (3, k_tiles * block_k)
     kk = torch.arange(k_tiles * block_k)
-    tile, c, r = kk // block_k, (kk % block_k) // 256, kk % 256
-    s, h, q, e = r >> 4, (r >> 3) & 1, (r >> 1) & 3, r & 1
-    word = tile * (block_k // 32) + 8 * c + 2 * q + (s >> 3)
-    bit = 2 * (s & 7) + h + 16 * e
+    tile, pos = kk // block_k, kk % block_k
+    w, a, h, q, e = pos // 32, (pos >> 4) & 1, (pos >> 3) & 1, (pos >> 1) & 3, pos & 1
+    word = tile * (block_k // 32) + w
+    bit = 8 * a + 4 * h + q + 16 * e
     padded = torch.cat([words, torch.zeros(5, k_tiles * block_k // 32 - kw, dtype=torch.int32)], 1)
     signs = torch.where((padded[:, word] >> bit) & 1 == 1, 1.0, -1.0).double()  # [5, KT*BK] in kk order
-    x_kk = xp.view(3, k_tiles, 4, block_k // 4)[:, tile, q, 64 * c + 4 * s + 2 * h + e]  # the B operand
+    x_kk = xp.view(3, k_tiles, 4, block_k // 4)[:, tile, q, 8 * w + 4 * a + 2 * h + e]  # the B operand
     expected = x @ torch.where(dense > 0, 1.0, -1.0).double().T
     torch.testing.assert_close(x_kk @ signs.T, expected)

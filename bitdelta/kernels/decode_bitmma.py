@@ -66,28 +66,32 @@ ROW_MAX_CHUNK = gl.constexpr(4096)  # x elements a block reads per step of the r
 
 
 @gluon.constexpr_function
-def _words_layout(a_ll, k_width):
-    """The A operand [BN, 256] seen as [BN, 8 words, 32 bit slots]: which bit of which word each
-    register element expands. Lane q of a row reads its own two words, 2q and 2q + 1, and the bit a
-    register takes is fixed at compile time:
-
-    - bf16/fp16 (k_width 2): mma k index kk = 16s + 8h + 2q + e (k-step s, register h, lane q, element
-      e) takes bit 2(s % 8) + h + 16e of word 2q + s // 8 (a register: bits j and j + 16);
-    - int8 (k_width 4): kk = 32s + 16a + 4q + p (register a, byte p) takes bit 8p + 2(s % 4) + a of
-      word 2q + s // 4 (a register: bits j, j + 8, j + 16, j + 24).
-
-    Slicing away the bit slot gives the layout in which each thread reads exactly its words (two
-    contiguous words a row: an LDS.64, where an identity split has all four lanes of a row read
-    every word); `_sign_operand` undoes the split, and x is stored in the matching order."""
+def _words_layout(a_ll):
+    """The A operand's layout [BN, BK] seen as [BN, BK/32, 32] (row, word, bit slot): slicing away
+    the bit slot gives the layout in which each thread reads exactly the words its A registers use."""
     def split(basis):
         n, kk = basis
-        if k_width == 2:
-            s, h, q, e = kk >> 4, (kk >> 3) & 1, (kk >> 1) & 3, kk & 1
-            return [n, 2 * q + (s >> 3), 2 * (s & 7) + h + 16 * e]
+        return [n, kk // 32, kk % 32]
+
+    return gl.DistributedLinearLayout(
+        reg_bases=[split(b) for b in a_ll.reg_bases], lane_bases=[split(b) for b in a_ll.lane_bases],
+        warp_bases=[split(b) for b in a_ll.warp_bases], block_bases=[],
+        shape=[a_ll.shape[0], a_ll.shape[1] // 32, 32])
+
+
+@gluon.constexpr_function
+def _words_layout_int8(a_ll):
+    """The int8 A operand [BN, 256] (k_width 4) seen as [BN, 8 words, 32 bit slots]: mma k index
+    kk = 32s + 16a + 4q + p (k-step s, register a, lane q, byte p) takes bit 8p + 2(s % 4) + a of word
+    2q + s // 4. So the four lanes q of a row read four different words (two contiguous words a row
+    and compute step each) instead of all four reading every word, and the bit j = 2(s % 4) + a of a
+    register is fixed at compile time."""
+    def split(basis):
+        n, kk = basis
         s, a, q, p = kk >> 5, (kk >> 4) & 1, (kk >> 2) & 3, kk & 3
         return [n, 2 * q + (s >> 2), 8 * p + 2 * (s & 3) + a]
 
-    assert a_ll.shape[1] == 256, "the word split is written for compute steps of 256"
+    assert a_ll.shape[1] == 256, "the int8 word split is written for compute steps of 256"
     return gl.DistributedLinearLayout(
         reg_bases=[split(b) for b in a_ll.reg_bases], lane_bases=[split(b) for b in a_ll.lane_bases],
         warp_bases=[split(b) for b in a_ll.warp_bases], block_bases=[], shape=[a_ll.shape[0], 8, 32])
@@ -96,8 +100,8 @@ def _words_layout(a_ll, k_width):
 @gluon.constexpr_function
 def _x_layout(b_ll):
     """The bf16 B operand's layout [BK, 8] seen as the permuted x tile [32, BK/4] (row 4c + q, position
-    r): mma k index kk = 16s + 8h + 2q + e is stored at q * BK/4 + (4s + 2h + e), so each thread's B
-    registers are one contiguous run (see `permute_activations`)."""
+    r): mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
+    thread's B registers are one contiguous run (see `permute_activations`)."""
     def move(basis):
         kk, c = basis
         return [4 * c + ((kk >> 1) & 3), (kk & 1) | ((kk >> 3) << 1)]
@@ -157,26 +161,23 @@ def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: g
 @gluon.jit
 def _sign_operand(words, multipliers, a_layout: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   KIND: gl.constexpr):
-    """words [BN, 8] -> the mma A operand [BN, 256] (the word split of `_words_layout`): +-1 in bf16
-    (KIND 0) or fp16 (1), one IMAD + one LOP3 per two weights; -64 * sign in int8 (2), the same per
-    four weights."""
+    """words [BN, BK/32] -> the mma A operand [BN, BK]: +-1 in bf16 (KIND 0) or fp16 (1), one IMAD +
+    one LOP3 per two weights; -64 * sign in int8 (2), the same per four weights, with the word split
+    of `_words_layout_int8` (BK = 256)."""
     w3, s3 = gl.broadcast(gl.expand_dims(words, 2), multipliers)
     if KIND == 2:
         signs = gl.inline_asm_elementwise(_SIGN_ASM_INT8, "=r,r,r,r,r,r,r,r,r", [w3, s3], dtype=gl.int8,
                                           is_pure=True, pack=4)
-        # (n, q, s2, p, s10, a): word 2q + s2, bit 8p + 2 s10 + a -> kk = 32s + 16a + 4q + p, s = 4 s2 + s10
-        t6 = gl.reshape(signs, [BN, 4, 2, 4, 4, 2])
+        t6 = gl.reshape(signs, [BN, 4, 2, 4, 4, 2])  # (n, q, s2, p, s10, a): word 2q + s2, bit 8p + 2 s10 + a
+        t6 = gl.permute(t6, (0, 2, 4, 5, 1, 3))  # (n, s2, s10, a, q, p): kk = 32s + 16a + 4q + p, s = 4 s2 + s10
+        signs = gl.reshape(t6, [BN, BK])
+    elif KIND == 1:
+        signs = gl.reshape(gl.inline_asm_elementwise(_SIGN_ASM_F16, "=r,r,r,r,r", [w3, s3], dtype=gl.float16,
+                                                     is_pure=True, pack=2), [BN, BK])
     else:
-        if KIND == 1:
-            signs = gl.inline_asm_elementwise(_SIGN_ASM_F16, "=r,r,r,r,r", [w3, s3], dtype=gl.float16,
-                                              is_pure=True, pack=2)
-        else:
-            signs = gl.inline_asm_elementwise(_SIGN_ASM_BF16, "=r,r,r,r,r", [w3, s3], dtype=gl.bfloat16,
-                                              is_pure=True, pack=2)
-        # (n, q, s3, e, s210, h): word 2q + s3, bit 16e + 2 s210 + h -> kk = 16s + 8h + 2q + e, s = 8 s3 + s210
-        t6 = gl.reshape(signs, [BN, 4, 2, 2, 8, 2])
-    # both: (n, s_hi, s_lo, register bit, q, element) is the order of kk
-    return gl.convert_layout(gl.reshape(gl.permute(t6, (0, 2, 4, 5, 1, 3)), [BN, BK]), a_layout, assert_trivial=True)
+        signs = gl.reshape(gl.inline_asm_elementwise(_SIGN_ASM_BF16, "=r,r,r,r,r", [w3, s3], dtype=gl.bfloat16,
+                                                     is_pure=True, pack=2), [BN, BK])
+    return gl.convert_layout(signs, a_layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -204,13 +205,13 @@ def _bitmma_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]), 2)
+    bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
     x_layout: gl.constexpr = _x_layout(gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS]))
     # cp.async layouts: 16 bytes per thread and copy
     w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 32), BLOCK_K // 32], [NW, 1], [1, 0])
-    w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])  # see _bitmma_int8_kernel
+    w_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     x_shared: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
 
     tile = gl.program_id(0)
@@ -236,9 +237,9 @@ def _bitmma_kernel(
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
     x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, 4 * MMA_COLS, BLOCK_K // 4], x_shared)
 
-    # 2^(15 - j) for bit t = j + 16e of a word: bits j, j + 16 -> the sign bits of the two halves
+    # 2^(15 - j) for the bit slot t = 16a + 8h + 2q + e of a word (j = 8a + 4h + q; e picks j or j + 16)
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
-    multipliers = gl.expand_dims(gl.expand_dims(1 << (15 - (t & 15)), 0), 0)
+    multipliers = gl.expand_dims(gl.expand_dims(1 << (15 - (((t >> 1) & 3) + 4 * (t >> 3))), 0), 0)
 
     for s in gl.static_range(STAGES - 1):
         _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
@@ -302,7 +303,7 @@ def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
     v = trunc(x * inv_scale), |v| <= 127 * 2^21, is written as sum_d digit_d * 2^(7 (3 - d)): digit 0 =
     v >> 21 (signed, in [-128, 127]), digits 1..3 the next 7-bit fields (in [0, 127]). Natural
     k = 256c + 64q + 32 s2 + 8p + 2 s10 + a (bit 8p + 2 s10 + a of word 2q + s2 of compute step c: the
-    split of `_words_layout`) goes to row 4d + q, position 64c + 8s + 4a + p with s = 4 s2 + s10
+    split of `_words_layout_int8`) goes to row 4d + q, position 64c + 8s + 4a + p with s = 4 s2 + s10
     (`_x_digits_layout`)."""
     v = (x.to(gl.float32) * inv_scale).to(gl.int32)
     d = gl.expand_dims(gl.arange(0, DIGITS, layout=gl.SliceLayout(1, layout)), 1)
@@ -329,7 +330,7 @@ def _bitmma_int8_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-    bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]), 4)
+    bits3: gl.constexpr = _words_layout_int8(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
     b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS])
     x_layout: gl.constexpr = _x_digits_layout(b_ll)
@@ -338,7 +339,7 @@ def _bitmma_int8_kernel(
     # natural x tile: consecutive k along lanes and warps (4 a thread at BK 512, 4 warps: one q group)
     x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
     x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
-    # a lane reads two words of a row a compute step (LDS.64, `_words_layout`): the 4 rows of a 16-lane
+    # a lane reads two words of a row a compute step (LDS.64, `_words_layout_int8`): the 4 rows of a 16-lane
     # phase xor their (BKW/4)-word units, so the phase hits 32 distinct banks (2 wavefronts an LDS.64)
     w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])
     x_shared: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
@@ -408,15 +409,14 @@ def _bitmma_int8_kernel(
 def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
     """x [M, K] -> [M, ceil(K/block_k) * block_k] in the kernel's reduction order (zero padded).
 
-    Within a K-tile, k = 256c + 64q + 32 s3 + 16e + 2 s210 + h (bit 16e + 2 s210 + h of word 2q + s3 of
-    compute step c: the split of `_words_layout`) is stored at q * block_k/4 + 64c + 4s + 2h + e with
-    s = 8 s3 + s210: the order of each thread's mma B registers."""
+    Within a K-tile, k = 32w + 16e + 8a + 4h + q (word w, bit j = 8a + 4h + q, e: j or j + 16) is
+    stored at q * block_k/4 + 8w + 4a + 2h + e: the order of each thread's mma B registers."""
     m, k = x.shape
     k_tiles = triton.cdiv(k, block_k)
     if k_tiles * block_k != k:
         x = torch.nn.functional.pad(x, (0, k_tiles * block_k - k))
-    tiles = x.view(m, k_tiles, block_k // 256, 4, 2, 2, 8, 2)  # (c, q, s3, e, s210, h)
-    return tiles.permute(0, 1, 3, 2, 4, 6, 7, 5).reshape(m, k_tiles * block_k)
+    tiles = x.view(m, k_tiles, block_k // 32, 2, 2, 2, 4)  # (w, e, a, h, q)
+    return tiles.permute(0, 1, 6, 2, 4, 5, 3).reshape(m, k_tiles * block_k)
 
 
 def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,

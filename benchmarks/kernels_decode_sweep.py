@@ -29,7 +29,7 @@ def variants() -> dict:
     return {f"{bn}x{bk}s{stages}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
                                                 fuse_base=False, bitmma=True)
             for bn, bk, stages in ((256, 512, 3), (128, 1024, 3), (128, 1024, 2), (128, 1024, 4), (256, 1024, 2),
-                                   (64, 1024, 3), (128, 2048, 2))}
+                                   (64, 1024, 3))}
 
 
 def main() -> None:

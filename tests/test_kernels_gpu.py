@@ -90,11 +90,11 @@ CONFIGS = [
     KernelConfig(rows=8, block_n=64, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
-    # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 256 x 512 and 128 x 1024 are dispatched),
+    # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 128 x 1024 S2 is dispatched),
     # and a narrow 2-warp tile; the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
+    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
 ]

@@ -109,13 +109,12 @@ def _bitmma_config(n: int, plan: SlotPlan, k: int) -> KernelConfig:
     """Tiles of up to 8 rows of one slot on the tensor cores (H100 sweeps, KERNEL_NOTES.md).
 
     Every slot one row (the all-distinct batch; round 7): one-row tiles on the int8 kernel v9, 128 x
-    1024 with 3 stages, except 256 x 512 on N <= 4096 with 5..16 tiles (half the programs: a single
-    wave). Otherwise v8 with 8-row tiles: 256 x 512, 4 warps (4 mma slabs a warp); long rows (K > 8192)
+    1024 with 2 stages (41 KB of shared memory: 5 blocks an SM) at every shape and batch. Otherwise v8
+    with 8-row tiles: 256 x 512, 4 warps (4 mma slabs a warp); long rows (K > 8192)
     128 x 256; with <= 4 tiles (few programs) narrower column blocks, 64 on N <= 4096."""
-    tiles = len(plan.counts) if plan.max_rows == 1 else sum(-(-count // BITMMA_MAX_ROWS) for count in plan.counts)
     if plan.max_rows == 1 and k <= ONE_ROW_MAX_K:
-        bn, bk = (256, 512) if n <= 4096 and 4 < tiles <= 16 else (128, 1024)
-        return KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
+        return KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True)
+    tiles = sum(-(-count // BITMMA_MAX_ROWS) for count in plan.counts)
     if k > 8192:
         bn, bk, stages = 128, 256, 4
     elif tiles <= 4:

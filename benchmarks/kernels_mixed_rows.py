@@ -1,8 +1,7 @@
 """Decode batches whose slots hold different numbers of rows (a Zipf mix, 9..16 rows a slot): the
-dispatched delta path against v8 (bf16) and v9 (int8) with multi-row tiles, each checked against the
-reference first.
+dispatched delta path against v8 with 8-row tiles, each checked against the reference first.
 
-    PYTHONPATH=. python3 benchmarks/kernels_mixed_rows.py        (H100; KERNEL_NOTES.md rounds 5b, 7)
+    PYTHONPATH=. python3 benchmarks/kernels_mixed_rows.py        (H100; KERNEL_NOTES.md round 5b)
 """
 
 from __future__ import annotations
@@ -27,17 +26,10 @@ def timed(problem: Problem, config: KernelConfig) -> str:
     return f"{problem.ours_us(config):.1f}" if error < 6e-3 else f"wrong ({error:.1e})"
 
 
-VARIANTS = {f"v9 {rows}-row {bn}x{bk}s{stages}": KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=4,
-                                                               num_stages=stages, fuse_base=False, bitmma=True,
-                                                               int8=True)
-            for rows, bn, bk, stages in ((8, 128, 512, 3), (8, 64, 512, 4), (8, 128, 1024, 2), (4, 128, 512, 3),
-                                         (2, 128, 1024, 2))}
-
-
 def main() -> None:
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
-    print("| batch of 64 rows | KxN | slots | dispatched us | v8 8-row tiles us | " + " | ".join(VARIANTS) + " | floor us |")
-    print("|---" * (len(VARIANTS) + 6) + "|")
+    print("| batch of 64 rows | KxN | slots | dispatched us | v8 8-row tiles us | floor us |")
+    print("|---|---|---|---|---|---|")
     for name, slots in CASES.items():
         for k, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
             problem = Problem(k, n, 64, True, 1)
@@ -46,8 +38,7 @@ def main() -> None:
             problem.num_slots = int(slots.max()) + 1
             floor_us = problem.floor_bytes() / bandwidth * 1e6
             dispatched, v8 = choose_config(n, problem.plan, k=k), _bitmma_config(n, problem.plan, k)
-            print(f"| {name} | {k}x{n} | {problem.num_slots} | {timed(problem, dispatched)} | {timed(problem, v8)} | "
-                  + " | ".join(timed(problem, cfg) for cfg in VARIANTS.values()) + f" | {floor_us:.1f} |", flush=True)
+            print(f"| {name} | {k}x{n} | {problem.num_slots} | {timed(problem, dispatched)} | {timed(problem, v8)} | {floor_us:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ class KernelConfig:
     """rows: rows per tile (power of two); fuse_base: base product in the kernel rather than cuBLAS;
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
-    `decode_bitmma.py` (split: base from cuBLAS; rows <= 8; the int8 kernel v9 for rows = 1 or int8, else v8;
+    `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, rows = 1 on the int8 kernel v9, else v8;
     block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring). Otherwise the
     Triton segment kernel, bits expanded for tl.dot."""
 
@@ -35,15 +35,12 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
-    int8: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
-        if self.int8 and not self.bitmma:
-            raise ValueError("int8 is a form of the bitmma kernel (bitmma=True)")
         if self.bitmma:
             self._check_bitmma()
 

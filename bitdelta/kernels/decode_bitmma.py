@@ -113,21 +113,19 @@ def _x_layout(b_ll):
 
 
 @gluon.constexpr_function
-def _x_digits_layout(b_ll, rows):
-    """The int8 B operand [BK, N] (k_width 4) seen as the digit planes [16 R, BK/4] of R tile rows (row
-    16r + 4d + q, position): mma k index kk = 32w + 16a + 4q + p is stored at 8w + 4a + p, so each
-    thread's B registers are one contiguous run. Column c reads digit plane c % 4 of tile row c // 4;
-    with one tile row, columns 4..7 repeat 0..3 (the c = 4 basis maps to nothing: a shared-memory
-    broadcast)."""
+def _x_digits_layout(b_ll):
+    """The int8 B operand [BK, 8] (k_width 4) seen as the digit planes [16, BK/4] (row 4d + q,
+    position r): mma k index kk = 32w + 16a + 4q + p is stored at 8w + 4a + p of row 4d + q, so each
+    thread's B registers are one contiguous run; column c reads digit plane c % 4 (columns 4..7 repeat
+    0..3: the c = 4 basis maps to nothing, a shared-memory broadcast)."""
     def move(basis):
         kk, c = basis
-        row = (c >> 2) if rows > 1 else 0
-        return [16 * row + 4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
+        return [4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
 
     bk = b_ll.shape[0]
     return gl.DistributedLinearLayout(
         reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
-        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[16 * rows, bk // 4])
+        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[16, bk // 4])
 
 
 @gluon.constexpr_function
@@ -151,19 +149,13 @@ def _x_operand(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr):
-    """[16 ROWS, BK/4] digit planes -> the int8 mma B operand [BK, N], column c = plane c % 4 of tile
-    row c // 4 (one row: N = 8, columns 4..7 repeat 0..3); moves no data."""
-    if ROWS == 1:
-        x5 = gl.reshape(x_tile, [DIGITS, 4, BK // 32, 2, 4])  # (d, q, w, a, p)
-        x5 = gl.permute(x5, (2, 3, 1, 4, 0))  # (w, a, q, p, d): kk = 32w + 16a + 4q + p
-        x_kd = gl.convert_layout(gl.reshape(x5, [BK, DIGITS]), gl.SliceLayout(1, cols3), assert_trivial=True)
-        x3, _ = gl.broadcast(gl.expand_dims(x_kd, 1), gl.full([1, 2, 1], 0, gl.int8, layout=cols3))
-        x_kc = gl.reshape(x3, [BK, 2 * DIGITS])
-    else:
-        x6 = gl.reshape(x_tile, [ROWS, DIGITS, 4, BK // 32, 2, 4])  # (r, d, q, w, a, p)
-        x_kc = gl.reshape(gl.permute(x6, (3, 4, 2, 5, 0, 1)), [BK, ROWS * DIGITS])  # (w, a, q, p | r, d)
-    return gl.convert_layout(x_kc, b_layout, assert_trivial=True)
+def _x_digits_operand(x_tile, b_layout: gl.constexpr, cols3: gl.constexpr, BK: gl.constexpr):
+    """[16, BK/4] digit planes -> the int8 mma B operand [BK, 8], column c = plane c % 4; moves no data."""
+    x5 = gl.reshape(x_tile, [DIGITS, 4, BK // 32, 2, 4])  # (d, q, w, a, p)
+    x5 = gl.permute(x5, (2, 3, 1, 4, 0))  # (w, a, q, p, d): kk = 32w + 16a + 4q + p
+    x_kd = gl.convert_layout(gl.reshape(x5, [BK, DIGITS]), gl.SliceLayout(1, cols3), assert_trivial=True)
+    x3, _ = gl.broadcast(gl.expand_dims(x_kd, 1), gl.full([1, 2, 1], 0, gl.int8, layout=cols3))
+    return gl.convert_layout(gl.reshape(x3, [BK, 2 * DIGITS]), b_layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -287,40 +279,38 @@ def _bitmma_kernel(
 
 
 @gluon.jit
-def _row_absmax(x_rows, live, K, layout: gl.constexpr, ROWS: gl.constexpr):
-    """max |x| over each of the tile's rows (pointers x_rows [ROWS]; dead rows 0), one reduction at the end."""
-    ks = gl.arange(0, ROW_MAX_CHUNK // ROWS, layout=gl.SliceLayout(0, layout))
-    peak = gl.zeros([ROWS, ROW_MAX_CHUNK // ROWS], gl.float32, layout=layout)
-    for k0 in range(0, K, ROW_MAX_CHUNK // ROWS):
-        xv = gl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=live[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
+def _row_absmax(x_row_ptr, K, layout: gl.constexpr):
+    """max |x| over one row of K elements (the whole block takes part; one reduction at the end)."""
+    ks = gl.arange(0, ROW_MAX_CHUNK, layout=layout)
+    peak = gl.zeros([ROW_MAX_CHUNK], gl.float32, layout=layout)
+    for k0 in range(0, K, ROW_MAX_CHUNK):
+        xv = gl.load(x_row_ptr + k0 + ks, mask=k0 + ks < K, other=0.0)
         peak = gl.maximum(peak, gl.abs(xv.to(gl.float32)))
-    return gl.max(peak, axis=1)
+    return gl.max(peak, axis=0)
 
 
 @gluon.jit
-def _load_x_tile(x_rows, live, kt, K, layout: gl.constexpr, BK: gl.constexpr):
-    """x[rows, kt * BK : (kt + 1) * BK] as [ROWS, BK], natural k order, zero past K and for dead rows."""
+def _load_x_tile(x_row_ptr, kt, K, layout: gl.constexpr, BK: gl.constexpr):
+    """x[kt * BK : (kt + 1) * BK] of one row as [1, BK], natural k order, zero past K."""
     ks = kt * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
-    return gl.load(x_rows[:, None] + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
+    return gl.expand_dims(gl.load(x_row_ptr + ks, mask=ks < K, other=0.0), 0)
 
 
 @gluon.jit
-def _digit_planes(x, inv_scale, layout3: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr):
-    """x [ROWS, BK] in natural k order (layout SliceLayout(1, layout3)) -> int8 digit planes
-    [16 ROWS, BK/4] in the mma order; inv_scale [ROWS] per row.
+def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
+    """x [1, BK] in natural k order -> int8 digit planes [16, BK/4] in the mma order.
 
     v = trunc(x * inv_scale), |v| <= 127 * 2^21, is written as sum_d digit_d * 2^(7 (3 - d)): digit 0 =
     v >> 21 (signed, in [-128, 127]), digits 1..3 the next 7-bit fields (in [0, 127]). Natural
     k = 256c + 64q + 32 s2 + 8p + 2 s10 + a (bit 8p + 2 s10 + a of word 2q + s2 of compute step c: the
-    split of `_words_layout_int8`) goes to row 16r + 4d + q, position 64c + 8s + 4a + p with s = 4 s2 + s10
+    split of `_words_layout_int8`) goes to row 4d + q, position 64c + 8s + 4a + p with s = 4 s2 + s10
     (`_x_digits_layout`)."""
-    v = (x.to(gl.float32) * gl.expand_dims(inv_scale, 1)).to(gl.int32)
-    d = gl.expand_dims(gl.expand_dims(gl.arange(0, DIGITS, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout3))), 0), 2)
-    shift = 7 * (DIGITS - 1 - d)
-    digits = ((gl.expand_dims(v, 1) >> shift) & gl.where(d == 0, -1, 127)).to(gl.int8)  # [ROWS, DIGITS, BK]
-    x8 = gl.reshape(digits, [ROWS, DIGITS, BK // 256, 4, 2, 4, 4, 2])  # (r, d, c, q, s2, p, s10, a)
-    x8 = gl.permute(x8, (0, 1, 3, 2, 4, 6, 7, 5))  # (r, d, q, c, s2, s10, a, p)
-    return gl.reshape(x8, [16 * ROWS, BK // 4])
+    v = (x.to(gl.float32) * inv_scale).to(gl.int32)
+    d = gl.expand_dims(gl.arange(0, DIGITS, layout=gl.SliceLayout(1, layout)), 1)
+    digits = ((v >> (7 * (DIGITS - 1 - d))) & gl.where(d == 0, -1, 127)).to(gl.int8)  # [DIGITS, BK]
+    x7 = gl.reshape(digits, [DIGITS, BK // 256, 4, 2, 4, 4, 2])  # (d, c, q, s2, p, s10, a)
+    x7 = gl.permute(x7, (0, 2, 1, 3, 5, 6, 4))  # (d, q, c, s2, s10, a, p)
+    return gl.reshape(x7, [4 * DIGITS, BK // 4])
 
 
 @gluon.jit
@@ -329,29 +319,26 @@ def _bitmma_int8_kernel(
     N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    WORD_VEC: gl.constexpr, ROWS: gl.constexpr,
+    WORD_VEC: gl.constexpr,
 ):
-    """Program = (tile of <= ROWS rows of one slot, BLOCK_N output columns) on the int8 tensor cores:
-    walks K in BLOCK_K tiles through the cp.async ring of words; each row's x tiles are loaded one
-    ring stage ahead and digitised on their way to shared memory (four planes a row: the mma's
-    columns, two rows an n8 group); the epilogue weights the digit columns, rescales by each row's
-    |max| and writes y = ws + bias + scale * (x . sign)."""
+    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores: walks K in
+    BLOCK_K tiles through the cp.async ring of words; x tiles are loaded one ring stage ahead and
+    digitised on their way to shared memory; the epilogue weights the digit columns, rescales and
+    writes y = ws + bias + scale * (x . sign)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
-    MMA_N: gl.constexpr = MMA_COLS if ROWS == 1 else DIGITS * ROWS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
     bits3: gl.constexpr = _words_layout_int8(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
-    b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_N])
-    x_layout: gl.constexpr = _x_digits_layout(b_ll, ROWS)
+    b_ll: gl.constexpr = gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS])
+    x_layout: gl.constexpr = _x_digits_layout(b_ll)
     cols3: gl.constexpr = _split_columns(b_ll)
     w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
-    # x tiles [ROWS, (digit,) k]: consecutive k along lanes and warps (4 a thread at BK 512, 4 warps)
-    x_natural3: gl.constexpr = gl.BlockedLayout([1, 1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 1, 32],
-                                                [1, 1, NW], [2, 1, 0])
-    x_natural: gl.constexpr = gl.SliceLayout(1, x_natural3)
+    # natural x tile: consecutive k along lanes and warps (4 a thread at BK 512, 4 warps: one q group)
+    x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
+    x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
     # a lane reads two words of a row a compute step (LDS.64, `_words_layout_int8`): the 4 rows of a 16-lane
     # phase xor their (BKW/4)-word units, so the phase hits 32 distinct banks (2 wavefronts an LDS.64)
     w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])
@@ -359,23 +346,20 @@ def _bitmma_int8_kernel(
 
     tile = gl.program_id(0)
     slot = gl.load(tiles_ptr + tile * 3)
-    first = gl.load(tiles_ptr + tile * 3 + 1)
-    count = gl.load(tiles_ptr + tile * 3 + 2) - first
+    row = gl.load(order_ptr + gl.load(tiles_ptr + tile * 3 + 1)).to(gl.int64)
     has_delta = slot >= 0
     slot64 = gl.maximum(slot, 0).to(gl.int64)
     col0 = gl.program_id(1) * BLOCK_N
+    x_row_ptr = x_ptr + row * stride_x
 
     wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
     w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
               + wk[None, :])
     w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, x_natural))
-    x_live = r < count
-    x_rows = x_ptr + gl.load(order_ptr + first + r, mask=x_live, other=0).to(gl.int64) * stride_x
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
-    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 16 * ROWS, BLOCK_K // 4], x_shared)
+    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
 
     # 2^(7 - j) for bit t = 8p + j of a word: bits j, j + 8, j + 16, j + 24 -> the top bits of bytes 0..3
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
@@ -384,58 +368,42 @@ def _bitmma_int8_kernel(
     for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
         _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-    peak = _row_absmax(x_rows, x_live, K, x_natural, ROWS)  # [ROWS]
+    peak = _row_absmax(x_row_ptr, K, x_row_layout)
     inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
     for s in gl.static_range(STAGES - 1):
-        x_smem.index(s).store(_digit_planes(_load_x_tile(x_rows, x_live, s, K, x_natural, BLOCK_K), inv_scale,
-                                            x_natural3, BLOCK_K, ROWS))
-    acc = gl.zeros([BLOCK_N, MMA_N], gl.int32, layout=mma)
+        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, s, K, x_natural, BLOCK_K), inv_scale,
+                                            x_natural, BLOCK_K))
+    acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
     for kt in range(KT):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # tile kt's words have landed and its digits are stored; stage kt-1 is free
         nxt = kt + STAGES - 1
         _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-        x_next = _load_x_tile(x_rows, x_live, nxt, K, x_natural, BLOCK_K)  # its latency hides behind the products
+        x_next = _load_x_tile(x_row_ptr, nxt, K, x_natural, BLOCK_K)  # its latency hides behind the products
         w_stage = w_smem.index(kt % STAGES)
         x_stage = x_smem.index(kt % STAGES)
         for sub in gl.static_range(BLOCK_K // SUB_K):
             words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
             a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, 2)
             b = _x_digits_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout,
-                                  cols3, SUB_K, ROWS)
+                                  cols3, SUB_K)
             acc = mma_v2(a, b, acc)
         # stage kt-1, free since this iteration's barrier; the next barrier publishes it
-        x_smem.index(nxt % STAGES).store(_digit_planes(x_next, inv_scale, x_natural3, BLOCK_K, ROWS))
+        x_smem.index(nxt % STAGES).store(_digit_planes(x_next, inv_scale, x_natural, BLOCK_K))
     async_copy.wait_group(0)
 
-    # x_r . sign[n] = -(peak_r / (127 * 2^21 * 64)) * sum_d acc[n, 4r + d] * 2^(7 (3 - d))
+    # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
+    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
+    dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
     n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     n_mask = n < N
-    scale = gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0)
-    bias = gl.load(bias_ptr + n, mask=n_mask & HAS_BIAS, other=0.0).to(gl.float32)
-    c = gl.arange(0, MMA_N, layout=gl.SliceLayout(0, mma))
-    weight = (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32)
-    if ROWS == 1:  # columns 4..7 repeat 0..3
-        row = gl.load(order_ptr + first).to(gl.int64)
-        dot = gl.sum(acc.to(gl.float32) * gl.where(c < DIGITS, weight, 0.0)[None, :], axis=1)
-        dot = dot * gl.sum(peak, axis=0) * (-1.0 / (X_FULL_SCALE * SIGN_MAGNITUDE))
-        out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0) + bias + scale * dot
-        gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        terms = gl.reshape(acc.to(gl.float32) * weight[None, :], [BLOCK_N, ROWS, DIGITS])
-        dot = gl.sum(terms, axis=2)  # [BN, ROWS]
-        dot_layout: gl.constexpr = dot.type.layout
-        rr = gl.arange(0, ROWS, layout=gl.SliceLayout(0, dot_layout))
-        row_scale = gl.convert_layout(peak, gl.SliceLayout(0, dot_layout)) * (-1.0 / (X_FULL_SCALE * SIGN_MAGNITUDE))
-        live = rr < count
-        rows = gl.load(order_ptr + first + rr, mask=live, other=0).to(gl.int64)
-        nn = gl.convert_layout(n, gl.SliceLayout(1, dot_layout))
-        mask = (nn < N)[:, None] & live[None, :]
-        out = gl.load(ws_ptr + rows[None, :] * stride_ws + nn[:, None], mask=mask, other=0.0)
-        out += gl.convert_layout(bias, gl.SliceLayout(1, dot_layout))[:, None]
-        out += gl.convert_layout(scale, gl.SliceLayout(1, dot_layout))[:, None] * dot * row_scale[None, :]
-        gl.store(y_ptr + rows[None, :] * stride_y + nn[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)
+    out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
+    out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
+    gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -462,13 +430,13 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     shape = (n, k, kw, triton.cdiv(k, config.block_k))
     strides = (ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0), y.stride(0))
     bias_arg = bias if bias is not None else y
-    if config.rows == 1 or config.int8:
+    if config.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
         _bitmma_int8_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
             x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
             HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
-            WORD_VEC=word_vec, ROWS=config.rows, num_warps=config.num_warps,
+            WORD_VEC=word_vec, num_warps=config.num_warps,
         )
         return y
     xk = permute_activations(x, config.block_k)

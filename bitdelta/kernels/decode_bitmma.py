@@ -16,7 +16,9 @@ thread's B fragment is one contiguous run (16-byte loads). Two forms (benchmarks
   mma count. The row's x becomes four 7-bit digit planes of a 28-bit fixed point (scale: the row's
   |max|), one plane per mma column, digitised in the kernel on its way to shared memory: the int32
   accumulator holds exact integer products and the epilogue weights the columns 2^21, 2^14, 2^7,
-  1 (error ~1e-7 relative, far below the bf16/fp16 rounding of y).
+  1 (error ~1e-7 relative, far below the bf16/fp16 rounding of y). Its k order is split over words
+  so that each lane reads only its own words (`_words_layout_int8`) from a swizzled ring: the shared
+  memory, not the instruction count, had become its limit (KERNEL_NOTES round 7b).
 
 Layouts are explicit: words and x are staged in shared memory in a `STAGES`-deep ring (the bits
 are the DRAM stream and need many bytes in flight) and read in layouts derived from the mma

@@ -125,6 +125,7 @@ GEMV_CONFIGS = [
     KernelConfig(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
     KernelConfig(rows=4, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
     KernelConfig(rows=4, block_n=16, block_k=256, num_warps=4, num_stages=3, fuse_base=True, gemv=True),
+    KernelConfig(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=3, fuse_base=True, gemv=True),
 ]
 
 

@@ -173,7 +173,8 @@ def test_choose_config_gemv_for_few_rows():
     # one shared slot, 4 rows: gemv only on long rows or wide layers, else the tensor-core tile
     assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long))).gemv
     assert choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long)), k=11008).gemv
-    assert choose_config(28672, build_plan(torch.zeros(3, dtype=torch.long)), k=8192).rows == 4
+    wide = choose_config(28672, build_plan(torch.zeros(3, dtype=torch.long)), k=8192)
+    assert wide.gemv and wide.rows == 4 and wide.num_stages == 3  # wide layers: the K loop pipelined
     # several slots: gemv for 2-3 rows on N <= 4096, K <= 8192; at 4 rows the tensor-core delta kernel
     assert choose_config(4096, build_plan(torch.tensor([0, 1, -1]))).gemv
     assert choose_config(4096, build_plan(torch.arange(4))).bitmma

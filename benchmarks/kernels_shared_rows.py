@@ -1,6 +1,7 @@
-"""One delta shared by 16..64 rows (a fine-tune under load): the dispatched path (one fused tl.dot
-pass over base and bits) against split forms (cuBLAS base product, then the delta alone) and other
-fused tiles, each checked against the reference first, graph-timed side by side in one process.
+"""One delta shared by 16..64 rows (a fine-tune under load) and by 512-2048 prompt tokens (prefill):
+the dispatched path (one fused tl.dot pass over base and bits) against the same pass on merged
+weights, split forms (cuBLAS base product, then the delta alone) and other fused tiles, each checked
+against the reference first, graph-timed side by side in one process.
 
     PYTHONPATH=. python3 benchmarks/kernels_shared_rows.py [--out DIR]     (H100; KERNEL_NOTES.md round 7)
 """
@@ -13,16 +14,20 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernels import DECODE_SHAPES, Problem, _sweep_error, measure_ceilings, precompile
+from benchmarks.kernels import DECODE_SHAPES, Problem, _sweep_error, measure_ceilings
+from dataclasses import replace
+
 from bitdelta.kernels.configs import KernelConfig, choose_config
 
-BATCHES = [16, 32, 64]
+BATCHES = [16, 32, 64, 512, 2048]
 
 
-def variants(rows: int) -> dict:
-    """Split forms read the bits once per tile of `rows` rows after cuBLAS's base product (v8 reads
-    them once per 8 rows); fused forms at other tiles than the dispatcher's."""
+def variants(rows: int, auto: KernelConfig) -> dict:
+    """The dispatched tile on merged weights; split forms read the bits once per tile of `rows` rows
+    after cuBLAS's base product (v8 reads them once per 8 rows); fused forms at other tiles."""
+    rows = min(rows, 128)
     return {
+        "auto merged": replace(auto, merge=True),
         "split dot": KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=4, fuse_base=False),
         "split dot bn128": KernelConfig(rows=rows, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=False),
         "split v8": KernelConfig(rows=8, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
@@ -39,9 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    precompile([(k, n, cfg) for k, n in DECODE_SHAPES for b in BATCHES for cfg in variants(b).values()])
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
-    names = ["auto", *variants(16)]
+    names = ["auto", *variants(16, KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4,
+                                                fuse_base=True))]
     print("| KxN | rows | floor | base | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 4) + "|")
     rows = []
@@ -50,7 +55,8 @@ def main() -> None:
             problem = Problem(k, n, batch, False)
             floor_us = problem.bytes / bandwidth * 1e6
             times = {}
-            for name, cfg in {"auto": choose_config(n, problem.plan, k=k), **variants(batch)}.items():
+            auto = choose_config(n, problem.plan, k=k)
+            for name, cfg in {"auto": auto, **variants(batch, auto)}.items():
                 try:
                     error = _sweep_error(problem, cfg)
                     times[name] = problem.ours_us(cfg) if error < 6e-3 else float("nan")

@@ -90,6 +90,10 @@ CONFIGS = [
     KernelConfig(rows=8, block_n=64, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
+    # round 7: the fused pass on merged weights (one product with bf16/fp16(W + scale * sign))
+    KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True),
+    KernelConfig(rows=64, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True, merge=True),
+    KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True, merge=True),
     # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 128 x 1024 S2 is dispatched),
     # and a narrow 2-warp tile; the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
@@ -103,7 +107,7 @@ CONFIGS = [
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = "bitmma" if c.bitmma else ""
+    variant = ("bitmma" if c.bitmma else "") + ("merged" if c.merge else "")
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 

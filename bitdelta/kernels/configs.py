@@ -35,12 +35,15 @@ class KernelConfig:
     fuse_base: bool
     gemv: bool = False
     bitmma: bool = False
+    merge: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
+        if self.merge and not (self.fuse_base and not self.gemv):
+            raise ValueError("merge is a form of the fused segment kernel (fuse_base=True, gemv=False)")
         if self.bitmma:
             self._check_bitmma()
 

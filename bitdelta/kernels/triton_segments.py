@@ -190,9 +190,12 @@ def _segment_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW,
     stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # MERGE (fused only): one product with the tile's merged weights, bf16/fp16(W + scale * sign), the
+    # very weights `bitdelta merge` writes, instead of a base product and a sign product: half the
+    # tensor-core work for one extra rounding of each weight.
     # Tiles vary fastest, so the programs sharing a column block (and its base columns) run
     # together and the base is read from DRAM about once.
     slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
@@ -201,6 +204,9 @@ def _segment_kernel(
     acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     has_delta = slot >= 0
     sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
+    if MERGE:  # zero for a base-only tile: its merged weights are the base's, bit for bit
+        merge_scale = tl.load(scales_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sc_s + cols,
+                              mask=col_mask & has_delta, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = (ks < K) | EVEN_K  # EVEN_K: no tail, and no per-element K compares
@@ -210,19 +216,24 @@ def _segment_kernel(
         if FUSE_BASE:
             wk = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :],
                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_base += tl.dot(xk, tl.trans(wk))
         # No branch on slot >= 0 here: loads under a branch are not software-pipelined (measured:
         # 2x slower). A base-only tile reads no bits (masked) and discards its delta product.
         kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
-        acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
+        if MERGE:
+            merged = wk.to(tl.float32) + merge_scale[:, None] * expand_signs(words, tl.float32)
+            acc_base += tl.dot(xk, tl.trans(merged.to(xk.dtype)))
+        else:
+            if FUSE_BASE:
+                acc_base += tl.dot(xk, tl.trans(wk))
+            acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
 
     if not FUSE_BASE:
         acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
                            mask=row_mask[:, None] & col_mask[None, :], other=0.0)
     if HAS_BIAS:
         acc_base += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if has_delta:
+    if has_delta and not MERGE:
         scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
         acc_base += scale[None, :] * acc_sign
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc_base.to(y_ptr.dtype.element_ty),
@@ -279,7 +290,8 @@ def segment_matmul(
         n, k, signs.shape[-1],
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0),
-        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, EVEN_K=k % config.block_k == 0, ROWS=config.rows,
+        HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, MERGE=config.merge, EVEN_K=k % config.block_k == 0,
+        ROWS=config.rows,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

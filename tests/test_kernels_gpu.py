@@ -6,8 +6,10 @@ the relative error ||out - ref|| / ||ref|| against the fp32 reference evaluated 
 to the activation dtype. Kernel and reference both multiply exactly (+-1 signs, fp16/bf16
 products are exact in fp32) and accumulate in fp32, so what remains is the final rounding to the
 activation dtype: at most half an ulp per element, i.e. a relative RMS error near
-2**-11 / sqrt(3) ~ 3e-4 for fp16 and 2**-8 / sqrt(3) ~ 2e-3 for bf16. The bounds allow about
-three times that, and stay far below what a misread word, bit order or slot would cause.
+2**-11 / sqrt(3) ~ 3e-4 for fp16 and 2**-8 / sqrt(3) ~ 2e-3 for bf16. Configs with `merge` round
+each merged weight W + scale * sign to the activation dtype first (what `bitdelta merge` writes),
+one more rounding of the same size spread over the sum: the bounds allow about three times the
+total, and stay far below what a misread word, bit order or slot would cause.
 """
 
 from __future__ import annotations

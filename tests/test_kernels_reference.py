@@ -144,7 +144,7 @@ def test_choose_config_decode_and_prefill():
     assert choose_config(4096, build_plan(torch.arange(4).repeat(2))).block_n == 64  # 4 tiles: narrow blocks
     shared = build_plan(torch.zeros(4, dtype=torch.long))
     cfg = choose_config(4096, shared)
-    assert cfg.rows == 4 and cfg.fuse_base and not cfg.bitmma
+    assert cfg.rows == 4 and cfg.fuse_base and cfg.merge and not cfg.bitmma  # one product on merged weights
     assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
     nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: two v8 tiles
     assert nine.rows == BITMMA_MAX_ROWS and nine.bitmma and not nine.fuse_base

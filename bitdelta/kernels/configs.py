@@ -25,7 +25,8 @@ class KernelConfig:
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
     `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, rows = 1 on the int8 kernel v9, else v8;
     block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring). Otherwise the
-    Triton segment kernel, bits expanded for tl.dot."""
+    Triton segment kernel, bits expanded for tl.dot; merge (fused only): one product with the tile's
+    merged weights, bf16/fp16(W + scale * sign), as `bitdelta merge` writes them."""
 
     rows: int
     block_n: int
@@ -61,27 +62,29 @@ def next_pow2(value: int) -> int:
 def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) -> KernelConfig:
     """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md).
 
-    Few distinct deltas: one fused pass (base + bits), tensor-core products, narrow column
-    blocks. Many distinct deltas: cuBLAS for the base once, then a tensor-core delta kernel (v8;
-    v9 for one-row tiles), which reads each slot's bits once per tile of up to 8 rows (a slot of
-    9..16 rows takes two). Prefill gets GEMM-sized tiles that amortise the bit expansion over
-    many rows. `bitmma=False` (a Triton without Gluon) takes the tl.dot kernel instead of v8/v9.
+    Few distinct deltas: one fused pass on the tile's merged weights (base + scale * bits: one
+    tensor-core product, round 7), narrow column blocks. Many distinct deltas: cuBLAS for the base
+    once, then a tensor-core delta kernel (v8; v9 for one-row tiles), which reads each slot's bits
+    once per tile of up to 8 rows (a slot of 9..16 rows takes two). Prefill gets GEMM-sized fused
+    tiles on merged weights, which amortise the bit expansion over many rows. `bitmma=False` (a
+    Triton without Gluon) takes the tl.dot kernel instead of v8/v9.
     """
     gemv = _gemv_config(n, plan, k)
     if gemv is not None:
         return gemv
     few_deltas = plan.num_deltas <= FUSED_MAX_DELTAS
     if plan.max_rows > (SHARED_DECODE_MAX_ROWS if few_deltas else DECODE_MAX_ROWS):
-        return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True)
+        return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True, merge=True)
     rows = next_pow2(plan.max_rows)
     if few_deltas:
         if rows > DECODE_MAX_ROWS and n >= 8192:
             # tall tiles on wide layers: 64 columns (still >= 128 programs), shorter K step past 32 rows
             return KernelConfig(rows=rows, block_n=64, block_k=128 if rows <= 32 else 64, num_warps=4,
-                                num_stages=4, fuse_base=True)
+                                num_stages=4, fuse_base=True, merge=True)
         # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
         warps, stages = (2, 3) if rows <= 2 else (4, 4)
-        return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True)
+        return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True,
+                            merge=True)
     if bitmma:  # slots of 9..16 rows take two 8-row tiles (bits read twice): still 1.4-4x the dot kernel (KERNEL_NOTES round 5b)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)

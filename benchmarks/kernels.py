@@ -231,6 +231,51 @@ def _sweep_error(p: "Problem", cfg: KernelConfig) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def time_checked(p: "Problem", configs: dict) -> tuple[dict, dict]:
+    """Median us of each named config on `p`, each checked against the reference first: NaN where the
+    relative error is 6e-3 or more, or where the config fails (its message printed and kept as its
+    error, so the other configs still run). Returns (times, errors)."""
+    times, errors = {}, {}
+    for name, cfg in configs.items():
+        try:
+            errors[name] = _sweep_error(p, cfg)
+            times[name] = p.ours_us(cfg) if errors[name] < 6e-3 else float("nan")
+        except Exception as exc:  # reported, not fatal
+            errors[name], times[name] = f"{type(exc).__name__}: {exc}"[:200], float("nan")
+            print(f"{name}: {errors[name]}")
+    return times, errors
+
+
+def write_results(out: str, name: str, rows: list) -> None:
+    """rows as JSON to out/name (nothing when out is empty)."""
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text(json.dumps(rows, indent=1))
+
+
+def compare_configs(cases: list, variants, out: str, name: str) -> None:
+    """For every decode shape and case (batch, distinct deltas): the floor, cuBLAS's base product, the
+    dispatched config ("auto") and variants(batch, auto), timed side by side (`time_checked`); a
+    markdown table on stdout, the rows as JSON to out/name."""
+    bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
+    rows = []
+    for k, n in DECODE_SHAPES:
+        for batch, distinct in cases:
+            p = Problem(k, n, batch, distinct)
+            auto = choose_config(n, p.plan, k=k)
+            times, _ = time_checked(p, {"auto": auto, **variants(batch, auto)})
+            floor_us, base_us = p.bytes / bandwidth * 1e6, p.base_us()
+            if not rows:
+                print("| KxN | rows | floor | base | " + " | ".join(times) + " |")
+                print("|---" * (len(times) + 4) + "|")
+            rows.append({"K": k, "N": n, "batch": batch, "floor_us": floor_us, "base_us": base_us, "times_us": times})
+            print(f"| {k}x{n} | {batch} | {floor_us:.1f} | {base_us:.1f} | "
+                  + " | ".join(f"{t:.1f}" for t in times.values()) + " |", flush=True)
+            del p
+            torch.cuda.empty_cache()
+    write_results(out, name, rows)
+
+
 def sweep_suite(bandwidth: float, shapes) -> list[dict]:
     """Time kernel variants per case (each checked against the reference first), to pick the
     dispatcher's thresholds."""

@@ -11,12 +11,10 @@ PYTHONPATH for a before/after in one device call); --precompile-only fills Trito
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
-from benchmarks.kernels import DECODE_SHAPES, Problem, _sweep_error, measure_ceilings, precompile
+from benchmarks.kernels import DECODE_SHAPES, Problem, measure_ceilings, precompile, time_checked, write_results
 from bitdelta.kernels.configs import KernelConfig, choose_config
 from bitdelta.kernels.grouping import build_plan
 
@@ -57,23 +55,14 @@ def main() -> None:
         for batch in BATCHES:
             problem = Problem(k, n, batch, True)
             floor_us = problem.bytes / bandwidth * 1e6
-            configs = configs_for(n, k, problem.plan)
-            times, errors = {}, {}
-            for name, cfg in configs.items():
-                try:
-                    errors[name] = _sweep_error(problem, cfg)
-                    times[name] = problem.ours_us(cfg) if errors[name] < 6e-3 else float("nan")
-                except Exception as exc:  # reported, not fatal: the other variants still run
-                    errors[name], times[name] = f"{type(exc).__name__}: {exc}"[:200], float("nan")
+            times, errors = time_checked(problem, configs_for(n, k, problem.plan))
             best = min((t for t in times.values() if t == t), default=float("nan"))
             rows.append({"K": k, "N": n, "batch": batch, "floor_us": floor_us, "times_us": times, "errors": errors})
             print(f"| {k}x{n} | {batch} | {floor_us:.1f} | " + " | ".join(f"{times[m]:.1f}" for m in names)
                   + f" | {best / floor_us:.2f} ({times['auto'] / floor_us:.2f}) |", flush=True)
             del problem
             torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"kernels_decode_sweep{'_auto' if args.auto_only else ''}.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out, f"kernels_decode_sweep{'_auto' if args.auto_only else ''}.json", rows)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,15 @@ ROW_MAX_CHUNK = gl.constexpr(4096)  # x elements a block reads per step of the r
 
 
 @gluon.constexpr_function
+def _remap(ll, move, shape):
+    """The distributed layout `ll` with every basis (the coordinate one register, lane or warp bit
+    reaches) passed through `move`: the same data in the same registers, seen as a tensor of `shape`."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[move(b) for b in ll.reg_bases], lane_bases=[move(b) for b in ll.lane_bases],
+        warp_bases=[move(b) for b in ll.warp_bases], block_bases=[], shape=shape)
+
+
+@gluon.constexpr_function
 def _words_layout(a_ll):
     """The A operand's layout [BN, BK] seen as [BN, BK/32, 32] (row, word, bit slot): slicing away
     the bit slot gives the layout in which each thread reads exactly the words its A registers use."""
@@ -75,10 +84,7 @@ def _words_layout(a_ll):
         n, kk = basis
         return [n, kk // 32, kk % 32]
 
-    return gl.DistributedLinearLayout(
-        reg_bases=[split(b) for b in a_ll.reg_bases], lane_bases=[split(b) for b in a_ll.lane_bases],
-        warp_bases=[split(b) for b in a_ll.warp_bases], block_bases=[],
-        shape=[a_ll.shape[0], a_ll.shape[1] // 32, 32])
+    return _remap(a_ll, split, [a_ll.shape[0], a_ll.shape[1] // 32, 32])
 
 
 @gluon.constexpr_function
@@ -94,9 +100,7 @@ def _words_layout_int8(a_ll):
         return [n, 2 * q + (s >> 2), 8 * p + 2 * (s & 3) + a]
 
     assert a_ll.shape[1] == 256, "the int8 word split is written for compute steps of 256"
-    return gl.DistributedLinearLayout(
-        reg_bases=[split(b) for b in a_ll.reg_bases], lane_bases=[split(b) for b in a_ll.lane_bases],
-        warp_bases=[split(b) for b in a_ll.warp_bases], block_bases=[], shape=[a_ll.shape[0], 8, 32])
+    return _remap(a_ll, split, [a_ll.shape[0], 8, 32])
 
 
 @gluon.constexpr_function
@@ -108,10 +112,7 @@ def _x_layout(b_ll):
         kk, c = basis
         return [4 * c + ((kk >> 1) & 3), (kk & 1) | ((kk >> 3) << 1)]
 
-    bk = b_ll.shape[0]
-    return gl.DistributedLinearLayout(
-        reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
-        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[32, bk // 4])
+    return _remap(b_ll, move, [32, b_ll.shape[0] // 4])
 
 
 @gluon.constexpr_function
@@ -124,10 +125,7 @@ def _x_digits_layout(b_ll):
         kk, c = basis
         return [4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
 
-    bk = b_ll.shape[0]
-    return gl.DistributedLinearLayout(
-        reg_bases=[move(b) for b in b_ll.reg_bases], lane_bases=[move(b) for b in b_ll.lane_bases],
-        warp_bases=[move(b) for b in b_ll.warp_bases], block_bases=[], shape=[16, bk // 4])
+    return _remap(b_ll, move, [16, b_ll.shape[0] // 4])
 
 
 @gluon.constexpr_function
@@ -137,9 +135,7 @@ def _split_columns(b_ll):
         kk, c = basis
         return [kk, c >> 2, c & 3]
 
-    return gl.DistributedLinearLayout(
-        reg_bases=[split(b) for b in b_ll.reg_bases], lane_bases=[split(b) for b in b_ll.lane_bases],
-        warp_bases=[split(b) for b in b_ll.warp_bases], block_bases=[], shape=[b_ll.shape[0], 2, 4])
+    return _remap(b_ll, split, [b_ll.shape[0], 2, 4])
 
 
 @gluon.jit

@@ -253,23 +253,32 @@ def write_results(out: str, name: str, rows: list) -> None:
         (Path(out) / name).write_text(json.dumps(rows, indent=1))
 
 
-def compare_configs(cases: list, variants, out: str, name: str) -> None:
-    """For every decode shape and case (batch, distinct deltas): the floor, cuBLAS's base product, the
-    dispatched config ("auto") and variants(batch, auto), timed side by side (`time_checked`); a
-    markdown table on stdout, the rows as JSON to out/name."""
+def compare_configs(cases: list, variants, out: str, name: str, shapes=DECODE_SHAPES) -> None:
+    """For every shape and case (batch, distinct deltas[, rows per delta]): the floor, cuBLAS's base
+    product, the dispatched config ("auto") and variants(rows per tile, auto), timed side by side
+    (`time_checked`) after compiling them all in parallel; a markdown table on stdout, the rows as
+    JSON to out/name."""
+    cases = [(case + (1,))[:3] for case in cases]
+
+    def configs_for(k: int, n: int, batch: int, distinct: bool, per_slot: int) -> dict:
+        plan = build_plan(_slot_ids(batch, distinct, per_slot))
+        auto = choose_config(n, plan, k=k)
+        return {"auto": auto, **variants(plan.max_rows, auto)}
+
+    precompile([(k, n, cfg) for k, n in shapes for case in cases for cfg in configs_for(k, n, *case).values()])
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
     rows = []
-    for k, n in DECODE_SHAPES:
-        for batch, distinct in cases:
-            p = Problem(k, n, batch, distinct)
-            auto = choose_config(n, p.plan, k=k)
-            times, _ = time_checked(p, {"auto": auto, **variants(batch, auto)})
+    for k, n in shapes:
+        for batch, distinct, per_slot in cases:
+            p = Problem(k, n, batch, distinct, per_slot)
+            times, _ = time_checked(p, configs_for(k, n, batch, distinct, per_slot))
             floor_us, base_us = p.bytes / bandwidth * 1e6, p.base_us()
             if not rows:
-                print("| KxN | rows | floor | base | " + " | ".join(times) + " |")
-                print("|---" * (len(times) + 4) + "|")
-            rows.append({"K": k, "N": n, "batch": batch, "floor_us": floor_us, "base_us": base_us, "times_us": times})
-            print(f"| {k}x{n} | {batch} | {floor_us:.1f} | {base_us:.1f} | "
+                print("| KxN | rows | deltas | floor | base | " + " | ".join(times) + " |")
+                print("|---" * (len(times) + 5) + "|")
+            rows.append({"K": k, "N": n, "batch": batch, "deltas": p.num_slots, "floor_us": floor_us,
+                         "base_us": base_us, "times_us": times})
+            print(f"| {k}x{n} | {batch} | {p.num_slots} | {floor_us:.1f} | {base_us:.1f} | "
                   + " | ".join(f"{t:.1f}" for t in times.values()) + " |", flush=True)
             del p
             torch.cuda.empty_cache()

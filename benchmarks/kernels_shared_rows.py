@@ -1,44 +1,47 @@
-"""One delta shared by 16..64 rows (a fine-tune under load) and by 512-2048 prompt tokens (prefill):
-the dispatched path (one fused tl.dot pass over base and bits) against the same pass on merged
-weights, split forms (cuBLAS base product, then the delta alone) and other fused tiles, each checked
-against the reference first, graph-timed side by side in one process.
+"""Deltas shared by many rows: one delta under load (16..128 decode rows), prefill of 512/2048 prompt
+tokens over 1, 4 or 32 deltas. The dispatched path against the segment kernel computing its product
+transposed (`swap_ab`: merged weights as the tensor cores' register A operand, rows as N) and against
+merged weights written once per slot then cuBLAS (`merged_gemm`), each checked against the reference
+first, graph-timed side by side in one process.
 
-    PYTHONPATH=. python3 benchmarks/kernels_shared_rows.py [--out DIR]     (H100; KERNEL_NOTES.md round 7)
+    PYTHONPATH=. python3 benchmarks/kernels_shared_rows.py [--out DIR] [--shapes 4096x4096,...]
+
+(H100; KERNEL_NOTES.md rounds 7 and 8)
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
-from benchmarks.kernels import compare_configs
-from bitdelta.kernels.configs import KernelConfig
+from benchmarks.kernels import DECODE_SHAPES, compare_configs
+from bitdelta.kernels.configs import KernelConfig, next_pow2
 
-BATCHES = [16, 32, 64, 512, 2048]
+# (batch, distinct, rows per delta)
+CASES = [(32, False), (64, False), (128, False), (256, False), (512, False), (2048, False),
+         (1024, True, 256), (2048, True, 512), (512, True, 16), (1024, True, 32), (2048, True, 64)]
+SWAP_TILES = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3))  # (BN, BK, warps, stages)
+MERGE_TILES = ((32, 256, 4), (16, 512, 4))  # the merge kernel's (BN, BK, warps)
 
 
 def variants(rows: int, auto: KernelConfig) -> dict:
-    """The dispatched tile on merged weights; split forms read the bits once per tile of `rows` rows
-    after cuBLAS's base product (v8 reads them once per 8 rows); fused forms at other tiles."""
-    rows = min(rows, 128)
-    return {
-        "auto merged": replace(auto, merge=True),
-        "split dot": KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=4, fuse_base=False),
-        "split dot bn128": KernelConfig(rows=rows, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=False),
-        "split v8": KernelConfig(rows=8, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
-                                 bitmma=True),
-        "fused bn64 bk64 w4": KernelConfig(rows=rows, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True),
-        "fused bn128 bk64 w8": KernelConfig(rows=rows, block_n=128, block_k=64, num_warps=8, num_stages=3,
-                                            fuse_base=True),
-        "fused bn32 bk256 w4": KernelConfig(rows=rows, block_n=32, block_k=256, num_warps=4, num_stages=3,
-                                            fuse_base=True),
-    }
+    """Transposed products on merged weights at several tiles; merged weights written once, then cuBLAS."""
+    rows = min(next_pow2(rows), 128)
+    out = {f"swap {bn}x{bk}w{w}s{s}": KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=w, num_stages=s,
+                                                    fuse_base=True, merge=True, swap_ab=True)
+           for bn, bk, w, s in SWAP_TILES}
+    for bn, bk, w in MERGE_TILES:
+        out[f"merged gemm {bn}x{bk}"] = KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=w, num_stages=1,
+                                                     fuse_base=True, merged_gemm=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
-    compare_configs([(batch, False) for batch in BATCHES], variants, parser.parse_args().out, "kernels_shared_rows.json")
+    parser.add_argument("--shapes", default="", help="KxN,KxN,... (default: every decode shape)")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else DECODE_SHAPES
+    compare_configs(CASES, variants, args.out, "kernels_shared_rows.json", shapes)
 
 
 if __name__ == "__main__":

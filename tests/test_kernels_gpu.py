@@ -103,13 +103,22 @@ CONFIGS = [
     KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True),
     KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
+    # round 8: products computed transposed (weights as the register A operand), merged and split; and
+    # prefill on merged weights written once per slot, then cuBLAS
+    KernelConfig(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
+                 swap_ab=True),
+    KernelConfig(rows=16, block_n=128, block_k=64, num_warps=4, num_stages=3, fuse_base=True, merge=True,
+                 swap_ab=True),
+    KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False, swap_ab=True),
+    KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merged_gemm=True),
 ]
 
 
 def _config_id(c: KernelConfig | None) -> str:
     if c is None:
         return "auto"
-    variant = ("bitmma" if c.bitmma else "") + ("merged" if c.merge else "")
+    variant = ("bitmma" if c.bitmma else "") + ("merged" if c.merge else "") + ("swap" if c.swap_ab else "")
+    variant += "gemm" if c.merged_gemm else ""
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
@@ -161,6 +170,37 @@ def test_prefill_segments(m, n, k, s, dtype):
     x, w, signs, scales, bias = _problem(m, n, k, s, dtype, per_row_scales=False)
     slot_ids = torch.randint(-1, s, (m,), device="cuda")
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slots", [[0], [-1, 0], [2, 0, 1], [1, -1, 1, 0]])
+def test_dispatcher_merges_long_prefill_segments_once(slots, dtype):
+    """Segments of >= MERGED_GEMM_MIN_ROWS rows take merged weights + cuBLAS (round 8): one slot in
+    order, and shuffled mixes with base-only rows (gather and scatter)."""
+    from bitdelta.kernels.configs import MERGED_GEMM_MIN_ROWS
+
+    per_slot = 2 * MERGED_GEMM_MIN_ROWS + 3
+    slot_ids = torch.tensor(slots, device="cuda").repeat_interleave(per_slot)
+    if len(slots) > 1:
+        slot_ids = slot_ids[torch.randperm(slot_ids.numel(), device="cuda")]
+    x, w, signs, scales, bias = _problem(slot_ids.numel(), 333, 1000, 3, dtype)
+    assert choose_config(333, build_plan(slot_ids), k=1000).merged_gemm
+    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(333, 4097), (4096, 4096), (64, 40)])
+def test_merge_weight_is_bitdelta_merge_bit_for_bit(n, k, dtype):
+    """The GPU merge rounds base + scale * sign once, exactly as the reference (and `bitdelta merge`)."""
+    from bitdelta.kernels.triton_merge import merge_weight
+
+    _, w, signs, scales, _ = _problem(1, n, k, 3, dtype)
+    slot = int(torch.randint(0, 3, ()))
+    out = torch.full_like(w, float("nan"))
+    config = KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,
+                          merged_gemm=True)
+    merge_weight(w, signs, scales, slot, config, out=out)
+    torch.testing.assert_close(out, reference.merged_weight(w, signs, scales, slot), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

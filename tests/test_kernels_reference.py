@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
 from bitdelta.kernels.configs import (BITMMA_MAX_ROWS, DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS,
-                                      ONE_ROW_MAX_K, SHARED_DECODE_MAX_ROWS, KernelConfig, choose_config, next_pow2)
+                                      MERGED_GEMM_MIN_ROWS, ONE_ROW_MAX_K, SHARED_DECODE_MAX_ROWS, KernelConfig,
+                                      choose_config, next_pow2)
 from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles
 from bitdelta.pack import pack_signs
 
@@ -58,6 +59,18 @@ def test_reference_matches_dense_fp64(m, n, k, s, per_row_scales):
     out = reference.bitdelta_matmul(x, w, signs, scales, slot_ids, bias)
     # fp32 arithmetic against fp64: rounding only, far under 1e-5.
     assert _rel_err(out, _dense_fp64(x, w, sign_values, scales, slot_ids, bias)) < 1e-5
+
+
+def test_merged_weight_is_the_rounded_finetune_weight():
+    gen = torch.Generator().manual_seed(7)
+    x, w, signs, sign_values, scales, _ = _problem(2, 9, 70, 3, True, gen)
+    w16 = w.to(torch.bfloat16)
+    merged = reference.merged_weight(w16, signs, scales, 2)
+    assert merged.dtype == torch.bfloat16 and merged.shape == w16.shape
+    exact = w16.double() + scales[2].double()[:, None] * sign_values[2]
+    # one rounding to bf16 of an fp32 sum: within half a bf16 ulp (2^-9 relative) of the exact value
+    assert ((merged.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+    assert not torch.equal(merged, w16)  # the delta is applied, not dropped
 
 
 def test_reference_slot_minus_one_is_base_only():
@@ -152,11 +165,23 @@ def test_choose_config_decode_and_prefill():
     # one shared delta keeps decode tiles up to SHARED_DECODE_MAX_ROWS rows, then prefill tiles
     tall = choose_config(4096, build_plan(torch.zeros(64, dtype=torch.long)))
     assert tall.rows == 64 and tall.fuse_base and tall.block_n == 32
-    assert choose_config(8192, build_plan(torch.zeros(64, dtype=torch.long))).block_n == 64
-    prefill = build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long))
-    assert choose_config(4096, prefill).rows == 128 and choose_config(4096, prefill).block_n == 128
-    many = build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1))  # 4 deltas, 17 rows each: prefill tiles
-    assert choose_config(4096, many).block_n == 128
+    wide = choose_config(8192, build_plan(torch.zeros(64, dtype=torch.long)))
+    assert wide.block_n == 64 and wide.swap_ab  # wide layers: the product computed transposed
+    assert not choose_config(8192, build_plan(torch.zeros(32, dtype=torch.long))).swap_ab
+    # prefill: transposed fused tiles; 128 x 64 once full 128-row tiles make >= 256 programs
+    prefill = choose_config(4096, build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long)))
+    assert prefill.rows == 128 and prefill.swap_ab and prefill.merge and prefill.block_n == 64
+    assert choose_config(4096, build_plan(torch.arange(4).repeat_interleave(256))).block_n == 128
+    many = choose_config(4096, build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1)))  # 4 deltas, 17 rows each
+    assert many.rows == 32 and many.swap_ab and many.block_n == 64
+    # segments of >= MERGED_GEMM_MIN_ROWS rows (twice that past FUSED_MAX_DELTAS deltas): merged weights + cuBLAS
+    assert choose_config(4096, build_plan(torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long))).merged_gemm
+    base_rows = torch.cat([torch.full((3,), -1), torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long)])
+    assert choose_config(4096, build_plan(base_rows)).merged_gemm  # a few base-only rows do not count
+    four = torch.arange(4).repeat_interleave(MERGED_GEMM_MIN_ROWS)
+    assert not choose_config(4096, build_plan(four)).merged_gemm
+    assert choose_config(4096, build_plan(four.repeat_interleave(2))).merged_gemm
+    assert not choose_config(4096, build_plan(torch.cat([four, torch.tensor([9])]))).merged_gemm  # one short segment
 
 
 def test_choose_config_without_gluon_takes_the_dot_kernel():
@@ -202,6 +227,11 @@ def test_kernel_config_validation():
         KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
     with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
         KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
+    with pytest.raises(ValueError):  # swap_ab needs tl.dot's >= 16 rows
+        KernelConfig(rows=8, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, swap_ab=True)
+    with pytest.raises(ValueError):  # merged_gemm is its own path, not a segment-kernel form
+        KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merge=True,
+                      merged_gemm=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
 
 

@@ -15,6 +15,7 @@ SHARED_DECODE_MAX_ROWS = 128  # with one or two deltas, decode tiles serve up to
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 GEMV_MAX_ROWS = 4  # the CUDA-core gemv path takes the whole batch (<= this many rows) in one program
 BITMMA_MAX_ROWS = 8  # v8 puts a tile's rows on the N side of an m16n8k16 mma
+MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
 
 
@@ -26,7 +27,10 @@ class KernelConfig:
     `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, rows = 1 on the int8 kernel v9, else v8;
     block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring). Otherwise the
     Triton segment kernel, bits expanded for tl.dot; merge (fused only): one product with the tile's
-    merged weights, bf16/fp16(W + scale * sign), as `bitdelta merge` writes them."""
+    merged weights, bf16/fp16(W + scale * sign), as `bitdelta merge` writes them; swap_ab (segment
+    kernel only): the product computed transposed, weights as the tensor cores' A operand from
+    registers, the tile's rows as their N side. merged_gemm (prefill of long segments): each slot's
+    merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment."""
 
     rows: int
     block_n: int
@@ -37,6 +41,8 @@ class KernelConfig:
     gemv: bool = False
     bitmma: bool = False
     merge: bool = False
+    swap_ab: bool = False
+    merged_gemm: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
@@ -45,6 +51,10 @@ class KernelConfig:
             raise ValueError("block_k must be a multiple of 32 (one packed word)")
         if self.merge and not (self.fuse_base and not self.gemv):
             raise ValueError("merge is a form of the fused segment kernel (fuse_base=True, gemv=False)")
+        if self.merged_gemm and (self.gemv or self.bitmma or self.merge or self.swap_ab):
+            raise ValueError("merged_gemm is its own path (merge kernel + cuBLAS), not a segment-kernel form")
+        if self.swap_ab and (self.gemv or self.bitmma or self.rows < 16):
+            raise ValueError("swap_ab is a form of the segment kernel for tiles of >= 16 rows")
         if self.bitmma:
             self._check_bitmma()
 
@@ -65,18 +75,22 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     Few distinct deltas: one fused pass on the tile's merged weights (base + scale * bits: one
     tensor-core product, round 7), narrow column blocks. Many distinct deltas: cuBLAS for the base
     once, then a tensor-core delta kernel (v8; v9 for one-row tiles), which reads each slot's bits
-    once per tile of up to 8 rows (a slot of 9..16 rows takes two). Prefill gets GEMM-sized fused
-    tiles on merged weights, which amortise the bit expansion over many rows. `bitmma=False` (a
-    Triton without Gluon) takes the tl.dot kernel instead of v8/v9.
+    once per tile of up to 8 rows (a slot of 9..16 rows takes two). Prefill (round 8): slots of at
+    least MERGED_GEMM_MIN_ROWS rows get their merged weights written once and cuBLAS; shorter
+    segments the fused pass on merged weights, computed transposed. `bitmma=False` (a Triton
+    without Gluon) takes the tl.dot kernel instead of v8/v9.
     """
     gemv = _gemv_config(n, plan, k)
     if gemv is not None:
         return gemv
     few_deltas = plan.num_deltas <= FUSED_MAX_DELTAS
     if plan.max_rows > (SHARED_DECODE_MAX_ROWS if few_deltas else DECODE_MAX_ROWS):
-        return KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True, merge=True)
+        return _prefill_config(n, plan, few_deltas)
     rows = next_pow2(plan.max_rows)
     if few_deltas:
+        if rows == 64 and n >= 8192:  # wide layers: transposed, 64 columns (round 8: 7-30% less time)
+            return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True,
+                                merge=True, swap_ab=True)
         if rows > DECODE_MAX_ROWS and n >= 8192:
             # tall tiles on wide layers: 64 columns (still >= 128 programs), shorter K step past 32 rows
             return KernelConfig(rows=rows, block_n=64, block_k=128 if rows <= 32 else 64, num_warps=4,
@@ -88,6 +102,24 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     if bitmma:  # slots of 9..16 rows take two 8-row tiles (bits read twice): still 1.4-4x the dot kernel (KERNEL_NOTES round 5b)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
+
+
+def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
+    """Long segments (H100, round 8): merged weights once + cuBLAS when every delta segment has at
+    least MERGED_GEMM_MIN_ROWS rows (twice that past FUSED_MAX_DELTAS deltas, where the per-slot merges
+    and the gathers add up); otherwise the fused pass on merged weights, computed transposed, 128 x 64
+    tiles once full 128-row tiles fill >= 256 programs, else 64 x 128."""
+    min_rows = MERGED_GEMM_MIN_ROWS * (1 if few_deltas else 2)
+    if plan.min_delta_rows >= min_rows:
+        return KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,
+                            merged_gemm=True)
+    rows = min(next_pow2(plan.max_rows), 128)
+    tiles = sum(-(-count // rows) for count in plan.counts)
+    if rows == 128 and tiles * -(-n // 128) >= 256:
+        return KernelConfig(rows=rows, block_n=128, block_k=64, num_warps=4, num_stages=3, fuse_base=True,
+                            merge=True, swap_ab=True)
+    return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
+                        swap_ab=True)
 
 
 def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:

@@ -47,6 +47,11 @@ class SlotPlan:
         return max(self.counts, default=0)
 
     @property
+    def min_delta_rows(self) -> int:
+        """Rows of the smallest segment with a delta (slot -1 excluded; 0 when there is none)."""
+        return min((count for slot, count in zip(self.host_slots, self.counts) if slot >= 0), default=0)
+
+    @property
     def num_deltas(self) -> int:
         """Distinct delta slots present (slot -1 excluded): how many bit matrices a step must read."""
         return sum(1 for slot in self.host_slots if slot >= 0)

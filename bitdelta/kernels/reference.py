@@ -30,6 +30,13 @@ def delta_matmul(x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, slo
     return out
 
 
+def merged_weight(base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, slot: int) -> torch.Tensor:
+    """Slot `slot`'s fine-tune weight as `bitdelta merge` writes it: base + scale * sign in fp32,
+    rounded once to the base's dtype. [N, K] like base_weight."""
+    sign = unpack_signs(signs[slot], base_weight.shape[1], torch.float32)
+    return (base_weight.float() + scales[slot].float()[:, None] * sign).to(base_weight.dtype)
+
+
 def bitdelta_matmul(
     x: torch.Tensor,
     base_weight: torch.Tensor,

@@ -191,7 +191,7 @@ def _segment_kernel(
     N, K, KW,
     stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
     HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # MERGE (fused only): one product with the tile's merged weights, bf16/fp16(W + scale * sign), the
     # very weights `bitdelta merge` writes, instead of a base product and a sign product: half the
@@ -200,8 +200,12 @@ def _segment_kernel(
     # together and the base is read from DRAM about once.
     slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
 
-    acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc_base_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+        acc_sign_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+    else:
+        acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     has_delta = slot >= 0
     sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
     if MERGE:  # zero for a base-only tile: its merged weights are the base's, bit for bit
@@ -222,12 +226,22 @@ def _segment_kernel(
         words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
         if MERGE:
             merged = wk.to(tl.float32) + merge_scale[:, None] * expand_signs(words, tl.float32)
-            acc_base += tl.dot(xk, tl.trans(merged.to(xk.dtype)))
+            if SWAP_AB:
+                acc_base_t += tl.dot(merged.to(xk.dtype), tl.trans(xk))
+            else:
+                acc_base += tl.dot(xk, tl.trans(merged.to(xk.dtype)))
+        elif SWAP_AB:
+            if FUSE_BASE:
+                acc_base_t += tl.dot(wk, tl.trans(xk))
+            acc_sign_t += tl.dot(expand_signs(words, xk.dtype), tl.trans(xk))
         else:
             if FUSE_BASE:
                 acc_base += tl.dot(xk, tl.trans(wk))
             acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
 
+    if SWAP_AB:
+        acc_base = tl.trans(acc_base_t)
+        acc_sign = tl.trans(acc_sign_t)
     if not FUSE_BASE:
         acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
                            mask=row_mask[:, None] & col_mask[None, :], other=0.0)
@@ -273,6 +287,10 @@ def segment_matmul(
             NUM_STAGES=config.num_stages, num_warps=config.num_warps,
         )
         return y
+    if config.merged_gemm:
+        from bitdelta.kernels.triton_merge import merged_gemm
+
+        return merged_gemm(x, base_weight, signs, scales, plan, bias, config, y)
     if config.fuse_base:
         ws = y  # unused: the kernel computes the base product itself
         weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
@@ -291,7 +309,7 @@ def segment_matmul(
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, MERGE=config.merge, EVEN_K=k % config.block_k == 0,
-        ROWS=config.rows,
+        ROWS=config.rows, SWAP_AB=config.swap_ab,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

@@ -111,6 +111,10 @@ CONFIGS = [
                  swap_ab=True),
     KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False, swap_ab=True),
     KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merged_gemm=True),
+    # v8 with tiles of 16, 32 and 64 rows (several 8-column mmas per expanded weight fragment)
+    KernelConfig(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
+    KernelConfig(rows=32, block_n=256, block_k=256, num_warps=8, num_stages=2, fuse_base=False, bitmma=True),
+    KernelConfig(rows=64, block_n=128, block_k=256, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
 ]
 
 
@@ -225,10 +229,10 @@ def test_all_base_only_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,rows_per_slot", [(4, 320, 11008, 1), (16, 4096, 4096, 1), (64, 1000, 4096, 1),
                                                  (48, 700, 8192, 3), (64, 256, 2048, 8), (64, 700, 4096, 13),
-                                                 (64, 256, 11008, 16)])
+                                                 (64, 256, 11008, 16), (192, 300, 1000, 32), (320, 200, 4097, 64)])
 def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype):
-    """Several deltas with up to 16 rows each (and base-only rows): the tensor-core delta kernel
-    (v8), a slot of more than 8 rows split over two tiles."""
+    """Several deltas with up to 64 rows each (and base-only rows): the tensor-core delta kernel (v8),
+    on tiles of 8..64 rows."""
     s = m // rows_per_slot
     x, w, signs, scales, bias = _problem(m, n, k, s + 1, dtype)
     slot_ids = (torch.randperm(m, device="cuda") // rows_per_slot) - 1  # slot -1: base only

@@ -149,9 +149,9 @@ def test_choose_config_decode_and_prefill():
     cfg = choose_config(4096, distinct)
     assert cfg.bitmma and not cfg.fuse_base  # many distinct slots: base from cuBLAS once, deltas on v8
     assert cfg.rows == 1 and cfg.block_k == 1024 and cfg.num_stages == 2  # every slot one row: v9 (int8)
-    assert choose_config(4096, build_plan(torch.arange(32)), k=ONE_ROW_MAX_K + 1).rows == BITMMA_MAX_ROWS
+    assert choose_config(4096, build_plan(torch.arange(32)), k=ONE_ROW_MAX_K + 1).rows == 8
     eight = choose_config(4096, build_plan(torch.arange(16).repeat(8)))  # 8 rows a slot: one tile each
-    assert eight.bitmma and eight.rows == BITMMA_MAX_ROWS
+    assert eight.bitmma and eight.rows == 8
     assert choose_config(4096, build_plan(torch.arange(16).repeat(2)), k=11008).block_k == 256  # long rows
     assert choose_config(4096, build_plan(torch.arange(16)), k=11008).rows == 1  # one-row tiles: any K up to the bound
     assert choose_config(4096, build_plan(torch.arange(4).repeat(2))).block_n == 64  # 4 tiles: narrow blocks
@@ -159,8 +159,12 @@ def test_choose_config_decode_and_prefill():
     cfg = choose_config(4096, shared)
     assert cfg.rows == 4 and cfg.fuse_base and cfg.merge and not cfg.bitmma  # one product on merged weights
     assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
-    nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: two v8 tiles
-    assert nine.rows == BITMMA_MAX_ROWS and nine.bitmma and not nine.fuse_base
+    nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: one 16-row v8 tile
+    assert nine.rows == 16 and nine.bitmma and not nine.fuse_base
+    zipf = torch.repeat_interleave(torch.arange(27), torch.tensor([14, 5, 5, 4, 4, 3, 3] + [2] * 6 + [1] * 14))
+    assert choose_config(4096, build_plan(zipf)).rows == 8  # mostly small slots: 8-row tiles waste less
+    assert choose_config(4096, build_plan(torch.arange(32).repeat(32))).rows == 32
+    assert choose_config(4096, build_plan(torch.arange(32).repeat(BITMMA_MAX_ROWS))).rows == 64
     assert not choose_config(4096, build_plan(torch.arange(64).repeat(9)), bitmma=False).bitmma
     # one shared delta keeps decode tiles up to SHARED_DECODE_MAX_ROWS rows, then prefill tiles
     tall = choose_config(4096, build_plan(torch.zeros(64, dtype=torch.long)))
@@ -172,8 +176,10 @@ def test_choose_config_decode_and_prefill():
     prefill = choose_config(4096, build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long)))
     assert prefill.rows == 128 and prefill.swap_ab and prefill.merge and prefill.block_n == 64
     assert choose_config(4096, build_plan(torch.arange(4).repeat_interleave(256))).block_n == 128
-    many = choose_config(4096, build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1)))  # 4 deltas, 17 rows each
-    assert many.rows == 32 and many.swap_ab and many.block_n == 64
+    many = build_plan(torch.arange(4).repeat(BITMMA_MAX_ROWS + 1))  # 4 deltas, 65 rows each: prefill tiles
+    assert choose_config(4096, many).rows == 128 and choose_config(4096, many).swap_ab
+    # without Gluon, several deltas of more than DECODE_MAX_ROWS rows each are prefill already
+    assert choose_config(4096, build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1)), bitmma=False).swap_ab
     # segments of >= MERGED_GEMM_MIN_ROWS rows (twice that past FUSED_MAX_DELTAS deltas): merged weights + cuBLAS
     assert choose_config(4096, build_plan(torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long))).merged_gemm
     base_rows = torch.cat([torch.full((3,), -1), torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long)])
@@ -219,8 +225,9 @@ def test_row_slots_follow_the_order():
 def test_kernel_config_validation():
     with pytest.raises(ValueError):  # the tensor-core delta path adds its delta to cuBLAS's base product
         KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=True, bitmma=True)
-    with pytest.raises(ValueError):  # a tile's rows are the mma's 8 columns
-        KernelConfig(rows=16, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
+    with pytest.raises(ValueError):  # a tile's rows fill whole 8-column mmas: <= 8, 16, 32 or 64
+        KernelConfig(rows=12, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
+    KernelConfig(rows=32, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     with pytest.raises(ValueError):  # each warp owns 16-row mma slabs
         KernelConfig(rows=8, block_n=96, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     with pytest.raises(ValueError):

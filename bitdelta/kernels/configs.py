@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from bitdelta.kernels.grouping import SlotPlan
 
-DECODE_MAX_ROWS = 16  # with several distinct deltas, a slot with more rows than this is prefill
+DECODE_MAX_ROWS = 16  # several distinct deltas, no Gluon: a slot with more rows than this is prefill
 SHARED_DECODE_MAX_ROWS = 128  # with one or two deltas, decode tiles serve up to this many rows a slot
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 GEMV_MAX_ROWS = 4  # the CUDA-core gemv path takes the whole batch (<= this many rows) in one program
-BITMMA_MAX_ROWS = 8  # v8 puts a tile's rows on the N side of an m16n8k16 mma
+BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 16, 32, 64 (and the
+# most rows a slot several distinct deltas may have before the prefill paths take over)
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
 
@@ -59,8 +60,8 @@ class KernelConfig:
             self._check_bitmma()
 
     def _check_bitmma(self) -> None:
-        if self.fuse_base or self.gemv or self.rows > BITMMA_MAX_ROWS:
-            raise ValueError(f"bitmma is a split path (fuse_base=False) for rows <= {BITMMA_MAX_ROWS}")
+        if self.fuse_base or self.gemv or not (self.rows <= 8 or self.rows in (16, 32, 64)):
+            raise ValueError("bitmma is a split path (fuse_base=False) for tiles of <= 8, 16, 32 or 64 rows")
         if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
 
@@ -84,7 +85,11 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     if gemv is not None:
         return gemv
     few_deltas = plan.num_deltas <= FUSED_MAX_DELTAS
-    if plan.max_rows > (SHARED_DECODE_MAX_ROWS if few_deltas else DECODE_MAX_ROWS):
+    if few_deltas:
+        decode_rows = SHARED_DECODE_MAX_ROWS
+    else:
+        decode_rows = BITMMA_MAX_ROWS if bitmma else DECODE_MAX_ROWS
+    if plan.max_rows > decode_rows:
         return _prefill_config(n, plan, few_deltas)
     rows = next_pow2(plan.max_rows)
     if few_deltas:
@@ -99,7 +104,7 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
         warps, stages = (2, 3) if rows <= 2 else (4, 4)
         return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True,
                             merge=True)
-    if bitmma:  # slots of 9..16 rows take two 8-row tiles (bits read twice): still 1.4-4x the dot kernel (KERNEL_NOTES round 5b)
+    if bitmma:  # the tensor-core delta kernels: 1.4-4x the dot kernel (KERNEL_NOTES rounds 5b, 8)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
 
@@ -146,20 +151,39 @@ def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
 
 
 def _bitmma_config(n: int, plan: SlotPlan, k: int) -> KernelConfig:
-    """Tiles of up to 8 rows of one slot on the tensor cores (H100 sweeps, KERNEL_NOTES.md).
+    """Tiles of up to 64 rows of one slot on the tensor cores (H100 sweeps, KERNEL_NOTES.md).
 
     Every slot one row (the all-distinct batch; round 7): one-row tiles on the int8 kernel v9, 128 x
     1024 with 2 stages (41 KB of shared memory: 5 blocks an SM) at every shape and batch. Otherwise v8
-    with 8-row tiles: 256 x 512, 4 warps (4 mma slabs a warp); long rows (K > 8192)
-    128 x 256; with <= 4 tiles (few programs) narrower column blocks, 64 on N <= 4096."""
+    (round 8) with the tile height `_v8_tile_rows` picks. 8-row tiles: 256 x 512, 4 warps (4 mma slabs
+    a warp); long rows (K > 8192) 128 x 256; with <= 4 tiles (few programs) narrower column blocks, 64
+    on N <= 4096. 16 rows: 256 x 512 from 16 tiles on, else 128 x 512; 32 and 64 rows: 128 x 256 (3 and
+    2 stages)."""
     if plan.max_rows == 1 and k <= ONE_ROW_MAX_K:
         return KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True)
-    tiles = sum(-(-count // BITMMA_MAX_ROWS) for count in plan.counts)
-    if k > 8192:
+    rows = _v8_tile_rows(plan)
+    tiles = sum(-(-count // rows) for count in plan.counts)
+    if rows == 16:
+        bn, bk, stages = (256 if tiles >= 16 else 128), 512, 3
+    elif rows > 16:
+        bn, bk, stages = 128, 256, (3 if rows == 32 else 2)
+    elif k > 8192:
         bn, bk, stages = 128, 256, 4
     elif tiles <= 4:
         bn, bk, stages = (64, 512, 4) if n <= 4096 else (128, 512, 3)
     else:
         bn, bk, stages = 256, 512, 3
-    return KernelConfig(rows=BITMMA_MAX_ROWS, block_n=bn, block_k=bk, num_warps=4, num_stages=stages,
-                        fuse_base=False, bitmma=True)
+    return KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=4, num_stages=stages, fuse_base=False,
+                        bitmma=True)
+
+
+def _v8_tile_rows(plan: SlotPlan) -> int:
+    """The v8 tile height (8, 16, 32 or 64) with the least modelled work: a tile expands its slot's
+    bits once (cost ~ two 8-column mmas) and runs rows/8 mmas per expanded fragment. Measured on an
+    H100 (round 8): 16-row tiles take 10-20% less time than 8-row ones where every slot has 9..16
+    rows, 32-row tiles 40% less than anything else at 32 rows a slot; a Zipf batch (most slots 1-5
+    rows) stays on 8-row tiles."""
+    def work(rows: int) -> int:  # in 8-column mmas: 2 for the expansion + rows / 8, per tile (x 8)
+        return sum(-(-count // rows) for count in plan.counts) * (16 + rows)
+
+    return min((8, 16, 32, 64), key=lambda rows: (work(rows), rows))

@@ -105,14 +105,14 @@ def _words_layout_int8(a_ll):
 
 @gluon.constexpr_function
 def _x_layout(b_ll):
-    """The bf16 B operand's layout [BK, 8] seen as the permuted x tile [32, BK/4] (row 4c + q, position
-    r): mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
+    """The bf16 B operand's layout [BK, COLS] seen as the permuted x tile [4 COLS, BK/4] (row 4c + q,
+    position r): mma k index kk = 32w + 16a + 8h + 2q + e is stored at q * BK/4 + (8w + 4a + 2h + e), so each
     thread's B registers are one contiguous run (see `permute_activations`)."""
     def move(basis):
         kk, c = basis
         return [4 * c + ((kk >> 1) & 3), (kk & 1) | ((kk >> 3) << 1)]
 
-    return _remap(b_ll, move, [32, b_ll.shape[0] // 4])
+    return _remap(b_ll, move, [4 * b_ll.shape[1], b_ll.shape[0] // 4])
 
 
 @gluon.constexpr_function
@@ -139,11 +139,11 @@ def _split_columns(b_ll):
 
 
 @gluon.jit
-def _x_operand(x_tile, b_layout: gl.constexpr, BK: gl.constexpr):
-    """[32, BK/4] permuted x (rows 4c + q) -> the bf16 mma B operand [BK, 8]; moves no data."""
-    x6 = gl.reshape(x_tile, [MMA_COLS, 4, BK // 32, 2, 2, 2])  # (c, q, w, a, h, e)
+def _x_operand(x_tile, b_layout: gl.constexpr, BK: gl.constexpr, COLS: gl.constexpr):
+    """[4 COLS, BK/4] permuted x (rows 4c + q) -> the bf16 mma B operand [BK, COLS]; moves no data."""
+    x6 = gl.reshape(x_tile, [COLS, 4, BK // 32, 2, 2, 2])  # (c, q, w, a, h, e)
     x6 = gl.permute(x6, (2, 3, 4, 1, 5, 0))  # (w, a, h, q, e, c): kk = 32w + 16a + 8h + 2q + e
-    return gl.convert_layout(gl.reshape(x6, [BK, MMA_COLS]), b_layout, assert_trivial=True)
+    return gl.convert_layout(gl.reshape(x6, [BK, COLS]), b_layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -193,9 +193,9 @@ def _bitmma_kernel(
     N, K, KW, KT,
     stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr, WORD_VEC: gl.constexpr,
+    STAGES: gl.constexpr, WORD_VEC: gl.constexpr, COLS: gl.constexpr,
 ):
-    """Program = (tile of <= 8 rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
+    """Program = (tile of <= COLS rows of one slot, BLOCK_N output columns): walks K in BLOCK_K tiles
     through the cp.async ring (words and the host-permuted x), SUB_K at a time on the tensor cores,
     then y = ws + bias + scale * acc."""
     NW: gl.constexpr = gl.num_warps()
@@ -205,7 +205,7 @@ def _bitmma_kernel(
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     bits3: gl.constexpr = _words_layout(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
     words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
-    x_layout: gl.constexpr = _x_layout(gl.to_linear_layout(b_layout, [SUB_K, MMA_COLS]))
+    x_layout: gl.constexpr = _x_layout(gl.to_linear_layout(b_layout, [SUB_K, COLS]))
     # cp.async layouts: 16 bytes per thread and copy
     w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
     x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 32), BLOCK_K // 32], [NW, 1], [1, 0])
@@ -226,14 +226,14 @@ def _bitmma_kernel(
     w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
               + wk[None, :])
     w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    xr = gl.arange(0, 4 * MMA_COLS, layout=gl.SliceLayout(1, x_copy))
+    xr = gl.arange(0, 4 * COLS, layout=gl.SliceLayout(1, x_copy))
     xk = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, x_copy))
     x_live = (xr // 4) < count
     x_row = gl.load(order_ptr + first + xr // 4, mask=x_live, other=0).to(gl.int64)
     x_ptrs = x_ptr + x_row[:, None] * stride_x + ((xr % 4) * (BLOCK_K // 4))[:, None] + xk[None, :]
 
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
-    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, 4 * MMA_COLS, BLOCK_K // 4], x_shared)
+    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, 4 * COLS, BLOCK_K // 4], x_shared)
 
     # 2^(15 - j) for the bit slot t = 16a + 8h + 2q + e of a word (j = 8a + 4h + q; e picks j or j + 16)
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
@@ -243,7 +243,7 @@ def _bitmma_kernel(
         _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + s * BLOCK_K, mask=x_live[:, None] & (s < KT))
         async_copy.commit_group()
-    acc = gl.zeros([BLOCK_N, MMA_COLS], gl.float32, layout=mma)
+    acc = gl.zeros([BLOCK_N, COLS], gl.float32, layout=mma)
     for kt in range(KT):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of tile kt have landed; stage kt-1 is free again
@@ -257,13 +257,14 @@ def _bitmma_kernel(
         for sub in gl.static_range(BLOCK_K // SUB_K):
             words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
             a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, 1 if FP16 else 0)
-            b = _x_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout, SUB_K)
+            b = _x_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout, SUB_K,
+                           COLS)
             acc = mma_v2(a, b, acc)
     async_copy.wait_group(0)
 
     # y[row_c, n] = ws + bias + scale[slot, n] * acc[n, c]
     n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    c = gl.arange(0, COLS, layout=gl.SliceLayout(0, mma))
     n_mask = n < N
     c_live = c < count
     rows = gl.load(order_ptr + first + c, mask=c_live, other=0).to(gl.int64)
@@ -441,6 +442,7 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
         xk, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, xk.stride(0), *strides,
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps,
+        STAGES=config.num_stages, WORD_VEC=word_vec, COLS=max(config.rows, MMA_COLS.value),
+        num_warps=config.num_warps,
     )
     return y

@@ -53,8 +53,12 @@ def merge_weight(base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.T
 def merged_gemm(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
                 plan: SlotPlan, bias: torch.Tensor | None, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
     """y = x @ W'[slot].T + bias segment by segment, W' merged once per slot per call (one scratch
-    matrix, reused); slot -1 rows take the base weight itself."""
+    matrix, reused); slot -1 rows take the base weight itself. Several segments: the rows are
+    gathered into slot order once, each segment's product written into its slice, scattered once."""
     single = len(plan.host_slots) == 1  # rows already in order: no gather, no scatter
+    order = None if single else plan.order.long()
+    x_sorted = x if single else x.index_select(0, order)
+    y_sorted = y if single else torch.empty_like(y)
     scratch = None
     start = 0
     for slot, count in zip(plan.host_slots, plan.counts):
@@ -63,17 +67,12 @@ def merged_gemm(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor,
         else:
             scratch = merge_weight(base_weight, signs, scales, slot, config, out=scratch)
             weight = scratch
-        if single:
-            _linear_into(x, weight, bias, y)
+        rows = slice(start, start + count)
+        if bias is None:
+            torch.mm(x_sorted[rows], weight.t(), out=y_sorted[rows])
         else:
-            rows = plan.order[start:start + count].long()
-            y.index_copy_(0, rows, torch.nn.functional.linear(x.index_select(0, rows), weight, bias))
+            torch.addmm(bias, x_sorted[rows], weight.t(), out=y_sorted[rows])
         start += count
+    if not single:
+        y.index_copy_(0, order, y_sorted)
     return y
-
-
-def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    if bias is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x, weight.t(), out=out)

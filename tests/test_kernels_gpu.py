@@ -177,16 +177,18 @@ def test_prefill_segments(m, n, k, s, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("slots", [[0], [-1, 0], [2, 0, 1], [1, -1, 1, 0]])
-def test_dispatcher_merges_long_prefill_segments_once(slots, dtype):
-    """Segments of >= MERGED_GEMM_MIN_ROWS rows take merged weights + cuBLAS (round 8): one slot in
-    order, and shuffled mixes with base-only rows (gather and scatter)."""
+@pytest.mark.parametrize("slots,shuffle", [([0], False), ([-1, 0, 2], False), ([-1, 0], True), ([2, 0, 1], True),
+                                          ([1, -1, 1, 0], True)])
+def test_dispatcher_merges_long_prefill_segments_once(slots, shuffle, dtype):
+    """Segments of >= MERGED_GEMM_MIN_ROWS rows take merged weights + cuBLAS (round 8): requests in
+    order (slices of x and y), and shuffled mixes with base-only rows (gather and scatter)."""
     from bitdelta.kernels.configs import MERGED_GEMM_MIN_ROWS
 
     per_slot = 2 * MERGED_GEMM_MIN_ROWS + 3
     slot_ids = torch.tensor(slots, device="cuda").repeat_interleave(per_slot)
-    if len(slots) > 1:
+    if shuffle:
         slot_ids = slot_ids[torch.randperm(slot_ids.numel(), device="cuda")]
+    assert build_plan(slot_ids).in_order != shuffle
     x, w, signs, scales, bias = _problem(slot_ids.numel(), 333, 1000, 3, dtype)
     assert choose_config(333, build_plan(slot_ids), k=1000).merged_gemm
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)

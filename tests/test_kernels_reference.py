@@ -107,7 +107,11 @@ def test_build_plan_groups_rows_by_slot():
     assert plan.offsets.tolist() == [0, 2, 3, 6, 7]
     assert plan.order.tolist() == [1, 5, 2, 0, 3, 4, 6]  # stable: equal slots keep their row order
     assert plan.order.dtype == plan.slots.dtype == plan.offsets.dtype == torch.int32
-    assert (plan.num_rows, plan.max_rows, plan.num_deltas) == (7, 3, 3)
+    assert (plan.num_rows, plan.max_rows, plan.num_deltas, plan.min_delta_rows) == (7, 3, 3, 1)
+    assert not plan.in_order
+    grouped = build_plan(torch.tensor([-1, 0, 0, 3, 3, 3]))  # whole requests one after another
+    assert grouped.in_order and grouped.order.tolist() == list(range(6))
+    assert build_plan(torch.tensor([], dtype=torch.long)).in_order
 
 
 def test_build_plan_rejects_bad_slots():

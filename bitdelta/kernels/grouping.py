@@ -24,6 +24,8 @@ class SlotPlan:
     offsets: int32 [G+1]  segment g is order[offsets[g]:offsets[g+1]]
     counts:  host copy of the G segment sizes (kernels pick their tile shapes from these)
     host_slots: host copy of `slots`, so that tiling needs no device sync
+    in_order: the rows are already grouped (slot ids non-decreasing, so `order` is the identity), as
+             in a prefill batch of whole requests: paths that would gather rows can use slices
 
     Tile tables are cached per tile height: a step's plan serves every layer, and a cached table
     also keeps host-to-device copies out of CUDA-graph capture (build them once before capturing).
@@ -34,6 +36,7 @@ class SlotPlan:
     offsets: torch.Tensor
     counts: tuple[int, ...]
     host_slots: tuple[int, ...]
+    in_order: bool = False
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _row_slots: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
@@ -67,12 +70,16 @@ def build_plan(slot_ids: torch.Tensor) -> SlotPlan:
     order = torch.sort(slot_ids, stable=True).indices
     offsets = torch.zeros(slots.numel() + 1, dtype=torch.int64, device=slot_ids.device)
     torch.cumsum(counts, 0, out=offsets[1:])
+    in_order = (slot_ids[1:] >= slot_ids[:-1]).all().view(1)
+    host = torch.cat([slots.long(), counts.long(), in_order.long()]).tolist()  # one host sync for all three
+    groups = slots.numel()
     return SlotPlan(
         order=order.to(torch.int32),
         slots=slots.to(torch.int32),
         offsets=offsets.to(torch.int32),
-        counts=tuple(counts.tolist()),
-        host_slots=tuple(slots.tolist()),
+        counts=tuple(host[groups:2 * groups]),
+        host_slots=tuple(host[:groups]),
+        in_order=bool(host[-1]),
     )
 
 

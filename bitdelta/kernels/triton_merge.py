@@ -53,12 +53,12 @@ def merge_weight(base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.T
 def merged_gemm(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
                 plan: SlotPlan, bias: torch.Tensor | None, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
     """y = x @ W'[slot].T + bias segment by segment, W' merged once per slot per call (one scratch
-    matrix, reused); slot -1 rows take the base weight itself. Several segments: the rows are
-    gathered into slot order once, each segment's product written into its slice, scattered once."""
-    single = len(plan.host_slots) == 1  # rows already in order: no gather, no scatter
-    order = None if single else plan.order.long()
-    x_sorted = x if single else x.index_select(0, order)
-    y_sorted = y if single else torch.empty_like(y)
+    matrix, reused); slot -1 rows take the base weight itself. Each segment's product is written into
+    its slice of y; rows not already grouped by slot are gathered into slot order first and
+    scattered back at the end."""
+    order = None if plan.in_order else plan.order.long()
+    x_sorted = x if plan.in_order else x.index_select(0, order)
+    y_sorted = y if plan.in_order else torch.empty_like(y)
     scratch = None
     start = 0
     for slot, count in zip(plan.host_slots, plan.counts):
@@ -73,6 +73,6 @@ def merged_gemm(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor,
         else:
             torch.addmm(bias, x_sorted[rows], weight.t(), out=y_sorted[rows])
         start += count
-    if not single:
+    if not plan.in_order:
         y.index_copy_(0, order, y_sorted)
     return y

@@ -18,8 +18,9 @@ from bitdelta.kernels.configs import KernelConfig, next_pow2
 
 # (batch, distinct, rows per delta)
 CASES = [(32, False), (64, False), (128, False), (256, False), (512, False), (2048, False),
-         (1024, True, 256), (2048, True, 512), (512, True, 16), (1024, True, 32), (2048, True, 64)]
-SWAP_TILES = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3))  # (BN, BK, warps, stages)
+         (512, True, 128), (1024, True, 256), (2048, True, 512), (512, True, 16), (1024, True, 32), (2048, True, 64),
+         (4096, True, 128)]
+SWAP_TILES = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3))  # (BN, BK, warps, stages)
 MERGE_TILES = ((32, 256, 4), (16, 512, 4))  # the merge kernel's (BN, BK, warps)
 
 
@@ -29,6 +30,8 @@ def variants(rows: int, auto: KernelConfig) -> dict:
     out = {f"swap {bn}x{bk}w{w}s{s}": KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=w, num_stages=s,
                                                     fuse_base=True, merge=True, swap_ab=True)
            for bn, bk, w, s in SWAP_TILES}
+    out["round 7 prefill"] = KernelConfig(rows=rows, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True,
+                                          merge=True)
     for bn, bk, w in MERGE_TILES:
         out[f"merged gemm {bn}x{bk}"] = KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=w, num_stages=1,
                                                      fuse_base=True, merged_gemm=True)

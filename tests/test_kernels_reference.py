@@ -180,6 +180,8 @@ def test_choose_config_decode_and_prefill():
     prefill = choose_config(4096, build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long)))
     assert prefill.rows == 128 and prefill.swap_ab and prefill.merge and prefill.block_n == 64
     assert choose_config(4096, build_plan(torch.arange(4).repeat_interleave(256))).block_n == 128
+    few_programs = choose_config(4096, build_plan(torch.arange(4).repeat_interleave(128)))  # 4 tiles x 32 blocks
+    assert (few_programs.block_n, few_programs.block_k, few_programs.num_stages) == (64, 64, 4)
     many = build_plan(torch.arange(4).repeat(BITMMA_MAX_ROWS + 1))  # 4 deltas, 65 rows each: prefill tiles
     assert choose_config(4096, many).rows == 128 and choose_config(4096, many).swap_ab
     # without Gluon, several deltas of more than DECODE_MAX_ROWS rows each are prefill already
@@ -189,8 +191,10 @@ def test_choose_config_decode_and_prefill():
     base_rows = torch.cat([torch.full((3,), -1), torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long)])
     assert choose_config(4096, build_plan(base_rows)).merged_gemm  # a few base-only rows do not count
     four = torch.arange(4).repeat_interleave(MERGED_GEMM_MIN_ROWS)
-    assert not choose_config(4096, build_plan(four)).merged_gemm
-    assert choose_config(4096, build_plan(four.repeat_interleave(2))).merged_gemm
+    assert choose_config(4096, build_plan(four)).merged_gemm  # whole requests in order: slices, no gather
+    shuffled = four[torch.randperm(four.numel())]  # rows to gather and scatter: twice the rows a slot
+    assert not choose_config(4096, build_plan(shuffled)).merged_gemm
+    assert choose_config(4096, build_plan(shuffled.repeat_interleave(2))).merged_gemm
     assert not choose_config(4096, build_plan(torch.cat([four, torch.tensor([9])]))).merged_gemm  # one short segment
 
 

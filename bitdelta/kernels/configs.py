@@ -25,7 +25,7 @@ class KernelConfig:
     """rows: rows per tile (power of two); fuse_base: base product in the kernel rather than cuBLAS;
     gemv: the fused CUDA-core kernel taking the whole batch (rows = 1, 2 or 4, at least the batch
     size) per column block; block_k should be 256 x num_warps; bitmma: the tensor-core delta path of
-    `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, rows = 1 on the int8 kernel v9, else v8;
+    `decode_bitmma.py` (split: base from cuBLAS; rows <= 8, 16, 32 or 64; rows = 1 on the int8 kernel v9, else v8;
     block_n a multiple of 16 x num_warps, num_stages = depth of its cp.async ring). Otherwise the
     Triton segment kernel, bits expanded for tl.dot; merge (fused only): one product with the tile's
     merged weights, bf16/fp16(W + scale * sign), as `bitdelta merge` writes them; swap_ab (segment
@@ -76,7 +76,7 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     Few distinct deltas: one fused pass on the tile's merged weights (base + scale * bits: one
     tensor-core product, round 7), narrow column blocks. Many distinct deltas: cuBLAS for the base
     once, then a tensor-core delta kernel (v8; v9 for one-row tiles), which reads each slot's bits
-    once per tile of up to 8 rows (a slot of 9..16 rows takes two). Prefill (round 8): slots of at
+    once per tile of up to 64 rows (8, 16, 32 or 64, picked per batch). Prefill (round 8): slots of at
     least MERGED_GEMM_MIN_ROWS rows get their merged weights written once and cuBLAS; shorter
     segments the fused pass on merged weights, computed transposed. `bitmma=False` (a Triton
     without Gluon) takes the tl.dot kernel instead of v8/v9.

@@ -1,16 +1,17 @@
-"""Tensor-core delta kernels for decode tiles of 1..8 rows of one slot (config `bitmma`; Gluon, GPU only).
+"""Tensor-core delta kernels for tiles of 1..64 rows of one slot (config `bitmma`; Gluon, GPU only).
 
 The base product comes from cuBLAS (fp32 `ws`), as on the other split paths; these kernels add
 scale[t] * (x . sign[t]) for each tile of rows sharing a slot. The slot's bit matrix is the M side
-of an mma and the tile's rows the N = 8 side, so one program streams its slot's bits once for
-its rows. The reduction dimension of an mma may be visited in any order, as long as x follows
+of an mma and the tile's rows its N side (8 columns an mma), so one program streams its slot's
+bits once for its rows. The reduction dimension of an mma may be visited in any order, as long as x follows
 the same order: the k index of the A fragment is chosen so that each 32-bit A register takes its
 bits from one word with one IMAD (x 2^(s - j): the bits move to the sign positions) and one LOP3
 (mask, xor in a constant), and x is stored in shared memory in the matching order, so that each
 thread's B fragment is one contiguous run (16-byte loads). Two forms (benchmarks/KERNEL_NOTES.md):
 
-- `_bitmma_kernel` (v8), tiles of 2..8 rows: bf16/fp16 m16n8k16, a register = 2 weights = +-1.0
-  (bits j and j + 16 of a word); x permuted once per call on the host (`permute_activations`).
+- `_bitmma_kernel` (v8), tiles of 2..8, 16, 32 or 64 rows (COLS/8 mmas per expanded A fragment):
+  bf16/fp16 m16n8k16, a register = 2 weights = +-1.0 (bits j and j + 16 of a word); x permuted once
+  per call on the host (`permute_activations`).
 - `_bitmma_int8_kernel` (v9), tiles of one row (the all-distinct batch): int8 m16n8k32, a register =
   4 weights = -64 * sign (bits j, j+8, j+16, j+24): half the instructions a weight and half the
   mma count. The row's x becomes four 7-bit digit planes of a 28-bit fixed point (scale: the row's
@@ -38,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 
-MMA_COLS = gl.constexpr(8)  # rows of one tile: the N side of m16n8k16
+MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: v9's tile (digit columns), v8's narrowest
 WORD_BITS = gl.constexpr(32)
 SUB_K = gl.constexpr(256)  # k per compute step: 32 bf16 x values per thread; one x swizzle period (8 x 16 B)
 
@@ -420,7 +421,7 @@ def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
 
 def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
                  scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
-    """y = ws + bias + per-slot delta, for tiles of <= 8 rows of one slot (config.bitmma): one-row
+    """y = ws + bias + per-slot delta, for tiles of <= 64 rows of one slot (config.bitmma): one-row
     tiles on the int8 kernel, taller ones on the bf16/fp16 kernel."""
     n, kw = signs.shape[1], signs.shape[2]
     k = x.shape[1]

@@ -13,11 +13,15 @@ variant the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds th
 that pays when many distinct slots would otherwise each re-read the base columns.
 
 Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
-(`tl.dot`, fp32 accumulation). Decode tiles of up to 8 rows of a slot with the base from cuBLAS
+(`tl.dot`, fp32 accumulation). Tiles of up to 64 rows of a slot with the base from cuBLAS
 take the Gluon kernels of `decode_bitmma.py` instead (config `bitmma`), whose expansion costs one
 instruction per weight (v8 in benchmarks/KERNEL_NOTES.md), half that for one-row tiles (v9, int8).
 Batches of at most 4 rows can instead take `_gemv_kernel` (config `gemv`): the whole batch in one
-program per column block, base and delta fused on the CUDA cores.
+program per column block, base and delta fused on the CUDA cores. Prefill segments of hundreds of
+rows take `triton_merge.py` (config `merged_gemm`: merged weights written once, then cuBLAS).
+`SWAP_AB` computes a tile's product transposed, acc[cols, rows] += w'[cols, k] . x[rows, k]^T: the
+weights built in registers are then wgmma's A operand straight from registers, where as the B
+operand Triton would stage them through shared memory and wait on every product.
 """
 
 from __future__ import annotations

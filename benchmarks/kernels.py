@@ -256,7 +256,7 @@ def write_results(out: str, name: str, rows: list) -> None:
 
 def compare_configs(cases: list, variants, out: str, name: str, shapes=DECODE_SHAPES) -> None:
     """For every shape and case (batch, distinct deltas[, rows per delta]): the floor, cuBLAS's base
-    product, the dispatched config ("auto") and variants(rows per tile, auto), timed side by side
+    product, the dispatched config ("auto") and variants(plan, auto), timed side by side
     (`time_checked`) after compiling them all in parallel; a markdown table on stdout, the rows as
     JSON to out/name."""
     cases = [(case + (1,))[:3] for case in cases]
@@ -264,7 +264,7 @@ def compare_configs(cases: list, variants, out: str, name: str, shapes=DECODE_SH
     def configs_for(k: int, n: int, batch: int, distinct: bool, per_slot: int) -> dict:
         plan = build_plan(_slot_ids(batch, distinct, per_slot))
         auto = choose_config(n, plan, k=k)
-        return {"auto": auto, **variants(plan.max_rows, auto)}
+        return {"auto": auto, **variants(plan, auto)}
 
     precompile([(k, n, cfg) for k, n in shapes for case in cases for cfg in configs_for(k, n, *case).values()])
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9

@@ -15,6 +15,7 @@ import argparse
 
 from benchmarks.kernels import DECODE_SHAPES, compare_configs
 from bitdelta.kernels.configs import KernelConfig, next_pow2
+from bitdelta.kernels.grouping import SlotPlan
 
 # (batch, distinct, rows per delta)
 CASES = [(32, False), (64, False), (128, False), (256, False), (512, False), (2048, False),
@@ -24,9 +25,9 @@ SWAP_TILES = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3))
 MERGE_TILES = ((32, 256, 4), (16, 512, 4))  # the merge kernel's (BN, BK, warps)
 
 
-def variants(rows: int, auto: KernelConfig) -> dict:
+def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
     """Transposed products on merged weights at several tiles; merged weights written once, then cuBLAS."""
-    rows = min(next_pow2(rows), 128)
+    rows = min(next_pow2(plan.max_rows), 128)
     out = {f"swap {bn}x{bk}w{w}s{s}": KernelConfig(rows=rows, block_n=bn, block_k=bk, num_warps=w, num_stages=s,
                                                     fuse_base=True, merge=True, swap_ab=True)
            for bn, bk, w, s in SWAP_TILES}

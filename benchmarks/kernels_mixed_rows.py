@@ -39,12 +39,17 @@ def variants(max_rows: int) -> dict:
             for rows, tiles in V8_TILES.items() if rows // 2 < max_rows for bn, bk, w, s in tiles}
 
 
-def problem_for(k: int, n: int, counts: list[int]) -> Problem:
+def case_slot_ids(counts: list[int]) -> torch.Tensor:
+    """Slot ids with counts[s] rows of slot s, shuffled (a decode batch's rows come in any order)."""
     slot_ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    batch = int(slot_ids.numel())
+    return slot_ids[torch.randperm(slot_ids.numel())]
+
+
+def problem_for(k: int, n: int, counts: list[int]) -> Problem:
+    batch = sum(counts)
     per_slot = max(1, batch // len(counts))
     p = Problem(k, n, batch, True, per_slot)  # enough slots' bits for the case (batch // per_slot >= its slots)
-    p.slot_ids = slot_ids[torch.randperm(batch)].cuda()
+    p.slot_ids = case_slot_ids(counts).cuda()
     p.plan = build_plan(p.slot_ids)
     p.num_slots = len(counts)
     p.bytes = p.floor_bytes()
@@ -56,18 +61,17 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
-    def configs_for(k: int, n: int, counts: list[int]) -> dict:
-        plan = build_plan(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)))
-        return {"auto": choose_config(n, plan, k=k), **variants(max(counts))}
+    def configs_for(k: int, n: int, plan) -> dict:
+        return {"auto": choose_config(n, plan, k=k), **variants(plan.max_rows)}
 
     precompile([(k, n, cfg) for k, n in SHAPES for counts in CASES.values()
-                for cfg in configs_for(k, n, counts).values()])
+                for cfg in configs_for(k, n, build_plan(case_slot_ids(counts))).values()])
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
     rows = []
     for name, counts in CASES.items():
         for k, n in SHAPES:
             p = problem_for(k, n, counts)
-            times, errors = time_checked(p, configs_for(k, n, counts))
+            times, errors = time_checked(p, configs_for(k, n, p.plan))
             floor_us, base_us = p.bytes / bandwidth * 1e6, p.base_us()
             best = min(times, key=lambda m: times[m] if times[m] == times[m] else float("inf"))
             rows.append({"case": name, "K": k, "N": n, "floor_us": floor_us, "base_us": base_us, "times_us": times,

@@ -109,7 +109,6 @@ CONFIGS = [
                  swap_ab=True),
     KernelConfig(rows=16, block_n=128, block_k=64, num_warps=4, num_stages=3, fuse_base=True, merge=True,
                  swap_ab=True),
-    KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False, swap_ab=True),
     KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merged_gemm=True),
     # v8 with tiles of 16, 32 and 64 rows (several 8-column mmas per expanded weight fragment)
     KernelConfig(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
@@ -177,21 +176,53 @@ def test_prefill_segments(m, n, k, s, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("slots,shuffle", [([0], False), ([-1, 0, 2], False), ([-1, 0], True), ([2, 0, 1], True),
-                                          ([1, -1, 1, 0], True)])
-def test_dispatcher_merges_long_prefill_segments_once(slots, shuffle, dtype):
-    """Segments of >= MERGED_GEMM_MIN_ROWS rows take merged weights + cuBLAS (round 8): requests in
-    order (slices of x and y), and shuffled mixes with base-only rows (gather and scatter)."""
+@pytest.mark.parametrize("slots,shuffle,with_bias", [([0], False, True), ([0], False, False), ([-1, 0, 2], False, False),
+                                                    ([-1, 0], True, True), ([2, 0, 1], True, False),
+                                                    ([1, -1, 1, 0], True, True)])
+def test_dispatcher_merges_long_prefill_segments_once(slots, shuffle, with_bias, dtype, monkeypatch):
+    """Segments of >= MERGED_GEMM_MIN_ROWS rows take merged weights + cuBLAS (round 8), each slot's
+    weights merged once: requests in order (slices of x and y), and shuffled mixes with base-only
+    rows (gather and scatter); with and without bias."""
+    import bitdelta.kernels.triton_merge as triton_merge
     from bitdelta.kernels.configs import MERGED_GEMM_MIN_ROWS
 
+    merged_slots = []
+    merge_weight = triton_merge.merge_weight
+
+    def counting_merge(base_weight, signs, scales, slot, config, out=None):
+        merged_slots.append(slot)
+        return merge_weight(base_weight, signs, scales, slot, config, out=out)
+
+    monkeypatch.setattr(triton_merge, "merge_weight", counting_merge)
     per_slot = 2 * MERGED_GEMM_MIN_ROWS + 3
     slot_ids = torch.tensor(slots, device="cuda").repeat_interleave(per_slot)
     if shuffle:
         slot_ids = slot_ids[torch.randperm(slot_ids.numel(), device="cuda")]
     assert build_plan(slot_ids).in_order != shuffle
     x, w, signs, scales, bias = _problem(slot_ids.numel(), 333, 1000, 3, dtype)
+    bias = bias if with_bias else None
     assert choose_config(333, build_plan(slot_ids), k=1000).merged_gemm
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+    assert sorted(merged_slots) == sorted(set(s for s in slots if s >= 0))  # once per delta slot
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,kind,config", [
+    (1100, "same", KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,
+                                merged_gemm=True)),
+    (100, "mixed", KernelConfig(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True,
+                                merge=True, swap_ab=True)),
+    (64, "mixed", KernelConfig(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
+                               bitmma=True)),
+    (3, "distinct", None), (40, "distinct", None),
+])
+def test_base_weight_stored_transposed(m, kind, config, dtype):
+    """A base weight viewed from its transpose (stride(1) != 1) gives the same function on every path."""
+    x, w, signs, scales, bias = _problem(m, 333, 1000, max(m, 3), dtype)
+    w_t = w.t().contiguous().t()  # same values, column-major storage
+    assert w_t.stride(1) != 1
+    slot_ids = _slots(kind, m, max(m, 3))
+    _check(_run(x, w_t, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from bitdelta.kernels.grouping import SlotPlan
 
-DECODE_MAX_ROWS = 16  # several distinct deltas, no Gluon: a slot with more rows than this is prefill
+DECODE_MAX_ROWS = 16  # several deltas without Gluon: a slot with more rows is prefill; one or two deltas:
+# past this many rows a slot, tiles on wide layers turn tall
 SHARED_DECODE_MAX_ROWS = 128  # with one or two deltas, decode tiles serve up to this many rows a slot
 FUSED_MAX_DELTAS = 2  # up to this many distinct slots, one pass also computes the base product
 GEMV_MAX_ROWS = 4  # the CUDA-core gemv path takes the whole batch (<= this many rows) in one program
@@ -54,13 +55,17 @@ class KernelConfig:
             raise ValueError("merge is a form of the fused segment kernel (fuse_base=True, gemv=False)")
         if self.merged_gemm and (self.gemv or self.bitmma or self.merge or self.swap_ab):
             raise ValueError("merged_gemm is its own path (merge kernel + cuBLAS), not a segment-kernel form")
-        if self.swap_ab and (self.gemv or self.bitmma or self.rows < 16):
-            raise ValueError("swap_ab is a form of the segment kernel for tiles of >= 16 rows")
+        if self.swap_ab and not (self.merge and self.rows >= 16 and self.block_n >= 16
+                                 and next_pow2(self.rows) == self.rows):
+            raise ValueError("swap_ab is a form of the merged pass (merge=True) for tiles of a power of two >= 16 "
+                             "rows and block_n >= 16")
+        if self.merged_gemm and next_pow2(self.block_k) != self.block_k:
+            raise ValueError("merged_gemm: block_k (the merge kernel's tile) must be a power of two")
         if self.bitmma:
             self._check_bitmma()
 
     def _check_bitmma(self) -> None:
-        if self.fuse_base or self.gemv or not (self.rows <= 8 or self.rows in (16, 32, 64)):
+        if self.fuse_base or self.gemv or not (1 <= self.rows <= 8 or self.rows in (16, 32, 64)):
             raise ValueError("bitmma is a split path (fuse_base=False) for tiles of <= 8, 16, 32 or 64 rows")
         if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
@@ -113,9 +118,9 @@ def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
     """Long segments (H100, round 8): merged weights once + cuBLAS when every delta segment has at
     least MERGED_GEMM_MIN_ROWS rows (twice that when rows of more than FUSED_MAX_DELTAS deltas must be
     gathered into slot order and scattered back); otherwise the fused pass on merged weights,
-    computed transposed: 128 x 64 tiles once full 128-row tiles fill >= 256 programs, else 64 x 128
-    for one or two deltas and 64 x 64 with 4 stages for more (512 tokens over 4 deltas: 15-17% less
-    time than 64 x 128)."""
+    computed transposed: with 128-row tiles, 128 x 64 once the tiles (partial ones included) times
+    the 128-column blocks make >= 256 programs; else 64 x 128 for one or two deltas and 64 x 64 with
+    4 stages for more (512 tokens over 4 deltas: 15-17% less time than 64 x 128)."""
     min_rows = MERGED_GEMM_MIN_ROWS * (1 if few_deltas or plan.in_order else 2)
     if plan.min_delta_rows >= min_rows:
         return KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,

@@ -38,13 +38,18 @@ def _merge_kernel(w_ptr, signs_ptr, scales_ptr, out_ptr, N, K, KW, stride_wn, st
 
 def merge_weight(base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, slot: int,
                  config: KernelConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`reference.merged_weight` on the GPU: [N, K] in base_weight's dtype, into `out` if given."""
+    """`reference.merged_weight` on the GPU: [N, K] in base_weight's dtype (row-major whatever the
+    base's layout), into `out` if given (row-major [N, K])."""
     n, k = base_weight.shape
-    out = torch.empty_like(base_weight) if out is None else out
+    if out is None:
+        out = torch.empty(n, k, dtype=base_weight.dtype, device=base_weight.device)
+    elif out.shape != (n, k) or out.stride(1) != 1:
+        raise ValueError(f"out must be a row-major [{n}, {k}] tensor, got shape {tuple(out.shape)} strides {out.stride()}")
     weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
-    slot_signs = signs[slot]
+    slot_signs = signs[slot].contiguous()
+    slot_scales = scales[slot].to(torch.float32).contiguous()
     _merge_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k))](
-        weight, slot_signs, scales[slot], out, n, k, slot_signs.shape[1], weight.stride(0), slot_signs.stride(0),
+        weight, slot_signs, slot_scales, out, n, k, slot_signs.shape[1], weight.stride(0), slot_signs.stride(0),
         out.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )
     return out
@@ -56,6 +61,8 @@ def merged_gemm(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor,
     matrix, reused); slot -1 rows take the base weight itself. Each segment's product is written into
     its slice of y; rows not already grouped by slot are gathered into slot order first and
     scattered back at the end."""
+    if base_weight.stride(1) != 1:  # once, not per slot
+        base_weight = base_weight.contiguous()
     order = None if plan.in_order else plan.order.long()
     x_sorted = x if plan.in_order else x.index_select(0, order)
     y_sorted = y if plan.in_order else torch.empty_like(y)

@@ -19,9 +19,9 @@ instruction per weight (v8 in benchmarks/KERNEL_NOTES.md), half that for one-row
 Batches of at most 4 rows can instead take `_gemv_kernel` (config `gemv`): the whole batch in one
 program per column block, base and delta fused on the CUDA cores. Prefill segments of hundreds of
 rows take `triton_merge.py` (config `merged_gemm`: merged weights written once, then cuBLAS).
-`SWAP_AB` computes a tile's product transposed, acc[cols, rows] += w'[cols, k] . x[rows, k]^T: the
-weights built in registers are then wgmma's A operand straight from registers, where as the B
-operand Triton would stage them through shared memory and wait on every product.
+`SWAP_AB` (with MERGE) computes a tile's product transposed, acc[cols, rows] += w'[cols, k] . x[rows,
+k]^T: the merged weights built in registers are then wgmma's A operand straight from registers,
+where as the B operand Triton would stage them through shared memory and wait on every product.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS: tl.constexpr, BLOCK_N: tl.con
     end = tl.load(tiles_ptr + tile * 3 + 2)
     r = first + tl.arange(0, ROWS)
     row_mask = r < end
-    rows = tl.load(order_ptr + r, mask=row_mask, other=0)
+    rows = tl.load(order_ptr + r, mask=row_mask, other=0).to(tl.int64)  # rows x strides may pass 2^31
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     return slot, rows, row_mask, cols, cols < N
 
@@ -204,12 +204,11 @@ def _segment_kernel(
     # together and the base is read from DRAM about once.
     slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
 
-    if SWAP_AB:
-        acc_base_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
-        acc_sign_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+    if SWAP_AB:  # merged only: acc_t[cols, rows] += merged . x^T, merged being wgmma's register operand
+        acc_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
     else:
         acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     has_delta = slot >= 0
     sign_rows = signs_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sg_s + cols[:, None] * stride_sg_n
     if MERGE:  # zero for a base-only tile: its merged weights are the base's, bit for bit
@@ -229,23 +228,18 @@ def _segment_kernel(
         kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
         if MERGE:
-            merged = wk.to(tl.float32) + merge_scale[:, None] * expand_signs(words, tl.float32)
+            merged = (wk.to(tl.float32) + merge_scale[:, None] * expand_signs(words, tl.float32)).to(xk.dtype)
             if SWAP_AB:
-                acc_base_t += tl.dot(merged.to(xk.dtype), tl.trans(xk))
+                acc_t += tl.dot(merged, tl.trans(xk))
             else:
-                acc_base += tl.dot(xk, tl.trans(merged.to(xk.dtype)))
-        elif SWAP_AB:
-            if FUSE_BASE:
-                acc_base_t += tl.dot(wk, tl.trans(xk))
-            acc_sign_t += tl.dot(expand_signs(words, xk.dtype), tl.trans(xk))
+                acc_base += tl.dot(xk, tl.trans(merged))
         else:
             if FUSE_BASE:
                 acc_base += tl.dot(xk, tl.trans(wk))
             acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
 
     if SWAP_AB:
-        acc_base = tl.trans(acc_base_t)
-        acc_sign = tl.trans(acc_sign_t)
+        acc_base = tl.trans(acc_t)
     if not FUSE_BASE:
         acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
                            mask=row_mask[:, None] & col_mask[None, :], other=0.0)

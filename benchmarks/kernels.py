@@ -221,15 +221,21 @@ def precompile(jobs: list, workers: int = 12) -> None:
 
 def _sweep_error(p: "Problem", cfg: KernelConfig) -> float:
     d = p.sets[0]
-    from bitdelta.kernels import reference
     out = torch.full((p.batch, p.n), float("nan"), device="cuda", dtype=DTYPE)
     segment_matmul(d["x"], d["w"], d["signs"], d["scales"], p.plan, None, cfg, out=out)
+    return relative_error(p, out)
+
+
+def relative_error(p: "Problem", out: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| for an output computed on p's first buffer set (inf if not finite)."""
+    from bitdelta.kernels import reference
+
+    d = p.sets[0]
     if getattr(p, "ref", None) is None:
         p.ref = reference.bitdelta_matmul(d["x"].float(), d["w"], d["signs"], d["scales"], p.slot_ids, None)
-    ref = p.ref
     if not torch.isfinite(out).all():
         return float("inf")
-    return ((out.float() - ref).norm() / ref.norm()).item()
+    return ((out.float() - p.ref).norm() / p.ref.norm()).item()
 
 
 def time_checked(p: "Problem", configs: dict) -> tuple[dict, dict]:

@@ -241,6 +241,23 @@ def test_merge_weight_is_bitdelta_merge_bit_for_bit(n, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk,decoders,shuffle", [(300, 40, False), (700, 20, True), (65, 3, True)])
+def test_entry_point_splits_a_prefill_chunk_from_decode_rows(chunk, decoders, shuffle, dtype):
+    """A step with a prefill chunk (slot 0), one-row decode slots and base-only rows: the entry point
+    dispatches the long and the short segments apart (round 8) and scatters both back."""
+    from bitdelta.kernels.configs import split_threshold
+
+    slot_ids = torch.cat([torch.zeros(chunk, dtype=torch.long), torch.arange(1, decoders + 1),
+                          torch.full((3,), -1)]).cuda()
+    if shuffle:
+        slot_ids = slot_ids[torch.randperm(slot_ids.numel(), device="cuda")]
+    plan = build_plan(slot_ids)
+    assert split_threshold(plan) is not None
+    x, w, signs, scales, bias = _problem(slot_ids.numel(), 333, 1000, decoders + 1, dtype)
+    _check(kernels.bitdelta_matmul(x, w, signs, scales, slot_ids, bias, plan), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_public_entry_point_without_bias_and_with_plan(dtype):
     x, w, signs, scales, _ = _problem(12, 500, 777, 5, dtype)
     slot_ids = torch.tensor([4, 4, -1, 0, 1, 1, 1, 2, 3, -1, 0, 4], device="cuda")

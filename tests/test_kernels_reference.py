@@ -15,8 +15,8 @@ import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
 from bitdelta.kernels.configs import (BITMMA_MAX_ROWS, DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS,
                                       MERGED_GEMM_MIN_ROWS, ONE_ROW_MAX_K, SHARED_DECODE_MAX_ROWS, KernelConfig,
-                                      choose_config, next_pow2)
-from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles
+                                      choose_config, next_pow2, split_threshold)
+from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles, split_plan
 from bitdelta.pack import pack_signs
 
 
@@ -220,6 +220,32 @@ def test_choose_config_gemv_for_few_rows():
     assert not choose_config(4096, build_plan(torch.tensor([0, 1])), k=11008).gemv
     assert not choose_config(8192, build_plan(torch.arange(3)), k=8192).gemv
     assert not choose_config(4096, build_plan(torch.arange(GEMV_MAX_ROWS + 1))).gemv
+
+
+def test_split_plan_gathers_long_and_short_segments_apart():
+    slot_ids = torch.tensor([2] * 5 + [-1, 0, 7, 0] + [2] * 3 + [-1] * 9)  # slots 2 and -1 long (> 4 rows)
+    plan = build_plan(slot_ids)
+    assert split_threshold(plan) is None  # every segment here is a decode segment (<= BITMMA_MAX_ROWS rows)
+    parts = split_plan(plan, 4)
+    assert split_plan(plan, 4) is parts  # cached: one build per step, whatever the number of layers
+    (long_rows, long_plan), (short_rows, short_plan) = parts
+    assert long_plan.host_slots == (-1, 2) and long_plan.counts == (10, 8)
+    assert short_plan.host_slots == (0, 7) and short_plan.counts == (2, 1)
+    covered = torch.cat([long_rows, short_rows]).sort().values
+    assert torch.equal(covered, torch.arange(slot_ids.numel()))  # every row once
+    for rows, part in parts:
+        assert part.in_order and part.order.tolist() == list(range(rows.numel()))
+        # gathered rows come grouped by slot, in the part's slot order
+        assert torch.equal(slot_ids[rows], torch.repeat_interleave(part.slots.long(), torch.tensor(part.counts)))
+        assert part.offsets.tolist() == [0, *torch.tensor(part.counts).cumsum(0).tolist()]
+    assert len(split_plan(build_plan(torch.zeros(6, dtype=torch.long)), 4)) == 1  # one side only: no split
+
+
+def test_split_threshold_separates_prefill_chunks_from_decode_rows():
+    chunk_and_decoders = torch.cat([torch.zeros(BITMMA_MAX_ROWS + 1, dtype=torch.long), torch.arange(1, 40)])
+    assert split_threshold(build_plan(chunk_and_decoders)) == BITMMA_MAX_ROWS
+    assert split_threshold(build_plan(torch.zeros(1000, dtype=torch.long))) is None  # one long segment
+    assert split_threshold(build_plan(torch.arange(64).repeat(3))) is None  # decode only
 
 
 def test_row_slots_follow_the_order():

@@ -11,7 +11,9 @@ package imports on machines without Triton or CUDA.
 
 `plan` (from `build_plan(slot_ids)`) groups the rows by slot. It depends only on the slot ids, so
 a model should build it once per forward step and pass it to every layer: that saves a host sync
-and a sort per linear. Without it, each call builds its own.
+and a sort per linear. Without it, each call builds its own. A batch mixing long segments (a
+prefill chunk) with short ones (decode rows) is split in two (`configs.split_threshold`), each side
+gathered, dispatched on its own kernel path and scattered back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import functools
 import torch
 
 from bitdelta.kernels import reference
-from bitdelta.kernels.grouping import SlotPlan, build_plan
+from bitdelta.kernels.grouping import SlotPlan, build_plan, split_plan
 
 __all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "gluon_available", "triton_available"]
 
@@ -63,11 +65,26 @@ def bitdelta_matmul(
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()):
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
-    from bitdelta.kernels.configs import choose_config
-    from bitdelta.kernels.triton_segments import segment_matmul
+    from bitdelta.kernels.configs import split_threshold
 
     if plan is None:
         plan = build_plan(slot_ids)
+    long_rows = split_threshold(plan)
+    if long_rows is None:
+        return _dispatch(x, base_weight, signs, scales, plan, bias)
+    # a prefill chunk beside decode rows: each side gathered and dispatched on its own
+    y = torch.empty(x.shape[0], base_weight.shape[0], dtype=x.dtype, device=x.device)
+    for rows, part in split_plan(plan, long_rows):
+        y.index_copy_(0, rows, _dispatch(x.index_select(0, rows), base_weight, signs, scales, part, bias))
+    return y
+
+
+def _dispatch(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    from bitdelta.kernels.configs import choose_config
+    from bitdelta.kernels.triton_segments import segment_matmul
+
     if plan.num_deltas == 0:  # every row on the base alone: exactly the dense layer (cuBLAS)
         return torch.nn.functional.linear(x, base_weight, bias)
-    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(base_weight.shape[0], plan, k=base_weight.shape[1], bitmma=gluon_available()))
+    n, k = base_weight.shape
+    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(n, plan, k=k, bitmma=gluon_available()))

@@ -71,6 +71,16 @@ class KernelConfig:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
 
 
+def split_threshold(plan: SlotPlan) -> int | None:
+    """Segments of more rows than the returned count go apart from the others, each side dispatched
+    on its own (round 8); None keeps the batch whole. A prefill chunk beside decode rows: one config
+    for both would put every 1-row slot in a 128-row prefill tile, and no segment could take the
+    merged-weight GEMM while a short one is present."""
+    if plan.max_rows > BITMMA_MAX_ROWS and min(plan.counts) <= BITMMA_MAX_ROWS:
+        return BITMMA_MAX_ROWS
+    return None
+
+
 def next_pow2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 

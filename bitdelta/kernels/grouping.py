@@ -38,6 +38,7 @@ class SlotPlan:
     host_slots: tuple[int, ...]
     in_order: bool = False
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _splits: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
     _row_slots: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -115,3 +116,42 @@ def row_slots(plan: SlotPlan) -> torch.Tensor:
     table = torch.tensor(values, dtype=torch.int32).to(plan.order.device)
     plan._row_slots.append(table)
     return table
+
+
+def split_plan(plan: SlotPlan, long_rows: int) -> list[tuple[torch.Tensor, SlotPlan]]:
+    """The segments of more than `long_rows` rows apart from the others (a prefill chunk beside
+    decode rows): for each side that has segments, (rows: int64 indices into the batch, a plan over
+    the batch's rows gathered in that order, hence in slot order). Cached per threshold, like the
+    tile tables, so that a step's plan serves every layer and no host-to-device copy happens twice."""
+    cached = plan._splits.get(long_rows)
+    if cached is not None:
+        return cached
+    starts = [0]
+    for count in plan.counts:
+        starts.append(starts[-1] + count)
+    parts = []
+    for want_long in (True, False):
+        segments = [g for g, count in enumerate(plan.counts) if (count > long_rows) == want_long]
+        if segments:
+            parts.append(_gathered(plan, segments, starts))
+    plan._splits[long_rows] = parts
+    return parts
+
+
+def _gathered(plan: SlotPlan, segments: list[int], starts: list[int]) -> tuple[torch.Tensor, SlotPlan]:
+    device = plan.order.device
+    rows = torch.cat([plan.order[starts[g]:starts[g + 1]] for g in segments]).long()
+    counts = tuple(plan.counts[g] for g in segments)
+    slots = tuple(plan.host_slots[g] for g in segments)
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    sub = SlotPlan(
+        order=torch.arange(offsets[-1], dtype=torch.int32, device=device),
+        slots=torch.tensor(slots, dtype=torch.int32).to(device),
+        offsets=torch.tensor(offsets, dtype=torch.int32).to(device),
+        counts=counts,
+        host_slots=slots,
+        in_order=True,
+    )
+    return rows, sub

@@ -262,6 +262,16 @@ def test_kernel_config_validation():
     with pytest.raises(ValueError):  # a tile's rows fill whole 8-column mmas: <= 8, 16, 32 or 64
         KernelConfig(rows=12, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     KernelConfig(rows=32, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
+    # the ring's shared memory, as the compiler reports it (offline sm_90 builds): v8 8 rows 256 x 512 x 3
+    # stages 73728 B, 64 rows 128 x 512 x 3 stages 221184 B; v9 128 x 1024 x 2 stages 40960 B
+    assert KernelConfig(rows=8, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
+                        bitmma=True).bitmma_shared_bytes() == 73728
+    assert KernelConfig(rows=64, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
+                        bitmma=True).bitmma_shared_bytes() == 221184
+    assert KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False,
+                        bitmma=True).bitmma_shared_bytes() == 40960
+    with pytest.raises(ValueError, match="shared memory"):  # 64 rows x 1024 k x 3 stages: 417 KB
+        KernelConfig(rows=64, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     with pytest.raises(ValueError):  # each warp owns 16-row mma slabs
         KernelConfig(rows=8, block_n=96, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
     with pytest.raises(ValueError):

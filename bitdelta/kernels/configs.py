@@ -18,6 +18,7 @@ GEMV_MAX_ROWS = 4  # the CUDA-core gemv path takes the whole batch (<= this many
 BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 16, 32, 64 (and the
 # most rows a slot several distinct deltas may have before the prefill paths take over)
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
+SHARED_MEMORY_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
 
 
@@ -69,6 +70,15 @@ class KernelConfig:
             raise ValueError("bitmma is a split path (fuse_base=False) for tiles of <= 8, 16, 32 or 64 rows")
         if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
+        if self.bitmma_shared_bytes() > SHARED_MEMORY_BYTES:
+            raise ValueError(f"bitmma: {self.bitmma_shared_bytes()} bytes of shared memory a block (> {SHARED_MEMORY_BYTES}): "
+                             "use fewer stages, a shorter block_k or a narrower block_n")
+
+    def bitmma_shared_bytes(self) -> int:
+        """The cp.async ring of decode_bitmma.py: per stage the words [BN, BK/32] (int32) and x, as
+        4 x 8 bf16 rows of BK/4 per 8 tile rows (v8) or 16 int8 digit rows of BK/4 (v9)."""
+        x_bytes = 16 * self.block_k // 4 if self.rows == 1 else 4 * max(self.rows, 8) * self.block_k // 4 * 2
+        return self.num_stages * (self.block_n * self.block_k // 32 * 4 + x_bytes)
 
 
 def split_threshold(plan: SlotPlan) -> int | None:

@@ -145,6 +145,7 @@ def test_segment_tiles_cover_each_row_once_and_never_mix_slots(slot_list, rows_p
     assert sorted(seen) == list(range(len(slot_list)))
     # bits are read once per tile: a slot needs ceil(count / rows_per_tile) tiles, no more
     assert tiles.shape[0] == sum(-(-c // rows_per_tile) for c in plan.counts)
+    assert plan.tile_count(rows_per_tile) == tiles.shape[0]  # what the dispatcher counts without building them
     assert segment_tiles(plan, rows_per_tile) is tiles  # cached for the other layers of the step
 
 

@@ -70,8 +70,9 @@ class KernelConfig:
             raise ValueError("bitmma is a split path (fuse_base=False) for tiles of <= 8, 16, 32 or 64 rows")
         if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
-        if self.bitmma_shared_bytes() > SHARED_MEMORY_BYTES:
-            raise ValueError(f"bitmma: {self.bitmma_shared_bytes()} bytes of shared memory a block (> {SHARED_MEMORY_BYTES}): "
+        shared = self.bitmma_shared_bytes()
+        if shared > SHARED_MEMORY_BYTES:
+            raise ValueError(f"bitmma: {shared} bytes of shared memory a block (> {SHARED_MEMORY_BYTES}): "
                              "use fewer stages, a shorter block_k or a narrower block_n")
 
     def bitmma_shared_bytes(self) -> int:
@@ -146,7 +147,7 @@ def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
         return KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,
                             merged_gemm=True)
     rows = min(next_pow2(plan.max_rows), 128)
-    tiles = sum(-(-count // rows) for count in plan.counts)
+    tiles = plan.tile_count(rows)
     if rows == 128 and tiles * -(-n // 128) >= 256:
         return KernelConfig(rows=rows, block_n=128, block_k=64, num_warps=4, num_stages=3, fuse_base=True,
                             merge=True, swap_ab=True)
@@ -192,7 +193,7 @@ def _bitmma_config(n: int, plan: SlotPlan, k: int) -> KernelConfig:
     if plan.max_rows == 1 and k <= ONE_ROW_MAX_K:
         return KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True)
     rows = _v8_tile_rows(plan)
-    tiles = sum(-(-count // rows) for count in plan.counts)
+    tiles = plan.tile_count(rows)
     if rows == 16:
         bn, bk, stages = (256 if tiles >= 16 else 128), 512, 3
     elif rows > 16:
@@ -214,6 +215,6 @@ def _v8_tile_rows(plan: SlotPlan) -> int:
     rows, 32-row tiles 40% less than anything else at 32 rows a slot; a Zipf batch (most slots 1-5
     rows) stays on 8-row tiles."""
     def work(rows: int) -> int:  # in 8-column mmas: 2 for the expansion + rows / 8, per tile (x 8)
-        return sum(-(-count // rows) for count in plan.counts) * (16 + rows)
+        return plan.tile_count(rows) * (16 + rows)
 
     return min((8, 16, 32, 64), key=lambda rows: (work(rows), rows))

@@ -11,6 +11,7 @@ Pure PyTorch on purpose: it runs (and is tested) on the CPU, and costs one host 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -49,6 +50,10 @@ class SlotPlan:
     def max_rows(self) -> int:
         """Rows of the largest segment (0 for an empty batch)."""
         return max(self.counts, default=0)
+
+    def tile_count(self, rows_per_tile: int) -> int:
+        """Tiles of at most `rows_per_tile` rows that cover every segment (what `segment_tiles` builds)."""
+        return sum(-(-count // rows_per_tile) for count in self.counts)
 
     @property
     def min_delta_rows(self) -> int:
@@ -126,9 +131,7 @@ def split_plan(plan: SlotPlan, long_rows: int) -> list[tuple[torch.Tensor, SlotP
     cached = plan._splits.get(long_rows)
     if cached is not None:
         return cached
-    starts = [0]
-    for count in plan.counts:
-        starts.append(starts[-1] + count)
+    starts = list(accumulate(plan.counts, initial=0))
     parts = []
     for want_long in (True, False):
         segments = [g for g, count in enumerate(plan.counts) if (count > long_rows) == want_long]
@@ -143,9 +146,7 @@ def _gathered(plan: SlotPlan, segments: list[int], starts: list[int]) -> tuple[t
     rows = torch.cat([plan.order[starts[g]:starts[g + 1]] for g in segments]).long()
     counts = tuple(plan.counts[g] for g in segments)
     slots = tuple(plan.host_slots[g] for g in segments)
-    offsets = [0]
-    for count in counts:
-        offsets.append(offsets[-1] + count)
+    offsets = list(accumulate(counts, initial=0))
     sub = SlotPlan(
         order=torch.arange(offsets[-1], dtype=torch.int32, device=device),
         slots=torch.tensor(slots, dtype=torch.int32).to(device),

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from bitdelta.kernels.configs import KernelConfig
 from bitdelta.kernels.grouping import SlotPlan
-from bitdelta.kernels.triton_segments import expand_signs
+from bitdelta.kernels.triton_segments import merge_tile
 
 
 @triton.jit
@@ -32,8 +32,8 @@ def _merge_kernel(w_ptr, signs_ptr, scales_ptr, out_ptr, N, K, KW, stride_wn, st
     words = tl.load(signs_ptr + rows64 * stride_sg_n + kw[None, :], mask=row_mask[:, None] & (kw < KW)[None, :],
                     other=0)
     scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0)
-    merged = w.to(tl.float32) + scale[:, None] * expand_signs(words, tl.float32)
-    tl.store(out_ptr + rows64 * stride_on + ks[None, :], merged.to(out_ptr.dtype.element_ty), mask=mask)
+    merged = merge_tile(w, scale, words, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows64 * stride_on + ks[None, :], merged, mask=mask)
 
 
 def merge_weight(base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, slot: int,

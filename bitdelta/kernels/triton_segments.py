@@ -61,6 +61,13 @@ def expand_signs(words, dtype: tl.constexpr):
 
 
 @triton.jit
+def merge_tile(w, scale, words, dtype: tl.constexpr):
+    """A tile's merged weights [BN, BK] in `dtype`: w + scale[:, None] * sign(words) in fp32, rounded
+    once, as `bitdelta merge` writes them (`reference.merged_weight`)."""
+    return (w.to(tl.float32) + scale[:, None] * expand_signs(words, tl.float32)).to(dtype)
+
+
+@triton.jit
 def _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's tile (grid axis 0: slot, first and end of its rows in the sorted order) and
     column block (axis 1): the slot, the batch rows it covers and the output columns, with masks."""
@@ -228,7 +235,7 @@ def _segment_kernel(
         kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
         if MERGE:
-            merged = (wk.to(tl.float32) + merge_scale[:, None] * expand_signs(words, tl.float32)).to(xk.dtype)
+            merged = merge_tile(wk, merge_scale, words, xk.dtype)
             if SWAP_AB:
                 acc_t += tl.dot(merged, tl.trans(xk))
             else:

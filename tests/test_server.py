@@ -281,3 +281,18 @@ def test_a_client_that_disconnects_has_its_request_cancelled(slow_server):
     while time.time() < deadline and (cancelled(url) < before + 2 or engine.stats()["running"]):
         time.sleep(0.1)
     assert cancelled(url) == before + 2 and engine.stats()["running"] == 0 and engine.kv.blocks_used == 0
+
+
+def test_serve_passes_its_engine_options_to_the_engine(monkeypatch):
+    from typer.testing import CliRunner
+
+    import bitdelta.server.cli as server_cli
+    from bitdelta.cli import app
+
+    seen = {}
+    monkeypatch.setattr(server_cli, "run_server", lambda base, deltas, extra, host, port, config, *keys: seen.update(config=config))
+    result = CliRunner().invoke(app, ["serve", "some-base", "--prefill-chunk", "1024", "--max-batch", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (seen["config"].prefill_chunk, seen["config"].max_batch) == (1024, 8)
+    refused = CliRunner().invoke(app, ["serve", "some-base", "--prefill-chunk", "0"])
+    assert refused.exit_code != 0 and "--prefill-chunk" in refused.output

@@ -90,6 +90,7 @@ def serve(
     max_gpu_deltas: Annotated[int, typer.Option("--max-gpu-deltas", min=1, help="Delta slots on the device.")] = 32,
     max_cpu_deltas: Annotated[int, typer.Option("--max-cpu-deltas", min=1, help="Deltas kept in (pinned) CPU memory.")] = 256,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting for the batch; more get 429.")] = 1024,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens prefilled per step beside the decoding rows: larger gives sooner first tokens and longer pauses for the decoders.")] = EngineConfig.prefill_chunk,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs on a GPU.")] = True,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
@@ -97,7 +98,7 @@ def serve(
     """Serve BASE and many 1-bit fine-tunes of it behind an OpenAI-compatible API."""
     if device not in ("auto", "cuda", "cpu"):
         raise BitDeltaError(f"--device {device!r}: use cuda or cpu")
-    config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+    config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, prefill_chunk=prefill_chunk, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
     run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key)
 
 

@@ -11,8 +11,8 @@ of P prompt tokens each (`AxP`), each its own fine-tune too. The engine prefills
 prompt tokens a step beside the decoders' rows, so a chunk trades the arrivals' time to first token
 (TTFT: fewer, larger steps, and from 512 rows a delta the merged-weight GEMM, KERNEL_NOTES round 8)
 against the decoders' step time while it runs (each decoder waits a whole step for its next token).
-Every configuration runs the scenario twice on one engine (the first compiles and captures) and
-reports the second. Writes chunked_prefill.{json,md}.
+Every configuration runs the scenario on one engine once to compile and capture, then `--repeats`
+times measured: medians over every repeat's arrivals and steps. Writes chunked_prefill.{json,md}.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def parse_arrivals(text: str) -> list[tuple[int, int]]:
 
 
 def scenario(engine: Engine, decoders: int, count: int, length: int, vocab: int) -> dict:
-    """One run of the scenario on a warm engine: step times before and during the arrivals' prefill, and their TTFT."""
+    """One run of the scenario: seconds of each step before and during the arrivals' prefill, and their TTFTs."""
     generator = torch.Generator().manual_seed(3)
     first_token: dict[int, float] = {}
 
@@ -77,14 +77,20 @@ def scenario(engine: Engine, decoders: int, count: int, length: int, vocab: int)
         engine.cancel(request)
     while engine.has_work():
         engine.step()
-    ttft = [first_token[i] - arrived for i in arrival_ids]
+    return {"before": before, "during": during, "ttft": [first_token[i] - arrived for i in arrival_ids]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians (and maxima) over every repeat's steps and arrivals, in ms."""
+    before, during, ttft = ([value * 1e3 for run in runs for value in run[key]] for key in ("before", "during", "ttft"))
     return {
-        "decode_step_ms_before": statistics.median(before) * 1e3,
-        "prefill_steps": len(during),
-        "step_ms_during_median": statistics.median(during) * 1e3,
-        "step_ms_during_max": max(during) * 1e3,
-        "ttft_ms_median": statistics.median(ttft) * 1e3,
-        "ttft_ms_max": max(ttft) * 1e3,
+        "repeats": len(runs),
+        "decode_step_ms_before": statistics.median(before),
+        "prefill_steps": len(runs[0]["during"]),
+        "step_ms_during_median": statistics.median(during),
+        "step_ms_during_max": max(during),
+        "ttft_ms_median": statistics.median(ttft),
+        "ttft_ms_max": max(ttft),
     }
 
 
@@ -99,11 +105,11 @@ def build_engine(config, weights, decoders: int, count: int, length: int, chunk:
     return engine
 
 
-def run(config, weights, decoders: int, count: int, length: int, chunk: int) -> dict:
+def run(config, weights, decoders: int, count: int, length: int, chunk: int, repeats: int) -> dict:
     engine = build_engine(config, weights, decoders, count, length, chunk)
     try:
         scenario(engine, decoders, count, length, config.vocab_size)  # compiles and captures
-        return scenario(engine, decoders, count, length, config.vocab_size)
+        return summarise([scenario(engine, decoders, count, length, config.vocab_size) for _ in range(repeats)])
     finally:
         engine.stop()
 
@@ -114,7 +120,7 @@ def markdown(result: dict) -> str:
         "",
         f"`{result['command']}`. Arrivals: A requests of P prompt tokens come at once (each its own fine-tune) "
         "while the decoders run. TTFT from their arrival to their first token; step times are what each decoder "
-        "waits for its next token. Second run of each scenario on a warm engine.",
+        "waits for its next token. Medians (and maxima) over the measured repeats of each scenario on a warm engine.",
         "",
         "| arrivals | chunk | TTFT ms median | TTFT max | prefill steps | decoder step ms during: median | max | decode step ms before |",
         "|---|---|---|---|---|---|---|---|",
@@ -132,6 +138,7 @@ def main() -> None:
     parser.add_argument("--decoders", type=int, default=31)
     parser.add_argument("--arrivals", default="1x2048,4x512")
     parser.add_argument("--chunks", default="256,512,1024,2048")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs of each scenario (after one warm-up run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -141,13 +148,13 @@ def main() -> None:
     config = llama_config(args.shape)
     weights = random_weights(config, device, torch.float16 if device.type == "cuda" else torch.float32)
     result = {
-        "command": f"{REPRODUCE} --shape {args.shape} --decoders {args.decoders} --arrivals {args.arrivals} --chunks {args.chunks}",
+        "command": f"{REPRODUCE} --shape {args.shape} --decoders {args.decoders} --arrivals {args.arrivals} --chunks {args.chunks} --repeats {args.repeats}",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
         "decoders": args.decoders, "call": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
     }
     for count, length in arrivals:
         for chunk in chunks:
-            row = {"arrivals": f"{count}x{length}", "chunk": chunk, **run(config, weights, args.decoders, count, length, chunk)}
+            row = {"arrivals": f"{count}x{length}", "chunk": chunk, **run(config, weights, args.decoders, count, length, chunk, args.repeats)}
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             reset_peak(device)

@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from bitdelta.kernels import triton_available
-from bitdelta.kernels.paged_attention import paged_attention, paged_attention_reference
+from bitdelta.kernels.paged_attention import TILE_ROWS, paged_attention, paged_attention_reference, query_split
 
 
-def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torch.dtype, device: str = "cpu"):
-    """A step over three sequences: one decoding at a random position, one prefilling a chunk in
-    the middle of its prompt, one decoding its first token."""
-    lengths = [int(torch.randint(page + 1, 6 * page, ())), int(torch.randint(2 * page, 5 * page, ())), 1]
+def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torch.dtype, device: str = "cpu",
+                chunk: int | None = None):
+    """A step over three sequences: one decoding at a random position, one prefilling a chunk (of
+    `chunk` rows, default 2..page+2) in the middle of its prompt, one decoding its first token."""
+    chunk = chunk or int(torch.randint(2, page + 3, ()))
+    lengths = [int(torch.randint(page + 1, 6 * page, ())), chunk + int(torch.randint(2 * page, 5 * page, ())), 1]
     pages_needed = [-(-n // page) for n in lengths]
     pool_pages = sum(pages_needed) + 3
     keys = torch.randn(pool_pages * page, kv_heads, head_dim, device=device).to(dtype)
@@ -28,7 +30,6 @@ def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torc
     for needed in pages_needed:
         own, order = order[:needed], order[needed:]
         tables.append(own + [0] * (width - needed))
-    chunk = int(torch.randint(2, page + 3, ()))
     row_sequence = [0] + [1] * chunk + [2]
     row_position = [lengths[0] - 1] + list(range(lengths[1] - chunk, lengths[1])) + [0]
     q = torch.randn(len(row_sequence), heads, head_dim, device=device).to(dtype)
@@ -66,6 +67,20 @@ def test_heads_must_group_evenly():
         paged_attention(q[:, :3], keys, values, tables, row_sequence, row_position, 4, 0.25)
 
 
+def test_query_split_tiles_prefill_runs_and_leaves_decode_rows_alone():
+    # rows: decode (seq 0), a 150-row chunk (seq 1, positions 10..159), decode (seq 2), a 2-row chunk
+    # (seq 3), a 1-token chunk (seq 4), seq 5 at positions 4, 5 then 9 (not consecutive: two runs)
+    row_sequence = [0] + [1] * 150 + [2] + [3, 3] + [4] + [5, 5, 5]
+    row_position = [7] + list(range(10, 160)) + [0] + [30, 31] + [12] + [4, 5, 9]
+    split = query_split(torch.tensor(row_sequence), torch.tensor(row_position))
+    assert split.rows.tolist() == [0, 151, 154, 157]
+    assert split.tiles.tolist() == [[1, TILE_ROWS], [1 + TILE_ROWS, TILE_ROWS], [1 + 2 * TILE_ROWS, 150 - 2 * TILE_ROWS],
+                                    [152, 2], [155, 2]]
+    covered = sorted(split.rows.tolist() + [r for first, count in split.tiles.tolist() for r in range(first, first + count)])
+    assert covered == list(range(len(row_sequence)))  # every row exactly once
+    assert query_split(torch.tensor([0, 1, 2]), torch.tensor([5, 0, 9])) is None  # a decode step: rows only
+
+
 # fp32 accumulation in both; what differs is the final rounding of the output to fp16/bf16 (half
 # an ulp, relative RMS ~3e-4 / ~2e-3) and the softmax's summation order (~1e-6): about 3x margin.
 BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 6e-3}
@@ -82,5 +97,25 @@ def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, page)
         expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
         torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")  # freed at once: the kernel's output block likely reuses it, so unwritten elements show
         got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale).float()
+        assert torch.isfinite(got).all()
+        assert (got - expected).norm() / expected.norm() < BOUNDS[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype", list(BOUNDS))
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 32, 128, 16), (32, 8, 128, 16), (12, 4, 80, 16), (8, 8, 64, 32)])
+@pytest.mark.parametrize("chunk", [2, 63, 200])
+def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, chunk):
+    """Prefill chunks as tiles (`query_split`): one tile, a tile one row short, and several tiles
+    with a partial last one; the chunk starts in the middle of its prompt, beside decode rows."""
+    for _ in range(2):
+        q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, dtype, "cuda", chunk)
+        split = query_split(row_sequence.cpu(), row_position.cpu())
+        assert split.tiles[:, 1].sum() == chunk
+        scale = 1 / math.sqrt(head_dim)
+        expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
+        torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+        got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale, split.to(q.device)).float()
         assert torch.isfinite(got).all()
         assert (got - expected).norm() / expected.norm() < BOUNDS[dtype]

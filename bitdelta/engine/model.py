@@ -9,7 +9,8 @@ delta actually changes.
 
 The forward runs a packed batch: the new tokens of many sequences side by side (decode rows and
 prefill chunks), no padding. Attention reads each sequence's keys straight from the paged KV cache
-(kernels.paged_attention: one Triton launch per layer on a GPU, per-sequence SDPA on a CPU). It is
+(kernels.paged_attention: Triton on a GPU, decode rows one program each and prefill chunks in
+tiles of rows sharing each key block; per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
 structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a clear error.
 """
@@ -24,7 +25,7 @@ from torch import nn
 
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
-from bitdelta.kernels.paged_attention import paged_attention
+from bitdelta.kernels.paged_attention import QuerySplit, paged_attention, query_split
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.pack import packed_words
 
@@ -158,18 +159,22 @@ class MultiTenantModel:
     def forward(self, batch: StepBatch, kv) -> torch.Tensor:
         """fp32 logits [B, vocab] for `batch.logit_rows`; writes the new tokens' keys and values."""
         head_groups = self.head_groups(batch.slots[batch.logit_rows])
+        cuda = self.device.type == "cuda"  # only the kernels read the plan and the query split
+        split = query_split(batch.row_sequence, batch.positions) if cuda else None
         batch = batch.to(self.device)
-        self.route(batch.slots, build_plan(batch.slots) if self.device.type == "cuda" else None)  # only kernels read the plan
-        return self.compute(batch, kv, head_groups)
+        self.route(batch.slots, build_plan(batch.slots) if cuda else None)
+        return self.compute(batch, kv, head_groups, None if split is None else split.to(self.device))
 
     def route(self, slots: torch.Tensor, plan) -> None:
         """Tell every BitDeltaLinear which slot each row of the next pass uses."""
         self.routing.slot_ids, self.routing.plan = slots, plan
 
     @torch.no_grad()
-    def compute(self, batch: StepBatch, kv, head_groups: list[tuple[int, torch.Tensor]] | None) -> torch.Tensor:
+    def compute(self, batch: StepBatch, kv, head_groups: list[tuple[int, torch.Tensor]] | None,
+                split: QuerySplit | None = None) -> torch.Tensor:
         """The forward pass of a batch already on the device and routed (`head_groups` from
-        `head_groups`): device work only, so a CUDA graph can capture it (graphs.py)."""
+        `head_groups`, `split` from `query_split`: prefill chunks' rows as attention tiles): device
+        work only, so a CUDA graph can capture it (graphs.py)."""
         slots = batch.slots
         table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
         embed = self.tables.get(self.embed_name)
@@ -177,7 +182,7 @@ class MultiTenantModel:
         cos, sin = self.model.model.rotary_emb(h[None], batch.positions[None])
         for index, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight", table_rows)
-            h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv)
+            h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split)
             x = self._rms_norm(h, layer.post_attention_layernorm, f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
             h = h + layer.mlp(x)
         rows = batch.logit_rows
@@ -191,7 +196,8 @@ class MultiTenantModel:
         weight = self._own(name, table_rows)
         return (norm.weight if weight is None else weight) * hidden.to(h.dtype)
 
-    def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
+                   split: QuerySplit | None) -> torch.Tensor:
         t = x.shape[0]
         q = attn.q_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
@@ -200,7 +206,7 @@ class MultiTenantModel:
         kv.write(layer, batch.write_rows, k[0].transpose(0, 1), v)
         out = paged_attention(
             q[0].transpose(0, 1), kv.keys[layer], kv.values[layer], batch.block_tables,
-            batch.row_sequence, batch.positions, kv.block_size, self.scaling,
+            batch.row_sequence, batch.positions, kv.block_size, self.scaling, split,
         )
         return attn.o_proj(out.reshape(t, -1))
 

@@ -8,15 +8,49 @@ sequence's positions 0..row_position[i], whose keys and values sit in the pool r
 names (position p is row block_tables[s, p // block_size] * block_size + p % block_size). The
 current rows' own keys must already be written.
 
-On a CUDA fp16/bf16 tensor with Triton it runs one kernel for the whole step
-(`paged_attention_triton.py`); otherwise this file's reference: one SDPA call per sequence over
-its gathered keys, which defines what the kernel computes.
+On a CUDA fp16/bf16 tensor with Triton it runs the Triton kernels (`paged_attention_triton.py`):
+a program per row, or, given a `QuerySplit` (built on the host from the step's layout), a program
+per tile of a prefill chunk's rows as well; otherwise this file's reference: one SDPA call per
+sequence over its gathered keys, which defines what the kernels compute.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+TILE_ROWS = 64  # query rows of one prefill tile (the tile kernel's BLOCK_M)
+
+
+@dataclass(frozen=True)
+class QuerySplit:
+    """The rows of a packed step as the attention kernels take them: runs of two or more rows of one
+    sequence at consecutive positions (prefill chunks) cut into tiles, and every other row alone."""
+
+    rows: torch.Tensor  # int32 [R]: rows attended one at a time (decode rows)
+    tiles: torch.Tensor  # int32 [Q, 2]: (first row, row count <= TILE_ROWS)
+
+    def to(self, device: torch.device) -> QuerySplit:
+        return QuerySplit(self.rows.to(device, non_blocking=True), self.tiles.to(device, non_blocking=True))
+
+
+def query_split(row_sequence: torch.Tensor, row_position: torch.Tensor, tile_rows: int = TILE_ROWS) -> QuerySplit | None:
+    """The split of a step from host copies of its row layout; None when no run has two rows (a
+    decode step: the row kernel takes every row)."""
+    sequence, position = row_sequence.long(), row_position.long()
+    continues = (sequence[1:] == sequence[:-1]) & (position[1:] == position[:-1] + 1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (~continues).nonzero().flatten() + 1]).tolist()
+    rows, tiles = [], []
+    for start, end in zip(starts, starts[1:] + [sequence.numel()]):
+        if end - start == 1:
+            rows.append(start)
+        else:
+            tiles += [(first, min(tile_rows, end - first)) for first in range(start, end, tile_rows)]
+    if not tiles:
+        return None
+    return QuerySplit(torch.tensor(rows, dtype=torch.int32), torch.tensor(tiles, dtype=torch.int32))
 
 
 def paged_attention(
@@ -28,10 +62,12 @@ def paged_attention(
     row_position: torch.Tensor,
     block_size: int,
     scale: float,
+    split: QuerySplit | None = None,
 ) -> torch.Tensor:
     """out [T, H, D] in q's dtype for q [T, H, D], keys/values [pool rows, kv_heads, D] (one layer),
     block_tables int [S, max_blocks], row_sequence / row_position int [T]. H must be a multiple of
-    kv_heads (grouped-query attention)."""
+    kv_heads (grouped-query attention). `split` (`query_split` of this layout, on q's device) lets
+    the Triton path run prefill chunks as tiles; the result is the same function either way."""
     if q.shape[1] % keys.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not divide into {keys.shape[1]} key/value heads")
     from bitdelta.kernels import triton_available
@@ -39,7 +75,7 @@ def paged_attention(
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
         from bitdelta.kernels.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size, scale)
+        return paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size, scale, split)
     return paged_attention_reference(q, keys, values, block_tables, row_sequence, row_position, block_size, scale)
 
 

@@ -1,11 +1,17 @@
 """Triton paged attention for a packed step (what `paged_attention.paged_attention_reference` computes).
 
-One program per (row, query head): it walks the row's visible positions in chunks of BLOCK_N,
-looks each position's pool row up in the sequence's block table, and keeps an online softmax
-(running max and sum, fp32) so keys and values are read once, straight from the cache pages, with
-no gathered copy and no padding to the longest sequence. Decode rows and prefill chunks of any
-length share the launch. The query heads of one key/value group re-read the same keys, which the
-L2 cache serves; at decode sizes the kernel is bound by reading the cache once from memory.
+Two kernels, both reading keys and values straight from the cache pages through the block table,
+with an online softmax (running max and sum, fp32): no gathered copy, no padding to the longest
+sequence.
+
+- `_paged_attention_kernel`, one program per (row, query head): walks the row's visible positions
+  in chunks of BLOCK_N on the CUDA cores. At decode sizes it is bound by reading the cache once
+  from memory (the query heads of one key/value group re-read the same keys, which L2 serves).
+- `_prefill_attention_kernel`, one program per (query tile, head): a tile is up to BLOCK_M rows of
+  one sequence at consecutive positions (a prefill chunk, `QuerySplit`), so each key block is read
+  once for the whole tile and both products run on the tensor cores (flash-attention style, causal
+  mask per element). The row kernel re-read the prefix for every query row of a chunk: a 2048-token
+  prompt spent 64% of its prefill there (benchmarks/KERNEL_NOTES.md, round 9).
 """
 
 from __future__ import annotations
@@ -14,17 +20,26 @@ import torch
 import triton
 import triton.language as tl
 
+from bitdelta.kernels.paged_attention import TILE_ROWS
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _page_rows(table, positions, valid, PAGE: tl.constexpr):
+    """Pool rows of `positions` of the sequence whose block table `table` points at."""
+    page = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
+    return page * PAGE + positions % PAGE
+
+
+@triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, row_sequence_ptr, row_position_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, row_sequence_ptr, row_position_ptr, rows_ptr,
     stride_q_row, stride_q_head, stride_kv_row, stride_kv_head, stride_out_row, stride_out_head, stride_table,
     scale_log2, head_dim,
-    GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_LIST: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.load(rows_ptr + tl.program_id(0)) if ROW_LIST else tl.program_id(0)  # ROW_LIST: the rows outside tiles
     head = tl.program_id(1)
     kv_head = head // GROUPS
     sequence = tl.load(row_sequence_ptr + row)
@@ -39,9 +54,7 @@ def _paged_attention_kernel(
     for start in range(0, length, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         valid = positions < length
-        page = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
-        pool_row = page * PAGE + positions % PAGE
-        offsets = pool_row[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
+        offsets = _page_rows(table, positions, valid, PAGE)[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
         tile_ok = valid[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
         scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))  # log2 units
@@ -56,7 +69,57 @@ def _paged_attention_kernel(
     tl.store(out_ptr + row * stride_out_row + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
-def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size: int, scale: float, block_n: int = 64) -> torch.Tensor:
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, row_sequence_ptr, row_position_ptr, tiles_ptr,
+    stride_q_row, stride_q_head, stride_kv_row, stride_kv_head, stride_out_row, stride_out_head, stride_table,
+    scale_log2, head_dim,
+    GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    first = tl.load(tiles_ptr + tl.program_id(0) * 2)
+    count = tl.load(tiles_ptr + tl.program_id(0) * 2 + 1)
+    head = tl.program_id(1)
+    kv_head = head // GROUPS
+    sequence = tl.load(row_sequence_ptr + first)
+    first_position = tl.load(row_position_ptr + first)
+    m = tl.arange(0, BLOCK_M)
+    live = m < count
+    rows = (first + m).to(tl.int64)
+    query_positions = first_position + m  # a tile's rows sit at consecutive positions (QuerySplit)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = tl.load(q_ptr + rows[:, None] * stride_q_row + head * stride_q_head + dims[None, :],
+                mask=live[:, None] & dim_ok[None, :], other=0.0)
+    running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    table = tables_ptr + sequence.to(tl.int64) * stride_table
+    end = first_position + count  # the last row sees positions 0..end-1
+    for start in range(0, end, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        valid = positions < end
+        offsets = _page_rows(table, positions, valid, PAGE)[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
+        tile_ok = valid[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2  # fp32, log2 units
+        # position 0 is visible to every row, so each row's running max is finite after the first block
+        scores = tl.where(positions[None, :] <= query_positions[:, None], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        rescale = tl.exp2(running_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        v = tl.load(v_ptr + offsets, mask=tile_ok, other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        running_sum = running_sum * rescale + tl.sum(p, axis=1)
+        running_max = new_max
+    out = acc / running_sum[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_out_row + head * stride_out_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=live[:, None] & dim_ok[None, :])
+
+
+def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size: int, scale: float,
+                           split=None, block_n: int = 64) -> torch.Tensor:
+    """`split` (a `QuerySplit` on q's device): its tiles on the prefill kernel, its rows on the row
+    kernel; None: every row on the row kernel."""
     rows, heads, head_dim = q.shape
     if keys.stride(2) != 1 or values.stride() != keys.stride() or q.stride(2) != 1:
         raise ValueError("paged attention needs the last dimension of q, keys and values contiguous, and keys and values laid out alike")
@@ -64,11 +127,20 @@ def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_posi
     if rows == 0:
         return out
     tables = block_tables.to(torch.int32).contiguous()
-    _paged_attention_kernel[(rows, heads)](
-        q, keys, values, out, tables, row_sequence.to(torch.int32).contiguous(), row_position.to(torch.int32).contiguous(),
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-        scale * LOG2E, head_dim,
-        GROUPS=heads // keys.shape[1], PAGE=block_size, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
-    )
+    row_sequence = row_sequence.to(torch.int32).contiguous()
+    row_position = row_position.to(torch.int32).contiguous()
+    common = (q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+              scale * LOG2E, head_dim)
+    shapes = dict(GROUPS=heads // keys.shape[1], PAGE=block_size, BLOCK_D=triton.next_power_of_2(head_dim))
+    single = row_sequence if split is None else split.rows  # the row list is unused without a split
+    if split is None or split.rows.numel():
+        _paged_attention_kernel[(rows if split is None else split.rows.numel(), heads)](
+            q, keys, values, out, tables, row_sequence, row_position, single, *common,
+            BLOCK_N=block_n, ROW_LIST=split is not None, num_warps=4, **shapes,
+        )
+    if split is not None and split.tiles.numel():
+        _prefill_attention_kernel[(split.tiles.shape[0], heads)](
+            q, keys, values, out, tables, row_sequence, row_position, split.tiles, *common,
+            BLOCK_M=TILE_ROWS, BLOCK_N=64, num_warps=4, num_stages=2, **shapes,
+        )
     return out

@@ -44,9 +44,9 @@ class EngineConfig:
     max_cpu_deltas: int = 256  # verified deltas kept in (pinned) CPU memory
     max_queue: int = 1024  # requests waiting to join the batch; more are refused
     # prompt tokens per step, shared by the prefilling sequences. Steps with prefill run eagerly and
-    # cost ~150 ms of launches on a 7B model whatever the chunk up to 2048 tokens (H100,
-    # benchmarks/chunked_prefill.py): larger chunks cut time to first token 8x for about the same
-    # pause of the decoders, and from 512 rows a delta take the merged-weight GEMM
+    # cost 100-170 ms of launches on a 7B model whatever the chunk up to 2048 tokens (H100,
+    # benchmarks/chunked_prefill.py): larger chunks cut time to first token 4.5-8x for about the
+    # same pause of the decoders, and from 512 rows a delta take the merged-weight GEMM
     prefill_chunk: int = 2048
     kv_block_size: int = 16
     kv_blocks: int | None = None  # None: enough for max_batch sequences at full context

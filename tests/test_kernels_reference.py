@@ -229,17 +229,30 @@ def test_split_plan_gathers_long_and_short_segments_apart():
     assert split_threshold(plan) is None  # every segment here is a decode segment (<= BITMMA_MAX_ROWS rows)
     parts = split_plan(plan, 4)
     assert split_plan(plan, 4) is parts  # cached: one build per step, whatever the number of layers
-    (long_rows, long_plan), (short_rows, short_plan) = parts
-    assert long_plan.host_slots == (-1, 2) and long_plan.counts == (10, 8)
-    assert short_plan.host_slots == (0, 7) and short_plan.counts == (2, 1)
-    covered = torch.cat([long_rows, short_rows]).sort().values
+    long, short = parts
+    assert long.plan.host_slots == (-1, 2) and long.plan.counts == (10, 8)
+    assert short.plan.host_slots == (0, 7) and short.plan.counts == (2, 1)
+    covered = torch.cat([long.rows, short.rows]).sort().values
     assert torch.equal(covered, torch.arange(slot_ids.numel()))  # every row once
-    for rows, part in parts:
-        assert part.in_order and part.order.tolist() == list(range(rows.numel()))
-        # gathered rows come grouped by slot, in the part's slot order
-        assert torch.equal(slot_ids[rows], torch.repeat_interleave(part.slots.long(), torch.tensor(part.counts)))
-        assert part.offsets.tolist() == [0, *torch.tensor(part.counts).cumsum(0).tolist()]
+    for side in parts:  # rows in slot order
+        assert torch.equal(slot_ids[side.rows], torch.repeat_interleave(side.plan.slots.long(), torch.tensor(side.plan.counts)))
+        assert side.plan.offsets.tolist() == [0, *torch.tensor(side.plan.counts).cumsum(0).tolist()]
+    # the long side's rows surround the short side's: gathered, its plan over the gathered rows
+    assert long.start is None and long.plan.in_order and long.plan.order.tolist() == list(range(18))
+    # the short side is rows 6..8: a view, its plan's order indexes the slice (slot 0 at 6 and 8, slot 7 at 7)
+    assert short.start == 6 and short.plan.order.tolist() == [0, 2, 1] and not short.plan.in_order
     assert len(split_plan(build_plan(torch.zeros(6, dtype=torch.long)), 4)) == 1  # one side only: no split
+
+
+def test_split_sides_contiguous_in_the_batch_are_views():
+    # the engine's layout: decode rows first (slots in any order, a base-only row), then a prefill chunk
+    slot_ids = torch.tensor([5, 3, -1, 4] + [1] * 8)
+    long, short = split_plan(build_plan(slot_ids), 4)
+    assert (long.start, long.plan.in_order, long.plan.order.tolist()) == (4, True, list(range(8)))
+    assert short.start == 0 and not short.plan.in_order
+    assert short.plan.host_slots == (-1, 3, 4, 5)
+    assert short.plan.order.tolist() == [2, 1, 3, 0]  # the slice's rows, in slot order
+    assert torch.equal(slot_ids[short.start + short.plan.order.long()], torch.tensor([-1, 3, 4, 5]))
 
 
 def test_split_threshold_separates_prefill_chunks_from_decode_rows():

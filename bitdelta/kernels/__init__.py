@@ -13,7 +13,8 @@ package imports on machines without Triton or CUDA.
 a model should build it once per forward step and pass it to every layer: that saves a host sync
 and a sort per linear. Without it, each call builds its own. A batch mixing long segments (a
 prefill chunk) with short ones (decode rows) is split in two (`configs.split_threshold`), each side
-gathered, dispatched on its own kernel path and scattered back.
+dispatched on its own kernel path (on views where its rows are contiguous, else gathered and
+scattered back).
 """
 
 from __future__ import annotations
@@ -72,19 +73,25 @@ def bitdelta_matmul(
     long_rows = split_threshold(plan)
     if long_rows is None:
         return _dispatch(x, base_weight, signs, scales, plan, bias)
-    # a prefill chunk beside decode rows: each side gathered and dispatched on its own
+    # a prefill chunk beside decode rows: each side dispatched on its own, on views of x and y where
+    # its rows are contiguous in the batch, else gathered and scattered back
     y = torch.empty(x.shape[0], base_weight.shape[0], dtype=x.dtype, device=x.device)
-    for rows, part in split_plan(plan, long_rows):
-        y.index_copy_(0, rows, _dispatch(x.index_select(0, rows), base_weight, signs, scales, part, bias))
+    for side in split_plan(plan, long_rows):
+        if side.start is None:
+            y.index_copy_(0, side.rows, _dispatch(x.index_select(0, side.rows), base_weight, signs, scales, side.plan, bias))
+        else:
+            span = slice(side.start, side.start + side.plan.num_rows)
+            _dispatch(x[span], base_weight, signs, scales, side.plan, bias, out=y[span])
     return y
 
 
 def _dispatch(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    from bitdelta.kernels.configs import choose_config
+              bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    from bitdelta.kernels.configs import plan_config
     from bitdelta.kernels.triton_segments import segment_matmul
 
     if plan.num_deltas == 0:  # every row on the base alone: exactly the dense layer (cuBLAS)
-        return torch.nn.functional.linear(x, base_weight, bias)
+        dense = torch.nn.functional.linear(x, base_weight, bias)
+        return dense if out is None else out.copy_(dense)
     n, k = base_weight.shape
-    return segment_matmul(x, base_weight, signs, scales, plan, bias, choose_config(n, plan, k=k, bitmma=gluon_available()))
+    return segment_matmul(x, base_weight, signs, scales, plan, bias, plan_config(n, plan, k, gluon_available()), out)

@@ -135,6 +135,16 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
 
 
+def plan_config(n: int, plan: SlotPlan, k: int, bitmma: bool = True) -> KernelConfig:
+    """`choose_config`, memoised on the plan: a step's plan serves every layer, which have a handful
+    of shapes, and an eager step (prefill) pays the choice in host time at every linear."""
+    key = (n, k, bitmma)
+    config = plan._configs.get(key)
+    if config is None:
+        config = plan._configs[key] = choose_config(n, plan, k=k, bitmma=bitmma)
+    return config
+
+
 def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
     """Long segments (H100, round 8): merged weights once + cuBLAS when every delta segment has at
     least MERGED_GEMM_MIN_ROWS rows (twice that when rows of more than FUSED_MAX_DELTAS deltas must be

@@ -28,8 +28,9 @@ class SlotPlan:
     in_order: the rows are already grouped (slot ids non-decreasing, so `order` is the identity), as
              in a prefill batch of whole requests: paths that would gather rows can use slices
 
-    Tile tables are cached per tile height: a step's plan serves every layer, and a cached table
-    also keeps host-to-device copies out of CUDA-graph capture (build them once before capturing).
+    Tile tables are cached per tile height (and kernel configs per shape, `configs.plan_config`): a
+    step's plan serves every layer, and a cached table also keeps host-to-device copies out of
+    CUDA-graph capture (build them once before capturing).
     """
 
     order: torch.Tensor
@@ -40,6 +41,7 @@ class SlotPlan:
     in_order: bool = False
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _splits: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
+    _configs: dict[tuple, object] = field(default_factory=dict, repr=False, compare=False)
     _row_slots: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -123,36 +125,52 @@ def row_slots(plan: SlotPlan) -> torch.Tensor:
     return table
 
 
-def split_plan(plan: SlotPlan, long_rows: int) -> list[tuple[torch.Tensor, SlotPlan]]:
+@dataclass(frozen=True)
+class SplitSide:
+    """One side of a split batch. rows: int64 indices into the batch, in slot order; plan: a plan over
+    the side. When the rows are exactly the batch's rows start..start+n-1 (in whatever order), `start`
+    is set and the plan's order indexes that slice, so the side runs on views of x and y; otherwise
+    (start None) the rows are gathered in slot order and the plan is over the gathered rows."""
+
+    rows: torch.Tensor
+    plan: SlotPlan
+    start: int | None
+
+
+def split_plan(plan: SlotPlan, long_rows: int) -> list[SplitSide]:
     """The segments of more than `long_rows` rows apart from the others (a prefill chunk beside
-    decode rows): for each side that has segments, (rows: int64 indices into the batch, a plan over
-    the batch's rows gathered in that order, hence in slot order). Cached per threshold, like the
-    tile tables, so that a step's plan serves every layer and no host-to-device copy happens twice."""
+    decode rows): one SplitSide for each side that has segments. Cached per threshold, like the tile
+    tables, so that a step's plan serves every layer; building it costs one host sync a step (the row
+    order, to find sides that are contiguous in the batch: the engine packs decode rows first and
+    prefill chunks after them)."""
     cached = plan._splits.get(long_rows)
     if cached is not None:
         return cached
     starts = list(accumulate(plan.counts, initial=0))
+    order = plan.order.tolist()
     parts = []
     for want_long in (True, False):
         segments = [g for g, count in enumerate(plan.counts) if (count > long_rows) == want_long]
         if segments:
-            parts.append(_gathered(plan, segments, starts))
+            parts.append(_side(plan, segments, [order[starts[g]:starts[g + 1]] for g in segments]))
     plan._splits[long_rows] = parts
     return parts
 
 
-def _gathered(plan: SlotPlan, segments: list[int], starts: list[int]) -> tuple[torch.Tensor, SlotPlan]:
+def _side(plan: SlotPlan, segments: list[int], segment_rows: list[list[int]]) -> SplitSide:
     device = plan.order.device
-    rows = torch.cat([plan.order[starts[g]:starts[g + 1]] for g in segments]).long()
+    rows = [row for part in segment_rows for row in part]  # batch rows, in slot order
+    first = min(rows)
+    contiguous = max(rows) - first + 1 == len(rows)
+    order = [row - first for row in rows] if contiguous else list(range(len(rows)))
     counts = tuple(plan.counts[g] for g in segments)
     slots = tuple(plan.host_slots[g] for g in segments)
-    offsets = list(accumulate(counts, initial=0))
     sub = SlotPlan(
-        order=torch.arange(offsets[-1], dtype=torch.int32, device=device),
+        order=torch.tensor(order, dtype=torch.int32).to(device),
         slots=torch.tensor(slots, dtype=torch.int32).to(device),
-        offsets=torch.tensor(offsets, dtype=torch.int32).to(device),
+        offsets=torch.tensor(list(accumulate(counts, initial=0)), dtype=torch.int32).to(device),
         counts=counts,
         host_slots=slots,
-        in_order=True,
+        in_order=order == sorted(order),
     )
-    return rows, sub
+    return SplitSide(torch.tensor(rows, dtype=torch.int64).to(device), sub, first if contiguous else None)

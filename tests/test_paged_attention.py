@@ -6,7 +6,12 @@ different lengths, decode rows and prefill chunks in one step, grouped-query hea
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +21,13 @@ from bitdelta.kernels.paged_attention import TILE_ROWS, paged_attention, paged_a
 
 
 def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torch.dtype, device: str = "cpu",
-                chunk: int | None = None):
+                chunk: int | None = None, cached: int | None = None):
     """A step over three sequences: one decoding at a random position, one prefilling a chunk (of
-    `chunk` rows, default 2..page+2) in the middle of its prompt, one decoding its first token."""
+    `chunk` rows, default 2..page+2) after `cached` positions of its prompt (default 2..5 pages; 0:
+    the prompt's first chunk), one decoding its first token."""
     chunk = chunk or int(torch.randint(2, page + 3, ()))
-    lengths = [int(torch.randint(page + 1, 6 * page, ())), chunk + int(torch.randint(2 * page, 5 * page, ())), 1]
+    cached = int(torch.randint(2 * page, 5 * page, ())) if cached is None else cached
+    lengths = [int(torch.randint(page + 1, 6 * page, ())), chunk + cached, 1]
     pages_needed = [-(-n // page) for n in lengths]
     pool_pages = sum(pages_needed) + 3
     keys = torch.randn(pool_pages * page, kv_heads, head_dim, device=device).to(dtype)
@@ -105,12 +112,14 @@ def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, page)
 @pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("dtype", list(BOUNDS))
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 32, 128, 16), (32, 8, 128, 16), (12, 4, 80, 16), (8, 8, 64, 32)])
-@pytest.mark.parametrize("chunk", [2, 63, 200])
-def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, chunk):
-    """Prefill chunks as tiles (`query_split`): one tile, a tile one row short, and several tiles
-    with a partial last one; the chunk starts in the middle of its prompt, beside decode rows."""
+@pytest.mark.parametrize("chunk,cached", [(2, None), (63, None), (64, 0), (65, None), (200, None), (200, 0)])
+def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, chunk, cached):
+    """Prefill chunks as tiles (`query_split`): one tile, a tile one row short, a full one, a full
+    one and a row, several with a partial last one; in the middle of a prompt or its first chunk,
+    beside decode rows."""
     for _ in range(2):
-        q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, dtype, "cuda", chunk)
+        q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, dtype, "cuda",
+                                                                          chunk, cached)
         split = query_split(row_sequence.cpu(), row_position.cpu())
         assert split.tiles[:, 1].sum() == chunk
         scale = 1 / math.sqrt(head_dim)
@@ -119,3 +128,34 @@ def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, c
         got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale, split.to(q.device)).float()
         assert torch.isfinite(got).all()
         assert (got - expected).norm() / expected.norm() < BOUNDS[dtype]
+
+
+INTERPRETED_CHECK = """
+import math, sys
+import torch
+sys.path.insert(0, "tests")
+from test_paged_attention import random_step
+from bitdelta.kernels.paged_attention import paged_attention_reference, query_split
+from bitdelta.kernels.paged_attention_triton import paged_attention_triton
+torch.manual_seed(0)
+worst = 0.0
+for heads, kv_heads, head_dim, page, chunk, cached in [(4, 2, 24, 8, 65, 0), (2, 1, 80, 16, 130, None), (2, 2, 16, 4, 64, 3)]:
+    q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, torch.float16,
+                                                                      chunk=chunk, cached=cached)
+    scale = 1 / math.sqrt(head_dim)
+    expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
+    for split in (None, query_split(row_sequence, row_position)):
+        got = paged_attention_triton(q, keys, values, tables, row_sequence, row_position, page, scale, split).float()
+        worst = max(worst, ((got - expected).norm() / expected.norm()).item())
+print(worst)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
+def test_both_kernels_match_reference_in_the_triton_interpreter():
+    """The row and tile kernels on the CPU under TRITON_INTERPRET=1 (a fresh process: the variable
+    must be set before Triton loads), so a change to them is checked without a GPU."""
+    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < BOUNDS[torch.float16]

@@ -46,7 +46,8 @@ class EngineConfig:
     # prompt tokens per step, shared by the prefilling sequences. Steps with prefill run eagerly and
     # cost 100-170 ms of launches on a 7B model whatever the chunk up to 2048 tokens (H100,
     # benchmarks/chunked_prefill.py): larger chunks cut time to first token 4.5-8x for about the
-    # same pause of the decoders, and from 512 rows a delta take the merged-weight GEMM
+    # same pause of the decoders, and reach the merged-weight GEMM's 512 rows a delta (1024 when the
+    # rows of more than two deltas must be gathered)
     prefill_chunk: int = 2048
     kv_block_size: int = 16
     kv_blocks: int | None = None  # None: enough for max_batch sequences at full context

@@ -36,9 +36,9 @@ class QuerySplit:
         return QuerySplit(self.rows.to(device, non_blocking=True), self.tiles.to(device, non_blocking=True))
 
 
-def query_split(row_sequence: torch.Tensor, row_position: torch.Tensor, tile_rows: int = TILE_ROWS) -> QuerySplit | None:
-    """The split of a step from host copies of its row layout; None when no run has two rows (a
-    decode step: the row kernel takes every row)."""
+def query_split(row_sequence: torch.Tensor, row_position: torch.Tensor) -> QuerySplit | None:
+    """The split of a step from host copies of its row layout, in tiles of TILE_ROWS (the tile
+    kernel's height); None when no run has two rows (a decode step: the row kernel takes every row)."""
     sequence, position = row_sequence.long(), row_position.long()
     continues = (sequence[1:] == sequence[:-1]) & (position[1:] == position[:-1] + 1)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), (~continues).nonzero().flatten() + 1]).tolist()
@@ -47,7 +47,7 @@ def query_split(row_sequence: torch.Tensor, row_position: torch.Tensor, tile_row
         if end - start == 1:
             rows.append(start)
         else:
-            tiles += [(first, min(tile_rows, end - first)) for first in range(start, end, tile_rows)]
+            tiles += [(first, min(TILE_ROWS, end - first)) for first in range(start, end, TILE_ROWS)]
     if not tiles:
         return None
     return QuerySplit(torch.tensor(rows, dtype=torch.int32), torch.tensor(tiles, dtype=torch.int32))

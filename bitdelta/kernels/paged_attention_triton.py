@@ -139,8 +139,9 @@ def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_posi
             BLOCK_N=block_n, ROW_LIST=split is not None, num_warps=4, **shapes,
         )
     if split is not None and split.tiles.numel():
+        # tl.dot reduces over at least 16 elements: narrower heads are padded with masked zeros
         _prefill_attention_kernel[(split.tiles.shape[0], heads)](
             q, keys, values, out, tables, row_sequence, row_position, split.tiles, *common,
-            BLOCK_M=TILE_ROWS, BLOCK_N=64, num_warps=4, num_stages=2, **shapes,
+            BLOCK_M=TILE_ROWS, BLOCK_N=64, num_warps=4, num_stages=2, **{**shapes, "BLOCK_D": max(16, shapes["BLOCK_D"])},
         )
     return out

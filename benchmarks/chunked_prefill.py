@@ -54,10 +54,12 @@ def scenario(engine: Engine, decoders: int, count: int, length: int, vocab: int)
 
     def submit(model: str, tokens: int, max_tokens: int) -> int:
         prompt = torch.randint(0, vocab, (tokens,), generator=generator).tolist()
-        holder: list[int] = []
-        holder.append(engine.submit(model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0),
-                                    lambda out: first_token.setdefault(holder[0], time.perf_counter())))
-        return holder[0]
+
+        def emit(out) -> None:  # called from engine.step, on this thread, after submit has returned
+            first_token.setdefault(request, time.perf_counter())
+
+        request = engine.submit(model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), emit)
+        return request
 
     def timed_step() -> float:
         start = time.perf_counter()

@@ -26,10 +26,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _page_rows(table, positions, valid, PAGE: tl.constexpr):
-    """Pool rows of `positions` of the sequence whose block table `table` points at."""
+def _key_block(table, start, end, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
+               PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Positions start..start+BLOCK_N-1 of the sequence whose block table `table` points at, the ones
+    below `end`, and the offsets (and mask) of their keys and values for one key/value head."""
+    positions = start + tl.arange(0, BLOCK_N)
+    valid = positions < end
     page = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
-    return page * PAGE + positions % PAGE
+    pool_row = page * PAGE + positions % PAGE
+    offsets = pool_row[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
+    return positions, valid, offsets, valid[:, None] & dim_ok[None, :]
 
 
 @triton.jit
@@ -52,10 +58,8 @@ def _paged_attention_kernel(
     acc = tl.zeros((BLOCK_D,), tl.float32)
     table = tables_ptr + sequence.to(tl.int64) * stride_table
     for start in range(0, length, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        valid = positions < length
-        offsets = _page_rows(table, positions, valid, PAGE)[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
-        tile_ok = valid[:, None] & dim_ok[None, :]
+        _, valid, offsets, tile_ok = _key_block(table, start, length, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
+                                                PAGE, BLOCK_N)
         k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
         scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))  # log2 units
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
@@ -96,10 +100,8 @@ def _prefill_attention_kernel(
     table = tables_ptr + sequence.to(tl.int64) * stride_table
     end = first_position + count  # the last row sees positions 0..end-1
     for start in range(0, end, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        valid = positions < end
-        offsets = _page_rows(table, positions, valid, PAGE)[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
-        tile_ok = valid[:, None] & dim_ok[None, :]
+        positions, _, offsets, tile_ok = _key_block(table, start, end, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
+                                                    PAGE, BLOCK_N)
         k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k)) * scale_log2  # fp32, log2 units
         # position 0 is visible to every row, so each row's running max is finite after the first block

@@ -37,7 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
-from bitdelta.kernels.grouping import SlotPlan, segment_tiles
+from bitdelta.kernels.grouping import SlotPlan, row_slots, segment_tiles
 
 MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: v9's tile (digit columns), v8's narrowest
 WORD_BITS = gl.constexpr(32)
@@ -445,5 +445,183 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         STAGES=config.num_stages, WORD_VEC=word_vec, COLS=max(config.rows, MMA_COLS.value),
         num_warps=config.num_warps,
+    )
+    return y
+
+
+@gluon.jit
+def _row_tile(x_row_ptr, live, kt, K, layout: gl.constexpr, BK: gl.constexpr):
+    """x[kt * BK : (kt + 1) * BK] of one row as [1, BK] (zero past K, and for a row past the batch)."""
+    ks = kt * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+    return gl.expand_dims(gl.load(x_row_ptr + ks, mask=live & (ks < K), other=0.0), 0)
+
+
+@gluon.jit
+def _k_clamped(kt, bk, K, BK: gl.constexpr):
+    """Offsets along K of K-tile kt's base copies, those past K moved onto the row's last 8 weights."""
+    ks = kt * BK + bk
+    return gl.where(ks < K, ks, K - 8 + ks % 8)[None, :]
+
+
+@gluon.jit
+def _x_columns(x_ptr, rows, row_live, kt, K, stride_x, layout: gl.constexpr, BK: gl.constexpr):
+    """x^T [BK, 8] of K-tile kt in `layout` (the mma B operand): column c is batch row rows[c]."""
+    ks = kt * BK + gl.arange(0, BK, layout=gl.SliceLayout(1, layout))
+    return gl.load(x_ptr + rows[None, :] * stride_x + ks[:, None], mask=row_live[None, :] & (ks < K)[:, None],
+                   other=0.0)
+
+
+@gluon.jit
+def _fused_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, order_ptr, rslot_ptr,
+    M, N, K, KW, KT,
+    stride_x, stride_w, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
+    HAS_BIAS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    WORD_VEC: gl.constexpr,
+):
+    """Program = BLOCK_N output columns for the whole batch (M <= ROWS <= 8 rows, each with its own
+    slot): base and deltas in one stream. Per K-tile of 256 the ring brings the base columns [BN, 256]
+    and each row's words; the base product runs on the bf16/fp16 mma (x^T of all rows as its 8
+    columns), each row's delta on the int8 mma of v9 (its digit planes as columns); y = base + bias +
+    scale[slot] * (x . sign[slot]) per row. The base is read once for all rows and every slot's bits
+    once: the decode floor's bytes in one launch."""
+    NW: gl.constexpr = gl.num_warps()
+    BK: gl.constexpr = SUB_K
+    BKW: gl.constexpr = BK // WORD_BITS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+    a_int8: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    b_int8: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    a_half: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_half: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    bits3: gl.constexpr = _words_layout_int8(gl.to_linear_layout(a_int8, [BLOCK_N, BK]))
+    words_layout: gl.constexpr = gl.SliceLayout(2, bits3)
+    b_ll: gl.constexpr = gl.to_linear_layout(b_int8, [BK, MMA_COLS])
+    x_layout: gl.constexpr = _x_digits_layout(b_ll)
+    cols3: gl.constexpr = _split_columns(b_ll)
+    w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
+    base_copy: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
+    x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BK // (32 * NW)))], [1, 32], [1, NW], [1, 0])
+    x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
+    w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])
+    x_shared: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
+    base_shared: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
+
+    col0 = gl.program_id(0) * BLOCK_N
+    # the base columns [BN, BK] of each K-tile: 16-byte copies along K. A masked cp.async leaves its
+    # shared memory as it was (possibly NaN, and NaN * 0 = NaN), so the copies are never masked: columns
+    # past N read row N - 1 (never stored) and k past K the last 8 weights of the row (x is 0 there).
+    bn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, base_copy))
+    bk = gl.arange(0, BK, layout=gl.SliceLayout(0, base_copy))
+    base_row_ptrs = w_ptr + gl.minimum(col0 + bn, N - 1).to(gl.int64)[:, None] * stride_w
+    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
+    c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, b_half))
+    col_live = c < M
+    col_rows = gl.load(order_ptr + c, mask=col_live, other=0).to(gl.int64)
+
+    base_smem = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [STAGES, BLOCK_N, BK], base_shared)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES * ROWS, BLOCK_N, BKW], w_shared)
+    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES * ROWS, 4 * DIGITS, BK // 4], x_shared)
+    t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
+    multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (t & 7)), 0), 0)
+
+    # per row: its word pointers and mask, x row pointer, liveness, slot (tuples: one entry a row)
+    w_ptrs = ()
+    w_masks = ()
+    x_rows = ()
+    lives = ()
+    slots = ()
+    for i in gl.static_range(ROWS):
+        live = i < M
+        slot = gl.load(rslot_ptr + i, mask=live, other=-1)
+        slot64 = gl.maximum(slot, 0).to(gl.int64)
+        w_ptrs = w_ptrs + (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
+                           + wk[None, :],)
+        w_masks = w_masks + ((slot >= 0) & ((col0 + wn) < N)[:, None],)
+        x_rows = x_rows + (x_ptr + gl.load(order_ptr + i, mask=live, other=0).to(gl.int64) * stride_x,)
+        lives = lives + (live,)
+        slots = slots + (slot,)
+
+    for s in gl.static_range(STAGES - 1):  # the DRAM streams first
+        async_copy.async_copy_global_to_shared(base_smem.index(s), base_row_ptrs + _k_clamped(s, bk, K, BK))
+        for i in gl.static_range(ROWS):
+            _issue_word_copies(w_smem.index(s * ROWS + i), w_ptrs[i], w_masks[i], s, KW, WORD_VEC, BK, wk)
+        async_copy.commit_group()
+    peaks = ()
+    inv_scales = ()
+    for i in gl.static_range(ROWS):
+        peak = gl.where(lives[i], _row_absmax(x_rows[i], K, x_row_layout), 0.0)
+        inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
+        peaks = peaks + (peak,)
+        inv_scales = inv_scales + (inv_scale,)
+        for s in gl.static_range(STAGES - 1):
+            x_smem.index(s * ROWS + i).store(_digit_planes(_row_tile(x_rows[i], lives[i], s, K, x_natural, BK),
+                                                           inv_scale, x_natural, BK))
+    accs = ()
+    for i in gl.static_range(ROWS):
+        accs = accs + (gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma),)
+    acc_base = gl.zeros([BLOCK_N, MMA_COLS], gl.float32, layout=mma)
+    xb = _x_columns(x_ptr, col_rows, col_live, 0, K, stride_x, b_half, BK)
+    for kt in range(KT):
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()  # tile kt has landed in every thread's view; stage kt-1 is free again
+        nxt = kt + STAGES - 1
+        stage_next = nxt % STAGES
+        async_copy.async_copy_global_to_shared(base_smem.index(stage_next), base_row_ptrs + _k_clamped(nxt, bk, K, BK))
+        for i in gl.static_range(ROWS):
+            _issue_word_copies(w_smem.index(stage_next * ROWS + i), w_ptrs[i], w_masks[i], nxt, KW, WORD_VEC, BK, wk)
+        async_copy.commit_group()
+        stage = kt % STAGES
+        x_next = ()  # issued before the products, so that their latency hides behind them
+        for i in gl.static_range(ROWS):
+            x_next = x_next + (_row_tile(x_rows[i], lives[i], nxt, K, x_natural, BK),)
+        xb_next = _x_columns(x_ptr, col_rows, col_live, kt + 1, K, stride_x, b_half, BK)
+        acc_base = mma_v2(base_smem.index(stage).load(a_half), xb, acc_base)
+        xb = xb_next
+        for i in gl.static_range(ROWS):
+            words = w_smem.index(stage * ROWS + i).load(words_layout)
+            a = _sign_operand(words, multipliers, a_int8, BLOCK_N, BK, 2)
+            b = _x_digits_operand(x_smem.index(stage * ROWS + i).load(x_layout), b_int8, cols3, BK)
+            accs = accs[:i] + (mma_v2(a, b, accs[i]),) + accs[i + 1:]
+        for i in gl.static_range(ROWS):  # stage kt-1, free since this iteration's barrier
+            x_smem.index(stage_next * ROWS + i).store(_digit_planes(x_next[i], inv_scales[i], x_natural, BK))
+    async_copy.wait_group(0)
+
+    cc = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
+    weight = gl.where(cc < DIGITS, (1 << (7 * (DIGITS - 1 - (cc % DIGITS)))).to(gl.float32), 0.0)
+    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    n_mask = n < N
+    bias = gl.zeros([BLOCK_N], gl.float32, layout=gl.SliceLayout(1, mma))
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
+    for i in gl.static_range(ROWS):
+        dot = gl.sum(accs[i].to(gl.float32) * weight[None, :], axis=1) * (-peaks[i] / (X_FULL_SCALE * SIGN_MAGNITUDE))
+        base = gl.sum(gl.where(cc[None, :] == i, acc_base, 0.0), axis=1)
+        slot64 = gl.maximum(slots[i], 0).to(gl.int64)
+        scale = gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & (slots[i] >= 0), other=0.0)
+        row = gl.load(order_ptr + i, mask=lives[i], other=0).to(gl.int64)
+        gl.store(y_ptr + row * stride_y + n, (base + bias + scale * dot).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & lives[i])
+
+
+def fused_rows(x: torch.Tensor, base_weight: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
+               scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
+    """y = x @ W.T + bias + per-row delta in one launch for batches of <= 8 rows (config.fused_rows):
+    each program streams its base columns once for every row and each row's slot bits once."""
+    m, k = x.shape
+    n, kw = signs.shape[1], signs.shape[2]
+    if m > config.rows or k > ONE_ROW_MAX_K:
+        raise ValueError(f"fused_rows takes <= {config.rows} rows and K <= {ONE_ROW_MAX_K}, got {m} x {k}")
+    if k % 8 or base_weight.stride(0) % 8 or base_weight.dtype != x.dtype:
+        raise ValueError("fused_rows copies base rows in 16-byte pieces: K and the base's row stride must be "
+                         "multiples of 8, and the base in x's dtype")
+    word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
+    _fused_rows_kernel[(triton.cdiv(n, config.block_n),)](
+        x, base_weight, bias if bias is not None else y, signs, scales, y, plan.order, row_slots(plan),
+        m, n, k, kw, triton.cdiv(k, SUB_K.value),
+        x.stride(0), base_weight.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec,
+        scales.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, ROWS=config.rows, BLOCK_N=config.block_n, STAGES=config.num_stages,
+        WORD_VEC=word_vec, num_warps=config.num_warps,
     )
     return y

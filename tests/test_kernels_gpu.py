@@ -167,37 +167,6 @@ def test_gemv_rejects_too_many_rows():
         _run(x, w, signs, scales, torch.arange(3, device="cuda"), bias, GEMV_CONFIGS[2])
 
 
-FUSED_ROWS_CONFIGS = [  # v10: the whole batch in one program per column block, base and deltas in one stream
-    KernelConfig(rows=1, block_n=32, block_k=256, num_warps=2, num_stages=4, fuse_base=True, fused_rows=True),
-    KernelConfig(rows=4, block_n=64, block_k=256, num_warps=4, num_stages=3, fuse_base=True, fused_rows=True),
-    KernelConfig(rows=8, block_n=32, block_k=256, num_warps=2, num_stages=2, fuse_base=True, fused_rows=True),
-    KernelConfig(rows=8, block_n=128, block_k=256, num_warps=8, num_stages=2, fuse_base=True, fused_rows=True),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n,k,with_bias", [(333, 1000, True), (1024, 512, False), (200, 4104, True), (64, 8, False)])
-@pytest.mark.parametrize("config", FUSED_ROWS_CONFIGS, ids=lambda c: f"r{c.rows}n{c.block_n}s{c.num_stages}")
-def test_fused_rows_matches_reference(m, n, k, with_bias, kind, dtype, config):
-    """Ragged K (the last K-tile partly past K, a last word partly padding), N not a multiple of the
-    column block, fewer rows than the program's row slots, repeated slots and base-only rows."""
-    if m > config.rows:
-        pytest.skip("v10 takes the whole batch in a program: m <= rows")
-    s = 9
-    x, w, signs, scales, bias = _problem(m, n, k, s, dtype)
-    bias = bias if with_bias else None
-    slot_ids = _slots(kind, m, s)
-    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
-
-
-def test_fused_rows_rejects_k_not_a_multiple_of_8():
-    x, w, signs, scales, bias = _problem(2, 64, 1001, 2, torch.bfloat16)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        _run(x, w, signs, scales, torch.arange(2, device="cuda"), bias, FUSED_ROWS_CONFIGS[1])
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,s", [(300, 333, 4097, 3), (1000, 256, 512, 32), (129, 4096, 4096, 1)])
 def test_prefill_segments(m, n, k, s, dtype):

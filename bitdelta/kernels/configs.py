@@ -19,7 +19,6 @@ BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 1
 # most rows a slot several distinct deltas may have before the prefill paths take over)
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 SHARED_MEMORY_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
-FUSED_ROWS_MAX = 8  # v10 takes the whole batch in a program, its rows as the 8 columns of the base mma
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
 
 
@@ -34,9 +33,7 @@ class KernelConfig:
     merged weights, bf16/fp16(W + scale * sign), as `bitdelta merge` writes them; swap_ab (segment
     kernel only): the product computed transposed, weights as the tensor cores' A operand from
     registers, the tile's rows as their N side. merged_gemm (prefill of long segments): each slot's
-    merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment.
-    fused_rows (v10, `decode_bitmma.py`): the whole batch (<= 8 rows, any slots) in one launch, base and
-    deltas streamed together; block_k 256, block_n = 16 x num_warps."""
+    merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment."""
 
     rows: int
     block_n: int
@@ -49,7 +46,6 @@ class KernelConfig:
     merge: bool = False
     swap_ab: bool = False
     merged_gemm: bool = False
-    fused_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
@@ -68,11 +64,6 @@ class KernelConfig:
             raise ValueError("merged_gemm: block_k (the merge kernel's tile) must be a power of two")
         if self.bitmma:
             self._check_bitmma()
-        if self.fused_rows and not (self.fuse_base and self.rows <= FUSED_ROWS_MAX and self.block_k == 256
-                                    and self.block_n == 16 * self.num_warps and self.num_stages >= 2
-                                    and not (self.gemv or self.bitmma or self.merge or self.merged_gemm)):
-            raise ValueError(f"fused_rows is its own path: <= {FUSED_ROWS_MAX} rows, block_k 256, block_n = 16 x "
-                             "num_warps, >= 2 stages")
 
     def _check_bitmma(self) -> None:
         if self.fuse_base or self.gemv or not (1 <= self.rows <= 8 or self.rows in (16, 32, 64)):

@@ -292,11 +292,6 @@ def segment_matmul(
             NUM_STAGES=config.num_stages, num_warps=config.num_warps,
         )
         return y
-    if config.fused_rows:
-        from bitdelta.kernels.decode_bitmma import fused_rows  # Gluon: imported only on this path
-
-        weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
-        return fused_rows(x, weight, bias, signs, scales, plan, config, y)
     if config.merged_gemm:
         from bitdelta.kernels.triton_merge import merged_gemm
 

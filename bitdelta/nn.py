@@ -75,6 +75,53 @@ class BitDeltaLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.signs.shape[0]}"
 
 
+class StackedBitDeltaLinears(nn.Module):
+    """Several BitDeltaLinears reading the same input (q, k and v; gate and up), computed as one:
+    their weights, signs and scales stacked along N, one kernel call instead of one a part. A serving
+    step pays host time for every launch (an eager step of a 7B model issues thousands), and a wider
+    N fills the GPU better at small batches.
+
+    The parts stay the model's modules: their tensors become views of the stacked ones, so whatever
+    writes a part's slot (the engine's `install`) writes the stacked tensors. A part's per-slot
+    biases (`slot_bias`), when a fine-tune has them, are added per part after the product."""
+
+    def __init__(self, parts: list[BitDeltaLinear]):
+        super().__init__()
+        first = parts[0]
+        if any(p.in_features != first.in_features or p.routing is not first.routing or p.signs.shape[0] != first.signs.shape[0]
+               or p.weight.dtype != first.weight.dtype for p in parts):
+            raise ValueError("stacked linears must share their input size, dtype, routing and slot count")
+        self.in_features = first.in_features
+        self.routing = first.routing
+        self.parts = tuple(parts)  # not submodules: they already sit in the model's tree
+        self.widths = [p.out_features for p in parts]
+        self.weight = torch.cat([p.weight.detach() for p in parts])
+        self.signs = torch.cat([p.signs for p in parts], dim=1)
+        self.scales = torch.cat([p.scales for p in parts], dim=1)
+        self.bias = None if all(p.bias is None for p in parts) else torch.cat(
+            [p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts])
+        start = 0
+        for part, width in zip(parts, self.widths):
+            rows = slice(start, start + width)
+            part.weight = nn.Parameter(self.weight[rows], requires_grad=False)
+            part.signs = self.signs[:, rows]
+            part.scales = self.scales[:, rows]
+            start += width
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = x.reshape(-1, self.in_features)
+        slot_ids = self.routing.row_slots(rows.shape[0], x.shape[0] if x.ndim > 1 else 1, x.device)
+        own_biases = any(p.slot_bias is not None for p in self.parts)
+        y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, None if own_biases else self.bias,
+                                    self.routing.plan)
+        outs = y.split(self.widths, dim=1)
+        if own_biases:
+            outs = tuple(out if p.bias is None and p.slot_bias is None else
+                         out + (p.bias if p.slot_bias is None else p._row_biases(slot_ids)).to(out.dtype)
+                         for out, p in zip(outs, self.parts))
+        return tuple(out.reshape(*x.shape[:-1], width) for out, width in zip(outs, self.widths))
+
+
 def bitdelta_linears(model: nn.Module) -> dict[str, BitDeltaLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, BitDeltaLinear)}
 

@@ -215,3 +215,27 @@ def test_an_engine_over_an_in_memory_model_serves_in_memory_deltas_exactly(llama
     wrong.signs[first] = wrong.signs[first][:, :-1]
     with pytest.raises(IncompatibleModelsError, match=first):
         engine.store.add("broken", wrong)
+
+
+def test_qwen2_finetune_brings_its_own_biases_beside_the_base(pairs, tmp_path):
+    """Qwen2's q/k/v have biases, and its fine-tune changed them: the stacked q/k/v product adds each
+    row's own biases, so the first-step logits of a batch mixing the fine-tune and the base are each
+    one's alone."""
+    from transformers import AutoModelForCausalLM
+
+    base, finetuned = pairs["qwen2"]
+    engine = make_engine(base, {})
+    base_name = engine.store.names()[0]
+    delta = compress(base, finetuned, tmp_path / "qwen2-ft", progress=False)
+    engine.store.register("ft", delta, load_now=True)
+    logits = {}
+    engine.model.forward = lambda batch, kv, forward=engine.model.forward: logits.setdefault("first", forward(batch, kv))
+    prompt = token_ids(engine, "ft", PROMPTS[0])
+    for name in ("ft", base_name):
+        engine.submit(name, prompt, GREEDY, lambda _: None)
+    engine.step()
+    assert any(part.slot_bias is not None for stacked in engine.model.qkv for part in stacked.parts)
+    for row, model in enumerate((_merged(base, delta), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(logits["first"][row], expected, rtol=1e-4, atol=1e-4)

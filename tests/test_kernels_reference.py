@@ -351,3 +351,33 @@ def test_bitmma_reduction_order_is_a_permutation_of_k(k, block_k):
     x_kk = xp.view(3, k_tiles, 4, block_k // 4)[:, tile, q, 8 * w + 4 * a + 2 * h + e]  # the B operand
     expected = x @ torch.where(dense > 0, 1.0, -1.0).double().T
     torch.testing.assert_close(x_kk @ signs.T, expected)
+
+
+def test_stacked_linears_compute_each_part_and_write_through_to_it():
+    """q/k/v stacked into one product: each output equals its part alone (static bias, one part's
+    per-slot biases, base-only rows), and writing a part's slot (as the engine's install does) changes
+    the stacked product."""
+    from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears
+
+    torch.manual_seed(0)
+    k, slots, widths = 70, 3, (24, 8, 8)
+    routing = DeltaRouting()
+
+    def part(width: int, bias: bool) -> BitDeltaLinear:
+        signs = torch.stack([pack_signs(torch.randn(width, k)) for _ in range(slots)])
+        return BitDeltaLinear(torch.nn.Linear(k, width, bias=bias), signs, torch.rand(slots, width) * 0.1, routing)
+
+    parts = [part(widths[0], True), part(widths[1], False), part(widths[2], True)]
+    parts[2].slot_bias = torch.randn(slots, widths[2])
+    x = torch.randn(5, k)
+    routing.slot_ids = torch.tensor([0, 2, -1, 1, 2])
+    with torch.no_grad():
+        alone = [p(x) for p in parts]
+        stacked = StackedBitDeltaLinears(parts)
+        together = stacked(x)
+        for got, expected in zip(together, alone):
+            torch.testing.assert_close(got, expected)
+        parts[1].signs[2].copy_(~parts[1].signs[2])  # flip every sign of slot 2 in part 1, through its view
+        flipped = stacked(x)[1]
+    assert torch.equal(flipped[[0, 2, 3]], together[1][[0, 2, 3]])  # rows of other slots unchanged
+    assert not torch.allclose(flipped[[1, 4]], together[1][[1, 4]])

@@ -26,7 +26,7 @@ from torch import nn
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
 from bitdelta.kernels.paged_attention import QuerySplit, paged_attention, query_split
-from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
+from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
 from bitdelta.pack import packed_words
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -103,15 +103,23 @@ class MultiTenantModel:
 
     def _swap_linears(self, model: nn.Module) -> dict[str, BitDeltaLinear]:
         """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes
-        a BitDeltaLinear with `max_slots` empty slots; keyed by checkpoint weight name."""
+        a BitDeltaLinear with `max_slots` empty slots; keyed by checkpoint weight name. Each layer's
+        q/k/v and gate/up are then stacked (`self.qkv`, `self.gate_up`), one layer at a time, so the
+        unstacked weights are freed before the next layer's are copied."""
         linears = {}
-        for name, module in list(model.model.layers.named_modules(prefix="model.layers")):
-            if isinstance(module, nn.Linear):
-                n, k = module.weight.shape
-                signs = torch.zeros(self.max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
-                scales = torch.zeros(self.max_slots, n, device=module.weight.device)
-                linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
-                replace_linear(model, name, new)
+        self.qkv, self.gate_up = [], []
+        for index, layer in enumerate(model.model.layers):
+            prefix = f"model.layers.{index}"
+            for name, module in list(layer.named_modules(prefix=prefix)):
+                if isinstance(module, nn.Linear):
+                    n, k = module.weight.shape
+                    signs = torch.zeros(self.max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
+                    scales = torch.zeros(self.max_slots, n, device=module.weight.device)
+                    linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
+                    replace_linear(model, name, new)
+            attn, mlp = layer.self_attn, layer.mlp
+            self.qkv.append(StackedBitDeltaLinears([attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.gate_up.append(StackedBitDeltaLinears([mlp.gate_proj, mlp.up_proj]))
         return linears
 
     def routable(self, name: str) -> bool:
@@ -184,24 +192,27 @@ class MultiTenantModel:
             x = self._rms_norm(h, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight", table_rows)
             h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split)
             x = self._rms_norm(h, layer.post_attention_layernorm, f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
-            h = h + layer.mlp(x)
+            gate, up = self.gate_up[index](x)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         rows = batch.logit_rows
         h = self._rms_norm(h[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
 
     def _rms_norm(self, h: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
-        # LlamaRMSNorm's arithmetic, with the weight of each row's own fine-tune
-        hidden = h.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        # LlamaRMSNorm's arithmetic (normalised in fp32, rounded to h's dtype, then times the weight),
+        # with the weight of each row's own fine-tune; F.rms_norm without a weight computes in fp32 and
+        # rounds once, in one kernel where LlamaRMSNorm's ops take six
+        hidden = nn.functional.rms_norm(h, h.shape[-1:], eps=norm.variance_epsilon)
         weight = self._own(name, table_rows)
-        return (norm.weight if weight is None else weight) * hidden.to(h.dtype)
+        return (norm.weight if weight is None else weight) * hidden
 
     def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
                    split: QuerySplit | None) -> torch.Tensor:
         t = x.shape[0]
-        q = attn.q_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(t, -1, self.head_dim)
+        q, k, v = self.qkv[layer](x)
+        q = q.view(1, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(1, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(t, -1, self.head_dim)
         q, k = self.rope(q, k, cos, sin)
         kv.write(layer, batch.write_rows, k[0].transpose(0, 1), v)
         out = paged_attention(

@@ -82,15 +82,28 @@ def llama_config(shape: str):
                        num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
+STACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what the engine runs as one product
+
+
 def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every parameter of the model: N(0, 0.02) matrices, unit norms."""
+    """Every parameter of the model: N(0, 0.02) matrices, unit norms. Each layer's q/k/v and gate/up
+    are consecutive row blocks of one tensor, so the engine stacks them without a copy (the benchmark
+    keeps these weights for every system it runs)."""
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
     generator = torch.Generator(device).manual_seed(0)
     weights = {}
+    for layer in range(config.num_hidden_layers):
+        for group in STACKED:
+            names = [name for part in group for name in shapes if name.startswith(f"model.layers.{layer}.") and f".{part}." in name]
+            rows = [shapes[name][0] for name in names]
+            stacked = torch.empty(sum(rows), shapes[names[0]][1], dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+            weights.update(zip(names, stacked.split(rows)))
     for name, shape in shapes.items():
+        if name in weights:
+            continue
         if len(shape) == 1:
             weights[name] = torch.ones(shape, dtype=dtype, device=device)
         else:

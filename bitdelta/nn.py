@@ -95,7 +95,7 @@ class StackedBitDeltaLinears(nn.Module):
         self.routing = first.routing
         self.parts = tuple(parts)  # not submodules: they already sit in the model's tree
         self.widths = [p.out_features for p in parts]
-        self.weight = torch.cat([p.weight.detach() for p in parts])
+        self.weight = _stack_rows([p.weight.detach() for p in parts])
         self.signs = torch.cat([p.signs for p in parts], dim=1)
         self.scales = torch.cat([p.scales for p in parts], dim=1)
         self.bias = None if all(p.bias is None for p in parts) else torch.cat(
@@ -120,6 +120,19 @@ class StackedBitDeltaLinears(nn.Module):
                          out + (p.bias if p.slot_bias is None else p._row_biases(slot_ids)).to(out.dtype)
                          for out, p in zip(outs, self.parts))
         return tuple(out.reshape(*x.shape[:-1], width) for out, width in zip(outs, self.widths))
+
+
+def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors), or a view without a copy when they already are consecutive row blocks of one
+    tensor: a caller keeping references to the parts (a benchmark's weights) would hold them twice."""
+    first = tensors[0]
+    end = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() != end or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return torch.cat(tensors)
+        end += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
 def bitdelta_linears(model: nn.Module) -> dict[str, BitDeltaLinear]:

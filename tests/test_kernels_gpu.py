@@ -307,3 +307,29 @@ def test_one_row_tiles_keep_outlier_rows_and_zero_rows_exact(dtype):
         _check(out[row:row + 1], x[row:row + 1], w, signs, scales, slot_ids[row:row + 1], bias)
     base = (x[2:3].float() @ w.float().t() + bias.float()).to(dtype)
     torch.testing.assert_close(out[2:3], base, rtol=0, atol=0)
+
+
+def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkeypatch):
+    """The second launch of a compiled specialisation bypasses JITFunction.run (its host time is what
+    the fast path saves) and computes the same; with a launch hook registered, launches go through
+    Triton's path again, so profilers still see them."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    calls = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: calls.append(self) or real_run(self, *a, **kw))
+    x, w, signs, scales, bias = _problem(40, 256, 512, 3, torch.float16)
+    slot_ids = _slots("mixed", 40, 3)
+    config = KernelConfig(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
+                          swap_ab=True)
+    for _ in range(3):
+        _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+    assert len(calls) <= 1  # at most the first launch (none if an earlier test compiled this specialisation)
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        _run(x, w, signs, scales, slot_ids, bias, config)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert len(calls) >= 1 and len(seen) == 1

@@ -381,3 +381,14 @@ def test_stacked_linears_compute_each_part_and_write_through_to_it():
         flipped = stacked(x)[1]
     assert torch.equal(flipped[[0, 2, 3]], together[1][[0, 2, 3]])  # rows of other slots unchanged
     assert not torch.allclose(flipped[[1, 4]], together[1][[1, 4]])
+
+
+def test_stacking_consecutive_row_blocks_copies_nothing():
+    from bitdelta.nn import _stack_rows
+
+    storage = torch.randn(10, 4)
+    blocks = list(storage.split([6, 2, 2]))
+    assert _stack_rows(blocks).data_ptr() == storage.data_ptr()
+    apart = [storage[:6], storage[8:]]  # a gap: a copy, in order
+    stacked = _stack_rows(apart)
+    assert stacked.data_ptr() != storage.data_ptr() and torch.equal(stacked, torch.cat(apart))

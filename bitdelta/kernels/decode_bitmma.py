@@ -38,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
+from bitdelta.kernels.launch import fast
 
 MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: v9's tile (digit columns), v8's narrowest
 WORD_BITS = gl.constexpr(32)
@@ -433,14 +434,14 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     if config.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
-        _bitmma_int8_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+        fast(_bitmma_int8_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](
             x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
             HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
             WORD_VEC=word_vec, num_warps=config.num_warps,
         )
         return y
     xk = permute_activations(x, config.block_k)
-    _bitmma_kernel[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+    fast(_bitmma_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](
         xk, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, xk.stride(0), *strides,
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         STAGES=config.num_stages, WORD_VEC=word_vec, COLS=max(config.rows, MMA_COLS.value),

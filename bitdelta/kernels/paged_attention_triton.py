@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paged_attention import TILE_ROWS
 
 LOG2E = 1.4426950408889634
@@ -136,13 +137,13 @@ def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_posi
     shapes = dict(GROUPS=heads // keys.shape[1], PAGE=block_size, BLOCK_D=triton.next_power_of_2(head_dim))
     single = row_sequence if split is None else split.rows  # the row list is unused without a split
     if split is None or split.rows.numel():
-        _paged_attention_kernel[(rows if split is None else split.rows.numel(), heads)](
+        fast(_paged_attention_kernel)[(rows if split is None else split.rows.numel(), heads)](
             q, keys, values, out, tables, row_sequence, row_position, single, *common,
             BLOCK_N=block_n, ROW_LIST=split is not None, num_warps=4, **shapes,
         )
     if split is not None and split.tiles.numel():
         # tl.dot reduces over at least 16 elements: narrower heads are padded with masked zeros
-        _prefill_attention_kernel[(split.tiles.shape[0], heads)](
+        fast(_prefill_attention_kernel)[(split.tiles.shape[0], heads)](
             q, keys, values, out, tables, row_sequence, row_position, split.tiles, *common,
             BLOCK_M=TILE_ROWS, BLOCK_N=64, num_warps=4, num_stages=2, **{**shapes, "BLOCK_D": max(16, shapes["BLOCK_D"])},
         )

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from bitdelta.kernels.configs import KernelConfig
 from bitdelta.kernels.grouping import SlotPlan
+from bitdelta.kernels.launch import fast
 from bitdelta.kernels.triton_segments import merge_tile
 
 
@@ -48,7 +49,7 @@ def merge_weight(base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.T
     weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
     slot_signs = signs[slot].contiguous()
     slot_scales = scales[slot].to(torch.float32).contiguous()
-    _merge_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k))](
+    fast(_merge_kernel)[(triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k))](
         weight, slot_signs, slot_scales, out, n, k, slot_signs.shape[1], weight.stride(0), slot_signs.stride(0),
         out.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from bitdelta.kernels.configs import KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, row_slots, segment_tiles
+from bitdelta.kernels.launch import fast
 
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
@@ -283,7 +284,7 @@ def segment_matmul(
         if m > config.rows:
             raise ValueError(f"the gemv variant takes the whole batch in one program: {m} rows > rows={config.rows}")
         weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
-        _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        fast(_gemv_kernel)[(triton.cdiv(n, config.block_n),)](
             x, weight, bias if bias is not None else y, signs, scales, y, plan.order, row_slots(plan),
             m, n, k,
             x.stride(0), weight.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
@@ -308,7 +309,7 @@ def segment_matmul(
         return bitmma_delta(x, ws, bias, signs, scales, plan, config, y)
     tiles = segment_tiles(plan, config.rows)
     grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
-    _segment_kernel[grid](
+    fast(_segment_kernel)[grid](
         x, weight, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
         n, k, signs.shape[-1],
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),

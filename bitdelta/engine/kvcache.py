@@ -66,10 +66,6 @@ class PagedKVCache:
         size = self.block_size
         return [table.blocks[p // size] * size + p % size for p in range(start, end)]
 
-    def write(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys[layer, rows] = keys
-        self.values[layer, rows] = values
-
     @property
     def blocks_used(self) -> int:
         return self.num_blocks - len(self._free)

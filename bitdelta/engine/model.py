@@ -17,7 +17,6 @@ structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a cle
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
 from bitdelta.kernels.paged_attention import QuerySplit, paged_attention, query_split
+from bitdelta.kernels.rotary import rotary_and_cache
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
 from bitdelta.pack import packed_words
 
@@ -74,7 +74,6 @@ class MultiTenantModel:
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.kv_heads = self.config.num_key_value_heads
-        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.routing = DeltaRouting()
         self.linears = self._swap_linears(model)
         self.embed_name = "model.embed_tokens.weight"
@@ -187,7 +186,7 @@ class MultiTenantModel:
         table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
         embed = self.tables.get(self.embed_name)
         h = self.model.model.embed_tokens(batch.token_ids) if embed is None else embed[table_rows, batch.token_ids]
-        cos, sin = self.model.model.rotary_emb(h[None], batch.positions[None])
+        cos, sin = (table[0] for table in self.model.model.rotary_emb(h[None], batch.positions[None]))
         for index, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight", table_rows)
             h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split)
@@ -209,14 +208,10 @@ class MultiTenantModel:
     def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
                    split: QuerySplit | None) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv[layer](x)
-        q = q.view(1, t, -1, self.head_dim).transpose(1, 2)
-        k = k.view(1, t, -1, self.head_dim).transpose(1, 2)
-        v = v.view(t, -1, self.head_dim)
-        q, k = self.rope(q, k, cos, sin)
-        kv.write(layer, batch.write_rows, k[0].transpose(0, 1), v)
+        q, k, v = (part.view(t, -1, self.head_dim) for part in self.qkv[layer](x))
+        q = rotary_and_cache(q, k, v, cos, sin, kv.keys[layer], kv.values[layer], batch.write_rows)
         out = paged_attention(
-            q[0].transpose(0, 1), kv.keys[layer], kv.values[layer], batch.block_tables,
+            q, kv.keys[layer], kv.values[layer], batch.block_tables,
             batch.row_sequence, batch.positions, kv.block_size, self.scaling, split,
         )
         return attn.o_proj(out.reshape(t, -1))

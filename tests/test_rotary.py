@@ -1,0 +1,57 @@
+"""Rotary embedding + KV-cache write of a packed step (`kernels/rotary.py`): the reference against
+transformers' own apply_rotary_pos_emb on the CPU (bit for bit), and the Triton kernel on a GPU
+against the rotation computed in fp32. The kernel rounds its fp32 result once, so each element is
+within one ulp of the activation dtype of the fp32 value (half an ulp for the rounding, the rest
+for fp32 contraction); the values are copied exactly. Fresh random inputs every time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from bitdelta.kernels import triton_available
+from bitdelta.kernels.rotary import rotary_and_cache, rotary_and_cache_reference
+
+
+def _step(rows: int, q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str):
+    """q/k/v as views of one stacked projection (as the engine's stacked q/k/v gives them), cos and sin
+    of random positions, pools with random contents and distinct random rows to write."""
+    stacked = torch.randn(rows, (q_heads + 2 * kv_heads) * dim, device=device).to(dtype)
+    q, k, v = (part.view(rows, -1, dim) for part in stacked.split([q_heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
+    angles = torch.randint(0, 4096, (rows, 1), device=device).float() * (10000.0 ** (-torch.arange(0, dim, 2, device=device) / dim))
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    pool_rows = 3 * rows + 5
+    pools = [torch.randn(pool_rows, kv_heads, dim, device=device).to(dtype) for _ in range(2)]
+    write_rows = torch.randperm(pool_rows, device=device)[:rows]
+    return q, k, v, cos, sin, pools, write_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_transformers_rotary_and_writes_the_cache(dtype):
+    q, k, v, cos, sin, (keys, values), rows = _step(9, 4, 2, 16, dtype, "cpu")
+    before = keys.clone(), values.clone()
+    got = rotary_and_cache_reference(q, k, v, cos, sin, keys, values, rows)
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    assert torch.equal(got, q_hf[0].transpose(0, 1))
+    assert torch.equal(keys[rows], k_hf[0].transpose(0, 1)) and torch.equal(values[rows], v)
+    untouched = torch.ones(keys.shape[0], dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(keys[untouched], before[0][untouched]) and torch.equal(values[untouched], before[1][untouched])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,q_heads,kv_heads,dim", [(1, 32, 32, 128), (287, 32, 8, 128), (70, 12, 4, 80), (5, 8, 8, 64)])
+def test_kernel_matches_the_fp32_rotation_within_an_ulp(rows, q_heads, kv_heads, dim, dtype):
+    q, k, v, cos, sin, pools, write_rows = _step(rows, q_heads, kv_heads, dim, dtype, "cuda")
+    expected_pools = [p.float() for p in pools]  # the reference in fp32: nothing rounded
+    expected = rotary_and_cache_reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), *expected_pools,
+                                          write_rows)
+    got = rotary_and_cache(q, k, v, cos, sin, *pools, write_rows)
+    ulp = torch.finfo(dtype).eps  # relative spacing at 1; the bound scales it by each element's magnitude
+    for out, ref in ((got, expected), (pools[0], expected_pools[0])):
+        assert ((out.float() - ref).abs() <= ulp * ref.abs().clamp(min=2 ** -6)).all()
+    assert torch.equal(pools[1].float(), expected_pools[1])  # values: copied as they are

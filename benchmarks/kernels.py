@@ -442,6 +442,9 @@ def main() -> None:
     parser.add_argument("--sweep-shapes", default="", help="KxN,KxN,... (default: every decode shape)")
     parser.add_argument("--launch-only", default="", help="KxNxB: run the sweep variants once each (for ncu)")
     parser.add_argument("--prefill-only", action="store_true", help="the prefill suite alone, to out/kernels_prefill.json")
+    parser.add_argument("--decode-shapes", default="",
+                        help="KxN,...: the decode suite alone at batches 1..64 on these shapes, to out/kernels_decode_shapes.json "
+                             "(e.g. the engine's stacked q/k/v and gate/up of a 7B model: 4096x12288,4096x22016)")
     args = parser.parse_args()
     if args.launch_only:
         launch_variants(args.launch_only)
@@ -455,6 +458,10 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     if args.prefill_only:
         write_results(args.out, "kernels_prefill.json", prefill_suite(*PREFILL_CASES))
+        return
+    if args.decode_shapes:
+        shapes = [tuple(map(int, shape.split("x"))) for shape in args.decode_shapes.split(",")]
+        write_results(args.out, "kernels_decode_shapes.json", [result, *decode_suite(bandwidth, shapes, GOAL_BATCHES)])
         return
     shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
     if args.sweep or args.sweep_only:

@@ -82,7 +82,7 @@ def llama_config(shape: str):
                        num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-STACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what the engine runs as one product
+STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))  # one product each in the engine
 
 
 def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -96,8 +96,8 @@ def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str
     generator = torch.Generator(device).manual_seed(0)
     weights = {}
     for layer in range(config.num_hidden_layers):
-        for group in STACKED:
-            names = [name for part in group for name in shapes if name.startswith(f"model.layers.{layer}.") and f".{part}." in name]
+        for block, parts in STACKED:
+            names = [f"model.layers.{layer}.{block}.{part}.weight" for part in parts]
             rows = [shapes[name][0] for name in names]
             stacked = torch.empty(sum(rows), shapes[names[0]][1], dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
             weights.update(zip(names, stacked.split(rows)))

@@ -83,7 +83,9 @@ class StackedBitDeltaLinears(nn.Module):
 
     The parts stay the model's modules: their tensors become views of the stacked ones, so whatever
     writes a part's slot (the engine's `install`) writes the stacked tensors. A part's per-slot
-    biases (`slot_bias`), when a fine-tune has them, are added per part after the product."""
+    biases (`slot_bias`), when a fine-tune has them, are added per part after the product. The stack
+    is built for a model already on its device and in its dtype: a later `.to()` of the model would
+    leave it behind (the engine never moves a model after wrapping it)."""
 
     def __init__(self, parts: list[BitDeltaLinear]):
         super().__init__()
@@ -98,8 +100,7 @@ class StackedBitDeltaLinears(nn.Module):
         self.weight = _stack_rows([p.weight.detach() for p in parts])
         self.signs = torch.cat([p.signs for p in parts], dim=1)
         self.scales = torch.cat([p.scales for p in parts], dim=1)
-        self.bias = None if all(p.bias is None for p in parts) else torch.cat(
-            [p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in parts])
+        self._biases = {(): self._static_bias(())}  # per set of parts with per-slot biases: the others' static ones
         start = 0
         for part, width in zip(parts, self.widths):
             rows = slice(start, start + width)
@@ -108,17 +109,26 @@ class StackedBitDeltaLinears(nn.Module):
             part.scales = self.scales[:, rows]
             start += width
 
+    def _static_bias(self, slotted: tuple[int, ...]) -> torch.Tensor | None:
+        """The stacked static biases, zero for the parts in `slotted` (they add their own per row)."""
+        parts = self.parts
+        if all(p.bias is None or i in slotted for i, p in enumerate(parts)):
+            return None
+        return torch.cat([p.bias.detach() if p.bias is not None and i not in slotted else p.weight.new_zeros(p.out_features)
+                          for i, p in enumerate(parts)])
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows = x.reshape(-1, self.in_features)
         slot_ids = self.routing.row_slots(rows.shape[0], x.shape[0] if x.ndim > 1 else 1, x.device)
-        own_biases = any(p.slot_bias is not None for p in self.parts)
-        y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, None if own_biases else self.bias,
-                                    self.routing.plan)
+        slotted = tuple(i for i, p in enumerate(self.parts) if p.slot_bias is not None)
+        bias = self._biases.get(slotted)
+        if bias is None and slotted not in self._biases:
+            bias = self._biases[slotted] = self._static_bias(slotted)
+        y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, bias, self.routing.plan)
         outs = y.split(self.widths, dim=1)
-        if own_biases:
-            outs = tuple(out if p.bias is None and p.slot_bias is None else
-                         out + (p.bias if p.slot_bias is None else p._row_biases(slot_ids)).to(out.dtype)
-                         for out, p in zip(outs, self.parts))
+        if slotted:  # as BitDeltaLinear does: the rows' own biases after the product
+            outs = tuple(out + self.parts[i]._row_biases(slot_ids).to(out.dtype) if i in slotted else out
+                         for i, out in enumerate(outs))
         return tuple(out.reshape(*x.shape[:-1], width) for out, width in zip(outs, self.widths))
 
 
@@ -132,7 +142,7 @@ def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(tensors)
         end += t.numel() * t.element_size()
     rows = sum(t.shape[0] for t in tensors)
-    return first.as_strided((rows, *first.shape[1:]), first.stride())
+    return first.as_strided((rows, *first.shape[1:]), (first[0].numel(), *first.stride()[1:]))
 
 
 def bitdelta_linears(model: nn.Module) -> dict[str, BitDeltaLinear]:

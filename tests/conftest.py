@@ -51,3 +51,31 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     finally:
         sys.argv = old_argv
     return code, stdout.getvalue(), stderr.getvalue()
+
+
+def _interpreter_runs() -> bool:
+    """Triton's CPU interpreter is installed and can run our kernels: Triton 3.6's interpreter turns a
+    loaded scalar (a one-element array) into a loop bound with int(), which NumPy >= 2.5 refuses."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("numpy") is None:
+        return False
+    import numpy
+
+    return tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 5)
+
+
+needs_triton_interpreter = pytest.mark.skipif(not _interpreter_runs(),
+                                              reason="needs Triton's CPU interpreter (Triton 3.6 with NumPy < 2.5)")
+
+
+def run_in_triton_interpreter(code: str) -> str:
+    """Run `code` in a fresh Python with TRITON_INTERPRET=1 (set before Triton loads), from the
+    repository root; return its stdout (kernels checked on the CPU, without a GPU)."""
+    import os
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -312,7 +312,7 @@ def test_one_row_tiles_keep_outlier_rows_and_zero_rows_exact(dtype):
 def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkeypatch):
     """The second launch of a compiled specialisation bypasses JITFunction.run (its host time is what
     the fast path saves) and computes the same; with a launch hook registered, launches go through
-    Triton's path again, so profilers still see them."""
+    Triton's path again, so profilers still see them; debug mode selects its own binary."""
     from triton import knobs
     from triton.runtime.jit import JITFunction
 
@@ -333,3 +333,7 @@ def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkey
     finally:
         knobs.runtime.launch_enter_hook.remove(seen.append)
     assert len(calls) >= 1 and len(seen) == 1
+    before = len(calls)
+    monkeypatch.setattr(knobs.runtime, "debug", True)  # a debug binary is another binary: Triton's path compiles it
+    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+    assert len(calls) == before + 1

@@ -383,6 +383,33 @@ def test_stacked_linears_compute_each_part_and_write_through_to_it():
     assert not torch.allclose(flipped[[1, 4]], together[1][[1, 4]])
 
 
+@pytest.mark.parametrize("own_biases", [False, True])
+def test_stacked_static_biases_are_rounded_once_as_each_part_alone(own_biases):
+    """bf16: every part's output equals the part alone bit for bit, static biases (one part without
+    any) added inside the product, also beside a part that brings per-slot biases."""
+    from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears
+
+    torch.manual_seed(1)
+    k, slots = 64, 2
+    routing = DeltaRouting()
+    parts = []
+    for width, bias in ((32, True), (16, False), (16, True)):
+        linear = torch.nn.Linear(k, width, bias=bias).to(torch.bfloat16)
+        if bias:
+            linear.bias.data.normal_(0, 3)  # large enough that a second rounding shows
+        signs = torch.stack([pack_signs(torch.randn(width, k)) for _ in range(slots)])
+        parts.append(BitDeltaLinear(linear, signs, torch.rand(slots, width) * 0.05, routing))
+    if own_biases:
+        parts[0].slot_bias = torch.randn(slots, 32).to(torch.bfloat16)
+    x = torch.randn(7, k).to(torch.bfloat16)
+    routing.slot_ids = torch.tensor([0, 1, -1, 1, 0, -1, 1])
+    with torch.no_grad():
+        alone = [p(x) for p in parts]
+        together = StackedBitDeltaLinears(parts)(x)
+    for got, expected in zip(together, alone):
+        assert torch.equal(got, expected)
+
+
 def test_stacking_consecutive_row_blocks_copies_nothing():
     from bitdelta.nn import _stack_rows
 
@@ -392,3 +419,56 @@ def test_stacking_consecutive_row_blocks_copies_nothing():
     apart = [storage[:6], storage[8:]]  # a gap: a copy, in order
     stacked = _stack_rows(apart)
     assert stacked.data_ptr() != storage.data_ptr() and torch.equal(stacked, torch.cat(apart))
+
+
+def test_fast_launch_reuses_a_binary_only_for_the_same_key(monkeypatch):
+    """The fast path's bookkeeping, on a stand-in for Triton's JIT function (no GPU here): launch a
+    cached binary directly; compile again through Triton's path for a new specialisation, launch
+    options or debug mode; go through Triton's path while a launch hook is registered."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from bitdelta.kernels import launch
+
+    launched = []
+    binary = SimpleNamespace(function="f", packed_metadata="m", run=lambda *a: launched.append(a))
+
+    class StandIn:
+        debug = False
+
+        def __init__(self) -> None:
+            self.compiled = []
+            self.device_caches = {0: (None, None, None, None, self.bind)}
+
+        def create_binder(self) -> None: ...
+
+        def bind(self, n, **options):
+            return {"n": n}, [("i32", "D" if n % 16 == 0 else "")], options
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.compiled.append((args, kwargs)) or binary
+
+    monkeypatch.setattr(launch, "driver", SimpleNamespace(active=SimpleNamespace(get_current_device=lambda: 0,
+                                                                                 get_current_stream=lambda device: 7)))
+    fn = StandIn()
+    fast = launch.fast(fn)
+    fast[(3,)](32, num_warps=4)
+    fast[(5, 2)](48, num_warps=4)  # same specialisation (divisible by 16) and options: the cached binary
+    assert len(fn.compiled) == 1 and launched == [(5, 2, 1, 7, "f", "m", None, None, None, 48)]
+    fast[(1,)](33, num_warps=4)  # another specialisation
+    fast[(1,)](32, num_warps=8)  # other launch options
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    fast[(1,)](32, num_warps=4)  # debug mode
+    assert len(fn.compiled) == 4 and len(launched) == 1
+    monkeypatch.setattr(knobs.runtime, "debug", False)
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        fast[(1,)](32, num_warps=4)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(fn.compiled) == 5 and len(launched) == 1
+    fast[(1,)](32, num_warps=4)
+    assert len(fn.compiled) == 5 and len(launched) == 2

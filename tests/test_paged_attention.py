@@ -6,18 +6,14 @@ different lengths, decode rows and prefill chunks in one step, grouped-query hea
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from bitdelta.kernels import triton_available
 from bitdelta.kernels.paged_attention import TILE_ROWS, paged_attention, paged_attention_reference, query_split
+from conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 
 def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torch.dtype, device: str = "cpu",
@@ -151,24 +147,8 @@ print(worst)
 """
 
 
-def _numpy_refuses_interpreter() -> bool:
-    """Triton 3.6's interpreter turns a loaded scalar (a one-element array) into a loop bound with int(),
-    which NumPy >= 2.5 refuses ("only 0-dimensional arrays can be converted to Python scalars"); without
-    NumPy it does not run at all."""
-    if importlib.util.find_spec("numpy") is None:
-        return True
-    import numpy
-
-    return tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 5)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
-@pytest.mark.skipif(importlib.util.find_spec("triton") is not None and _numpy_refuses_interpreter(),
-                    reason="Triton 3.6's interpreter needs NumPy, < 2.5 for scalar loop bounds")
+@needs_triton_interpreter
 def test_both_kernels_match_reference_in_the_triton_interpreter():
     """The row and tile kernels on the CPU under TRITON_INTERPRET=1 (a fresh process: the variable
     must be set before Triton loads), so a change to them is checked without a GPU."""
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout.split()[-1]) < BOUNDS[torch.float16]
+    assert float(run_in_triton_interpreter(INTERPRETED_CHECK).split()[-1]) < BOUNDS[torch.float16]

@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from bitdelta.kernels import triton_available
 from bitdelta.kernels.rotary import rotary_and_cache, rotary_and_cache_reference
+from conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 
 def _step(rows: int, q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str):
@@ -41,17 +42,40 @@ def test_reference_is_transformers_rotary_and_writes_the_cache(dtype):
     assert torch.equal(keys[untouched], before[0][untouched]) and torch.equal(values[untouched], before[1][untouched])
 
 
+def _within_an_ulp(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    ulp = torch.finfo(dtype).eps  # relative spacing at 1; the bound scales it by each element's magnitude
+    return bool(((got.float() - expected).abs() <= ulp * expected.abs().clamp(min=2 ** -6)).all())
+
+
+def _check_kernel(rows: int, q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str, kernel) -> None:
+    q, k, v, cos, sin, pools, write_rows = _step(rows, q_heads, kv_heads, dim, dtype, device)
+    expected_pools = [p.float() for p in pools]  # the reference in fp32: nothing rounded
+    expected = rotary_and_cache_reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), *expected_pools,
+                                          write_rows)
+    got = kernel(q, k, v, cos, sin, *pools, write_rows)
+    assert _within_an_ulp(got, expected, dtype) and _within_an_ulp(pools[0], expected_pools[0], dtype)
+    assert torch.equal(pools[1].float(), expected_pools[1])  # values: copied as they are
+
+
+@needs_triton_interpreter
+def test_kernel_in_the_triton_interpreter():
+    """The kernel on the CPU under TRITON_INTERPRET=1, so a change to it is checked without a GPU."""
+    code = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_rotary import _check_kernel
+from bitdelta.kernels.rotary_triton import rotary_and_cache_triton
+for dtype in (torch.float16, torch.bfloat16):
+    for shape in [(3, 4, 2, 16), (5, 6, 3, 20), (2, 2, 2, 6)]:
+        _check_kernel(*shape, dtype, "cpu", rotary_and_cache_triton)
+print("ok")
+"""
+    assert run_in_triton_interpreter(code).split()[-1] == "ok"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,q_heads,kv_heads,dim", [(1, 32, 32, 128), (287, 32, 8, 128), (70, 12, 4, 80), (5, 8, 8, 64)])
 def test_kernel_matches_the_fp32_rotation_within_an_ulp(rows, q_heads, kv_heads, dim, dtype):
-    q, k, v, cos, sin, pools, write_rows = _step(rows, q_heads, kv_heads, dim, dtype, "cuda")
-    expected_pools = [p.float() for p in pools]  # the reference in fp32: nothing rounded
-    expected = rotary_and_cache_reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), *expected_pools,
-                                          write_rows)
-    got = rotary_and_cache(q, k, v, cos, sin, *pools, write_rows)
-    ulp = torch.finfo(dtype).eps  # relative spacing at 1; the bound scales it by each element's magnitude
-    for out, ref in ((got, expected), (pools[0], expected_pools[0])):
-        assert ((out.float() - ref).abs() <= ulp * ref.abs().clamp(min=2 ** -6)).all()
-    assert torch.equal(pools[1].float(), expected_pools[1])  # values: copied as they are
+    _check_kernel(rows, q_heads, kv_heads, dim, dtype, "cuda", rotary_and_cache)

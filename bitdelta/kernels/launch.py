@@ -9,7 +9,9 @@ Triton's own argument binder, which computes each argument's specialisation (dty
 alignment, divisibility: what selects a compiled binary), looks the compiled kernel up by that
 specialisation and the launch options, and calls its launcher directly. The first launch of each
 specialisation, and every launch while a launch hook is registered (profilers such as proton), goes
-through `JITFunction.run`, which compiles and caches as usual.
+through `JITFunction.run`, which compiles and caches as usual. The key holds what Triton's holds
+(specialisation, launch options, `debug`, the instrumentation mode); not checked per launch: the
+kernel's pre-run hooks and its used globals (the package sets neither).
 
 It relies on two Triton internals (3.6): `JITFunction.device_caches[device]` ends with the binder,
 and a compiled kernel's `run(grid x, y, z, stream, function, metadata, launch metadata, enter hook,
@@ -34,13 +36,19 @@ class FastLaunch:
         return functools.partial(self.launch, grid)
 
     def launch(self, grid: tuple[int, ...], *args, **kwargs) -> None:
+        # the options JITFunction.run adds before binding: they select the binary too (debug, proton's instrumentation)
+        kwargs["debug"] = kwargs.get("debug", self.fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         device = driver.active.get_current_device()
         bound, specialization, options = self.fn.device_caches[device][-1](*args, **kwargs)
         key = (device, *specialization, *options.items())
         entry = self.kernels.get(key)
         if entry is None or _hooks_registered():
             kernel = self.fn[grid](*args, **kwargs)
-            self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+            if hasattr(kernel, "result"):  # an asynchronous compile
+                kernel = kernel.result()
+            if kernel is not None and not _hooks_registered():
+                self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)
             return
         run, function, metadata = entry
         grid = (*grid, 1, 1)
@@ -49,9 +57,9 @@ class FastLaunch:
 
 
 def _hooks_registered() -> bool:
-    # Triton 3.6 keeps the hooks in a HookChain, never None: only its registered calls count
-    hook = knobs.runtime.launch_enter_hook
-    return hook is not None and bool(getattr(hook, "calls", True))
+    # Triton 3.6 keeps the hooks in HookChains, never None: only their registered calls count
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(hook is not None and bool(getattr(hook, "calls", True)) for hook in hooks)
 
 
 _launchers: dict[int, object] = {}  # by id: hashing a JITFunction hashes its source key under a lock

@@ -37,7 +37,7 @@ def _rotary_cache_kernel(
         src = q_ptr + row.to(tl.int64) * stride_q_row + head * stride_q_head + d
         dst = q_out_ptr + row.to(tl.int64) * stride_out_row + head * stride_out_head + d
     else:
-        pool_row = tl.load(rows_ptr + row)
+        pool_row = tl.load(rows_ptr + row).to(tl.int64)
         src = k_ptr + row.to(tl.int64) * stride_k_row + (head - Q_HEADS) * stride_k_head + d
         dst = key_pool_ptr + pool_row * stride_pool_row + (head - Q_HEADS) * stride_pool_head + d
         value_src = v_ptr + row.to(tl.int64) * stride_v_row + (head - Q_HEADS) * stride_v_head + d
@@ -54,6 +54,11 @@ def rotary_and_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             key_pool: torch.Tensor, value_pool: torch.Tensor, write_rows: torch.Tensor) -> torch.Tensor:
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
+    if k.shape != v.shape or k.shape != (rows, kv_heads, dim) or key_pool.shape != value_pool.shape \
+            or key_pool.shape[1:] != (kv_heads, dim) or write_rows.shape != (rows,):
+        raise ValueError(f"rotary: q [T, Hq, D], k and v [T, Hk, D], pools [rows, Hk, D] and write_rows [T] expected; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(key_pool.shape)}, "
+                         f"{tuple(write_rows.shape)}")
     if dim % 2 or cos.shape != (rows, dim) or sin.stride() != cos.stride() or cos.stride(1) != 1:
         raise ValueError(f"rotary: cos and sin must be [{rows}, {dim}] with unit stride along the head, dim even")
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or key_pool.stride() != value_pool.stride() \

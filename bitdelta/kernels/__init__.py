@@ -26,7 +26,7 @@ import torch
 from bitdelta.kernels import reference
 from bitdelta.kernels.grouping import SlotPlan, build_plan, split_plan
 
-__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "gluon_available", "triton_available"]
+__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "gluon_available", "on_triton", "triton_available"]
 
 delta_matmul = reference.delta_matmul
 
@@ -41,6 +41,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def on_triton(x: torch.Tensor) -> bool:
+    """Whether the kernels take the Triton path for activations `x`: a CUDA fp16/bf16 tensor, with
+    Triton installed (otherwise the PyTorch references run)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()
 
 
 @functools.cache
@@ -64,7 +70,7 @@ def bitdelta_matmul(
 ) -> torch.Tensor:
     """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None."""
-    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()):
+    if not on_triton(x):
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
     from bitdelta.kernels.configs import split_threshold
 

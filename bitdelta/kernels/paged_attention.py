@@ -70,9 +70,9 @@ def paged_attention(
     the Triton path run prefill chunks as tiles; the result is the same function either way."""
     if q.shape[1] % keys.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not divide into {keys.shape[1]} key/value heads")
-    from bitdelta.kernels import triton_available
+    from bitdelta.kernels import on_triton
 
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
+    if on_triton(q):
         from bitdelta.kernels.paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size, scale, split)

@@ -36,9 +36,9 @@ def rotary_and_cache_reference(q, k, v, cos, sin, key_pool, value_pool, write_ro
 def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      key_pool: torch.Tensor, value_pool: torch.Tensor, write_rows: torch.Tensor) -> torch.Tensor:
     """The rotated queries [T, Hq, D] (contiguous); writes the rotated keys and the values into the pools."""
-    from bitdelta.kernels import triton_available
+    from bitdelta.kernels import on_triton
 
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cos.dtype == q.dtype and triton_available():
+    if on_triton(q) and cos.dtype == q.dtype:
         from bitdelta.kernels.rotary_triton import rotary_and_cache_triton
 
         return rotary_and_cache_triton(q, k, v, cos, sin, key_pool, value_pool, write_rows)

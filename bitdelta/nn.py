@@ -121,10 +121,10 @@ class StackedBitDeltaLinears(nn.Module):
         rows = x.reshape(-1, self.in_features)
         slot_ids = self.routing.row_slots(rows.shape[0], x.shape[0] if x.ndim > 1 else 1, x.device)
         slotted = tuple(i for i, p in enumerate(self.parts) if p.slot_bias is not None)
-        bias = self._biases.get(slotted)
-        if bias is None and slotted not in self._biases:
-            bias = self._biases[slotted] = self._static_bias(slotted)
-        y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, bias, self.routing.plan)
+        if slotted not in self._biases:
+            self._biases[slotted] = self._static_bias(slotted)
+        y = kernels.bitdelta_matmul(rows, self.weight, self.signs, self.scales, slot_ids, self._biases[slotted],
+                                    self.routing.plan)
         outs = y.split(self.widths, dim=1)
         if slotted:  # as BitDeltaLinear does: the rows' own biases after the product
             outs = tuple(out + self.parts[i]._row_biases(slot_ids).to(out.dtype) if i in slotted else out

@@ -433,6 +433,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4096x4096,4096x11008' -> [(4096, 4096), (4096, 11008)] (K x N)."""
+    return [tuple(map(int, shape.split("x"))) for shape in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -460,13 +465,12 @@ def main() -> None:
         write_results(args.out, "kernels_prefill.json", prefill_suite(*PREFILL_CASES))
         return
     if args.decode_shapes:
-        shapes = [tuple(map(int, shape.split("x"))) for shape in args.decode_shapes.split(",")]
-        write_results(args.out, "kernels_decode_shapes.json", [result, *decode_suite(bandwidth, shapes, GOAL_BATCHES)])
+        write_results(args.out, "kernels_decode_shapes.json",
+                      [result, *decode_suite(bandwidth, parse_shapes(args.decode_shapes), GOAL_BATCHES)])
         return
     shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
     if args.sweep or args.sweep_only:
-        sweep_shapes = [tuple(map(int, s.split("x"))) for s in args.sweep_shapes.split(",")] if args.sweep_shapes \
-            else shapes
+        sweep_shapes = parse_shapes(args.sweep_shapes) if args.sweep_shapes else shapes
         result["sweep"] = sweep_suite(bandwidth, sweep_shapes)
     if args.sweep_only:
         out = Path(args.out)

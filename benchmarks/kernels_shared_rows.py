@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.kernels import DECODE_SHAPES, compare_configs
+from benchmarks.kernels import DECODE_SHAPES, compare_configs, parse_shapes
 from bitdelta.kernels.configs import KernelConfig, next_pow2
 from bitdelta.kernels.grouping import SlotPlan
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--shapes", default="", help="KxN,KxN,... (default: every decode shape)")
     args = parser.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else DECODE_SHAPES
+    shapes = parse_shapes(args.shapes) if args.shapes else DECODE_SHAPES
     compare_configs(CASES, variants, args.out, "kernels_shared_rows.json", shapes)
 
 

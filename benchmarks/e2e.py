@@ -82,14 +82,13 @@ def llama_config(shape: str):
                        num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))  # one product each in the engine
-
-
 def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every parameter of the model: N(0, 0.02) matrices, unit norms. Each layer's q/k/v and gate/up
-    are consecutive row blocks of one tensor, so the engine stacks them without a copy (the benchmark
-    keeps these weights for every system it runs)."""
+    """Every parameter of the model: N(0, 0.02) matrices, unit norms. The linears the engine stacks
+    (q/k/v, gate/up: `STACKED`) are consecutive row blocks of one tensor, so it stacks them without a
+    copy (the benchmark keeps these weights for every system it runs)."""
     from transformers import LlamaForCausalLM
+
+    from bitdelta.engine.model import STACKED
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}

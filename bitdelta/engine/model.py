@@ -30,6 +30,8 @@ from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, re
 from bitdelta.pack import packed_words
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
+STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
 @dataclass
@@ -116,9 +118,10 @@ class MultiTenantModel:
                     scales = torch.zeros(self.max_slots, n, device=module.weight.device)
                     linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
                     replace_linear(model, name, new)
-            attn, mlp = layer.self_attn, layer.mlp
-            self.qkv.append(StackedBitDeltaLinears([attn.q_proj, attn.k_proj, attn.v_proj]))
-            self.gate_up.append(StackedBitDeltaLinears([mlp.gate_proj, mlp.up_proj]))
+            qkv, gate_up = (StackedBitDeltaLinears([getattr(layer.get_submodule(block), part) for part in parts])
+                            for block, parts in STACKED)
+            self.qkv.append(qkv)
+            self.gate_up.append(gate_up)
         return linears
 
     def routable(self, name: str) -> bool:

@@ -25,7 +25,8 @@ from bitdelta.kernels.configs import choose_config
 from bitdelta.kernels.triton_segments import segment_matmul
 
 SHARED_BATCHES = [1, 4, 16, 32, 64]
-PDL_MODES = (0, 1, 2)
+PDL_MODES = (0, 1, 2, 3, 4)
+STREAM_MODES = (0, 1, 2, 3)
 
 
 def ours_output(p: Problem, config) -> torch.Tensor:
@@ -54,19 +55,19 @@ def main() -> None:
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    print("| KxN | case | floor | pdl 0 | pdl 1 | pdl 2 | best/floor | equal |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| KxN | case | floor | " + " | ".join(f"pdl {mode}" for mode in PDL_MODES) + " | best/floor | equal |")
+    print("|---" * (len(PDL_MODES) + 5) + "|")
     for k, n in shapes:
         p = Problem(k, n, 1, True)
-        stream = {f"stream {m}xSM pdl {mode}": stream_us(p, m * sms, 4, mode) for m in (2, 8) for mode in PDL_MODES}
+        stream = {f"stream {m}xSM pdl {mode}": stream_us(p, m * sms, 4, mode) for m in (2, 8) for mode in STREAM_MODES}
         stream["cuBLAS b=1"] = p.base_us()
         floor_us = p.bytes / bandwidth * 1e6
         rows.append({"K": k, "N": n, "case": "read stream", "floor_us": floor_us, "times_us": stream})
         for m in (2, 8):
-            t = [stream[f"stream {m}xSM pdl {mode}"] for mode in PDL_MODES]
+            t = [stream[f"stream {m}xSM pdl {mode}"] for mode in STREAM_MODES]
             print(f"| {k}x{n} | stream {m}xSM | {floor_us:.1f} | " + " | ".join(f"{x:.1f}" for x in t)
                   + f" | {min(t) / floor_us:.2f} | |", flush=True)
-        print(f"| {k}x{n} | cuBLAS b=1 | {floor_us:.1f} | {stream['cuBLAS b=1']:.1f} | | | "
+        print(f"| {k}x{n} | cuBLAS b=1 | {floor_us:.1f} | {stream['cuBLAS b=1']:.1f} |" + " |" * (len(PDL_MODES) - 1) + " "
               f"{stream['cuBLAS b=1'] / floor_us:.2f} | |")
         del p
         for batch in SHARED_BATCHES:

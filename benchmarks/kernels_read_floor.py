@@ -24,7 +24,10 @@ BLOCK = 4096  # int32 words a program reads per step: 16 KB
 def _stream_kernel(a_ptr, a_words, b_ptr, b_words, out_ptr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     """Program p sums words p*BLOCK, (p + P)*BLOCK, ... of a then b (P programs): a pure read stream.
     Launched with programmatic dependent launch, PDL 1 waits for the previous kernel first, PDL 2 only
-    before its store (the most overlap any kernel reading its predecessor's output could get)."""
+    before its store, PDL 3 releases the next kernel first and waits only before its store (the most
+    overlap any kernel reading its predecessor's output could get)."""
+    if PDL == 3:
+        gdc_launch_dependents()
     if PDL == 1:
         gdc_wait()
         gdc_launch_dependents()
@@ -34,8 +37,9 @@ def _stream_kernel(a_ptr, a_words, b_ptr, b_words, out_ptr, BLOCK: tl.constexpr,
         acc += tl.load(a_ptr + start + offs, mask=start + offs < a_words, other=0)
     for start in range(tl.program_id(0) * BLOCK, b_words, tl.num_programs(0) * BLOCK):
         acc += tl.load(b_ptr + start + offs, mask=start + offs < b_words, other=0)
-    if PDL == 2:
+    if PDL >= 2:
         gdc_wait()
+    if PDL == 2:
         gdc_launch_dependents()
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 

@@ -39,6 +39,7 @@ from bitdelta.kernels.launch import fast
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
 _NEG_ONE_F16 = tl.constexpr(0xBC00)
 _NEG_ONE_BF16 = tl.constexpr(0xBF80)
+PDL_HEAD = tl.constexpr(1024)  # bytes of each base row prefetched under PDL 4
 
 
 @triton.jit
@@ -83,12 +84,27 @@ def _prefetch_rows_l2(first_row, row_stride_bytes, row_bytes, rows):
 @triton.jit
 def _await_inputs(w_ptr, stride_wn, K, first_col, N, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Under programmatic dependent launch (PDL >= 1) the kernel may start while the previous kernel
-    still runs: wait for it before reading anything it may write, and let the next kernel launch now.
-    PDL 2 first asks L2 for this program's base rows, which no kernel writes while serving."""
-    if PDL == 2:
-        _prefetch_rows_l2(w_ptr + first_col.to(tl.int64) * stride_wn, stride_wn * 2, K * 2, tl.minimum(N - first_col, BLOCK_N))
+    still runs: wait for it before reading anything it may write. PDL 1: wait, then let the next
+    kernel launch; 2: ask L2 for this program's base rows (no kernel writes them while serving), wait,
+    let the next launch; 3: the same prefetch and wait, the next kernel released only after the K loop
+    (`_release_next`); 4: release the next kernel at once, ask L2 for the first PDL_HEAD bytes of each
+    base row, wait."""
+    rows = tl.minimum(N - first_col, BLOCK_N)
+    row0 = w_ptr + first_col.to(tl.int64) * stride_wn
+    if PDL == 4:
+        gdc_launch_dependents()
+        _prefetch_rows_l2(row0, stride_wn * 2, tl.minimum(K * 2, PDL_HEAD), rows)
+    if PDL == 2 or PDL == 3:
+        _prefetch_rows_l2(row0, stride_wn * 2, K * 2, rows)
     if PDL >= 1:
         gdc_wait()
+    if PDL == 1 or PDL == 2:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _release_next(PDL: tl.constexpr):
+    if PDL == 3:
         gdc_launch_dependents()
 
 
@@ -206,6 +222,7 @@ def _gemv_kernel(
                              bitmask, SAME_SLOT)
             acc3 = _gemv_row(acc3, w, x3, sg3, sc3, has3, live3, k0, koff, xmask, wmask, col_mask, word_off, shift,
                              bitmask, SAME_SLOT)
+    _release_next(PDL)
     bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -272,6 +289,7 @@ def _segment_kernel(
                 acc_base += tl.dot(xk, tl.trans(wk))
             acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
 
+    _release_next(PDL)
     if SWAP_AB:
         acc_base = tl.trans(acc_t)
     if not FUSE_BASE:
@@ -352,6 +370,6 @@ def segment_matmul(
 def _pdl_mode(config: KernelConfig, weight: torch.Tensor | None, k: int) -> int:
     """config.pdl, less the L2 prefetch where the kernel reads no base (`weight` None) or the base rows
     break its alignment (16-byte rows)."""
-    if config.pdl == 2 and (weight is None or k % 8 or weight.stride(0) % 8 or weight.data_ptr() % 16):
+    if config.pdl >= 2 and (weight is None or k % 8 or weight.stride(0) % 8 or weight.data_ptr() % 16):
         return 1
     return config.pdl

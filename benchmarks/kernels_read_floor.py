@@ -13,7 +13,6 @@ import argparse
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from benchmarks.kernels import DECODE_SHAPES, Problem, graph_us, measure_ceilings, write_results
 
@@ -21,37 +20,24 @@ BLOCK = 4096  # int32 words a program reads per step: 16 KB
 
 
 @triton.jit
-def _stream_kernel(a_ptr, a_words, b_ptr, b_words, out_ptr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
-    """Program p sums words p*BLOCK, (p + P)*BLOCK, ... of a then b (P programs): a pure read stream.
-    Launched with programmatic dependent launch, PDL 1 waits for the previous kernel first, PDL 2 only
-    before its store, PDL 3 releases the next kernel first and waits only before its store (the most
-    overlap any kernel reading its predecessor's output could get)."""
-    if PDL == 3:
-        gdc_launch_dependents()
-    if PDL == 1:
-        gdc_wait()
-        gdc_launch_dependents()
+def _stream_kernel(a_ptr, a_words, b_ptr, b_words, out_ptr, BLOCK: tl.constexpr):
+    """Program p sums words p*BLOCK, (p + P)*BLOCK, ... of a then b (P programs): a pure read stream."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(tl.program_id(0) * BLOCK, a_words, tl.num_programs(0) * BLOCK):
         acc += tl.load(a_ptr + start + offs, mask=start + offs < a_words, other=0)
     for start in range(tl.program_id(0) * BLOCK, b_words, tl.num_programs(0) * BLOCK):
         acc += tl.load(b_ptr + start + offs, mask=start + offs < b_words, other=0)
-    if PDL >= 2:
-        gdc_wait()
-    if PDL == 2:
-        gdc_launch_dependents()
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def stream_us(p: Problem, programs: int, warps: int, pdl: int = 0) -> float:
+def stream_us(p: Problem, programs: int, warps: int) -> float:
     out = torch.empty(programs, dtype=torch.int32, device="cuda")
 
     def call(d):
         a = d["w"].view(torch.int32).reshape(-1)
         b = d["signs"][0].reshape(-1)
-        _stream_kernel[(programs,)](a, a.numel(), b, b.numel(), out, BLOCK=BLOCK, PDL=pdl, num_warps=warps,
-                                    launch_pdl=pdl > 0)
+        _stream_kernel[(programs,)](a, a.numel(), b, b.numel(), out, BLOCK=BLOCK, num_warps=warps)
 
     return graph_us([lambda d=d: call(d) for d in p.sets])
 

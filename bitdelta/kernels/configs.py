@@ -33,10 +33,7 @@ class KernelConfig:
     merged weights, bf16/fp16(W + scale * sign), as `bitdelta merge` writes them; swap_ab (segment
     kernel only): the product computed transposed, weights as the tensor cores' A operand from
     registers, the tile's rows as their N side. merged_gemm (prefill of long segments): each slot's
-    merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment.
-    pdl (gemv and segment kernel): 1 launches with programmatic dependent launch (the kernel may start
-    while its predecessor finishes and waits for it before reading any input), 2 also has each program
-    ask L2 for its base rows before that wait."""
+    merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment."""
 
     rows: int
     block_n: int
@@ -49,7 +46,6 @@ class KernelConfig:
     merge: bool = False
     swap_ab: bool = False
     merged_gemm: bool = False
-    pdl: int = 0
 
     def __post_init__(self) -> None:
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):

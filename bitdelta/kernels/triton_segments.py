@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from bitdelta.kernels.configs import KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, row_slots, segment_tiles
@@ -39,7 +38,6 @@ from bitdelta.kernels.launch import fast
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
 _NEG_ONE_F16 = tl.constexpr(0xBC00)
 _NEG_ONE_BF16 = tl.constexpr(0xBF80)
-PDL_HEAD = tl.constexpr(1024)  # bytes of each base row prefetched under PDL 4
 
 
 @triton.jit
@@ -68,44 +66,6 @@ def merge_tile(w, scale, words, dtype: tl.constexpr):
     """A tile's merged weights [BN, BK] in `dtype`: w + scale[:, None] * sign(words) in fp32, rounded
     once, as `bitdelta merge` writes them (`reference.merged_weight`)."""
     return (w.to(tl.float32) + scale[:, None] * expand_signs(words, tl.float32)).to(dtype)
-
-
-@triton.jit
-def _prefetch_rows_l2(first_row, row_stride_bytes, row_bytes, rows):
-    """Thread t < rows asks L2 for row t: row_bytes (a multiple of 16) at first_row + t * row_stride_bytes
-    (16-byte aligned). A hint with no result, so it may run before an earlier kernel has finished."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; .reg .u64 a; mov.u32 t, %tid.x; setp.lt.u32 p, t, $4; "
-        "mad.wide.u32 a, t, $2, $1; @p cp.async.bulk.prefetch.L2.global [a], $3; } // $0",
-        "=r,l,r,r,r", [first_row.to(tl.int64, bitcast=True), row_stride_bytes, row_bytes, rows], dtype=tl.int32,
-        is_pure=False, pack=1)
-
-
-@triton.jit
-def _await_inputs(w_ptr, stride_wn, K, first_col, N, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """Under programmatic dependent launch (PDL >= 1) the kernel may start while the previous kernel
-    still runs: wait for it before reading anything it may write. PDL 1: wait, then let the next
-    kernel launch; 2: ask L2 for this program's base rows (no kernel writes them while serving), wait,
-    let the next launch; 3: the same prefetch and wait, the next kernel released only after the K loop
-    (`_release_next`); 4: release the next kernel at once, ask L2 for the first PDL_HEAD bytes of each
-    base row, wait."""
-    rows = tl.minimum(N - first_col, BLOCK_N)
-    row0 = w_ptr + first_col.to(tl.int64) * stride_wn
-    if PDL == 4:
-        gdc_launch_dependents()
-        _prefetch_rows_l2(row0, stride_wn * 2, tl.minimum(K * 2, PDL_HEAD), rows)
-    if PDL == 2 or PDL == 3:
-        _prefetch_rows_l2(row0, stride_wn * 2, K * 2, rows)
-    if PDL >= 1:
-        gdc_wait()
-    if PDL == 1 or PDL == 2:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def _release_next(PDL: tl.constexpr):
-    if PDL == 3:
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -157,7 +117,7 @@ def _gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, SAME_SLOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Decode of a few rows (the whole batch, M <= ROWS <= 4, in one program): base and delta in one
     pass on the CUDA cores, w' = w + (bit ? s : -s) in fp32 (exact up to fp32 rounding), y += x . w'.
@@ -171,7 +131,6 @@ def _gemv_kernel(
     Narrow column blocks give N/BLOCK_N programs, enough to keep every SM streaming.
     """
     G: tl.constexpr = BLOCK_K // 8
-    _await_inputs(w_ptr, stride_wn, K, tl.program_id(0) * BLOCK_N, N, BLOCK_N, PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     g = tl.arange(0, G)
@@ -222,7 +181,6 @@ def _gemv_kernel(
                              bitmask, SAME_SLOT)
             acc3 = _gemv_row(acc3, w, x3, sg3, sc3, has3, live3, k0, koff, xmask, wmask, col_mask, word_off, shift,
                              bitmask, SAME_SLOT)
-    _release_next(PDL)
     bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -245,14 +203,13 @@ def _segment_kernel(
     N, K, KW,
     stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
     HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # MERGE (fused only): one product with the tile's merged weights, bf16/fp16(W + scale * sign), the
     # very weights `bitdelta merge` writes, instead of a base product and a sign product: half the
     # tensor-core work for one extra rounding of each weight.
     # Tiles vary fastest, so the programs sharing a column block (and its base columns) run
     # together and the base is read from DRAM about once.
-    _await_inputs(w_ptr, stride_wn, K, tl.program_id(1) * BLOCK_N, N, BLOCK_N, PDL)
     slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
 
     if SWAP_AB:  # merged only: acc_t[cols, rows] += merged . x^T, merged being wgmma's register operand
@@ -289,7 +246,6 @@ def _segment_kernel(
                 acc_base += tl.dot(xk, tl.trans(wk))
             acc_sign += tl.dot(xk, tl.trans(expand_signs(words, xk.dtype)))
 
-    _release_next(PDL)
     if SWAP_AB:
         acc_base = tl.trans(acc_t)
     if not FUSE_BASE:
@@ -334,8 +290,7 @@ def segment_matmul(
             x.stride(0), weight.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0, ROWS=config.rows,
             SAME_SLOT=len(plan.host_slots) == 1, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            NUM_STAGES=config.num_stages, PDL=_pdl_mode(config, weight, k), num_warps=config.num_warps,
-            launch_pdl=config.pdl > 0,
+            NUM_STAGES=config.num_stages, num_warps=config.num_warps,
         )
         return y
     if config.merged_gemm:
@@ -360,16 +315,8 @@ def segment_matmul(
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, MERGE=config.merge, EVEN_K=k % config.block_k == 0,
-        ROWS=config.rows, SWAP_AB=config.swap_ab, PDL=_pdl_mode(config, weight if config.fuse_base else None, k),
+        ROWS=config.rows, SWAP_AB=config.swap_ab,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
-        launch_pdl=config.pdl > 0,
     )
     return y
 
-
-def _pdl_mode(config: KernelConfig, weight: torch.Tensor | None, k: int) -> int:
-    """config.pdl, less the L2 prefetch where the kernel reads no base (`weight` None) or the base rows
-    break its alignment (16-byte rows)."""
-    if config.pdl >= 2 and (weight is None or k % 8 or weight.stride(0) % 8 or weight.data_ptr() % 16):
-        return 1
-    return config.pdl

@@ -96,6 +96,7 @@ CONFIGS = [
     KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True),
     KernelConfig(rows=64, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True, merge=True),
     KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True, merge=True),
+    KernelConfig(rows=16, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, merge=True),  # round 11
     # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 128 x 1024 S2 is dispatched),
     # and a narrow 2-warp tile; the 8-row tile of few-tile batches on wide layers
     KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
@@ -144,6 +145,7 @@ GEMV_CONFIGS = [
     KernelConfig(rows=4, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
     KernelConfig(rows=4, block_n=16, block_k=256, num_warps=4, num_stages=3, fuse_base=True, gemv=True),
     KernelConfig(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=3, fuse_base=True, gemv=True),
+    KernelConfig(rows=1, block_n=4, block_k=512, num_warps=2, num_stages=3, fuse_base=True, gemv=True),  # N > 8192
 ]
 
 
@@ -287,6 +289,17 @@ def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype)
     x, w, signs, scales, bias = _problem(m, n, k, s + 1, dtype)
     slot_ids = (torch.randperm(m, device="cuda") // rows_per_slot) - 1  # slot -1: base only
     assert choose_config(n, build_plan(slot_ids), k=k).bitmma
+    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 22016, 4096), (8, 22016, 4096), (16, 22016, 4096), (32, 12288, 4096),
+                                   (64, 22016, 4096), (1, 10240, 8192)])
+def test_dispatcher_on_stacked_projections_with_one_shared_delta(m, n, k, dtype):
+    """The shapes of a 7B and a 70B model's stacked q/k/v and gate/up, one delta shared by the batch:
+    the tiles round 11 picks for them (and the reference check they passed in its sweep)."""
+    x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
+    slot_ids = torch.ones(m, dtype=torch.long, device="cuda")
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
 
 

@@ -177,6 +177,20 @@ def test_choose_config_decode_and_prefill():
     wide = choose_config(8192, build_plan(torch.zeros(64, dtype=torch.long)))
     assert wide.block_n == 64 and wide.swap_ab  # wide layers: the product computed transposed
     assert not choose_config(8192, build_plan(torch.zeros(32, dtype=torch.long))).swap_ab
+    # round 11, measured on the stacked projections: K = 4096 keeps 32-row tiles 32 wide; 4096x22016 gets
+    # 64 x 64 untransposed 64-row tiles and 32 x 256 ones for 8-16 rows; one row past N = 8192 4-wide gemv
+    assert choose_config(12288, build_plan(torch.zeros(32, dtype=torch.long)), k=4096).block_n == 32
+    assert choose_config(10240, build_plan(torch.zeros(32, dtype=torch.long)), k=8192).block_n == 64
+    gate_up = choose_config(22016, build_plan(torch.zeros(64, dtype=torch.long)), k=4096)
+    assert (gate_up.block_n, gate_up.block_k, gate_up.swap_ab) == (64, 64, False)
+    assert choose_config(28672, build_plan(torch.zeros(64, dtype=torch.long)), k=8192).swap_ab
+    assert choose_config(22016, build_plan(torch.zeros(128, dtype=torch.long)), k=4096).block_n == 64  # as before
+    for rows in (8, 16):
+        assert choose_config(22016, build_plan(torch.zeros(rows, dtype=torch.long)), k=4096).block_k == 256
+    assert choose_config(11008, build_plan(torch.zeros(8, dtype=torch.long)), k=4096).block_k == 128
+    one_row = choose_config(11008, build_plan(torch.zeros(1, dtype=torch.long)), k=4096)
+    assert one_row.gemv and (one_row.block_n, one_row.num_stages) == (4, 3)
+    assert choose_config(4096, build_plan(torch.zeros(1, dtype=torch.long)), k=4096).block_n == 8
     # prefill: transposed fused tiles; 128 x 64 once full 128-row tiles make >= 256 programs
     prefill = choose_config(4096, build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long)))
     assert prefill.rows == 128 and prefill.swap_ab and prefill.merge and prefill.block_n == 64

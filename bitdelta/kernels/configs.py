@@ -119,20 +119,31 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
         return _prefill_config(n, plan, few_deltas)
     rows = next_pow2(plan.max_rows)
     if few_deltas:
-        if rows == 64 and n >= 8192:  # wide layers: transposed, 64 columns (round 8: 7-30% less time)
-            return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True,
-                                merge=True, swap_ab=True)
-        if rows > DECODE_MAX_ROWS and n >= 8192:
-            # tall tiles on wide layers: 64 columns (still >= 128 programs), shorter K step past 32 rows
-            return KernelConfig(rows=rows, block_n=64, block_k=128 if rows <= 32 else 64, num_warps=4,
-                                num_stages=4, fuse_base=True, merge=True)
-        # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
-        warps, stages = (2, 3) if rows <= 2 else (4, 4)
-        return KernelConfig(rows=rows, block_n=32, block_k=128, num_warps=warps, num_stages=stages, fuse_base=True,
-                            merge=True)
+        return _few_deltas_config(n, rows, k)
     if bitmma:  # the tensor-core delta kernels: 1.4-4x the dot kernel (KERNEL_NOTES rounds 5b, 8)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
+
+
+def _few_deltas_config(n: int, rows: int, k: int) -> KernelConfig:
+    """One or two deltas, tiles of `rows` (a power of two <= SHARED_DECODE_MAX_ROWS): the fused pass on
+    merged weights. H100 (KERNEL_NOTES rounds 7, 8, 11): 32 x 128 tiles, but on wide layers (N >= 8192)
+    64-row tiles computed transposed (7-30% less time; 64 x 64 untransposed on a 4096-deep layer wider
+    than 16384, such as a 7B model's stacked gate/up: 108 -> 92 us), taller tiles 64 columns wide (32
+    rows at K = 4096 excepted: 32 columns took 7-15% less there), and 8-16-row tiles 32 x 256 beyond
+    N = 16384 (4096x22016: 94 -> 84 us at 8 rows, 98 -> 88 at 16)."""
+    def merged(block_n: int, block_k: int, warps: int = 4, stages: int = 4, swap_ab: bool = False) -> KernelConfig:
+        return KernelConfig(rows=rows, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages,
+                            fuse_base=True, merge=True, swap_ab=swap_ab)
+
+    if rows == 64 and n >= 8192:
+        return merged(64, 64) if k <= 4096 and n > 16384 else merged(64, 128, stages=3, swap_ab=True)
+    if rows > DECODE_MAX_ROWS and n >= 8192 and not (rows == 32 and k <= 4096):  # shorter K step past 32 rows
+        return merged(64, 128 if rows <= 32 else 64)
+    if 4 < rows <= DECODE_MAX_ROWS and n > 16384:
+        return merged(32, 256, stages=3)
+    # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
+    return merged(32, 128, warps=2, stages=3) if rows <= 2 else merged(32, 128)
 
 
 def plan_config(n: int, plan: SlotPlan, k: int, bitmma: bool = True) -> KernelConfig:
@@ -170,7 +181,7 @@ def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
 
 def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
     """The fused CUDA-core gemv for batches of <= GEMV_MAX_ROWS rows, where it measured faster
-    (H100 sweep, benchmarks/KERNEL_NOTES.md v6, v8): always at one row; one shared slot on long rows
+    (H100 sweep, benchmarks/KERNEL_NOTES.md v6, v8, round 11): always at one row; one shared slot on long rows
     (K > 8192) or wide layers (N > 16384); 2-3 rows of several slots on N <= 4096, K <= 8192 (at 4
     rows v8 won). BLOCK_K = 256 x warps keeps the x load in the W tile's layout (warps along K)."""
     m = plan.num_rows
@@ -179,7 +190,12 @@ def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
     single = len(plan.host_slots) == 1
     stages = 1
     if m == 1:
-        bn, bk, warps = (16, 1024, 4) if k > 8192 else (8, 512, 2)
+        if k > 8192:
+            bn, bk, warps = 16, 1024, 4
+        elif n > 8192:  # 4-column blocks pipelined 3 deep: 2-8% less time on six layers (round 11)
+            bn, bk, warps, stages = 4, 512, 2, 3
+        else:
+            bn, bk, warps = 8, 512, 2
     elif single and (k > 8192 or n > 16384):
         # wide layers: the K loop pipelined 3 deep (8192x28672, 4 rows: 209 -> 186 us; round 7)
         bn, bk, warps, stages = 4, 512, 2, (3 if n > 16384 else 1)

@@ -53,6 +53,13 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+def within_an_ulp(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Every element of `got` within an ulp of `dtype` of the fp32 `expected` (the spacing at 1, scaled by
+    each element's magnitude, floored at 2^-6): what one or two roundings to `dtype` may cost."""
+    ulp = torch.finfo(dtype).eps
+    return bool(((got.float() - expected).abs() <= ulp * expected.abs().clamp(min=2 ** -6)).all())
+
+
 def _interpreter_runs() -> bool:
     """Triton's CPU interpreter is installed and can run our kernels: Triton 3.6's interpreter turns a
     loaded scalar (a one-element array) into a loop bound with int(), which NumPy >= 2.5 refuses."""

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from bitdelta.kernels import triton_available
 from bitdelta.kernels.rotary import rotary_and_cache, rotary_and_cache_reference
-from conftest import needs_triton_interpreter, run_in_triton_interpreter
+from conftest import needs_triton_interpreter, run_in_triton_interpreter, within_an_ulp
 
 
 def _step(rows: int, q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str):
@@ -42,18 +42,13 @@ def test_reference_is_transformers_rotary_and_writes_the_cache(dtype):
     assert torch.equal(keys[untouched], before[0][untouched]) and torch.equal(values[untouched], before[1][untouched])
 
 
-def _within_an_ulp(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
-    ulp = torch.finfo(dtype).eps  # relative spacing at 1; the bound scales it by each element's magnitude
-    return bool(((got.float() - expected).abs() <= ulp * expected.abs().clamp(min=2 ** -6)).all())
-
-
 def _check_kernel(rows: int, q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str, kernel) -> None:
     q, k, v, cos, sin, pools, write_rows = _step(rows, q_heads, kv_heads, dim, dtype, device)
     expected_pools = [p.float() for p in pools]  # the reference in fp32: nothing rounded
     expected = rotary_and_cache_reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), *expected_pools,
                                           write_rows)
     got = kernel(q, k, v, cos, sin, *pools, write_rows)
-    assert _within_an_ulp(got, expected, dtype) and _within_an_ulp(pools[0], expected_pools[0], dtype)
+    assert within_an_ulp(got, expected, dtype) and within_an_ulp(pools[0], expected_pools[0], dtype)
     assert torch.equal(pools[1].float(), expected_pools[1])  # values: copied as they are
 
 

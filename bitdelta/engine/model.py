@@ -24,6 +24,7 @@ from torch import nn
 
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
+from bitdelta.kernels.norm import add_rms_norm, silu_and_mul
 from bitdelta.kernels.paged_attention import QuerySplit, paged_attention, query_split
 from bitdelta.kernels.rotary import rotary_and_cache
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
@@ -161,10 +162,6 @@ class MultiTenantModel:
             self.tables[name] = base.expand(self.max_slots + 1, *base.shape).clone()  # entry max_slots: the base
             self.layout_version += 1
 
-    def _own(self, name: str, table_rows: torch.Tensor) -> torch.Tensor | None:
-        table = self.tables.get(name)
-        return None if table is None else table[table_rows]
-
     @torch.no_grad()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor:
         """fp32 logits [B, vocab] for `batch.logit_rows`; writes the new tokens' keys and values."""
@@ -190,23 +187,31 @@ class MultiTenantModel:
         embed = self.tables.get(self.embed_name)
         h = self.model.model.embed_tokens(batch.token_ids) if embed is None else embed[table_rows, batch.token_ids]
         cos, sin = (table[0] for table in self.model.model.rotary_emb(h[None], batch.positions[None]))
+        residual = None  # each block's output, added to h by the norm after it
         for index, layer in enumerate(self.layers):
-            x = self._rms_norm(h, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight", table_rows)
-            h = h + self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split)
-            x = self._rms_norm(h, layer.post_attention_layernorm, f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
-            gate, up = self.gate_up[index](x)
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            h, x = self._add_norm(h, residual, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight",
+                                  table_rows)
+            attention = self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split)
+            h, x = self._add_norm(h, attention, layer.post_attention_layernorm,
+                                  f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
+            residual = layer.mlp.down_proj(self._gated_activation(layer.mlp, *self.gate_up[index](x)))
         rows = batch.logit_rows
-        h = self._rms_norm(h[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
+        _, h = self._add_norm(h[rows], residual[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
 
-    def _rms_norm(self, h: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
-        # LlamaRMSNorm's arithmetic (normalised in fp32, rounded to h's dtype, then times the weight),
-        # with the weight of each row's own fine-tune; F.rms_norm without a weight computes in fp32 and
-        # rounds once, in one kernel where LlamaRMSNorm's ops take six
-        hidden = nn.functional.rms_norm(h, h.shape[-1:], eps=norm.variance_epsilon)
-        weight = self._own(name, table_rows)
-        return (norm.weight if weight is None else weight) * hidden
+    def _add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, name: str,
+                  table_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + residual and its RMSNorm (LlamaRMSNorm's arithmetic) with each row's own fine-tune's
+        weight: one kernel on a GPU (kernels/norm.py)."""
+        table = self.tables.get(name)
+        if table is None:
+            return add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
+        return add_rms_norm(h, residual, table, norm.variance_epsilon, table_rows)
+
+    def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.config.hidden_act == "silu":  # the Llama family's SwiGLU: one kernel on a GPU
+            return silu_and_mul(gate, up)
+        return mlp.act_fn(gate) * up
 
     def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
                    split: QuerySplit | None) -> torch.Tensor:

@@ -131,7 +131,8 @@ def _few_deltas_config(n: int, rows: int, k: int) -> KernelConfig:
     64-row tiles computed transposed (7-30% less time; 64 x 64 untransposed on a 4096-deep layer wider
     than 16384, such as a 7B model's stacked gate/up: 108 -> 92 us), taller tiles 64 columns wide (32
     rows at K = 4096 excepted: 32 columns took 7-15% less there), and 8-16-row tiles 32 x 256 beyond
-    N = 16384 (4096x22016: 94 -> 84 us at 8 rows, 98 -> 88 at 16)."""
+    N = 16384 (4096x22016: 94 -> 84 us at 8 rows, 98 -> 88 at 16). The K = 4096 rules were measured at
+    K = 4096 only and are extended to shallower layers (less work a program, the same wave argument)."""
     def merged(block_n: int, block_k: int, warps: int = 4, stages: int = 4, swap_ab: bool = False) -> KernelConfig:
         return KernelConfig(rows=rows, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages,
                             fuse_base=True, merge=True, swap_ab=swap_ab)

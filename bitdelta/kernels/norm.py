@@ -40,7 +40,7 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """(h + residual, its RMSNorm times the weight) for h [T, H]; see the module docstring."""
     from bitdelta.kernels import on_triton
 
-    if on_triton(h) and weight.dtype == h.dtype:
+    if on_triton(h) and weight.dtype == h.dtype and (residual is None or residual.dtype == h.dtype):
         from bitdelta.kernels.norm_triton import add_rms_norm_triton
 
         return add_rms_norm_triton(h, residual, weight, eps, weight_rows)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.e2e import SHAPES, llama_config, model_over, random_weights, reset_peak, serve_random_deltas
+from benchmarks.report import write_report
 from bitdelta.engine import Engine, EngineConfig, SamplingParams
 
 HERE = Path(__file__).resolve().parent
@@ -160,10 +161,7 @@ def main() -> None:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             reset_peak(device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "chunked_prefill.json").write_text(json.dumps(result, indent=1))
-    (args.out / "chunked_prefill.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "chunked_prefill", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.report import write_report
 from bitdelta.kernels.configs import KernelConfig, choose_config
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.triton_segments import segment_matmul
@@ -485,11 +486,7 @@ def main() -> None:
     result["prefill"] = prefill_suite(*PREFILL_CASES)
     result["goals"] = goals(result["decode"])
     result["seconds"] = time.time() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(result, indent=1))
-    (out / "kernels.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(Path(args.out), "kernels", result, markdown(result))
     print(f"median ours/floor over batch 1..64: "
           f"{statistics.median(r['ours_over_floor'] for r in result['decode'] if r['batch'] in GOAL_BATCHES):.2f}")
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention.bias import causal_lower_right
 
+from benchmarks.report import write_report
 from bitdelta.kernels.paged_attention import paged_attention, paged_attention_reference, query_split
 
 HERE = Path(__file__).resolve().parent
@@ -78,10 +79,7 @@ def main() -> None:
     for chunk, prefix in CASES:
         result["rows"].append(case(chunk, prefix))
         print(json.dumps(result["rows"][-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "paged_attention.json").write_text(json.dumps(result, indent=1))
-    (args.out / "paged_attention.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "paged_attention", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,12 @@ CONFIGS = [
     KernelConfig(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
     KernelConfig(rows=32, block_n=256, block_k=256, num_warps=8, num_stages=2, fuse_base=False, bitmma=True),
     KernelConfig(rows=64, block_n=128, block_k=256, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
+    # round 12: K split over programs, the last to arrive summing the partials (every segment-kernel form)
+    KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True, split_k=3),
+    KernelConfig(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
+                 swap_ab=True, split_k=4),
+    KernelConfig(rows=4, block_n=32, block_k=64, num_warps=4, num_stages=3, fuse_base=True, split_k=8),
+    KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False, split_k=2),
 ]
 
 
@@ -123,6 +129,7 @@ def _config_id(c: KernelConfig | None) -> str:
         return "auto"
     variant = ("bitmma" if c.bitmma else "") + ("merged" if c.merge else "") + ("swap" if c.swap_ab else "")
     variant += "gemm" if c.merged_gemm else ""
+    variant += f"k{c.split_k}" if c.split_k > 1 else ""
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
@@ -301,6 +308,47 @@ def test_dispatcher_on_stacked_projections_with_one_shared_delta(m, n, k, dtype)
     x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
     slot_ids = torch.ones(m, dtype=torch.long, device="cuda")
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
+SPLIT_CONFIG = KernelConfig(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
+                            swap_ab=True, split_k=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_sums_in_split_order_and_leaves_its_counters_at_zero(dtype):
+    """Split-K adds the partials in split order whatever order the programs finish in: two runs give
+    the same bits. Each launch resets the arrival counters it used, so the next call starts from zero."""
+    from bitdelta.kernels.triton_segments import split_counters
+
+    m, n, k = 24, 1000, 3000
+    x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
+    slot_ids = torch.randint(-1, 2, (m,), device="cuda")
+    first = _run(x, w, signs, scales, slot_ids, bias, SPLIT_CONFIG)
+    _check(first, x, w, signs, scales, slot_ids, bias)
+    for _ in range(3):
+        assert torch.equal(_run(x, w, signs, scales, slot_ids, bias, SPLIT_CONFIG), first)
+    assert not split_counters(x.device, 1).any()
+
+
+def test_split_k_replays_in_a_cuda_graph_on_new_inputs():
+    """The engine replays decode steps as CUDA graphs: a captured split-K call, replayed on inputs
+    copied into its buffers, computes the new product (the counters are reused across replays)."""
+    m, n, k, dtype = 32, 4096, 2048, torch.bfloat16
+    x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
+    slot_ids = torch.zeros(m, dtype=torch.long, device="cuda")
+    plan = build_plan(slot_ids)
+    config = KernelConfig(rows=32, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True,
+                          split_k=4)
+    segment_matmul(x, w, signs, scales, plan, bias, config)  # compile and allocate before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = segment_matmul(x, w, signs, scales, plan, bias, config)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, x, w, signs, scales, slot_ids, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -18,6 +18,7 @@ from bitdelta.kernels.configs import (BITMMA_MAX_ROWS, DECODE_MAX_ROWS, FUSED_MA
                                       choose_config, next_pow2, split_threshold)
 from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles, split_plan
 from bitdelta.pack import pack_signs
+from conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 
 def _problem(m: int, n: int, k: int, s: int, per_row_scales: bool, gen: torch.Generator):
@@ -317,6 +318,46 @@ def test_kernel_config_validation():
         KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merge=True,
                       merged_gemm=True)
     assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
+
+
+def test_split_k_only_on_the_segment_kernel():
+    assert KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True,
+                        split_k=4).split_k == 4
+    for extra in ({"split_k": 0}, {"split_k": 2, "gemv": True, "rows": 1}, {"split_k": 2, "merged_gemm": True}):
+        with pytest.raises(ValueError, match="split_k"):
+            KernelConfig(**{"rows": 4, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 1,
+                            "fuse_base": True, **extra})
+
+
+@needs_triton_interpreter
+def test_split_k_in_the_triton_interpreter():
+    """The segment kernel with K split over programs (merged, transposed and plain fused forms, bias,
+    K tails, base-only rows and split ranges past K) on the CPU under TRITON_INTERPRET=1, against the
+    reference; the arrival counters end at zero."""
+    code = """
+import torch
+from bitdelta.kernels import reference
+from bitdelta.kernels.configs import KernelConfig
+from bitdelta.kernels.grouping import build_plan
+from bitdelta.kernels.triton_segments import segment_matmul, split_counters
+cases = [(5, 40, 300, 3, dict(rows=8, merge=True)), (16, 33, 1000, 4, dict(rows=16, merge=True, swap_ab=True)),
+         (7, 50, 129, 8, dict(rows=8))]
+for m, n, k, split, form in cases:
+    x, w = torch.randn(m, k).half(), (torch.randn(n, k) * 0.05).half()
+    signs = torch.randint(-(2**31), 2**31 - 1, (3, n, (k + 31) // 32), dtype=torch.int32)
+    signs[..., -1] &= (1 << (k % 32)) - 1 if k % 32 else -1
+    scales, bias = torch.rand(3, n) * 0.02 + 0.002, torch.randn(n).half()
+    slot_ids = torch.randint(-1, 3, (m,))
+    config = KernelConfig(block_n=16, block_k=64, num_warps=4, num_stages=1, fuse_base=True, split_k=split, **form)
+    out = torch.full((m, n), float("nan")).half()
+    segment_matmul(x, w, signs, scales, build_plan(slot_ids), bias, config, out=out)
+    ref = reference.bitdelta_matmul(x.float(), w, signs, scales, slot_ids, bias)
+    print(((out.float() - ref).norm() / ref.norm()).item())
+print(int(split_counters(torch.device("cpu"), 1).abs().sum()))
+"""
+    *errors, counters = run_in_triton_interpreter(code).split()
+    assert len(errors) == 3 and all(float(e) < 1e-3 for e in errors), errors  # fp16: half an ulp, x3
+    assert counters == "0"
 
 
 def test_public_entry_point_falls_back_to_reference_on_cpu():

@@ -199,11 +199,11 @@ def _gemv_kernel(
 
 @triton.jit
 def _segment_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr, partials_ptr, counters_ptr,
     N, K, KW,
-    stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
+    stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym, stride_ps,
     HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # MERGE (fused only): one product with the tile's merged weights, bf16/fp16(W + scale * sign), the
     # very weights `bitdelta merge` writes, instead of a base product and a sign product: half the
@@ -222,7 +222,8 @@ def _segment_kernel(
     if MERGE:  # zero for a base-only tile: its merged weights are the base's, bit for bit
         merge_scale = tl.load(scales_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sc_s + cols,
                               mask=col_mask & has_delta, other=0.0)
-    for k0 in range(0, K, BLOCK_K):
+    k_first, k_end = _k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in range(k_first, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = (ks < K) | EVEN_K  # EVEN_K: no tail, and no per-element K compares
         # Zero activations past K neutralise the padding bits (0 -> -1) of the last word.
@@ -248,16 +249,49 @@ def _segment_kernel(
 
     if SWAP_AB:
         acc_base = tl.trans(acc_t)
-    if not FUSE_BASE:
-        acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :],
-                           mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    if HAS_BIAS:
-        acc_base += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if has_delta and not MERGE:
         scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
         acc_base += scale[None, :] * acc_sign
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc_base.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SPLIT_K == 1:
+        _store_y(acc_base, ws_ptr, bias_ptr, y_ptr, rows, cols, col_mask, out_mask, stride_wsm, stride_ym,
+                 HAS_BIAS, FUSE_BASE)
+    else:
+        # this program's share of K; the last of the tile's SPLIT_K programs to arrive adds them up
+        partials = partials_ptr + rows[:, None] * N + cols[None, :]
+        tl.store(partials + tl.program_id(2) * stride_ps, acc_base, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on arrival
+                total += tl.load(partials + split * stride_ps, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)  # ready for the next launch
+            _store_y(total, ws_ptr, bias_ptr, y_ptr, rows, cols, col_mask, out_mask, stride_wsm, stride_ym,
+                     HAS_BIAS, FUSE_BASE)
+
+
+@triton.jit
+def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K range of this program (grid axis 2 with split-K): whole BLOCK_K steps, the last range shorter."""
+    first = 0
+    end = K
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        first = tl.program_id(2) * per_split
+        end = tl.minimum(K, first + per_split)
+    return first, end
+
+
+@triton.jit
+def _store_y(acc, ws_ptr, bias_ptr, y_ptr, rows, cols, col_mask, out_mask, stride_wsm, stride_ym,
+             HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr):
+    """y[rows, cols] = acc + base product from cuBLAS (split variant) + bias, in y's dtype."""
+    if not FUSE_BASE:
+        acc += tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=out_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def segment_matmul(
@@ -308,15 +342,36 @@ def segment_matmul(
 
         return bitmma_delta(x, ws, bias, signs, scales, plan, config, y)
     tiles = segment_tiles(plan, config.rows)
-    grid = (tiles.shape[0], triton.cdiv(n, config.block_n))
+    grid = (tiles.shape[0], triton.cdiv(n, config.block_n), config.split_k)
+    if config.split_k > 1:
+        partials = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, grid[0] * grid[1])
+    else:
+        partials = counters = y  # unused
     fast(_segment_kernel)[grid](
-        x, weight, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order,
+        x, weight, ws, bias if bias is not None else y, signs, scales, y, tiles, plan.order, partials, counters,
         n, k, signs.shape[-1],
         x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
-        y.stride(0),
+        y.stride(0), m * n,
         HAS_BIAS=bias is not None, FUSE_BASE=config.fuse_base, MERGE=config.merge, EVEN_K=k % config.block_k == 0,
-        ROWS=config.rows, SWAP_AB=config.swap_ab,
+        ROWS=config.rows, SWAP_AB=config.swap_ab, SPLIT_K=config.split_k,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
+
+
+_split_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` zeroed int32 arrival counters of the split-K kernels on `device`. Each launch
+    leaves them at zero again, so one buffer serves every call: no memset a call. Calls on one stream
+    (the engine's, and graph replays of it) take turns; two streams must not run split-K calls at once.
+    Grown only outside CUDA-graph capture (the engine's eager pass before each capture allocates it)."""
+    counters = _split_counters.get(device)
+    if counters is None or counters.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters must be allocated before CUDA-graph capture: run the call once eagerly first")
+        counters = _split_counters[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return counters
 

@@ -214,6 +214,29 @@ def test_choose_config_decode_and_prefill():
     assert not choose_config(4096, build_plan(torch.cat([four, torch.tensor([9])]))).merged_gemm  # one short segment
 
 
+def test_choose_config_splits_k_where_tiles_leave_sms_idle():
+    """Round 12: one or two deltas on a narrow layer (32-column tiles: 128 programs at N = 4096) or in
+    transposed 64-row tiles split K until the programs number 256 (4 warps) or 512 (2 warps); one row on
+    long rows (K > 8192) of layers up to 8192 wide takes that pass instead of the gemv."""
+    def config(n: int, rows: int, k: int, deltas: int = 1) -> KernelConfig:
+        return choose_config(n, build_plan(torch.arange(rows) % deltas), k=k)
+
+    for rows in (4, 16, 32, 64):
+        narrow = config(4096, rows, 11008)
+        assert narrow.merge and narrow.block_n == 32 and narrow.split_k == 2
+    assert config(4096, 32, 11008, deltas=2).split_k == 1  # two deltas' tiles: 256 programs already
+    one_row = config(4096, 1, 11008)
+    assert one_row.merge and one_row.num_warps == 2 and one_row.split_k == 4
+    assert config(8192, 1, 28672).split_k == 2
+    assert config(8192, 64, 8192).swap_ab and config(8192, 64, 8192).split_k == 2
+    assert config(8192, 64, 28672).split_k == 2
+    assert config(8192, 32, 8192).split_k == 1  # 64-column untransposed tiles: slower split
+    assert config(8192, 16, 8192).split_k == 1  # 256 programs
+    assert config(11008, 16, 4096).split_k == 1
+    assert config(4096, 1, 4096).gemv and config(8192, 1, 8192).gemv  # K <= 8192: the gemv as before
+    assert config(4096, 200, 4096).split_k == 1  # prefill tiles are never split
+
+
 def test_choose_config_without_gluon_takes_the_dot_kernel():
     plan = build_plan(torch.arange(32, dtype=torch.int32))  # all-distinct decode: v8 when Gluon exists
     assert choose_config(4096, plan).bitmma
@@ -224,10 +247,10 @@ def test_choose_config_without_gluon_takes_the_dot_kernel():
 def test_choose_config_gemv_for_few_rows():
     one = choose_config(4096, build_plan(torch.tensor([3])))
     assert one.gemv and one.rows == 1 and one.block_k == 256 * one.num_warps
-    assert choose_config(4096, build_plan(torch.tensor([-1])), k=11008).block_k == 1024
-    # one shared slot, 4 rows: gemv only on long rows or wide layers, else the tensor-core tile
+    assert choose_config(16384, build_plan(torch.tensor([2])), k=16384).block_k == 1024  # long rows, wide layer
+    # one shared slot, 4 rows: gemv only on wide layers, else the tensor-core tile (long rows too since round 12)
     assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long))).gemv
-    assert choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long)), k=11008).gemv
+    assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long)), k=11008).gemv
     wide = choose_config(28672, build_plan(torch.zeros(3, dtype=torch.long)), k=8192)
     assert wide.gemv and wide.rows == 4 and wide.num_stages == 3  # wide layers: the K loop pipelined
     # several slots: gemv for 2-3 rows on N <= 4096, K <= 8192; at 4 rows the tensor-core delta kernel

@@ -6,7 +6,7 @@ measurements recorded in benchmarks/KERNEL_NOTES.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bitdelta.kernels.grouping import SlotPlan
 
@@ -20,6 +20,7 @@ BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 1
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 SHARED_MEMORY_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
+SPLIT_K_MIN_PROGRAMS = {2: 512, 4: 256}  # by warps a program: split K below this many (round 12)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
         return _prefill_config(n, plan, few_deltas)
     rows = next_pow2(plan.max_rows)
     if few_deltas:
-        return _few_deltas_config(n, rows, k)
+        return _with_split_k(_few_deltas_config(n, rows, k), plan.tile_count(rows), n)
     if bitmma:  # the tensor-core delta kernels: 1.4-4x the dot kernel (KERNEL_NOTES rounds 5b, 8)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
@@ -151,6 +152,22 @@ def _few_deltas_config(n: int, rows: int, k: int) -> KernelConfig:
         return merged(32, 256, stages=3)
     # one or two rows per tile: 2 warps (more programs resident); more rows: 4 warps, deeper pipeline
     return merged(32, 128, warps=2, stages=3) if rows <= 2 else merged(32, 128)
+
+
+def _with_split_k(config: KernelConfig, tiles: int, n: int) -> KernelConfig:
+    """K split in as many ranges (a power of two, at most 8) as bring the 32-column and the transposed
+    64-row tiles to SPLIT_K_MIN_PROGRAMS programs: 512 for 2-warp tiles, 256 (two an SM) for 4-warp ones.
+    A narrow layer's 128 column blocks of 32 leave SMs idle, each streaming all of K alone. H100 (round
+    12): one delta on 11008x4096, 16-64 rows, 51-63 -> 45-49 us; 4096x4096, 4-64 rows, 3-12% less time;
+    28672x8192 and 8192x8192 at 64 rows 225 -> 199 and 71 -> 67 us. Not for the untransposed 64-column
+    tiles (32 rows on N >= 8192), which measured 1-5% slower split."""
+    if not (config.block_n == 32 or config.swap_ab):
+        return config
+    programs = tiles * -(-n // config.block_n)
+    split = 1
+    while split < 8 and programs * split < SPLIT_K_MIN_PROGRAMS[config.num_warps]:
+        split *= 2
+    return replace(config, split_k=split)
 
 
 def plan_config(n: int, plan: SlotPlan, k: int, bitmma: bool = True) -> KernelConfig:
@@ -188,24 +205,27 @@ def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
 
 def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
     """The fused CUDA-core gemv for batches of <= GEMV_MAX_ROWS rows, where it measured faster
-    (H100 sweep, benchmarks/KERNEL_NOTES.md v6, v8, round 11): always at one row; one shared slot on long rows
-    (K > 8192) or wide layers (N > 16384); 2-3 rows of several slots on N <= 4096, K <= 8192 (at 4
-    rows v8 won). BLOCK_K = 256 x warps keeps the x load in the W tile's layout (warps along K)."""
+    (H100 sweep, benchmarks/KERNEL_NOTES.md v6, v8, rounds 11-12): one row, except on long rows (K > 8192)
+    of layers up to 8192 wide, where the merged pass with K split won; one shared slot on wide layers (N >
+    16384); 2-3 rows of several slots on N <= 4096, K <= 8192 (at 4 rows v8 won). BLOCK_K = 256 x warps
+    keeps the x load in the W tile's layout (warps along K)."""
     m = plan.num_rows
     if m == 0 or m > GEMV_MAX_ROWS:
         return None
     single = len(plan.host_slots) == 1
     stages = 1
     if m == 1:
+        if k > 8192 and n <= 8192:  # the merged pass with K split beat it (round 12): 11008x4096 46.5 -> 44.4 us
+            return None
         if k > 8192:
             bn, bk, warps = 16, 1024, 4
         elif n > 8192:  # 4-column blocks pipelined 3 deep: 2-8% less time on six layers (round 11)
             bn, bk, warps, stages = 4, 512, 2, 3
         else:
             bn, bk, warps = 8, 512, 2
-    elif single and (k > 8192 or n > 16384):
+    elif single and n > 16384:
         # wide layers: the K loop pipelined 3 deep (8192x28672, 4 rows: 209 -> 186 us; round 7)
-        bn, bk, warps, stages = 4, 512, 2, (3 if n > 16384 else 1)
+        bn, bk, warps, stages = 4, 512, 2, 3
     elif not single and n <= 4096 and k <= 8192 and m < GEMV_MAX_ROWS:
         bn, bk, warps = 4, 512, 2
     else:

@@ -215,24 +215,27 @@ def test_choose_config_decode_and_prefill():
 
 
 def test_choose_config_splits_k_where_tiles_leave_sms_idle():
-    """Round 12: one or two deltas on a narrow layer (32-column tiles: 128 programs at N = 4096) or in
-    transposed 64-row tiles split K until the programs number 256 (4 warps) or 512 (2 warps); one row on
-    long rows (K > 8192) of layers up to 8192 wide takes that pass instead of the gemv."""
+    """Round 12: one or two deltas in 32-column or transposed 64-row tiles of up to 64 rows split K
+    in two (four for 2-warp tiles) where the tiles make at most one program an SM (128 at N = 4096 or
+    64-row tiles of N = 8192); one row on long rows (K > 8192) of 4096-wide layers takes that pass
+    instead of the gemv."""
     def config(n: int, rows: int, k: int, deltas: int = 1) -> KernelConfig:
         return choose_config(n, build_plan(torch.arange(rows) % deltas), k=k)
 
     for rows in (4, 16, 32, 64):
         narrow = config(4096, rows, 11008)
         assert narrow.merge and narrow.block_n == 32 and narrow.split_k == 2
-    assert config(4096, 32, 11008, deltas=2).split_k == 1  # two deltas' tiles: 256 programs already
+    assert config(4096, 32, 11008, deltas=2).split_k == 1  # two deltas' tiles: 256 programs
     one_row = config(4096, 1, 11008)
     assert one_row.merge and one_row.num_warps == 2 and one_row.split_k == 4
-    assert config(8192, 1, 28672).split_k == 2
+    assert config(8192, 1, 28672).gemv
     assert config(8192, 64, 8192).swap_ab and config(8192, 64, 8192).split_k == 2
     assert config(8192, 64, 28672).split_k == 2
-    assert config(8192, 32, 8192).split_k == 1  # 64-column untransposed tiles: slower split
+    for n, k in ((10240, 8192), (11008, 4096), (12288, 4096)):  # 160-192 programs: not split
+        assert config(n, 64, k).swap_ab and config(n, 64, k).split_k == 1
+    assert config(8192, 32, 8192).split_k == 1  # 64-column untransposed tiles
     assert config(8192, 16, 8192).split_k == 1  # 256 programs
-    assert config(11008, 16, 4096).split_k == 1
+    assert config(4096, 128, 4096).split_k == 1  # 128-row tiles
     assert config(4096, 1, 4096).gemv and config(8192, 1, 8192).gemv  # K <= 8192: the gemv as before
     assert config(4096, 200, 4096).split_k == 1  # prefill tiles are never split
 

@@ -20,7 +20,7 @@ BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 1
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 SHARED_MEMORY_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
-SPLIT_K_MIN_PROGRAMS = {2: 512, 4: 256}  # by warps a program: split K below this many (round 12)
+SPLIT_K_MAX_PROGRAMS = 132  # an H100's SMs: merged tiles giving no more programs split K (round 12)
 
 
 @dataclass(frozen=True)
@@ -155,19 +155,17 @@ def _few_deltas_config(n: int, rows: int, k: int) -> KernelConfig:
 
 
 def _with_split_k(config: KernelConfig, tiles: int, n: int) -> KernelConfig:
-    """K split in as many ranges (a power of two, at most 8) as bring the 32-column and the transposed
-    64-row tiles to SPLIT_K_MIN_PROGRAMS programs: 512 for 2-warp tiles, 256 (two an SM) for 4-warp ones.
-    A narrow layer's 128 column blocks of 32 leave SMs idle, each streaming all of K alone. H100 (round
-    12): one delta on 11008x4096, 16-64 rows, 51-63 -> 45-49 us; 4096x4096, 4-64 rows, 3-12% less time;
-    28672x8192 and 8192x8192 at 64 rows 225 -> 199 and 71 -> 67 us. Not for the untransposed 64-column
-    tiles (32 rows on N >= 8192), which measured 1-5% slower split."""
-    if not (config.block_n == 32 or config.swap_ab):
+    """K split in two (four for 2-warp tiles) where the 32-column or transposed 64-row tiles of up to 64
+    rows give at most SPLIT_K_MAX_PROGRAMS programs: one program an SM or none, each streaming all of K
+    alone. H100 (round 12, one delta): 11008x4096 at 1-64 rows 46.5-62.9 -> 44.4-49.2 us, 4096x4096 at
+    4-64 rows 3-12% less time, 64 rows on 8192x8192 and 28672x8192 70.4 -> 66.2 and 225 -> 199 us. With
+    more programs than SMs (160-192 at 8192x10240, 4096x11008 and 4096x12288, 64 rows) the split tiles
+    took 20-25% more time, as did 128-row tiles; the untransposed 64-column tiles 1-5% more."""
+    if config.rows > BITMMA_MAX_ROWS or not (config.block_n == 32 or config.swap_ab):
         return config
-    programs = tiles * -(-n // config.block_n)
-    split = 1
-    while split < 8 and programs * split < SPLIT_K_MIN_PROGRAMS[config.num_warps]:
-        split *= 2
-    return replace(config, split_k=split)
+    if tiles * -(-n // config.block_n) > SPLIT_K_MAX_PROGRAMS:
+        return config
+    return replace(config, split_k=4 if config.num_warps == 2 else 2)
 
 
 def plan_config(n: int, plan: SlotPlan, k: int, bitmma: bool = True) -> KernelConfig:
@@ -206,7 +204,7 @@ def _prefill_config(n: int, plan: SlotPlan, few_deltas: bool) -> KernelConfig:
 def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
     """The fused CUDA-core gemv for batches of <= GEMV_MAX_ROWS rows, where it measured faster
     (H100 sweep, benchmarks/KERNEL_NOTES.md v6, v8, rounds 11-12): one row, except on long rows (K > 8192)
-    of layers up to 8192 wide, where the merged pass with K split won; one shared slot on wide layers (N >
+    of layers up to 4096 wide, where the merged pass with K split won; one shared slot on wide layers (N >
     16384); 2-3 rows of several slots on N <= 4096, K <= 8192 (at 4 rows v8 won). BLOCK_K = 256 x warps
     keeps the x load in the W tile's layout (warps along K)."""
     m = plan.num_rows
@@ -215,7 +213,7 @@ def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
     single = len(plan.host_slots) == 1
     stages = 1
     if m == 1:
-        if k > 8192 and n <= 8192:  # the merged pass with K split beat it (round 12): 11008x4096 46.5 -> 44.4 us
+        if k > 8192 and n <= 4096:  # the merged pass with K split beat it (round 12): 11008x4096 46.5 -> 44.4 us
             return None
         if k > 8192:
             bn, bk, warps = 16, 1024, 4

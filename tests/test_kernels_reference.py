@@ -181,7 +181,10 @@ def test_choose_config_decode_and_prefill():
     # round 11, measured on the stacked projections: K = 4096 keeps 32-row tiles 32 wide; 4096x22016 gets
     # 64 x 64 untransposed 64-row tiles and 32 x 256 ones for 8-16 rows; one row past N = 8192 4-wide gemv
     assert choose_config(12288, build_plan(torch.zeros(32, dtype=torch.long)), k=4096).block_n == 32
-    assert choose_config(10240, build_plan(torch.zeros(32, dtype=torch.long)), k=8192).block_n == 64
+    # round 12: 32-row tiles on deeper layers stay 32 wide where they fit one wave (3 x 132 programs)
+    assert choose_config(10240, build_plan(torch.zeros(32, dtype=torch.long)), k=8192).block_n == 32
+    assert choose_config(28672, build_plan(torch.zeros(32, dtype=torch.long)), k=8192).block_n == 64
+    assert choose_config(10240, build_plan(torch.arange(64) % 2), k=8192).block_n == 64  # two deltas: 640
     gate_up = choose_config(22016, build_plan(torch.zeros(64, dtype=torch.long)), k=4096)
     assert (gate_up.block_n, gate_up.block_k, gate_up.swap_ab) == (64, 64, False)
     assert choose_config(28672, build_plan(torch.zeros(64, dtype=torch.long)), k=8192).swap_ab

@@ -20,7 +20,7 @@ BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 1
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 SHARED_MEMORY_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
-SPLIT_K_MAX_PROGRAMS = 132  # an H100's SMs: merged tiles giving no more programs split K (round 12)
+H100_SMS = 132  # SMs of an H100: the few-delta tile rules count programs against them (round 12)
 
 
 @dataclass(frozen=True)
@@ -126,27 +126,32 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
         return _prefill_config(n, plan, few_deltas)
     rows = next_pow2(plan.max_rows)
     if few_deltas:
-        return _with_split_k(_few_deltas_config(n, rows, k), plan.tile_count(rows), n)
+        tiles = plan.tile_count(rows)
+        return _with_split_k(_few_deltas_config(n, rows, k, tiles), tiles, n)
     if bitmma:  # the tensor-core delta kernels: 1.4-4x the dot kernel (KERNEL_NOTES rounds 5b, 8)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
 
 
-def _few_deltas_config(n: int, rows: int, k: int) -> KernelConfig:
+def _few_deltas_config(n: int, rows: int, k: int, tiles: int) -> KernelConfig:
     """One or two deltas, tiles of `rows` (a power of two <= SHARED_DECODE_MAX_ROWS): the fused pass on
     merged weights. H100 (KERNEL_NOTES rounds 7, 8, 11): 32 x 128 tiles, but on wide layers (N >= 8192)
     64-row tiles computed transposed (7-30% less time; 64 x 64 untransposed on a 4096-deep layer wider
     than 16384, such as a 7B model's stacked gate/up: 108 -> 92 us), taller tiles 64 columns wide (32
     rows at K = 4096 excepted: 32 columns took 7-15% less there), and 8-16-row tiles 32 x 256 beyond
     N = 16384 (4096x22016: 94 -> 84 us at 8 rows, 98 -> 88 at 16). The K = 4096 rules were measured at
-    K = 4096 only and are extended to shallower layers (less work a program, the same wave argument)."""
+    K = 4096 only and are extended to shallower layers (less work a program, the same wave argument).
+    Round 12: 32-row tiles stay 32 wide on deeper layers too where they fit one wave (3 blocks an SM:
+    8192x10240 92.5 -> 86.4 us; 8192x8192 and 28672x8192 0-1% less); at 2.3 waves (8192x28672, 896
+    programs) they took 14% more time than 64 wide."""
     def merged(block_n: int, block_k: int, warps: int = 4, stages: int = 4, swap_ab: bool = False) -> KernelConfig:
         return KernelConfig(rows=rows, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages,
                             fuse_base=True, merge=True, swap_ab=swap_ab)
 
     if rows == 64 and n >= 8192:
         return merged(64, 64) if k <= 4096 and n > 16384 else merged(64, 128, stages=3, swap_ab=True)
-    if rows > DECODE_MAX_ROWS and n >= 8192 and not (rows == 32 and k <= 4096):  # shorter K step past 32 rows
+    one_wave = tiles * -(-n // 32) <= 3 * H100_SMS
+    if rows > DECODE_MAX_ROWS and n >= 8192 and not (rows == 32 and (k <= 4096 or one_wave)):  # shorter K step past 32 rows
         return merged(64, 128 if rows <= 32 else 64)
     if 4 < rows <= DECODE_MAX_ROWS and n > 16384:
         return merged(32, 256, stages=3)
@@ -156,14 +161,14 @@ def _few_deltas_config(n: int, rows: int, k: int) -> KernelConfig:
 
 def _with_split_k(config: KernelConfig, tiles: int, n: int) -> KernelConfig:
     """K split in two (four for 2-warp tiles) where the 32-column or transposed 64-row tiles of up to 64
-    rows give at most SPLIT_K_MAX_PROGRAMS programs: one program an SM or none, each streaming all of K
+    rows give at most H100_SMS programs: one program an SM or none, each streaming all of K
     alone. H100 (round 12, one delta): 11008x4096 at 1-64 rows 46.5-62.9 -> 44.4-49.2 us, 4096x4096 at
     4-64 rows 3-12% less time, 64 rows on 8192x8192 and 28672x8192 70.4 -> 66.2 and 225 -> 199 us. With
     more programs than SMs (160-192 at 8192x10240, 4096x11008 and 4096x12288, 64 rows) the split tiles
     took 20-25% more time, as did 128-row tiles; the untransposed 64-column tiles 1-5% more."""
     if config.rows > BITMMA_MAX_ROWS or not (config.block_n == 32 or config.swap_ab):
         return config
-    if tiles * -(-n // config.block_n) > SPLIT_K_MAX_PROGRAMS:
+    if tiles * -(-n // config.block_n) > H100_SMS:
         return config
     return replace(config, split_k=4 if config.num_warps == 2 else 2)
 

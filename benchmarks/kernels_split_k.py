@@ -3,9 +3,7 @@ several programs (`KernelConfig.split_k`) against the dispatched path, each vari
 the reference first, graph-timed side by side in one process. At N = 4096 a 32-column tile makes 128
 programs, fewer than the H100's 132 SMs, each streaming the whole K alone.
 
-    PYTHONPATH=. python3 benchmarks/kernels_split_k.py [--out DIR] [--shapes 11008x4096,...] [--distinct]
-
-With --distinct: every row its own delta (4-64 rows), the one-row int8 kernel v9 with K split.
+    PYTHONPATH=. python3 benchmarks/kernels_split_k.py [--out DIR] [--shapes 11008x4096,...]
 
 (H100; KERNEL_NOTES.md round 12)
 """
@@ -24,8 +22,6 @@ CASES = [(1, False), (4, False), (16, False), (32, False), (64, False)]  # (rows
 MERGED_TILES = ((32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3))  # (BN, BK, warps, stages)
 SWAP_TILES = ((64, 128, 4, 3), (128, 64, 4, 3))
 SPLITS = (2, 4, 8)
-DISTINCT_CASES = [(4, True), (8, True), (16, True), (32, True), (64, True)]  # (rows, distinct): a delta a row
-V9_TILES = ((128, 1024, 4, 2), (64, 1024, 2, 2))  # (BN, BK, warps, stages)
 
 
 def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
@@ -44,25 +40,12 @@ def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
     return out
 
 
-def distinct_variants(plan: SlotPlan, auto: KernelConfig) -> dict:
-    """All-distinct rows: v9 (one-row tiles, int8) at its dispatched tile with K split 2 or 4, and narrower."""
-    return {f"v9 {bn}x{bk}w{w}s{s} k/{split}": KernelConfig(rows=1, block_n=bn, block_k=bk, num_warps=w, num_stages=s,
-                                                             fuse_base=False, bitmma=True, split_k=split)
-            for bn, bk, w, s in V9_TILES for split in SPLITS[:2]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
     parser.add_argument("--shapes", default=SHAPES, help="KxN,KxN,...")
-    parser.add_argument("--distinct", action="store_true",
-                        help="all-distinct batches of 4-64 rows on v9 instead (to kernels_split_k_distinct.json)")
     args = parser.parse_args()
-    if args.distinct:
-        compare_configs(DISTINCT_CASES, distinct_variants, args.out, "kernels_split_k_distinct.json",
-                        parse_shapes(args.shapes))
-    else:
-        compare_configs(CASES, variants, args.out, "kernels_split_k.json", parse_shapes(args.shapes))
+    compare_configs(CASES, variants, args.out, "kernels_split_k.json", parse_shapes(args.shapes))
 
 
 if __name__ == "__main__":

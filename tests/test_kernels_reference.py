@@ -352,10 +352,7 @@ def test_kernel_config_validation():
 def test_split_k_only_on_the_segment_kernel():
     assert KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True,
                         split_k=4).split_k == 4
-    assert KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True,
-                        split_k=2).split_k == 2  # v9
-    for extra in ({"split_k": 0}, {"split_k": 2, "gemv": True, "rows": 1}, {"split_k": 2, "merged_gemm": True},
-                  {"split_k": 2, "bitmma": True, "fuse_base": False, "block_n": 128, "block_k": 256, "num_stages": 2}):
+    for extra in ({"split_k": 0}, {"split_k": 2, "gemv": True, "rows": 1}, {"split_k": 2, "merged_gemm": True}):
         with pytest.raises(ValueError, match="split_k"):
             KernelConfig(**{"rows": 4, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 1,
                             "fuse_base": True, **extra})

@@ -35,7 +35,7 @@ class KernelConfig:
     kernel only): the product computed transposed, weights as the tensor cores' A operand from
     registers, the tile's rows as their N side. merged_gemm (prefill of long segments): each slot's
     merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment.
-    split_k (segment kernel and one-row bitmma tiles): K cut into this many ranges of whole block_k steps, one program
+    split_k (segment kernel only): K cut into this many ranges of whole block_k steps, one program
     each; the last of a tile's programs to finish sums the fp32 partials in split order and writes y
     (more programs for narrow layers, whose column blocks alone leave SMs idle)."""
 
@@ -53,9 +53,8 @@ class KernelConfig:
     split_k: int = 1
 
     def __post_init__(self) -> None:
-        if self.split_k < 1 or (self.split_k > 1 and (self.gemv or self.merged_gemm or (self.bitmma and self.rows > 1))):
-            raise ValueError("split_k is a form of the segment kernel and of one-row bitmma tiles (v9): >= 1, and 1 "
-                             "with gemv, merged_gemm or taller bitmma tiles")
+        if self.split_k < 1 or (self.split_k > 1 and (self.gemv or self.bitmma or self.merged_gemm)):
+            raise ValueError("split_k is a form of the segment kernel: >= 1, and 1 with gemv, bitmma or merged_gemm")
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):
             raise ValueError("gemv is its own fused CUDA-core path (fuse_base=True, rows 1, 2 or 4)")
         if self.block_k % 32:

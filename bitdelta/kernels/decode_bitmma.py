@@ -39,7 +39,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
-from bitdelta.kernels.triton_segments import split_counters
 
 MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: v9's tile (digit columns), v8's narrowest
 WORD_BITS = gl.constexpr(32)
@@ -317,18 +316,16 @@ def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
 
 @gluon.jit
 def _bitmma_int8_kernel(
-    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr, partials_ptr, counters_ptr,
+    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
     N, K, KW, KT,
-    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y, stride_ps,
+    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
     HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    WORD_VEC: gl.constexpr, SPLIT_K: gl.constexpr,
+    WORD_VEC: gl.constexpr,
 ):
-    """Program = (one row and its slot, BLOCK_N output columns[, a range of K-tiles]) on the int8 tensor
-    cores: walks its K-tiles through the cp.async ring of words; x tiles are loaded one ring stage ahead
-    and digitised on their way to shared memory; the epilogue weights the digit columns, rescales and
-    writes y = ws + bias + scale * (x . sign). With SPLIT_K > 1 (grid axis 2) each program writes its
-    share of x . sign and the last of the tile's programs to arrive adds them in split order and writes
-    y, as `triton_segments._segment_kernel` does."""
+    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores: walks K in
+    BLOCK_K tiles through the cp.async ring of words; x tiles are loaded one ring stage ahead and
+    digitised on their way to shared memory; the epilogue weights the digit columns, rescales and
+    writes y = ws + bias + scale * (x . sign)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
@@ -369,32 +366,20 @@ def _bitmma_int8_kernel(
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
     multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (t & 7)), 0), 0)
 
-    kt_first = 0
-    kt_end = KT
-    kw_end = KW
-    k_len = K
-    if SPLIT_K > 1:
-        kt_first = gl.program_id(2) * gl.cdiv(KT, SPLIT_K)
-        kt_end = gl.minimum(KT, kt_first + gl.cdiv(KT, SPLIT_K))
-        kw_end = gl.minimum(KW, kt_end * BKW)  # no copies of the next program's words
-        k_len = gl.minimum(K, kt_end * BLOCK_K) - kt_first * BLOCK_K
     for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
-        _issue_word_copies(w_smem.index((kt_first + s) % STAGES), w_ptrs, w_mask, kt_first + s, kw_end, WORD_VEC,
-                           BLOCK_K, wk)
+        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-    # |max| of this program's share of the row: each split writes its digits on its own scale and
-    # converts its integer sums with it, so no program reads more of x than its K range
-    peak = _row_absmax(x_row_ptr + kt_first * BLOCK_K, k_len, x_row_layout)
+    peak = _row_absmax(x_row_ptr, K, x_row_layout)
     inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
     for s in gl.static_range(STAGES - 1):
-        x_smem.index((kt_first + s) % STAGES).store(
-            _digit_planes(_load_x_tile(x_row_ptr, kt_first + s, K, x_natural, BLOCK_K), inv_scale, x_natural, BLOCK_K))
+        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, s, K, x_natural, BLOCK_K), inv_scale,
+                                            x_natural, BLOCK_K))
     acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
-    for kt in range(kt_first, kt_end):
+    for kt in range(KT):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # tile kt's words have landed and its digits are stored; stage kt-1 is free
         nxt = kt + STAGES - 1
-        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, kw_end, WORD_VEC, BLOCK_K, wk)
+        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
         x_next = _load_x_tile(x_row_ptr, nxt, K, x_natural, BLOCK_K)  # its latency hides behind the products
         w_stage = w_smem.index(kt % STAGES)
@@ -415,27 +400,6 @@ def _bitmma_int8_kernel(
     dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
     n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     n_mask = n < N
-    if SPLIT_K == 1:
-        _write_delta_row(dot, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n_mask, stride_ws,
-                         stride_sc_s, stride_y, HAS_BIAS)
-    else:
-        partials = partials_ptr + row * N + n
-        gl.store(partials + gl.program_id(2) * stride_ps, dot, mask=n_mask)
-        gl.thread_barrier()  # every thread's share is written before the arrival is counted
-        counter = counters_ptr + tile * gl.num_programs(1) + gl.program_id(1)
-        if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            total = gl.zeros([BLOCK_N], gl.float32, layout=gl.SliceLayout(1, mma))
-            for split in gl.static_range(SPLIT_K):  # in split order: the sum does not depend on arrival
-                total += gl.load(partials + split * stride_ps, mask=n_mask, other=0.0, cache_modifier=".cg")
-            gl.atomic_xchg(counter, 0)  # ready for the next launch
-            _write_delta_row(total, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n_mask,
-                             stride_ws, stride_sc_s, stride_y, HAS_BIAS)
-
-
-@gluon.jit
-def _write_delta_row(dot, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n_mask, stride_ws,
-                     stride_sc_s, stride_y, HAS_BIAS: gl.constexpr):
-    """y[row, n] = ws + bias + scale * dot, in y's dtype."""
     out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
@@ -470,17 +434,10 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     if config.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
-        grid = (tiles.shape[0], triton.cdiv(n, config.block_n), config.split_k)
-        if config.split_k > 1:
-            partials = torch.empty(config.split_k, x.shape[0], n, dtype=torch.float32, device=x.device)
-            counters = split_counters(x.device, grid[0] * grid[1])
-        else:
-            partials = counters = y  # unused
-        fast(_bitmma_int8_kernel)[grid](
-            x, ws, bias_arg, signs, scales, y, tiles, plan.order, partials, counters, *shape, x.stride(0), *strides,
-            x.shape[0] * n,
+        fast(_bitmma_int8_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
             HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
-            WORD_VEC=word_vec, SPLIT_K=config.split_k, num_warps=config.num_warps,
+            WORD_VEC=word_vec, num_warps=config.num_warps,
         )
         return y
     xk = permute_activations(x, config.block_k)

@@ -330,6 +330,19 @@ def test_split_k_sums_in_split_order_and_leaves_its_counters_at_zero(dtype):
     assert not split_counters(x.device, 1).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 11008), (2, 4096, 11008), (4, 8192, 28672), (64, 4096, 4096),
+                                   (64, 8192, 8192), (3, 4096, 9000)])
+def test_dispatched_split_k_paths(m, n, k, dtype):
+    """The round-12 dispatch for one delta on narrow or long layers: K split on 32-column and transposed
+    64-row tiles (2 or 4 ranges), and 1-4 rows on long rows taken from the gemv by the merged pass."""
+    x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
+    slot_ids = torch.ones(m, dtype=torch.long, device="cuda")
+    config = choose_config(n, build_plan(slot_ids), k=k)
+    assert config.merge and not config.gemv
+    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+
+
 def test_split_k_replays_in_a_cuda_graph_on_new_inputs():
     """The engine replays decode steps as CUDA graphs: a captured split-K call, replayed on inputs
     copied into its buffers, computes the new product (the counters are reused across replays)."""

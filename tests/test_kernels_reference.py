@@ -241,6 +241,10 @@ def test_choose_config_splits_k_where_tiles_leave_sms_idle():
     assert config(4096, 128, 4096).split_k == 1  # 128-row tiles
     assert config(4096, 1, 4096).gemv and config(8192, 1, 8192).gemv  # K <= 8192: the gemv as before
     assert config(4096, 200, 4096).split_k == 1  # prefill tiles are never split
+    # the count is against the device's SMs: 132 programs split on an H100 SXM, 133 do not; 114 SMs
+    # (an H100 PCIe) leave the 128 programs of N = 4096 unsplit
+    assert config(132 * 32, 16, 8192).split_k == 2 and config(132 * 32 + 1, 16, 8192).split_k == 1
+    assert choose_config(4096, build_plan(torch.zeros(16, dtype=torch.long)), k=11008, sms=114).split_k == 1
 
 
 def test_choose_config_without_gluon_takes_the_dot_kernel():
@@ -352,7 +356,8 @@ def test_kernel_config_validation():
 def test_split_k_only_on_the_segment_kernel():
     assert KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True,
                         split_k=4).split_k == 4
-    for extra in ({"split_k": 0}, {"split_k": 2, "gemv": True, "rows": 1}, {"split_k": 2, "merged_gemm": True}):
+    for extra in ({"split_k": 0}, {"split_k": 2, "gemv": True, "rows": 1}, {"split_k": 2, "merged_gemm": True},
+                  {"split_k": 2, "bitmma": True, "fuse_base": False, "block_n": 128, "block_k": 256, "num_stages": 2}):
         with pytest.raises(ValueError, match="split_k"):
             KernelConfig(**{"rows": 4, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 1,
                             "fuse_base": True, **extra})

@@ -100,4 +100,11 @@ def _dispatch(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, s
         dense = torch.nn.functional.linear(x, base_weight, bias)
         return dense if out is None else out.copy_(dense)
     n, k = base_weight.shape
-    return segment_matmul(x, base_weight, signs, scales, plan, bias, plan_config(n, plan, k, gluon_available()), out)
+    config = plan_config(n, plan, k, gluon_available(), sm_count(x.device.index))
+    return segment_matmul(x, base_weight, signs, scales, plan, bias, config, out)
+
+
+@functools.cache
+def sm_count(device_index: int | None) -> int:
+    """The SM count of a CUDA device, against which the dispatcher counts a call's programs."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -20,7 +20,8 @@ BITMMA_MAX_ROWS = 64  # v8 tiles: rows on the N side of m16n8k16 mmas, <= 8 or 1
 MERGED_GEMM_MIN_ROWS = 512  # a slot with this many prefill rows: merged weights once, then cuBLAS
 SHARED_MEMORY_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 ONE_ROW_MAX_K = 1 << 17  # v9's int32 accumulator holds up to 64 * 128 * K: < 2^31 for K < 2^18
-H100_SMS = 132  # SMs of an H100: the few-delta tile rules count programs against them (round 12)
+H100_SMS = 132  # SMs of the H100 SXM the rules were measured on; `sms` defaults to it (round 12)
+SPLIT_K_MAX_ROWS = 64  # taller few-delta tiles are never split (128-row tiles measured 9-20% slower split)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def next_pow2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) -> KernelConfig:
+def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True, sms: int = H100_SMS) -> KernelConfig:
     """Pick the variant measured fastest on an H100 (benchmarks/KERNEL_NOTES.md).
 
     Few distinct deltas: one fused pass on the tile's merged weights (base + scale * bits: one
@@ -112,7 +113,8 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     once per tile of up to 64 rows (8, 16, 32 or 64, picked per batch). Prefill (round 8): slots of at
     least MERGED_GEMM_MIN_ROWS rows get their merged weights written once and cuBLAS; shorter
     segments the fused pass on merged weights, computed transposed. `bitmma=False` (a Triton
-    without Gluon) takes the tl.dot kernel instead of v8/v9.
+    without Gluon) takes the tl.dot kernel instead of v8/v9. `sms`: the device's SM count, against
+    which the few-delta rules count a call's programs (round 12).
     """
     gemv = _gemv_config(n, plan, k)
     if gemv is not None:
@@ -127,13 +129,13 @@ def choose_config(n: int, plan: SlotPlan, k: int = 4096, bitmma: bool = True) ->
     rows = next_pow2(plan.max_rows)
     if few_deltas:
         tiles = plan.tile_count(rows)
-        return _with_split_k(_few_deltas_config(n, rows, k, tiles), tiles, n)
+        return _with_split_k(_few_deltas_config(n, rows, k, tiles, sms), tiles, n, sms)
     if bitmma:  # the tensor-core delta kernels: 1.4-4x the dot kernel (KERNEL_NOTES rounds 5b, 8)
         return _bitmma_config(n, plan, k)
     return KernelConfig(rows=rows, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=False)
 
 
-def _few_deltas_config(n: int, rows: int, k: int, tiles: int) -> KernelConfig:
+def _few_deltas_config(n: int, rows: int, k: int, tiles: int, sms: int) -> KernelConfig:
     """One or two deltas, tiles of `rows` (a power of two <= SHARED_DECODE_MAX_ROWS): the fused pass on
     merged weights. H100 (KERNEL_NOTES rounds 7, 8, 11): 32 x 128 tiles, but on wide layers (N >= 8192)
     64-row tiles computed transposed (7-30% less time; 64 x 64 untransposed on a 4096-deep layer wider
@@ -142,15 +144,16 @@ def _few_deltas_config(n: int, rows: int, k: int, tiles: int) -> KernelConfig:
     N = 16384 (4096x22016: 94 -> 84 us at 8 rows, 98 -> 88 at 16). The K = 4096 rules were measured at
     K = 4096 only and are extended to shallower layers (less work a program, the same wave argument).
     Round 12: 32-row tiles stay 32 wide on deeper layers too where they fit one wave (3 blocks an SM:
-    8192x10240 92.5 -> 86.4 us; 8192x8192 and 28672x8192 0-1% less); at 2.3 waves (8192x28672, 896
-    programs) they took 14% more time than 64 wide."""
+    8192x10240 92.5 -> 86.0 us; 8192x8192 and 28672x8192 0.3-1.5% less); at 2.3 waves (8192x28672, 896
+    programs) they took 14% more time than 64 wide, though at 4.5 waves (8192x57344, 1792) 6% less:
+    the wave count alone does not settle it (KERNEL_NOTES open lead 1)."""
     def merged(block_n: int, block_k: int, warps: int = 4, stages: int = 4, swap_ab: bool = False) -> KernelConfig:
         return KernelConfig(rows=rows, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages,
                             fuse_base=True, merge=True, swap_ab=swap_ab)
 
     if rows == 64 and n >= 8192:
         return merged(64, 64) if k <= 4096 and n > 16384 else merged(64, 128, stages=3, swap_ab=True)
-    one_wave = tiles * -(-n // 32) <= 3 * H100_SMS
+    one_wave = _programs(tiles, n, 32) <= 3 * sms
     if rows > DECODE_MAX_ROWS and n >= 8192 and not (rows == 32 and (k <= 4096 or one_wave)):  # shorter K step past 32 rows
         return merged(64, 128 if rows <= 32 else 64)
     if 4 < rows <= DECODE_MAX_ROWS and n > 16384:
@@ -159,27 +162,32 @@ def _few_deltas_config(n: int, rows: int, k: int, tiles: int) -> KernelConfig:
     return merged(32, 128, warps=2, stages=3) if rows <= 2 else merged(32, 128)
 
 
-def _with_split_k(config: KernelConfig, tiles: int, n: int) -> KernelConfig:
-    """K split in two (four for 2-warp tiles) where the 32-column or transposed 64-row tiles of up to 64
-    rows give at most H100_SMS programs: one program an SM or none, each streaming all of K
-    alone. H100 (round 12, one delta): 11008x4096 at 1-64 rows 46.5-62.9 -> 44.4-49.2 us, 4096x4096 at
-    4-64 rows 3-12% less time, 64 rows on 8192x8192 and 28672x8192 70.4 -> 66.2 and 225 -> 199 us. With
-    more programs than SMs (160-192 at 8192x10240, 4096x11008 and 4096x12288, 64 rows) the split tiles
-    took 20-25% more time, as did 128-row tiles; the untransposed 64-column tiles 1-5% more."""
-    if config.rows > BITMMA_MAX_ROWS or not (config.block_n == 32 or config.swap_ab):
+def _with_split_k(config: KernelConfig, tiles: int, n: int, sms: int) -> KernelConfig:
+    """K split in two (four for the 2-warp tiles of 1-2 rows) where the 32-column or transposed 64-row
+    tiles of up to SPLIT_K_MAX_ROWS rows make at most `sms` programs: one program an SM or none, each
+    streaming all of K alone. H100 (round 12, one delta, final run): 11008x4096 at 1-64 rows 46.7-63.4 ->
+    44.4-49.6 us, 4096x4096 at 4-64 rows 3-11% less time, 8192x8192 at 64 rows 70.4 -> 66.3 us,
+    28672x8192 at 64 rows 225 -> 199 (sweep). With more programs than SMs (160-192 at 8192x10240,
+    4096x11008 and 4096x12288, 64 rows) the split tiles took 20-25% more time, 128-row tiles 9-20%
+    more, and the untransposed 64-column tiles of 32 rows on N = 8192 0.6-5% more."""
+    if config.rows > SPLIT_K_MAX_ROWS or not (config.block_n == 32 or config.swap_ab):
         return config
-    if tiles * -(-n // config.block_n) > H100_SMS:
+    if _programs(tiles, n, config.block_n) > sms:
         return config
-    return replace(config, split_k=4 if config.num_warps == 2 else 2)
+    return replace(config, split_k=4 if config.rows <= 2 else 2)
 
 
-def plan_config(n: int, plan: SlotPlan, k: int, bitmma: bool = True) -> KernelConfig:
+def _programs(tiles: int, n: int, block_n: int) -> int:
+    return tiles * -(-n // block_n)
+
+
+def plan_config(n: int, plan: SlotPlan, k: int, bitmma: bool = True, sms: int = H100_SMS) -> KernelConfig:
     """`choose_config`, memoised on the plan: a step's plan serves every layer, which have a handful
     of shapes, and an eager step (prefill) pays the choice in host time at every linear."""
-    key = (n, k, bitmma)
+    key = (n, k, bitmma, sms)
     config = plan._configs.get(key)
     if config is None:
-        config = plan._configs[key] = choose_config(n, plan, k=k, bitmma=bitmma)
+        config = plan._configs[key] = choose_config(n, plan, k=k, bitmma=bitmma, sms=sms)
     return config
 
 
@@ -210,15 +218,17 @@ def _gemv_config(n: int, plan: SlotPlan, k: int) -> KernelConfig | None:
     """The fused CUDA-core gemv for batches of <= GEMV_MAX_ROWS rows, where it measured faster
     (H100 sweep, benchmarks/KERNEL_NOTES.md v6, v8, rounds 11-12): one row, except on long rows (K > 8192)
     of layers up to 4096 wide, where the merged pass with K split won; one shared slot on wide layers (N >
-    16384); 2-3 rows of several slots on N <= 4096, K <= 8192 (at 4 rows v8 won). BLOCK_K = 256 x warps
-    keeps the x load in the W tile's layout (warps along K)."""
+    16384); 2-3 rows of several slots on N <= 4096, K <= 8192 (at 4 rows v8 won). Since round 12, 2-4 rows
+    of one slot on long rows take the merged pass (measured at 4 rows: 11008x4096 47.2 -> 44.6 us,
+    28672x8192 229.8 -> 194.4; 2-3 rows follow unmeasured). BLOCK_K = 256 x warps keeps the x load in the
+    W tile's layout (warps along K)."""
     m = plan.num_rows
     if m == 0 or m > GEMV_MAX_ROWS:
         return None
     single = len(plan.host_slots) == 1
     stages = 1
     if m == 1:
-        if k > 8192 and n <= 4096:  # the merged pass with K split beat it (round 12): 11008x4096 46.5 -> 44.4 us
+        if k > 8192 and n <= 4096:  # the merged pass with K split beat it (round 12): 11008x4096 46.7 -> 44.4 us
             return None
         if k > 8192:
             bn, bk, warps = 16, 1024, 4

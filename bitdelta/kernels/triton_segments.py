@@ -2,14 +2,15 @@
 
 One kernel serves decode and prefill; only its tile shapes differ (see `configs.py`). The rows of
 the batch are grouped by slot (`grouping.py`) and cut into tiles that never mix slots. A program
-takes one (row tile, column block) pair and walks K once:
+takes one (row tile, column block) pair and walks K once (with `split_k`, one of that many ranges of
+K; the last of the tile's programs to arrive adds their fp32 partials in split order and writes y):
 
     acc_base += x_tile @ W_base[cols].T                  (fused variant only)
     acc_sign += x_tile @ expand(bits[slot, cols]).T      (skipped for slot -1)
     y[rows, cols] = acc_base + bias + scale[slot, cols] * acc_sign
 
-so each tile reads its slot's packed bits once, whatever the number of its rows. In the split
-variant the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds the delta to it;
+so each tile reads its slot's packed bits once, whatever the number of its rows. In the unfused
+form (fuse_base=False) the base product comes from cuBLAS as fp32 (`ws`) and the kernel adds the delta to it;
 that pays when many distinct slots would otherwise each re-read the base columns.
 
 Signs are expanded to exact +-1 values in the activation dtype and multiplied on the tensor cores
@@ -249,16 +250,20 @@ def _segment_kernel(
 
     if SWAP_AB:
         acc_base = tl.trans(acc_t)
-    if has_delta and not MERGE:
-        scale = tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
-        acc_base += scale[None, :] * acc_sign
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if SPLIT_K == 1:
-        _store_y(acc_base, ws_ptr, bias_ptr, y_ptr, rows, cols, col_mask, out_mask, stride_wsm, stride_ym,
-                 HAS_BIAS, FUSE_BASE)
+    if SPLIT_K == 1:  # the base (cuBLAS's, or this pass's), the bias, then the delta
+        if not FUSE_BASE:
+            acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=out_mask, other=0.0)
+        acc_base = _add_bias(acc_base, bias_ptr, cols, col_mask, HAS_BIAS)
+        if has_delta and not MERGE:
+            acc_base += _delta_scale(scales_ptr, slot, cols, col_mask, stride_sc_s)[None, :] * acc_sign
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc_base.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         # this program's share of K; the last of the tile's SPLIT_K programs to arrive adds them up
+        if has_delta and not MERGE:
+            acc_base += _delta_scale(scales_ptr, slot, cols, col_mask, stride_sc_s)[None, :] * acc_sign
         partials = partials_ptr + rows[:, None] * N + cols[None, :]
+        stride_ps = stride_ps.to(tl.int64)  # splits x M x N may pass 2^31
         tl.store(partials + tl.program_id(2) * stride_ps, acc_base, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the arrival is counted
         counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
@@ -267,8 +272,11 @@ def _segment_kernel(
             for split in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on arrival
                 total += tl.load(partials + split * stride_ps, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0)  # ready for the next launch
-            _store_y(total, ws_ptr, bias_ptr, y_ptr, rows, cols, col_mask, out_mask, stride_wsm, stride_ym,
-                     HAS_BIAS, FUSE_BASE)
+            if not FUSE_BASE:
+                total += tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=out_mask, other=0.0)
+            total = _add_bias(total, bias_ptr, cols, col_mask, HAS_BIAS)
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], total.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
 
 
 @triton.jit
@@ -284,14 +292,15 @@ def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _store_y(acc, ws_ptr, bias_ptr, y_ptr, rows, cols, col_mask, out_mask, stride_wsm, stride_ym,
-             HAS_BIAS: tl.constexpr, FUSE_BASE: tl.constexpr):
-    """y[rows, cols] = acc + base product from cuBLAS (split variant) + bias, in y's dtype."""
-    if not FUSE_BASE:
-        acc += tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=out_mask, other=0.0)
+def _add_bias(acc, bias_ptr, cols, col_mask, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    return acc
+
+
+@triton.jit
+def _delta_scale(scales_ptr, slot, cols, col_mask, stride_sc_s):
+    return tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
 
 
 def segment_matmul(
@@ -361,17 +370,24 @@ def segment_matmul(
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}
+_retired_counters: list[torch.Tensor] = []
 
 
 def split_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least `count` zeroed int32 arrival counters of the split-K kernels on `device`. Each launch
     leaves them at zero again, so one buffer serves every call: no memset a call. Calls on one stream
-    (the engine's, and graph replays of it) take turns; two streams must not run split-K calls at once.
-    Grown only outside CUDA-graph capture (the engine's eager pass before each capture allocates it)."""
+    (the engine's, and graph replays of it) take turns; two streams must not run split-K calls at once
+    (a counter left off zero would spoil every later call that uses it). Grown only outside CUDA-graph
+    capture (the engine's eager pass before each capture allocates it); a buffer that is outgrown is
+    kept, since graphs captured earlier and kernels still queued hold its address."""
     counters = _split_counters.get(device)
     if counters is None or counters.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K counters must be allocated before CUDA-graph capture: run the call once eagerly first")
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                if torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError("split-K counters must be allocated before CUDA-graph capture: "
+                                       "run the call once eagerly first")
+        if counters is not None:
+            _retired_counters.append(counters)
         counters = _split_counters[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
     return counters
-

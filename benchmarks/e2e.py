@@ -1,12 +1,13 @@
 """End-to-end multi-tenant decoding on a GPU: memory and speed of N fine-tunes served at once.
 
-    python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64]
+    python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64] [--busy 0]
                              [--prompt 128] [--generate 128] [--out benchmarks/results]
 
 A Llama-2-7B-shaped base in fp16 with random weights, built on the GPU (speed does not depend on
 the values), and N fine-tunes; a batch of B = N requests, one per fine-tune, each a 128-token
 prompt and 128 generated tokens (greedy, no end-of-sequence stop); then B = 64 requests whose
-fine-tunes follow a Zipf law (p ~ 1/rank) over 64. Compared in one run:
+fine-tunes follow a Zipf law (p ~ 1/rank) over 64; with --busy B, B requests of one fine-tune (the
+few-delta kernels: one delta shared by the batch). Compared in one run:
 
   naive     each fine-tune a separate dense fp16 transformers model, batch = its own requests,
             one model after another each step. As many as fit stay on the GPU; the rest are
@@ -500,7 +501,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["label"] != "zipf"]
+    rows = [r for r in result["rows"] if r["label"].isdigit()]  # N fine-tunes, one request each
     figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4))
     for system, style in (("naive", "o-"), ("lora", "^-"), ("bitdelta", "s-"), ("base", "k--")):
         points = [(r["n"], r[system]) for r in rows if system in r and "error" not in r[system]]
@@ -533,6 +534,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="llama2-7b")
     parser.add_argument("--tenants", default="1,2,4,8,16,32,64")
     parser.add_argument("--zipf", type=int, default=64, help="B = fine-tunes of the Zipf row (0: skip)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="a row of B requests of one fine-tune, which takes the few-delta kernels (0: skip)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--generate", type=int, default=128)
     parser.add_argument("--systems", default="naive,lora,bitdelta,eager", help="bitdelta includes base only; eager: both again without CUDA graphs")
@@ -567,6 +570,8 @@ def main() -> None:
     cases = [(str(n), n, list(range(n))) for n in map(int, args.tenants.split(","))]
     if args.zipf:
         cases.append(("zipf", args.zipf, zipf_tenants(args.zipf, args.zipf)))
+    if args.busy:
+        cases.append(("busy", args.busy, [0] * args.busy))
     if earlier is not None:
         measuring = {label for label, _, _ in cases}
         result["rows"] = [row for row in earlier["rows"] if row["label"] not in measuring]
@@ -589,7 +594,7 @@ def main() -> None:
             row["bitdelta-eager"] = run_bitdelta(setup, config, weights, tenants_of_requests, graphs=False)
             row["base-eager"] = run_base(setup, config, weights, tenants_of_requests, graphs=False)
         result["rows"].append(row)
-        result["rows"].sort(key=lambda r: (r["label"] == "zipf", r["n"]))
+        result["rows"].sort(key=lambda r: (not r["label"].isdigit(), r["label"] == "zipf", r["n"]))
         print(json.dumps(row), flush=True)
         reset_peak(device)
         write(result, args.out)  # after every row: a run cut short keeps what it measured

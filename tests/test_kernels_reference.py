@@ -363,6 +363,19 @@ def test_split_k_only_on_the_segment_kernel():
                             "fuse_base": True, **extra})
 
 
+def test_split_counters_grow_without_freeing_the_buffer_graphs_hold():
+    """A grown counter buffer replaces the old one for new calls, but the old one stays alive: a CUDA
+    graph captured before the growth still holds its address."""
+    triton_segments = pytest.importorskip("bitdelta.kernels.triton_segments")
+    device = torch.device("cpu")
+    first = triton_segments.split_counters(device, 10)
+    assert first.numel() >= 10 and not first.any()
+    assert triton_segments.split_counters(device, first.numel()) is first  # no growth: the same buffer
+    grown = triton_segments.split_counters(device, first.numel() + 1)
+    assert grown.numel() > first.numel() and not grown.any()
+    assert any(kept is first for kept in triton_segments._retired_counters)
+
+
 @needs_triton_interpreter
 def test_split_k_in_the_triton_interpreter():
     """The segment kernel with K split over programs (merged, transposed and plain fused forms, bias,

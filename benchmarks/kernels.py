@@ -293,6 +293,17 @@ def compare_configs(cases: list, variants, out: str, name: str, shapes=DECODE_SH
     write_results(out, name, rows)
 
 
+def compare_configs_main(cases: list, variants, name: str, shapes=DECODE_SHAPES) -> None:
+    """A sweep script's command line: `--out DIR` (JSON to DIR/name; none without it) and
+    `--shapes KxN,...` (default `shapes`), then `compare_configs`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="")
+    parser.add_argument("--shapes", default="",
+                        help="KxN,KxN,... (default: " + ",".join(f"{k}x{n}" for k, n in shapes) + ")")
+    args = parser.parse_args()
+    compare_configs(cases, variants, args.out, name, parse_shapes(args.shapes) if args.shapes else shapes)
+
+
 def sweep_suite(bandwidth: float, shapes) -> list[dict]:
     """Time kernel variants per case (each checked against the reference first), to pick the
     dispatcher's thresholds."""

@@ -2,14 +2,12 @@
 other tiles and software-pipelining depths, each checked against the reference first, graph-timed
 side by side in one process.
 
-    PYTHONPATH=. python3 benchmarks/kernels_gemv_sweep.py [--out DIR]     (H100; KERNEL_NOTES.md rounds 7, 8)
+    PYTHONPATH=. python3 benchmarks/kernels_gemv_sweep.py [--out DIR] [--shapes KxN,...]     (H100; KERNEL_NOTES.md rounds 7, 8)
 """
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.kernels import compare_configs
+from benchmarks.kernels import compare_configs_main
 from bitdelta.kernels.configs import KernelConfig, next_pow2
 from bitdelta.kernels.grouping import SlotPlan
 
@@ -25,9 +23,7 @@ def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="")
-    compare_configs(CASES, variants, parser.parse_args().out, "kernels_gemv_sweep.json")
+    compare_configs_main(CASES, variants, "kernels_gemv_sweep.json")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ two shapes of the goal table.
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.kernels import compare_configs, parse_shapes
+from benchmarks.kernels import compare_configs_main, parse_shapes
 from bitdelta.kernels.configs import GEMV_MAX_ROWS, KernelConfig, next_pow2
 from bitdelta.kernels.grouping import SlotPlan
 
@@ -43,11 +41,7 @@ def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="")
-    parser.add_argument("--shapes", default=SHAPES, help="KxN,KxN,...")
-    args = parser.parse_args()
-    compare_configs(CASES, variants, args.out, "kernels_shared_decode.json", parse_shapes(args.shapes))
+    compare_configs_main(CASES, variants, "kernels_shared_decode.json", parse_shapes(SHAPES))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ first, graph-timed side by side in one process.
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.kernels import DECODE_SHAPES, compare_configs, parse_shapes
+from benchmarks.kernels import DECODE_SHAPES, compare_configs_main
 from bitdelta.kernels.configs import KernelConfig, next_pow2
 from bitdelta.kernels.grouping import SlotPlan
 
@@ -40,12 +38,7 @@ def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="")
-    parser.add_argument("--shapes", default="", help="KxN,KxN,... (default: every decode shape)")
-    args = parser.parse_args()
-    shapes = parse_shapes(args.shapes) if args.shapes else DECODE_SHAPES
-    compare_configs(CASES, variants, args.out, "kernels_shared_rows.json", shapes)
+    compare_configs_main(CASES, variants, "kernels_shared_rows.json", DECODE_SHAPES)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ programs, fewer than the H100's 132 SMs, each streaming the whole K alone.
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.kernels import compare_configs, parse_shapes
+from benchmarks.kernels import compare_configs_main, parse_shapes
 from bitdelta.kernels.configs import KernelConfig, next_pow2
 from bitdelta.kernels.grouping import SlotPlan
 
@@ -41,11 +39,7 @@ def variants(plan: SlotPlan, auto: KernelConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="")
-    parser.add_argument("--shapes", default=SHAPES, help="KxN,KxN,...")
-    args = parser.parse_args()
-    compare_configs(CASES, variants, args.out, "kernels_split_k.json", parse_shapes(args.shapes))
+    compare_configs_main(CASES, variants, "kernels_split_k.json", parse_shapes(SHAPES))
 
 
 if __name__ == "__main__":

@@ -253,11 +253,11 @@ def _segment_kernel(
     out_mask = row_mask[:, None] & col_mask[None, :]
     if SPLIT_K == 1:  # the base (cuBLAS's, or this pass's), the bias, then the delta
         if not FUSE_BASE:
-            acc_base = tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=out_mask, other=0.0)
+            acc_base = _tile(ws_ptr, rows, cols, stride_wsm, out_mask)
         acc_base = _add_bias(acc_base, bias_ptr, cols, col_mask, HAS_BIAS)
         if has_delta and not MERGE:
             acc_base += _delta_scale(scales_ptr, slot, cols, col_mask, stride_sc_s)[None, :] * acc_sign
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc_base.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store_y(acc_base, y_ptr, rows, cols, stride_ym, out_mask)
     else:
         # this program's share of K; the last of the tile's SPLIT_K programs to arrive adds them up
         if has_delta and not MERGE:
@@ -273,10 +273,9 @@ def _segment_kernel(
                 total += tl.load(partials + split * stride_ps, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0)  # ready for the next launch
             if not FUSE_BASE:
-                total += tl.load(ws_ptr + rows[:, None] * stride_wsm + cols[None, :], mask=out_mask, other=0.0)
+                total += _tile(ws_ptr, rows, cols, stride_wsm, out_mask)
             total = _add_bias(total, bias_ptr, cols, col_mask, HAS_BIAS)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], total.to(y_ptr.dtype.element_ty),
-                     mask=out_mask)
+            _store_y(total, y_ptr, rows, cols, stride_ym, out_mask)
 
 
 @triton.jit
@@ -289,6 +288,17 @@ def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         first = tl.program_id(2) * per_split
         end = tl.minimum(K, first + per_split)
     return first, end
+
+
+@triton.jit
+def _tile(ptr, rows, cols, stride_m, mask):
+    """An fp32 [rows, cols] tile of a row-major matrix (cuBLAS's base product `ws`)."""
+    return tl.load(ptr + rows[:, None] * stride_m + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_y(acc, y_ptr, rows, cols, stride_ym, mask):
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

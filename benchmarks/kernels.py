@@ -254,7 +254,7 @@ def time_checked(p: "Problem", configs: dict) -> tuple[dict, dict]:
     return times, errors
 
 
-def write_results(out: str, name: str, rows: list) -> None:
+def write_results(out: str, name: str, rows: list | dict) -> None:
     """rows as JSON to out/name (nothing when out is empty)."""
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

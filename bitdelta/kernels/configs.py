@@ -38,9 +38,7 @@ class KernelConfig:
     merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment.
     split_k (segment kernel only): K cut into this many ranges of whole block_k steps, one program
     each; the last of a tile's programs to finish sums the fp32 partials in split order and writes y
-    (more programs for narrow layers, whose column blocks alone leave SMs idle). binary (bitmma, one-row
-    tiles): v11 of `decode_binary.py` on the 1-bit mma instead of v9, block_n = 32 x num_warps, block_k
-    1024 (a ring stage), num_stages deep."""
+    (more programs for narrow layers, whose column blocks alone leave SMs idle)."""
 
     rows: int
     block_n: int
@@ -54,7 +52,6 @@ class KernelConfig:
     swap_ab: bool = False
     merged_gemm: bool = False
     split_k: int = 1
-    binary: bool = False
 
     def __post_init__(self) -> None:
         if self.split_k < 1 or (self.split_k > 1 and (self.gemv or self.bitmma or self.merged_gemm)):
@@ -73,18 +70,13 @@ class KernelConfig:
                              "rows and block_n >= 16")
         if self.merged_gemm and next_pow2(self.block_k) != self.block_k:
             raise ValueError("merged_gemm: block_k (the merge kernel's tile) must be a power of two")
-        if self.binary and not self.bitmma:
-            raise ValueError("binary is a form of the bitmma path (bitmma=True)")
         if self.bitmma:
             self._check_bitmma()
 
     def _check_bitmma(self) -> None:
-        if self.binary:
-            if self.rows != 1 or self.block_n != 32 * self.num_warps or self.block_k != 1024 or self.num_stages < 2:
-                raise ValueError("binary: one-row tiles, block_n = 32 x num_warps, block_k 1024, >= 2 stages")
-        elif self.fuse_base or self.gemv or not (1 <= self.rows <= 8 or self.rows in (16, 32, 64)):
+        if self.fuse_base or self.gemv or not (1 <= self.rows <= 8 or self.rows in (16, 32, 64)):
             raise ValueError("bitmma is a split path (fuse_base=False) for tiles of <= 8, 16, 32 or 64 rows")
-        elif self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
+        if self.block_n % (16 * self.num_warps) or self.block_k not in (256, 512, 1024) or self.num_stages < 2:
             raise ValueError("bitmma: block_n a multiple of 16 x num_warps, block_k 256, 512 or 1024, >= 2 stages")
         shared = self.bitmma_shared_bytes()
         if shared > SHARED_MEMORY_BYTES:
@@ -93,10 +85,7 @@ class KernelConfig:
 
     def bitmma_shared_bytes(self) -> int:
         """The cp.async ring of decode_bitmma.py: per stage the words [BN, BK/32] (int32) and x, as
-        4 x 8 bf16 rows of BK/4 per 8 tile rows (v8) or 16 int8 digit rows of BK/4 (v9), or the row's 32
-        bit planes of BK (v11)."""
-        if self.binary:
-            return self.num_stages * (self.block_n + 32) * self.block_k // 8
+        4 x 8 bf16 rows of BK/4 per 8 tile rows (v8) or 16 int8 digit rows of BK/4 (v9)."""
         x_bytes = 16 * self.block_k // 4 if self.rows == 1 else 4 * max(self.rows, 8) * self.block_k // 4 * 2
         return self.num_stages * (self.block_n * self.block_k // 32 * 4 + x_bytes)
 

@@ -356,12 +356,8 @@ def segment_matmul(
     else:
         ws = torch.mm(x, base_weight.t(), out_dtype=torch.float32)  # cuBLAS, fp32 out: one rounding
         weight = x  # unused
-    if config.binary:
-        from bitdelta.kernels.decode_binary import binary_delta  # Gluon: imported only on this path
-
-        return binary_delta(x, ws, bias, signs, scales, plan, config, y)
     if config.bitmma:
-        from bitdelta.kernels.decode_bitmma import bitmma_delta
+        from bitdelta.kernels.decode_bitmma import bitmma_delta  # Gluon: imported only on this path
 
         return bitmma_delta(x, ws, bias, signs, scales, plan, config, y)
     tiles = segment_tiles(plan, config.rows)

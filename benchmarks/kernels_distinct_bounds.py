@@ -29,12 +29,13 @@ V9 = KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, 
 
 
 @triton.jit
-def _read_bits_kernel(signs_ptr, out_ptr, KW, KW4, stride_s4, BN: tl.constexpr, BKW: tl.constexpr,
+def _read_bits_kernel(signs_ptr, out_ptr, KW, stride_n4, stride_s4, BN: tl.constexpr, BKW: tl.constexpr,
                       STAGES: tl.constexpr):
-    """Program (row r, column block c) xors words [c BN, c BN + BN) x [0, KW) of delta r, BKW a step."""
+    """Program (row r, column block c) xors words [c BN, c BN + BN) x [0, KW) of delta r, BKW a step
+    (strides in 16-byte units, so the loads are 16-byte vectors)."""
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     cols = tl.arange(0, BKW)
-    base = (signs_ptr + tl.program_id(0).to(tl.int64) * stride_s4 * 4 + rows[:, None].to(tl.int64) * KW4 * 4
+    base = (signs_ptr + tl.program_id(0).to(tl.int64) * stride_s4 * 4 + rows[:, None].to(tl.int64) * stride_n4 * 4
             + cols[None, :])
     acc = tl.zeros([BN, BKW], tl.int32)
     for k0 in tl.range(0, KW, BKW, num_stages=STAGES):
@@ -44,14 +45,14 @@ def _read_bits_kernel(signs_ptr, out_ptr, KW, KW4, stride_s4, BN: tl.constexpr, 
 
 def read_bits_us(p: Problem) -> float:
     """The best pure read of p's bits in the delta kernel's program structure."""
-    assert p.kw % 4 == 0, "rows of whole 16-byte vectors (every decode shape's K is a multiple of 128)"
+    assert p.sets[0]["signs"].stride(1) % 4 == 0, "rows of whole 16-byte vectors (every decode shape's K % 128 == 0)"
     out = torch.empty(p.batch * triton.cdiv(p.n, 128), dtype=torch.int32, device="cuda")
     best = float("inf")
     for stages in (2, 3, 4):
         for warps in (4, 8):
             calls = [lambda d=d: _read_bits_kernel[(p.batch, triton.cdiv(p.n, 128))](
-                d["signs"], out, p.kw, p.kw // 4, d["signs"].stride(0) // 4, BN=128, BKW=32, STAGES=stages,
-                num_warps=warps) for d in p.sets]
+                d["signs"], out, p.kw, d["signs"].stride(1) // 4, d["signs"].stride(0) // 4, BN=128, BKW=32,
+                STAGES=stages, num_warps=warps) for d in p.sets]
             best = min(best, graph_us(calls))
     return best
 

@@ -103,12 +103,6 @@ CONFIGS = [
     KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
     KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True),
-    # v9 with its K-tiles shared evenly over a fixed number of programs (stream-K, round 13): pieces of
-    # tiles, first and last pieces summed by the last program to arrive
-    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True,
-                 stream_k=4),
-    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=3, fuse_base=False, bitmma=True,
-                 stream_k=1),
     KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
     # round 8: products computed transposed (weights as the register A operand), merged and split; and
     # prefill on merged weights written once per slot, then cuBLAS
@@ -136,7 +130,6 @@ def _config_id(c: KernelConfig | None) -> str:
     variant = ("bitmma" if c.bitmma else "") + ("merged" if c.merge else "") + ("swap" if c.swap_ab else "")
     variant += "gemm" if c.merged_gemm else ""
     variant += f"k{c.split_k}" if c.split_k > 1 else ""
-    variant += f"stream{c.stream_k}" if c.stream_k else ""
     return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
 
 
@@ -348,24 +341,6 @@ def test_dispatched_split_k_paths(m, n, k, dtype):
     config = choose_config(n, build_plan(slot_ids), k=k)
     assert config.merge and not config.gemv
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(3, 200, 1000), (64, 4096, 11008), (40, 1000, 4097)])
-def test_stream_k_v9_repeats_bit_for_bit_and_leaves_its_counters_at_zero(m, n, k, dtype):
-    """Stream-K v9 cuts tiles into pieces at program boundaries; the pieces' sums are added in program
-    order, so a second call gives the same bits, and every arrival counter is back at zero."""
-    from bitdelta.kernels.triton_segments import split_counters
-
-    config = KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=3, fuse_base=False, bitmma=True,
-                          stream_k=2)
-    x, w, signs, scales, bias = _problem(m, n, k, m, dtype)
-    slot_ids = torch.randperm(m, device="cuda")
-    first = _run(x, w, signs, scales, slot_ids, bias, config)
-    _check(first, x, w, signs, scales, slot_ids, bias)
-    torch.testing.assert_close(_run(x, w, signs, scales, slot_ids, bias, config), first, rtol=0, atol=0)
-    torch.cuda.synchronize()
-    assert int(split_counters(x.device, 1).abs().sum()) == 0
 
 
 def test_split_k_replays_in_a_cuda_graph_on_new_inputs():

@@ -38,8 +38,7 @@ class KernelConfig:
     merged weights written once (`triton_merge.py`, tiles block_n x block_k), then cuBLAS per segment.
     split_k (segment kernel only): K cut into this many ranges of whole block_k steps, one program
     each; the last of a tile's programs to finish sums the fp32 partials in split order and writes y
-    (more programs for narrow layers, whose column blocks alone leave SMs idle). stream_k (v9, one-row
-    tiles): this many programs an SM share the call's K-tiles evenly (stream-K; 0: one program a tile)."""
+    (more programs for narrow layers, whose column blocks alone leave SMs idle)."""
 
     rows: int
     block_n: int
@@ -53,11 +52,8 @@ class KernelConfig:
     swap_ab: bool = False
     merged_gemm: bool = False
     split_k: int = 1
-    stream_k: int = 0
 
     def __post_init__(self) -> None:
-        if self.stream_k and not (self.bitmma and self.rows == 1):
-            raise ValueError("stream_k is a form of v9 (bitmma, rows=1)")
         if self.split_k < 1 or (self.split_k > 1 and (self.gemv or self.bitmma or self.merged_gemm)):
             raise ValueError("split_k is a form of the segment kernel: >= 1, and 1 with gemv, bitmma or merged_gemm")
         if self.gemv and (not self.fuse_base or self.rows not in (1, 2, 4)):

@@ -38,9 +38,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
-from bitdelta.kernels import sm_count
 from bitdelta.kernels.launch import fast
-from bitdelta.kernels.triton_segments import split_counters
 
 MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: v9's tile (digit columns), v8's narrowest
 WORD_BITS = gl.constexpr(32)
@@ -316,21 +314,21 @@ def _digit_planes(x, inv_scale, layout: gl.constexpr, BK: gl.constexpr):
     return gl.reshape(x7, [4 * DIGITS, BK // 4])
 
 
-@gluon.constexpr_function
-def _int8_mma(num_warps):
-    """v9's accumulator layout: warps stacked along the sign rows, m16n8 tiles."""
-    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-
-
 @gluon.jit
-def _row_tile_dot(x_row_ptr, w_ptrs, w_mask, kt_first, kt_end, K, KW, w_smem, x_smem, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, WORD_VEC: gl.constexpr):
-    """x_row . sign over K-tiles [kt_first, kt_end) for BLOCK_N sign rows (fp32 [BLOCK_N] in the mma's
-    row layout) on the int8 tensor cores: the words through the cp.async ring, the row's x digitised on
-    the |max| of the range, loaded one ring stage ahead and written to shared memory on its way."""
+def _bitmma_int8_kernel(
+    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
+    N, K, KW, KT,
+    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
+    HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    WORD_VEC: gl.constexpr,
+):
+    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores: walks K in
+    BLOCK_K tiles through the cp.async ring of words; x tiles are loaded one ring stage ahead and
+    digitised on their way to shared memory; the epilogue weights the digit columns, rescales and
+    writes y = ws + bias + scale * (x . sign)."""
     NW: gl.constexpr = gl.num_warps()
     BKW: gl.constexpr = BLOCK_K // WORD_BITS
-    mma: gl.constexpr = _int8_mma(NW)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
     bits3: gl.constexpr = _words_layout_int8(gl.to_linear_layout(a_layout, [BLOCK_N, SUB_K]))
@@ -342,167 +340,71 @@ def _row_tile_dot(x_row_ptr, w_ptrs, w_mask, kt_first, kt_end, K, KW, w_smem, x_
     # natural x tile: consecutive k along lanes and warps (4 a thread at BK 512, 4 warps: one q group)
     x_natural: gl.constexpr = gl.BlockedLayout([1, max(1, min(8, BLOCK_K // (32 * NW)))], [1, 32], [1, NW], [1, 0])
     x_row_layout: gl.constexpr = gl.BlockedLayout([8], [32], [NW], [0])
+    # a lane reads two words of a row a compute step (LDS.64, `_words_layout_int8`): the 4 rows of a 16-lane
+    # phase xor their (BKW/4)-word units, so the phase hits 32 distinct banks (2 wavefronts an LDS.64)
+    w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])
+    x_shared: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
+
+    tile = gl.program_id(0)
+    slot = gl.load(tiles_ptr + tile * 3)
+    row = gl.load(order_ptr + gl.load(tiles_ptr + tile * 3 + 1)).to(gl.int64)
+    has_delta = slot >= 0
+    slot64 = gl.maximum(slot, 0).to(gl.int64)
+    col0 = gl.program_id(1) * BLOCK_N
+    x_row_ptr = x_ptr + row * stride_x
+
+    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
+    w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
+              + wk[None, :])
+    w_mask = has_delta & ((col0 + wn) < N)[:, None]
+
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
+    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
+
     # 2^(7 - j) for bit t = 8p + j of a word: bits j, j + 8, j + 16, j + 24 -> the top bits of bytes 0..3
     t = gl.arange(0, WORD_BITS, layout=gl.SliceLayout(0, gl.SliceLayout(0, bits3)))
     multipliers = gl.expand_dims(gl.expand_dims(1 << (7 - (t & 7)), 0), 0)
 
-    kw_end = gl.minimum(KW, kt_end * BKW)  # no copies of words past the range
     for s in gl.static_range(STAGES - 1):  # the words first: they are the DRAM stream
-        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, kt_first + s, kw_end, WORD_VEC, BLOCK_K, wk)
+        _issue_word_copies(w_smem.index(s), w_ptrs, w_mask, s, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-    peak = _row_absmax(x_row_ptr + kt_first * BLOCK_K, gl.minimum(K, kt_end * BLOCK_K) - kt_first * BLOCK_K,
-                       x_row_layout)
+    peak = _row_absmax(x_row_ptr, K, x_row_layout)
     inv_scale = gl.where(peak > 0, X_FULL_SCALE / peak, 0.0)
     for s in gl.static_range(STAGES - 1):
-        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, kt_first + s, K, x_natural, BLOCK_K), inv_scale,
+        x_smem.index(s).store(_digit_planes(_load_x_tile(x_row_ptr, s, K, x_natural, BLOCK_K), inv_scale,
                                             x_natural, BLOCK_K))
     acc = gl.zeros([BLOCK_N, MMA_COLS], gl.int32, layout=mma)
-    for i in range(kt_end - kt_first):
+    for kt in range(KT):
         async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # tile i's words have landed and its digits are stored; stage i-1 is free
-        nxt = i + STAGES - 1
-        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, kt_first + nxt, kw_end, WORD_VEC, BLOCK_K, wk)
+        gl.thread_barrier()  # tile kt's words have landed and its digits are stored; stage kt-1 is free
+        nxt = kt + STAGES - 1
+        _issue_word_copies(w_smem.index(nxt % STAGES), w_ptrs, w_mask, nxt, KW, WORD_VEC, BLOCK_K, wk)
         async_copy.commit_group()
-        # its latency hides behind the products
-        x_next = _load_x_tile(x_row_ptr, kt_first + nxt, K, x_natural, BLOCK_K)
-        w_stage = w_smem.index(i % STAGES)
-        x_stage = x_smem.index(i % STAGES)
+        x_next = _load_x_tile(x_row_ptr, nxt, K, x_natural, BLOCK_K)  # its latency hides behind the products
+        w_stage = w_smem.index(kt % STAGES)
+        x_stage = x_smem.index(kt % STAGES)
         for sub in gl.static_range(BLOCK_K // SUB_K):
             words = w_stage.slice(sub * (SUB_K // 32), SUB_K // 32, dim=1).load(words_layout)
             a = _sign_operand(words, multipliers, a_layout, BLOCK_N, SUB_K, 2)
             b = _x_digits_operand(x_stage.slice(sub * (SUB_K // 4), SUB_K // 4, dim=1).load(x_layout), b_layout,
                                   cols3, SUB_K)
             acc = mma_v2(a, b, acc)
-        # stage i-1, free since this iteration's barrier; the next barrier publishes it
+        # stage kt-1, free since this iteration's barrier; the next barrier publishes it
         x_smem.index(nxt % STAGES).store(_digit_planes(x_next, inv_scale, x_natural, BLOCK_K))
     async_copy.wait_group(0)
 
     # x . sign[n] = -(peak / (127 * 2^21 * 64)) * sum_d acc[n, d] * 2^(7 (3 - d)) (columns 4..7 repeat 0..3)
     c = gl.arange(0, MMA_COLS, layout=gl.SliceLayout(0, mma))
     weight = gl.where(c < DIGITS, (1 << (7 * (DIGITS - 1 - (c % DIGITS)))).to(gl.float32), 0.0)
-    return gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
-
-
-@gluon.jit
-def _int8_setup(x_ptr, signs_ptr, tiles_ptr, order_ptr, tile, col0, N, stride_x, stride_sg_s, stride_sg_n,
-                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WORD_VEC: gl.constexpr):
-    """Row tile `tile`'s row and slot, and the copy pointers of its words from column `col0` on."""
-    NW: gl.constexpr = gl.num_warps()
-    BKW: gl.constexpr = BLOCK_K // WORD_BITS
-    w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BKW // 4), BKW // 4], [NW, 1], [1, 0])
-    slot = gl.load(tiles_ptr + tile * 3)
-    row = gl.load(order_ptr + gl.load(tiles_ptr + tile * 3 + 1)).to(gl.int64)
-    has_delta = slot >= 0
-    slot64 = gl.maximum(slot, 0).to(gl.int64)
-    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
-    wk = gl.arange(0, BKW, layout=gl.SliceLayout(0, w_copy))
-    w_ptrs = (signs_ptr + slot64 * stride_sg_s * WORD_VEC + (col0 + wn)[:, None] * stride_sg_n * WORD_VEC
-              + wk[None, :])
-    w_mask = has_delta & ((col0 + wn) < N)[:, None]
-    return row, slot64, has_delta, x_ptr + row * stride_x, w_ptrs, w_mask
-
-
-@gluon.jit
-def _int8_ring(BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    BKW: gl.constexpr = BLOCK_K // WORD_BITS
-    # a lane reads two words of a row a compute step (LDS.64, `_words_layout_int8`): the 4 rows of a 16-lane
-    # phase xor their (BKW/4)-word units, so the phase hits 32 distinct banks (2 wavefronts an LDS.64)
-    w_shared: gl.constexpr = gl.SwizzledSharedLayout(BKW // 4, 1, 4, order=[1, 0])
-    x_shared: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, order=[1, 0])
-    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BKW], w_shared)
-    x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 4 * DIGITS, BLOCK_K // 4], x_shared)
-    return w_smem, x_smem
-
-
-@gluon.jit
-def _write_delta_row(dot, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n_mask, stride_ws,
-                     stride_sc_s, stride_y, HAS_BIAS: gl.constexpr):
-    """y[row, n] = ws + bias + scale * dot, in y's dtype."""
+    dot = gl.sum(acc.to(gl.float32) * weight[None, :], axis=1) * (-peak / (X_FULL_SCALE * SIGN_MAGNITUDE))
+    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    n_mask = n < N
     out = gl.load(ws_ptr + row * stride_ws + n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
     out += gl.load(scales_ptr + slot64 * stride_sc_s + n, mask=n_mask & has_delta, other=0.0) * dot
     gl.store(y_ptr + row * stride_y + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
-@gluon.jit
-def _bitmma_int8_kernel(
-    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr,
-    N, K, KW, KT,
-    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
-    HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    WORD_VEC: gl.constexpr,
-):
-    """Program = (one row and its slot, BLOCK_N output columns) on the int8 tensor cores: all of K
-    (`_row_tile_dot`), then y = ws + bias + scale * (x . sign)."""
-    mma: gl.constexpr = _int8_mma(gl.num_warps())
-    col0 = gl.program_id(1) * BLOCK_N
-    row, slot64, has_delta, x_row_ptr, w_ptrs, w_mask = _int8_setup(
-        x_ptr, signs_ptr, tiles_ptr, order_ptr, gl.program_id(0), col0, N, stride_x, stride_sg_s, stride_sg_n,
-        BLOCK_N, BLOCK_K, WORD_VEC)
-    w_smem, x_smem = _int8_ring(BLOCK_N, BLOCK_K, STAGES)
-    dot = _row_tile_dot(x_row_ptr, w_ptrs, w_mask, 0, KT, K, KW, w_smem, x_smem, BLOCK_N, BLOCK_K, STAGES, WORD_VEC)
-    n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    _write_delta_row(dot, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n < N, stride_ws,
-                     stride_sc_s, stride_y, HAS_BIAS)
-
-
-@gluon.jit
-def _bitmma_int8_stream_kernel(
-    x_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr, work_ptr, counters_ptr,
-    N, K, KW, KT, COL_BLOCKS, UNITS,
-    stride_x, stride_ws, stride_sg_s, stride_sg_n, stride_sc_s, stride_y,
-    HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    WORD_VEC: gl.constexpr,
-):
-    """v9 with the work balanced over the programs (stream-K): the UNITS = tiles x column blocks x
-    K-tiles are cut into one contiguous range a program, so every program streams the same number of
-    K-tiles (no partial last wave). A range covers pieces of one or more (tile, column block) pairs;
-    a whole pair is written directly, a piece writes its fp32 share of x . sign (on its own |max|) to
-    `work` [programs, 2 (its first or last piece), BLOCK_N], and the last of the pair's programs to
-    arrive (a gpu-scope acq_rel counter per pair) adds the shares in program order and writes y."""
-    mma: gl.constexpr = _int8_mma(gl.num_warps())
-    p = gl.program_id(0).to(gl.int64)
-    programs = gl.num_programs(0).to(gl.int64)
-    first_unit = p * UNITS // programs
-    end_unit = (p + 1) * UNITS // programs
-    w_smem, x_smem = _int8_ring(BLOCK_N, BLOCK_K, STAGES)
-    nn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    u = first_unit
-    while u < end_unit:
-        pair = u // KT
-        kt_first = (u % KT).to(gl.int32)
-        kt_end = gl.minimum(KT, kt_first + (end_unit - u)).to(gl.int32)
-        col0 = (pair % COL_BLOCKS).to(gl.int32) * BLOCK_N
-        row, slot64, has_delta, x_row_ptr, w_ptrs, w_mask = _int8_setup(
-            x_ptr, signs_ptr, tiles_ptr, order_ptr, (pair // COL_BLOCKS).to(gl.int32), col0, N, stride_x, stride_sg_s,
-            stride_sg_n, BLOCK_N, BLOCK_K, WORD_VEC)
-        gl.thread_barrier()  # the previous piece's last reads of the ring are done
-        dot = _row_tile_dot(x_row_ptr, w_ptrs, w_mask, kt_first, kt_end, K, KW, w_smem, x_smem, BLOCK_N, BLOCK_K,
-                            STAGES, WORD_VEC)
-        n = col0 + nn
-        if (kt_first == 0) & (kt_end == KT):
-            _write_delta_row(dot, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n < N, stride_ws,
-                             stride_sc_s, stride_y, HAS_BIAS)
-        else:
-            gl.store(work_ptr + (p * 2 + (u != first_unit).to(gl.int64)) * BLOCK_N + nn, dot)
-            gl.thread_barrier()  # every thread's share is written before the arrival is counted
-            # the programs whose ranges meet this pair's units [pair KT, pair KT + KT): owner(x) = ((x + 1) P - 1) // UNITS
-            pair_unit = pair * KT
-            p_first = ((pair_unit + 1) * programs - 1) // UNITS
-            p_last = ((pair_unit + KT) * programs - 1) // UNITS
-            counter = counters_ptr + pair
-            if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == p_last - p_first:
-                total = gl.zeros([BLOCK_N], gl.float32, layout=gl.SliceLayout(1, mma))
-                for q in range(p_first, p_last + 1):  # in program order: the sum does not depend on arrival
-                    # the pair is q's first piece if q's range starts inside it, else q's last piece
-                    piece = ((q * UNITS // programs) < pair_unit).to(gl.int64)
-                    total += gl.load(work_ptr + (q * 2 + piece) * BLOCK_N + nn, cache_modifier=".cg")
-                gl.atomic_xchg(counter, 0)  # ready for the next launch
-                _write_delta_row(total, ws_ptr, bias_ptr, scales_ptr, y_ptr, row, slot64, has_delta, n, n < N,
-                                 stride_ws, stride_sc_s, stride_y, HAS_BIAS)
-        u += (kt_end - kt_first).to(gl.int64)
 
 
 def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
@@ -532,20 +434,11 @@ def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, s
     if config.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
-        options = dict(HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                       STAGES=config.num_stages, WORD_VEC=word_vec, num_warps=config.num_warps)
-        col_blocks = triton.cdiv(n, config.block_n)
-        if not config.stream_k:
-            fast(_bitmma_int8_kernel)[(tiles.shape[0], col_blocks)](
-                x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides, **options)
-            return y
-        units = tiles.shape[0] * col_blocks * shape[3]
-        programs = min(units, config.stream_k * sm_count(x.device.index))
-        work = torch.empty(programs * 2 * config.block_n, dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, tiles.shape[0] * col_blocks)
-        fast(_bitmma_int8_stream_kernel)[(programs,)](
-            x, ws, bias_arg, signs, scales, y, tiles, plan.order, work, counters, n, k, kw, shape[3], col_blocks, units,
-            x.stride(0), *strides, **options)
+        fast(_bitmma_int8_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](
+            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
+            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
+            WORD_VEC=word_vec, num_warps=config.num_warps,
+        )
         return y
     xk = permute_activations(x, config.block_k)
     fast(_bitmma_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](

@@ -2,7 +2,7 @@
 delta kernel)? Per case: the floor, the dispatched path, cuBLAS's base product alone, and two pure
 reads of the rows' bits: one in the delta kernel's program structure (program = one row x 128
 columns, 1024-bit K steps, best of 2-4 pipeline stages and 4 or 8 warps), one as a balanced stream
-(`kernels_read_floor.py`'s kernel, best of 2-16 programs an SM); base + each read: two passes that
+(`Problem.read_us` without the base: best of 2-16 programs an SM); base + each read: two passes that
 each ran at a pure read's speed. With --waves, v9 alone against the row count around one wave of
 programs (5 an SM).
 
@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernels import DECODE_SHAPES, Problem, graph_us, measure_ceilings, write_results
-from benchmarks.kernels_read_floor import BLOCK, _stream_kernel
 from bitdelta.kernels.configs import KernelConfig
 
 BATCHES = [4, 16, 32, 64]
@@ -57,18 +56,6 @@ def read_bits_us(p: Problem) -> float:
     return best
 
 
-def stream_bits_us(p: Problem) -> float:
-    """The best balanced pure read of p's bits (every program the same share, whatever the rows)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    best = float("inf")
-    for per_sm, warps in ((2, 8), (4, 4), (8, 4), (16, 4)):
-        out = torch.empty(per_sm * sms, dtype=torch.int32, device="cuda")
-        calls = [lambda d=d: _stream_kernel[(per_sm * sms,)](d["signs"].reshape(-1), d["signs"].numel(), out, 0, out,
-                                                              BLOCK=BLOCK, num_warps=warps) for d in p.sets]
-        best = min(best, graph_us(calls))
-    return best
-
-
 def v9_alone_us(p: Problem) -> float:
     from bitdelta.kernels.decode_bitmma import bitmma_delta
 
@@ -93,7 +80,7 @@ def main() -> None:
         for batch in BATCHES:
             p = Problem(k, n, batch, True)
             floor, ours, base = p.bytes / bandwidth * 1e6, p.ours_us(), p.base_us()
-            read, stream = read_bits_us(p), stream_bits_us(p)
+            read, stream = read_bits_us(p), p.read_us(base=False)
             rows.append({"K": k, "N": n, "batch": batch, "floor_us": floor, "ours_us": ours, "base_us": base,
                          "read_bits_us": read, "stream_bits_us": stream})
             print(f"| {k}x{n} | {batch} | {floor:.1f} | {ours:.1f} | {base:.1f} | {read:.1f} | {stream:.1f} | "

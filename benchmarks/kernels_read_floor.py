@@ -11,35 +11,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
-import triton.language as tl
 
-from benchmarks.kernels import DECODE_SHAPES, Problem, graph_us, measure_ceilings, write_results
-
-BLOCK = 4096  # int32 words a program reads per step: 16 KB
-
-
-@triton.jit
-def _stream_kernel(a_ptr, a_words, b_ptr, b_words, out_ptr, BLOCK: tl.constexpr):
-    """Program p sums words p*BLOCK, (p + P)*BLOCK, ... of a then b (P programs): a pure read stream."""
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(tl.program_id(0) * BLOCK, a_words, tl.num_programs(0) * BLOCK):
-        acc += tl.load(a_ptr + start + offs, mask=start + offs < a_words, other=0)
-    for start in range(tl.program_id(0) * BLOCK, b_words, tl.num_programs(0) * BLOCK):
-        acc += tl.load(b_ptr + start + offs, mask=start + offs < b_words, other=0)
-    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
-
-
-def stream_us(p: Problem, programs: int, warps: int) -> float:
-    out = torch.empty(programs, dtype=torch.int32, device="cuda")
-
-    def call(d):
-        a = d["w"].view(torch.int32).reshape(-1)
-        b = d["signs"][0].reshape(-1)
-        _stream_kernel[(programs,)](a, a.numel(), b, b.numel(), out, BLOCK=BLOCK, num_warps=warps)
-
-    return graph_us([lambda d=d: call(d) for d in p.sets])
+from benchmarks.kernels import DECODE_SHAPES, Problem, measure_ceilings, write_results
 
 
 def main() -> None:
@@ -55,7 +28,7 @@ def main() -> None:
     for k, n in DECODE_SHAPES:
         p = Problem(k, n, 1, True)
         floor_us = p.bytes / bandwidth * 1e6
-        times = {name: stream_us(p, programs, warps) for name, (programs, warps) in grids.items()}
+        times = {name: p.stream_us(programs, warps) for name, (programs, warps) in grids.items()}
         times["cuBLAS b=1"] = p.base_us()
         times["ours b=1"] = p.ours_us()
         best = min(times[name] for name in grids)

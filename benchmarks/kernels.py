@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.report import write_report
+from bitdelta.kernels import sm_count
 from bitdelta.kernels.configs import KernelConfig, choose_config
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.triton_segments import segment_matmul
@@ -145,7 +146,7 @@ class Problem:
     def read_us(self, base: bool = True) -> float:
         """The fastest of `stream_us` over STREAM_GRIDS: how fast any single pass over the case's weight
         bytes can go in this harness (KERNEL_NOTES 8d, 13c)."""
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        sms = sm_count(torch.cuda.current_device())
         return min(self.stream_us(per_sm * sms, warps, base) for per_sm, warps in STREAM_GRIDS)
 
     def base_us(self) -> float:

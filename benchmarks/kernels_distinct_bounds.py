@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernels import DECODE_SHAPES, Problem, graph_us, measure_ceilings, write_results
-from bitdelta.kernels.configs import KernelConfig
+from bitdelta.kernels import sm_count
+from bitdelta.kernels.configs import choose_config
 
 BATCHES = [4, 16, 32, 64]
 WAVE_ROWS = {(8192, 8192): [8, 10, 11, 12, 16, 20, 21, 22], (11008, 4096): [16, 20, 21, 22, 32, 40, 41, 42, 44]}
-V9 = KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True)
 
 
 @triton.jit
@@ -59,10 +59,11 @@ def read_bits_us(p: Problem) -> float:
 def v9_alone_us(p: Problem) -> float:
     from bitdelta.kernels.decode_bitmma import bitmma_delta
 
+    v9 = choose_config(p.n, p.plan, k=p.k)  # the dispatched one-row tiles (every row its own delta)
     for d in p.sets:
         d["ws"] = torch.zeros(p.batch, p.n, device="cuda")
         d["y"] = torch.empty(p.batch, p.n, device="cuda", dtype=d["x"].dtype)
-    return graph_us([lambda d=d: bitmma_delta(d["x"], d["ws"], None, d["signs"], d["scales"], p.plan, V9, d["y"])
+    return graph_us([lambda d=d: bitmma_delta(d["x"], d["ws"], None, d["signs"], d["scales"], p.plan, v9, d["y"])
                      for d in p.sets])
 
 
@@ -89,7 +90,7 @@ def main() -> None:
             del p
     waves = []
     if args.waves:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        sms = sm_count(torch.cuda.current_device())
         print("\n| KxN | rows | v9 programs / (5 x SMs) | v9 alone | bits floor |\n|---|---|---|---|---|")
         for (k, n), counts in WAVE_ROWS.items():
             for batch in counts:

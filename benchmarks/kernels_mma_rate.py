@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.kernels import write_results
+from bitdelta.kernels import sm_count
 
 OPERANDS = "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};"
 IMMA = tl.constexpr("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 " + OPERANDS)
@@ -83,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sm_count(torch.cuda.current_device())
     rows = []
     print("| mma | warps an SM | mma/s (T) | int ops/s (T) | mma an SM and us |\n|---|---|---|---|---|")
     for name, asm, macs in (("int8 m16n8k32", IMMA, 16 * 8 * 32), ("1-bit m16n8k256 and.popc", BMMA, 16 * 8 * 256)):

@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from benchmarks.kernels import DECODE_SHAPES, Problem, measure_ceilings, write_results
+from benchmarks.kernels import DECODE_SHAPES, STREAM_GRIDS, Problem, measure_ceilings, write_results
+from bitdelta.kernels import sm_count
 
 
 def main() -> None:
@@ -20,8 +21,8 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     bandwidth = measure_ceilings()["copy_bandwidth_GBps"] * 1e9
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grids = {f"stream {m}xSM w{w}": (m * sms, w) for m, w in ((1, 8), (2, 8), (4, 4), (8, 4), (16, 4))}
+    sms = sm_count(torch.cuda.current_device())
+    grids = {f"stream {m}xSM w{w}": (m * sms, w) for m, w in ((1, 8), *STREAM_GRIDS)}
     rows = []
     print("| KxN | floor | " + " | ".join(grids) + " | cuBLAS b=1 | ours b=1 | best stream / floor |")
     print("|---" * (len(grids) + 5) + "|")

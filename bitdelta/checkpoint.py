@@ -21,10 +21,16 @@ from bitdelta.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files that carry weights (ours are read separately); every other top-level file of a checkpoint
-# (config, generation config, tokenizer, chat template, README) travels with a delta.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-_WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
+# The files besides its weights that a model folder needs to load and chat: they travel from a
+# fine-tune into its delta and from a delta into a merged checkpoint. An allowlist, because a folder
+# may come from anyone: pickles, remote code and unknown binaries never travel.
+MODEL_FOLDER_FILES = frozenset({
+    "config.json", "generation_config.json", "README.md",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model",  # sentencepiece
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.tiktoken", "qwen.tiktoken", "tiktoken.model",  # BPE, WordPiece, tiktoken
+    "chat_template.jinja", "chat_template.json",
+})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 SAFETENSORS_DTYPES = {
@@ -152,12 +158,8 @@ class Checkpoint:
         return sum(meta.nbytes for meta in self.tensors.values())
 
     def small_files(self) -> list[Path]:
-        """Config, tokenizer, chat template and other non-weight files at the top level."""
-        return sorted(
-            p for p in self.path.iterdir()
-            if p.is_file() and not p.name.startswith(".")
-            and not p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.endswith(_WEIGHT_INDEXES)
-        )
+        """The config, tokenizer and chat template files (MODEL_FOLDER_FILES) this checkpoint has."""
+        return model_folder_files(self.path)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -174,6 +176,11 @@ class Checkpoint:
                     digest.update(f"{name}|{meta.shape}|{meta.dtype}".encode())
                     digest.update(_corner(handle.get_slice(name), meta.shape).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:32]
+
+
+def model_folder_files(folder: Path) -> list[Path]:
+    """The MODEL_FOLDER_FILES present in `folder`, sorted."""
+    return sorted(folder / name for name in MODEL_FOLDER_FILES if (folder / name).is_file())
 
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from bitdelta.checkpoint import model_folder_files
 from bitdelta.delta import BinaryDelta
 from bitdelta.errors import DeltaFormatError, IncompatibleModelsError
 from bitdelta.storage import ShardWriter, atomic_directory
@@ -150,8 +151,12 @@ class DeltaReader:
             )
 
     def small_files(self) -> list[Path]:
-        ours = set(self.config.files) | {CONFIG_FILE, f"{WEIGHTS_STEM}.safetensors.index.json"}
-        return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in ours)
+        """The fine-tune's config, tokenizer and chat template files that travel with the delta."""
+        files = model_folder_files(self.path)
+        for path in files:
+            if not is_own_file(self.path, path.name):
+                raise DeltaFormatError(f"{path} links to a file outside {self.path}; replace the link with the file itself")
+        return files
 
 
 def _check_binary_delta(name: str, delta: BinaryDelta) -> None:
@@ -178,6 +183,25 @@ def read_config(path: Path) -> DeltaConfig:
     if version != FORMAT_VERSION:
         raise DeltaFormatError(f"{file} has format version {version!r}, but this bitdelta reads version {FORMAT_VERSION}; use a matching bitdelta release")
     try:
-        return DeltaConfig(**data)
+        config = DeltaConfig(**data)
     except TypeError as error:
         raise DeltaFormatError(f"{file} does not describe a delta ({error}); the delta is corrupted, recreate it") from None
+    if not isinstance(config.files, dict):
+        raise DeltaFormatError(f"{file} lists its weight files as {type(config.files).__name__}, not a mapping; the delta is corrupted, recreate it")
+    for name in config.files:
+        if not is_own_file(Path(path), name):
+            raise DeltaFormatError(f"{file} names weight file {name!r}, which is not a file name inside {path}; the delta is corrupted or forged, recreate it")
+    return config
+
+
+def is_own_file(folder: Path, name: object) -> bool:
+    """True when `name` is a plain file name whose file (symlinks followed) lies directly in `folder`.
+
+    A delta may come from anyone: its config must not make us hash, open or copy a file elsewhere.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return False
+    try:
+        return (folder / name).resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False

@@ -44,3 +44,7 @@ class InvalidRequestError(BitDeltaError):
 
 class QueueFullError(BitDeltaError):
     """The waiting queue is at --max-queue (HTTP 429)."""
+
+
+class OutputWriteError(BitDeltaError):
+    """The output could not be written: the disk is full, a folder is not writable, a file is in the way."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bitdelta.errors import OutputExistsError
+from bitdelta.errors import OutputExistsError, OutputWriteError
 
 
 @contextlib.contextmanager
@@ -20,26 +22,67 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `output`; on success rename it to `output`.
 
     The temporary directory lives in the same folder so the final rename is atomic. On any error
-    it is removed and `output` is left exactly as it was.
+    it is removed and `output` is left exactly as it was; an OSError (a full disk, a folder that
+    cannot be written) becomes an OutputWriteError naming `output`. `overwrite` replaces whatever
+    is at `output` itself: a directory, a file, or a symbolic link (the link, never its target).
     """
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists; choose another path or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    _refuse_existing(output, overwrite)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as error:
+        raise OutputWriteError(_write_failure(error, output)) from error
     try:
         yield tmp
-        if output.exists():
-            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            output.rename(retired)
-            tmp.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            tmp.rename(output)
+        _replace(output, tmp)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputWriteError(_write_failure(error, output)) from error
+    except OutputWriteError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(error.__cause__, OSError):
+            raise
+        # from an atomic directory nested in this one: name the output the user asked for
+        raise OutputWriteError(_write_failure(error.__cause__, output)) from error.__cause__
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _refuse_existing(output: Path, overwrite: bool) -> None:
+    if overwrite or not os.path.lexists(output):  # lexists: a dangling link is in the way too
+        return
+    if output.is_symlink():
+        raise OutputExistsError(f"{output} already exists as a symbolic link to {os.readlink(output)}; "
+                                "choose another path or pass --overwrite to replace the link (not its target)")
+    raise OutputExistsError(f"{output} already exists; choose another path or pass --overwrite")
+
+
+def _replace(output: Path, tmp: Path) -> None:
+    """Rename `tmp` to `output`, retiring whatever is there first (a rename moves a link, not its target)."""
+    if not os.path.lexists(output):
+        tmp.rename(output)
+        return
+    retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+    output.rename(retired)
+    try:
+        tmp.rename(output)
+    except OSError:
+        retired.rename(output)
+        raise
+    if retired.is_dir() and not retired.is_symlink():
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        retired.unlink()
+
+
+def _write_failure(error: OSError, output: Path) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device while writing {output}; free space or choose another -o"
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where} while writing {output}; fix that path or choose another -o"
 
 
 class ShardWriter:

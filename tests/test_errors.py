@@ -135,3 +135,76 @@ def test_bad_option_values_are_refused(llama_pair, llama_delta, tmp_path):
     assert_clean_failure(*run_cli("compress", *llama_pair, "-o", tmp_path / "a", "--scale", "column"), "granularity")
     assert_clean_failure(*run_cli("merge", llama_pair[0], llama_delta, "-o", tmp_path / "b", "--dtype", "int4"), "dtype")
     assert_nothing_written(tmp_path / "b")
+
+
+def _disk_fills_after(monkeypatch, tensors):
+    """ShardWriter.add stores `tensors` tensors, then the disk is full."""
+    import errno
+
+    from bitdelta.storage import ShardWriter
+
+    real_add, stored = ShardWriter.add, []
+
+    def add(self, name, tensor):
+        if len(stored) == tensors:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        stored.append(name)
+        real_add(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+
+
+@pytest.mark.parametrize("command", ["compress", "merge"])
+def test_full_disk_is_one_line_and_leaves_nothing(llama_pair, llama_delta, tmp_path, monkeypatch, command):
+    _disk_fills_after(monkeypatch, 3)
+    out = tmp_path / "out"
+    source = llama_pair[1] if command == "compress" else llama_delta
+    assert_clean_failure(*run_cli(command, llama_pair[0], source, "-o", out, "-q"), "no space left on device", str(out), "-o")
+    assert_nothing_written(out)
+
+
+def test_full_disk_while_compressing_for_distillation_names_the_output(llama_pair, tmp_path, monkeypatch):
+    _disk_fills_after(monkeypatch, 3)
+    out = tmp_path / "out"
+    assert_clean_failure(*run_cli("compress", *llama_pair, "-o", out, "-q", "--distill", "--steps", "1"), f"writing {out};")
+    assert_nothing_written(out)
+
+
+def test_unwritable_output_folder_is_one_line(llama_pair, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert_clean_failure(*run_cli("compress", *llama_pair, "-o", blocker / "out", "-q"), str(blocker / "out"))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_dangling_link_as_output_is_refused_unless_overwrite(llama_pair, tmp_path):
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "gone")
+    assert_clean_failure(*run_cli("compress", *llama_pair, "-o", out, "-q"), "symbolic link", "--overwrite")
+    assert out.is_symlink() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    code, _, stderr = run_cli("compress", *llama_pair, "-o", out, "-q", "--overwrite")
+    assert code == 0, stderr
+    assert not out.is_symlink() and (out / "bitdelta_config.json").is_file() and not (tmp_path / "gone").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_overwrite_replaces_a_link_not_its_target(llama_pair, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    code, _, stderr = run_cli("compress", *llama_pair, "-o", link, "-q", "--overwrite")
+    assert code == 0, stderr
+    assert not link.is_symlink() and (link / "bitdelta_config.json").is_file()
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".link.")], list(tmp_path.iterdir())
+
+
+def test_overwrite_replaces_a_file(llama_pair, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("old")
+    code, _, stderr = run_cli("compress", *llama_pair, "-o", out, "-q", "--overwrite")
+    assert code == 0, stderr
+    assert (out / "bitdelta_config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], list(tmp_path.iterdir())

@@ -31,7 +31,7 @@ from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
 from .model import MultiTenantModel, StepBatch
-from .sampling import SamplingParams, TextStream, sample
+from .sampling import SamplingParams, TextStream, is_greedy, sample
 from .store import DeltaEntry, DeltaStore
 
 log = logging.getLogger("bitdelta.engine")
@@ -54,6 +54,11 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs on a GPU (graphs.py)
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: float32 on a CPU, the base's dtype on a GPU
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_gpu_deltas", "max_cpu_deltas", "max_queue", "prefill_chunk", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise BitDeltaError(f"EngineConfig.{name} is {getattr(self, name)}; it must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,20 @@ class Sequence:
         return self.computed < len(self.prompt)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A sequence's rows in one step: positions [start, end)."""
+
+    sequence: Sequence
+    start: int
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        """The whole known sequence is cached after this step: its next token is sampled."""
+        return self.end == len(self.sequence.tokens)
+
+
 class Engine:
     def __init__(self, base: str | Path, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None, base_name: str | None = None):
         from transformers import AutoModelForCausalLM
@@ -109,7 +128,8 @@ class Engine:
 
         checkpoint = Checkpoint(base)
         device = resolve_device(config.device)
-        hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path))
+        # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
+        hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path), local_files_only=True)
         self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
 
     @classmethod
@@ -134,6 +154,7 @@ class Engine:
         self._cancelled: set[int] = set()
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []
+        self._draining: tuple[Sequence, int] | None = None  # (oldest request finding every slot busy, the slot emptying for it)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -200,7 +221,7 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception:  # a bug must not kill the server: fail the batch, keep serving
+            except Exception:  # a bug outside any one request's work: keep the server alive
                 log.exception("engine step failed; failing the running requests")
                 for sequence in self._running + self._waiting:
                     self._finish(sequence, "error", error="internal error in the engine step")
@@ -223,88 +244,121 @@ class Engine:
         for sequence in [s for s in self._running + self._waiting if s.id in cancelled]:
             self._finish(sequence, "cancelled")
         self._admit()
-        batch, sequences = self._build_batch()
-        if batch is None:
-            return
-        logits = self.model.forward(batch, self.kv) if self.graphs is None else self.graphs.forward(batch)
-        self._advance(sequences, logits)
+        chunks = self._schedule()
+        if chunks:
+            self._run(chunks)
 
     def _admit(self) -> None:
+        """Move waiting requests into the batch, oldest first. When the oldest request that needs a
+        slot finds every slot busy, one slot (the least busy) takes no new users until it drains and
+        passes to that request: requests for deltas already in a slot cannot starve the others."""
+        if self._draining is not None and self._draining[0] not in self._waiting:
+            self._draining = None
         for sequence in list(self._waiting):
             if len(self._running) >= self.config.max_batch:
                 return
             if not self.kv.can_reserve(len(sequence.prompt) + sequence.params.max_tokens):
                 return  # first come, first served: later requests do not overtake on KV space
-            try:
-                slot = self.store.acquire(sequence.entry)
-            except BitDeltaError as error:
-                self._finish(sequence, "error", error=str(error))
+            if self._draining is not None and sequence.entry.slot == self._draining[1] and sequence is not self._draining[0]:
                 continue
-            if slot is None:
-                continue  # its delta is loading (or all slots are busy); the others go ahead
+            try:
+                slot = self.store.acquire(sequence.entry, sequence.arrived)
+            except Exception as error:  # noqa: BLE001 -- a delta that cannot be loaded fails its own requests only
+                if not isinstance(error, BitDeltaError):
+                    log.exception("request %d: its delta %r could not be put in a slot", sequence.id, sequence.entry.name)
+                self._finish(sequence, "error", error=str(error) if isinstance(error, BitDeltaError) else "internal error while loading the delta")
+                continue
+            if slot is None:  # its delta is loading, or every slot is busy; the others go ahead
+                if self._draining is None and self.store.waits_for_slot(sequence.entry):
+                    drain = self.store.least_busy_slot()
+                    self._draining = None if drain is None else (sequence, drain)
+                continue
+            if self._draining is not None and self._draining[0] is sequence:
+                self._draining = None
             sequence.slot = slot
             sequence.kv = self.kv.reserve(len(sequence.prompt) + sequence.params.max_tokens)
             self._waiting.remove(sequence)
             self._running.append(sequence)
 
-    def _build_batch(self) -> tuple[StepBatch | None, list[Sequence]]:
-        ids, positions, slots, row_sequence, tables, write_rows, logit_rows, sequences = [], [], [], [], [], [], [], []
-        budget = prefill_tokens = self.config.prefill_chunk
+    def _schedule(self) -> list[Chunk]:
+        """This step's rows: one token of every decoding sequence, then prompt chunks within budget."""
+        chunks, budget = [], self.config.prefill_chunk
         for sequence in sorted(self._running, key=lambda s: s.prefilling):  # decoders first
-            tokens = sequence.tokens
             if sequence.prefilling:
                 if budget == 0:
                     continue
                 count = min(budget, len(sequence.prompt) - sequence.computed)
                 budget -= count
             else:
-                count = len(tokens) - sequence.computed  # the token sampled last step
-            start, end = sequence.computed, sequence.computed + count
-            self.kv.grow(sequence.kv, end)
-            row = len(ids)
-            ids += tokens[start:end]
-            positions += range(start, end)
+                count = len(sequence.tokens) - sequence.computed  # the token sampled last step
+            chunks.append(Chunk(sequence, sequence.computed, sequence.computed + count))
+        return chunks
+
+    def _run(self, chunks: list[Chunk]) -> None:
+        """One forward pass over `chunks`. If it raises, each sequence runs alone, so the failure
+        ends only the request(s) whose own pass fails: one tenant never fails another's step."""
+        try:
+            batch = self._build_batch(chunks)
+            logits = self.model.forward(batch, self.kv) if self.graphs is None else self.graphs.forward(batch)
+        except Exception:
+            if len(chunks) > 1:
+                log.warning("a step of %d sequences failed; running each alone to find the cause", len(chunks), exc_info=True)
+                for chunk in chunks:
+                    self._run([chunk])
+            else:
+                log.exception("request %d (%s) failed in its forward pass", chunks[0].sequence.id, chunks[0].sequence.entry.name)
+                self._finish(chunks[0].sequence, "error", error="internal error in the forward pass")
+            return
+        prefilled = sum(c.end - c.start for c in chunks if c.start < len(c.sequence.prompt))
+        self.observer.step(len(chunks), len({c.sequence.slot for c in chunks} - {-1}), prefilled, len(batch.token_ids) - prefilled)
+        for chunk in chunks:
+            chunk.sequence.computed = chunk.end
+        self._advance([c.sequence for c in chunks if c.samples], logits)
+
+    def _build_batch(self, chunks: list[Chunk]) -> StepBatch:
+        ids, positions, slots, row_sequence, write_rows, logit_rows = [], [], [], [], [], []
+        for index, chunk in enumerate(chunks):
+            sequence, count = chunk.sequence, chunk.end - chunk.start
+            self.kv.grow(sequence.kv, chunk.end)
+            ids += sequence.tokens[chunk.start:chunk.end]
+            positions += range(chunk.start, chunk.end)
             slots += [sequence.slot] * count
-            row_sequence += [len(tables)] * count
-            write_rows += self.kv.rows(sequence.kv, start, end)
-            tables.append(sequence.kv.blocks)
-            sequence.computed = end
-            if end == len(tokens):  # the whole known sequence is cached: sample its next token
-                logit_rows.append(row + count - 1)
-                sequences.append(sequence)
-        if not tables:
-            return None, []
-        prefilled = prefill_tokens - budget
-        self.observer.step(len(tables), len(set(slots) - {-1}), prefilled, len(ids) - prefilled)
+            row_sequence += [index] * count
+            write_rows += self.kv.rows(sequence.kv, chunk.start, chunk.end)
+            if chunk.samples:
+                logit_rows.append(len(ids) - 1)
+        tables = [chunk.sequence.kv.blocks for chunk in chunks]
         width = max(len(blocks) for blocks in tables)
-        batch = StepBatch(
+        return StepBatch(
             torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.int32),
             torch.tensor(row_sequence, dtype=torch.int32), torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.int32),
             torch.tensor(write_rows), torch.tensor(logit_rows, dtype=torch.long),
         )
-        return batch, sequences
 
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         greedy = torch.argmax(logits, dim=-1).tolist()  # one host sync for every greedy row
         now = time.perf_counter()
         for sequence, row, best in zip(sequences, logits, greedy):
-            params = sequence.params
-            token = best if params.temperature == 0 else sample(row, params, sequence.generator)
-            first = not sequence.stream.token_ids
-            self.observer.first_token(now - sequence.arrived) if first else self.observer.next_token(now - sequence.last_token_at)
-            sequence.last_token_at = now
-            if token in sequence.entry.eos_ids:
-                sequence.stream.token_ids.append(token)
-                self._finish(sequence, "stop")
-                continue
-            stopped = sequence.stream.add(token)
-            if stopped:
-                self._finish(sequence, "stop")
-            elif len(sequence.stream.token_ids) >= params.max_tokens or len(sequence.tokens) >= self.context:
-                self._finish(sequence, "length")
-            else:
-                piece = sequence.stream.release(final=False)
-                sequence.emit(Output(piece, [token]))
+            try:
+                token = best if is_greedy(sequence.params) else sample(row, sequence.params, sequence.generator)
+                self._take(sequence, token, now)
+            except Exception:  # noqa: BLE001 -- a request's own failure ends that request alone
+                log.exception("request %d (%s) failed while taking its next token", sequence.id, sequence.entry.name)
+                self._finish(sequence, "error", error="internal error while sampling")
+
+    def _take(self, sequence: Sequence, token: int, now: float) -> None:
+        first = not sequence.stream.token_ids
+        self.observer.first_token(now - sequence.arrived) if first else self.observer.next_token(now - sequence.last_token_at)
+        sequence.last_token_at = now
+        if token in sequence.entry.eos_ids:
+            sequence.stream.token_ids.append(token)
+            self._finish(sequence, "stop")
+        elif sequence.stream.add(token):
+            self._finish(sequence, "stop")
+        elif len(sequence.stream.token_ids) >= sequence.params.max_tokens or len(sequence.tokens) >= self.context:
+            self._finish(sequence, "length")
+        else:
+            self._emit(sequence, Output(sequence.stream.release(final=False), [token]))
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
         if sequence in self._running:
@@ -318,7 +372,14 @@ class Engine:
         generated = sequence.stream.token_ids
         self.observer.finished(sequence.entry.name, reason, len(sequence.prompt), len(generated))
         text = sequence.stream.release(final=True) if reason in ("stop", "length") else ""
-        sequence.emit(Output(text, generated[-1:] if reason in ("stop", "length") else [], reason, len(sequence.prompt), len(generated), error))
+        self._emit(sequence, Output(text, generated[-1:] if reason in ("stop", "length") else [], reason, len(sequence.prompt), len(generated), error))
+
+    def _emit(self, sequence: Sequence, output: Output) -> None:
+        try:
+            sequence.emit(output)
+        except Exception:  # noqa: BLE001 -- e.g. its client's event loop has closed: end that request only
+            log.exception("request %d: its listener failed; cancelling it", sequence.id)
+            self.cancel(sequence.id)
 
     def generate(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[list[Output]]:
         """Run `requests` to completion on this thread (no loop thread): for tests and the demo."""
@@ -344,7 +405,7 @@ def _dtype(name: str, device: torch.device, base_dir: Path) -> torch.dtype:
         return torch.float32  # CPU half-precision matmuls are slow and the reference path is fp32 anyway
     from transformers import AutoConfig
 
-    own = getattr(AutoConfig.from_pretrained(base_dir), "dtype", None)
+    own = getattr(AutoConfig.from_pretrained(base_dir, local_files_only=True), "dtype", None)
     return own if own in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 

@@ -10,22 +10,36 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0: greedy, exactly what `generate(do_sample=False)` picks
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW): greedy, exactly what `generate(do_sample=False)` picks
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
 
+# Below this temperature, logits / temperature overflows fp32 for ordinary logit gaps (1e-39 is
+# a denormal), and the distribution is a point mass on the argmax anyway: such requests are greedy.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Next token from fp32 logits [vocab]: argmax, or temperature + nucleus (top-p) sampling."""
-    if params.temperature == 0:
+    """Next token from fp32 logits [vocab]: argmax, or temperature + nucleus (top-p) sampling.
+    Defined for every accepted temperature and top_p: the nucleus always keeps the top token."""
+    if is_greedy(params):
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always survives)
+        # keep the smallest prefix whose mass reaches top_p; the first entry is kept explicitly, since
+        # a top_p that rounds to 0 in fp32 (1e-300) would otherwise mask every token
         outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        outside[0] = False
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0))
+    if not torch.isfinite(probs).all() or not probs.sum() > 0:
+        return int(torch.argmax(logits))  # non-finite logits: the best-scored token, never an exception
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

@@ -10,12 +10,17 @@ Both caches evict the least recently used entry; a slot used by a running sequen
 evicted. Reading from disk runs in a worker thread, so a request for a cold delta waits only for
 its own load while the batch keeps decoding. A delta is checked against the base (fingerprint,
 architecture, every tensor name and shape) before it is registered, and fully verified
-(checksums) before its bits reach a slot: a bad file is an error for its caller only.
+(checksums) before its bits reach a slot: a bad file is an error for its caller only. A failed load
+fails the requests that were waiting for it; the next request tries again, so a fixed file serves
+without an unload and reload. Errors given to clients name the delta, never a server path (the log
+has the full message).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ from bitdelta.fileformat import DeltaConfig, DeltaReader, read_config
 
 from .model import MultiTenantModel, SlotWeights
 
+log = logging.getLogger("bitdelta.engine")
+
 
 @dataclass(eq=False)
 class DeltaEntry:
@@ -39,7 +46,8 @@ class DeltaEntry:
     tokenizer_dir: Path | None  # None: a model without a tokenizer (token ids in, token ids out)
     weights: SlotWeights | None = None  # CPU tier
     loading: Future | None = None
-    load_error: BitDeltaError | None = None
+    load_error: BitDeltaError | None = None  # the last load's failure, for requests older than it
+    load_failed_at: float = 0.0  # time.perf_counter() of that failure
     slot: int | None = None  # GPU tier
     users: int = 0  # running sequences reading its slot
     registered: bool = True
@@ -47,7 +55,21 @@ class DeltaEntry:
 
     @cached_property
     def tokenizer(self):
-        return None if self.tokenizer_dir is None else _load_tokenizer(self.tokenizer_dir)
+        """Loaded on first use; a failure is not cached, so a repaired folder serves at the next request."""
+        if self.tokenizer_dir is None:
+            return None
+        try:
+            return _load_tokenizer(self.tokenizer_dir)
+        except BitDeltaError as error:
+            log.error("model %r: %s", self.name, error)
+            raise redacted(error, self.name, self.path, self.tokenizer_dir) from None
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token covers (the longest vocabulary entry): a text of C
+        characters has at least C / max_token_chars tokens, so an overlong prompt is refused before
+        it is tokenized. (Only a normalizer that deletes characters could undercut it.)"""
+        return max(map(len, self.tokenizer.get_vocab()), default=1)
 
     @cached_property
     def eos_ids(self) -> frozenset[int]:
@@ -57,7 +79,7 @@ class DeltaEntry:
         if self.tokenizer_dir is None:
             return frozenset()
         try:
-            eos = GenerationConfig.from_pretrained(self.tokenizer_dir).eos_token_id
+            eos = GenerationConfig.from_pretrained(self.tokenizer_dir, local_files_only=True).eos_token_id
         except (OSError, ValueError):
             eos = None
         eos = self.tokenizer.eos_token_id if eos is None else eos
@@ -67,8 +89,10 @@ class DeltaEntry:
 def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    try:  # never remote code; chat templates render in transformers' sandboxed jinja
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    # never remote code, never the hub (a missing local folder must not turn into a download);
+    # chat templates render in transformers' sandboxed jinja
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except Exception as error:  # a malformed tokenizer file can raise anything; it is the delta's fault
         raise DeltaFormatError(f"{folder}: its tokenizer cannot be loaded ({type(error).__name__}: {error})") from None
 
@@ -156,14 +180,17 @@ class DeltaStore:
             return {"gpu": sum(e is not None for e in self._slots), "cpu": len(self._cpu) + in_memory, "disk": len(self._entries) - 1 - in_memory}
 
     # ---- tiers (scheduler thread) -------------------------------------------------------------
-    def acquire(self, entry: DeltaEntry) -> int | None:
-        """The slot `entry`'s rows use (one more user), or None while its weights are on their way.
-        Raises the entry's load error if it could not be loaded."""
+    def acquire(self, entry: DeltaEntry, since: float = float("inf")) -> int | None:
+        """The slot `entry`'s rows use (one more user), or None while its weights are on their way
+        or every slot has running users. A request that arrived at `since` (perf_counter) gets the
+        load error of a load that failed after it arrived; a later request starts a new load."""
         if entry.is_base:
             return -1
         with self._lock:
             if entry.load_error is not None:
-                raise entry.load_error
+                if since <= entry.load_failed_at:
+                    raise entry.load_error
+                entry.load_error = None
             if entry.slot is None:
                 if entry.weights is None:
                     self._start_load(entry)
@@ -190,6 +217,18 @@ class DeltaStore:
                 else:
                     self._free_slot(entry)
 
+    def waits_for_slot(self, entry: DeltaEntry) -> bool:
+        """Its weights are ready but every slot has running users."""
+        with self._lock:
+            return not entry.is_base and entry.slot is None and entry.weights is not None
+
+    def least_busy_slot(self) -> int | None:
+        """The slot with the fewest running users (the least recently used among equals): the one
+        to let drain when a request finds every slot busy."""
+        with self._lock:
+            busy = [(e.users, slot) for slot, e in enumerate(self._slots) if e is not None and e.users > 0]
+            return min(busy)[1] if busy else None
+
     def _take_slot(self) -> int | None:
         if None in self._slots:
             return self._slots.index(None)
@@ -206,8 +245,8 @@ class DeltaStore:
 
     def _remember(self, entry: DeltaEntry) -> None:
         """Mark `entry` most recently used in the CPU tier, evicting the LRU beyond capacity."""
-        if entry.path is None:
-            return  # given in memory: nothing to reload it from, so it is never evicted
+        if entry.path is None or not entry.registered:
+            return  # given in memory (never evicted), or unloaded: its last requests hold it, the tier does not
         self._cpu.pop(id(entry), None)
         self._cpu[id(entry)] = entry
         while len(self._cpu) > self.max_cpu:
@@ -225,14 +264,25 @@ class DeltaStore:
             error = future.exception()
             if error is None:
                 entry.weights = future.result()
-            elif isinstance(error, BitDeltaError):
-                entry.load_error = error
             else:
-                entry.load_error = DeltaFormatError(f"{entry.path}: cannot be loaded ({type(error).__name__}: {error})")
+                if not isinstance(error, BitDeltaError):
+                    error = DeltaFormatError(f"{entry.path}: cannot be loaded ({type(error).__name__}: {error})")
+                log.error("delta %r could not be loaded: %s", entry.name, error)
+                entry.load_error, entry.load_failed_at = redacted(error, entry.name, entry.path, entry.tokenizer_dir), time.perf_counter()
         self._on_loaded()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def redacted(error: BitDeltaError, name: str, *folders: Path | None) -> BitDeltaError:
+    """The error as a client may see it: each of `folders` (however spelled) named by `name`."""
+    message = str(error)
+    for folder in folders:
+        if folder is not None:
+            for spelling in sorted({str(folder.resolve()), str(folder), str(folder.absolute())}, key=len, reverse=True):
+                message = message.replace(spelling, name)
+    return type(error)(message)
 
 
 def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint: str, path: Path) -> None:

@@ -16,7 +16,7 @@ import typer
 from bitdelta.engine import Engine, EngineConfig
 from bitdelta.errors import BitDeltaError
 
-from .app import ServerSettings, create_app, valid_delta_name
+from .app import DEFAULT_MAX_BODY_MB, ServerSettings, create_app, delta_folder, valid_delta_name
 from .metrics import Metrics
 
 log = logging.getLogger("bitdelta.server")
@@ -29,10 +29,12 @@ def build_server(
     config: EngineConfig = EngineConfig(),
     api_key: str | None = None,
     admin_key: str | None = None,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
 ):
     """The engine (not started) and its FastAPI app. Every valid subfolder of `deltas_dir` is served
     under its folder name (others are skipped with a warning, so one bad delta cannot keep the
-    rest from serving); `extra_deltas` (NAME -> PATH, given by the operator) must all be valid."""
+    rest from serving; `delta_folder` is the rule, the same as POST /v1/deltas applies);
+    `extra_deltas` (NAME -> PATH, given by the operator) must all be valid."""
     metrics = Metrics()
     engine = Engine(base, config, metrics)
     if deltas_dir is not None:
@@ -42,23 +44,22 @@ def build_server(
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
             try:
-                if not valid_delta_name(folder.name):
-                    raise BitDeltaError("its name is not a valid model name (letters, digits, . _ -)")
-                engine.store.register(folder.name, folder)
+                engine.store.register(folder.name, delta_folder(deltas_dir, folder.name))
             except BitDeltaError as error:
                 log.warning("skipping %s: %s", folder, error)
     for name, path in (extra_deltas or {}).items():
         engine.store.register(name, path)
-    settings = ServerSettings(Path(deltas_dir) if deltas_dir else None, api_key, admin_key)
+    settings = ServerSettings(Path(deltas_dir) if deltas_dir else None, api_key, admin_key, max_body_mb)
     return engine, create_app(engine, metrics, settings)
 
 
 def run_server(base: str, deltas_dir: Path | None = None, extra_deltas: dict[str, Path] | None = None, host: str = "127.0.0.1", port: int = 8000,
-               config: EngineConfig = EngineConfig(), api_key: str | None = None, admin_key: str | None = None) -> None:
+               config: EngineConfig = EngineConfig(), api_key: str | None = None, admin_key: str | None = None,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB) -> None:
     """Serve `base` and its deltas on http://host:port until interrupted."""
     import uvicorn
 
-    engine, app = build_server(base, deltas_dir, extra_deltas, config, api_key, admin_key)
+    engine, app = build_server(base, deltas_dir, extra_deltas, config, api_key, admin_key, max_body_mb)
     names = engine.store.names()
     print(f"serving {names[0]} and {len(names) - 1} deltas on http://{host}:{port}/v1 ({engine.model.device}, {engine.model.dtype})", flush=True)
     engine.start()
@@ -89,7 +90,8 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences in the running batch.")] = 64,
     max_gpu_deltas: Annotated[int, typer.Option("--max-gpu-deltas", min=1, help="Delta slots on the device.")] = 32,
     max_cpu_deltas: Annotated[int, typer.Option("--max-cpu-deltas", min=1, help="Deltas kept in (pinned) CPU memory.")] = 256,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting for the batch; more get 429.")] = 1024,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting for the batch; more get 429.")] = 1024,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body in MB; larger ones get 413 before they are read.")] = DEFAULT_MAX_BODY_MB,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens prefilled per step beside the decoding rows: larger gives sooner first tokens and longer pauses for the decoders.")] = EngineConfig.prefill_chunk,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs on a GPU.")] = True,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
@@ -99,7 +101,7 @@ def serve(
     if device not in ("auto", "cuda", "cpu"):
         raise BitDeltaError(f"--device {device!r}: use cuda or cpu")
     config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, prefill_chunk=prefill_chunk, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
-    run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key)
+    run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key, max_body_mb)
 
 
 def main() -> None:

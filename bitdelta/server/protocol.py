@@ -8,22 +8,40 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains an invalid Unicode character (a lone surrogate); send valid UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class APIError(Exception):
     """An error the client caused, as OpenAI reports it: {"error": {message, type, param, code}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-             409: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+             405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "server_error"}
+    RETRY_AFTER_SECONDS = 1  # sent with 429 and 503: the queue drains in about that time
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.RETRY_AFTER_SECONDS)} if self.status in (429, 503) else {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"), "param": self.param, "code": self.code}}
@@ -40,8 +58,8 @@ class _Sampling(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -72,34 +90,38 @@ class _Sampling(BaseModel):
                 raise ValueError(f"{name} is not supported by this server")
         if extra.get("best_of", 1) not in (1, None):
             raise ValueError("best_of is not supported by this server")
+        if extra.get("response_format") not in (None, {"type": "text"}):
+            raise ValueError("response_format is not supported by this server (only {\"type\": \"text\"})")
         return self
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[StrictInt]
     max_tokens: int | None = Field(16, ge=1)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _single_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):  # a batch of prompts
             if len(prompt) != 1:
                 raise ValueError("send one prompt per request")
             prompt = prompt[0]
-        return prompt
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+            return prompt
+        raise ValueError("a prompt is a string or a non-empty list of token ids (integers)")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
-    content: str | list[dict] | None = None
+    role: Text
+    content: Text | list[dict] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
             if any(part.get("type") != "text" for part in self.content):
                 raise ValueError("only text content parts are supported")
-            return "".join(str(part.get("text", "")) for part in self.content)
+            return _encodable("".join(str(part.get("text", "")) for part in self.content))
         return self.content or ""
 
 

@@ -91,6 +91,8 @@ def _load_tokenizer(folder: Path):
 
     # never remote code, never the hub (a missing local folder must not turn into a download);
     # chat templates render in transformers' sandboxed jinja
+    if not folder.is_dir():
+        raise DeltaFormatError(f"{folder}: the folder is gone (moved or deleted); restore it or unload the delta")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except Exception as error:  # a malformed tokenizer file can raise anything; it is the delta's fault

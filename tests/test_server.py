@@ -3,7 +3,9 @@ client: several tiny fine-tunes answered concurrently, each exactly as its merge
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -28,11 +30,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process=None, seconds: float = 120) -> None:
+def wait_healthy(url: str, process=None, seconds: float = 120, log: Path | None = None) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read()}")
+            raise RuntimeError(f"server exited: {log.read_text() if log else ''}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return
@@ -48,19 +50,52 @@ def deltas_dir(llama_pair, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("server") / "deltas"
     for name, path in source.items():
         shutil.copytree(path, folder / name)
+    shutil.copytree(source["code-chat"], folder / "vanishing")  # its folder is deleted while served, never used before
     return folder
 
 
+class HubListener:
+    """A loopback socket standing in for the Hugging Face hub (HF_ENDPOINT): counts who knocks."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            connection.close()
+
+
 @pytest.fixture(scope="module")
-def server(llama_pair, deltas_dir):
-    """`python -m bitdelta.server` (the `bitdelta serve` command) in a subprocess."""
+def hub() -> HubListener:
+    return HubListener()
+
+
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(llama_pair, deltas_dir, hub, server_log):
+    """`python -m bitdelta.server` (the `bitdelta serve` command) in a subprocess, with the hub
+    pointed at a listener that records any attempt to reach it."""
     port = free_port()
     command = [sys.executable, "-m", "bitdelta.server", str(llama_pair[0]), "--deltas", str(deltas_dir), "--port", str(port),
                "--device", "cpu", "--max-batch", "16", "--max-gpu-deltas", "4", "--api-key", KEY, "--admin-key", ADMIN_KEY]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} | {"HF_ENDPOINT": hub.url}
+    with open(server_log, "w") as log:  # a file, not a pipe nobody reads: a chatty server must never block on it
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process)
+        wait_healthy(url, process, log=server_log)
         yield url
     finally:
         process.terminate()
@@ -85,7 +120,7 @@ def merged_answer(llama_pair, deltas_dir: Path, model: str, prompt_ids: list[int
 
 
 def test_models_lists_the_base_and_every_delta(client):
-    assert sorted(m.id for m in client.models.list()) == ["code-chat", "llama-base", "prose-late", "prose-matrix", "prose-row"]
+    assert sorted(m.id for m in client.models.list()) == ["code-chat", "llama-base", "prose-late", "prose-matrix", "prose-row", "vanishing"]
 
 
 def test_concurrent_requests_for_several_finetunes_match_each_merged_model(client, llama_pair, deltas_dir):
@@ -214,6 +249,113 @@ def test_hostile_or_foreign_deltas_are_refused_and_serving_goes_on(client, serve
     assert client.completions.create(model="prose-row", prompt="x", max_tokens=3).usage.completion_tokens == 3
 
 
+def post(server: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server}{path}", headers={"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}, timeout=60, **kwargs)
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(server):
+    big = {"model": "prose-row", "prompt": "word " * 1_000_000, "max_tokens": 2}  # 5 MB, over the default 4
+    assert assert_openai_error(post(server, "/v1/completions", json=big), 413)["code"] == "request_too_large"
+    chunks = (b" " * 65536 for _ in range(80))  # no Content-Length: counted as it arrives
+    assert_openai_error(post(server, "/v1/completions", content=chunks, headers={"Content-Type": "application/json"}), 413)
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_it_is_tokenized(server):
+    for path, body in (("/v1/completions", {"prompt": "word " * 600_000}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600_000}]})):
+        error = assert_openai_error(post(server, path, json={"model": "code-chat", "max_tokens": 2, **body}), 400)
+        assert error["code"] == "context_length_exceeded" and "at least" in error["message"]  # the bound, not the tokenizer
+
+
+def test_every_refusal_is_an_openai_error_and_the_connection_stays_usable(server):
+    cases = [
+        ({"prompt": "x", "seed": 2**64}, "seed"), ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "\ud800"}, "prompt"), ({"prompt": [True, False]}, "prompt"), ({"prompt": [[1], [2]]}, "prompt"),
+        ({"prompt": "x", "stop": ["\udfff"]}, "stop.0"), ({"prompt": "x", "response_format": {"type": "json_object"}}, None),
+    ]
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    for fields, param in cases:
+        body = json.dumps({"model": "prose-row", "max_tokens": 2, **fields}, ensure_ascii=True)
+        connection.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 400 and error["type"] == "invalid_request_error" and error["param"] == param, (fields, error)
+        assert response.getheader("connection") != "close"
+    for raw, fragment in ((b"\xff\xfe{", "UTF-8"), (b'{"model": "prose-row", "prompt": "x",,}', "not valid JSON")):
+        connection.request("POST", "/v1/completions", raw, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 400 and fragment in error["message"] and error["param"] is None, error
+    connection.request("POST", "/v1/completions", json.dumps({"model": "prose-row", "prompt": "x", "max_tokens": 2, "seed": 2**64 - 1,
+                                                             "response_format": {"type": "text"}}),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()  # the same connection still serves
+    assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 2
+    connection.request("GET", "/v1/no-such-endpoint", headers={"Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    assert response.status == 404 and "message" in json.loads(response.read())["error"]
+
+
+def test_a_served_delta_whose_files_vanish_gets_a_clean_error_without_the_hub(client, server, deltas_dir, hub):
+    shutil.rmtree(deltas_dir / "vanishing")  # served since startup, nothing of it read yet
+    for _ in range(2):
+        error = assert_openai_error(post(server, "/v1/completions", json={"model": "vanishing", "prompt": "x", "max_tokens": 2}), 500)
+        assert "vanishing" in error["message"] and str(deltas_dir) not in error["message"]
+    assert hub.connections == 0
+    assert client.completions.create(model="code-chat", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_load_errors_name_no_server_path(server, deltas_dir):
+    broken = deltas_dir / "broken-file"
+    shutil.copytree(deltas_dir / "prose-row", broken)
+    data = (broken / "delta.safetensors").read_bytes()
+    (broken / "delta.safetensors").write_bytes(data[: len(data) // 2])
+    error = assert_openai_error(admin(server, "POST", "/v1/deltas", json={"name": "broken-file"}), 400)
+    assert "broken-file" in error["message"] and str(deltas_dir) not in error["message"]
+    shutil.rmtree(broken)
+
+
+def test_symlinked_deltas_follow_one_containment_rule(llama_pair, deltas_dir, tmp_path):
+    """A folder of --deltas that is a symlink to elsewhere is refused at startup as POST /v1/deltas
+    refuses it; the operator serves such a delta by naming it (--delta NAME=PATH)."""
+    from fastapi.testclient import TestClient
+
+    from bitdelta.server.cli import build_server
+
+    folder = tmp_path / "deltas"
+    folder.mkdir()
+    shutil.copytree(deltas_dir / "prose-row", folder / "inside")
+    shutil.copytree(deltas_dir / "prose-matrix", tmp_path / "elsewhere")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    engine, app = build_server(str(llama_pair[0]), folder, {"named": tmp_path / "elsewhere"}, config=_cpu_config())
+    assert sorted(engine.store.names()) == ["inside", "llama-base", "named"]
+    with TestClient(app) as http_client:
+        refused = http_client.post("/v1/deltas", json={"name": "linked"})
+    assert refused.status_code == 400 and "outside the deltas directory" in refused.json()["error"]["message"]
+
+
+def _cpu_config():
+    from bitdelta.engine import EngineConfig
+
+    return EngineConfig(device="cpu", max_batch=2)
+
+
+def test_delta_names_are_matched_whole():
+    from bitdelta.server.app import valid_delta_name
+
+    assert valid_delta_name("prose-row") and valid_delta_name("v1.2_b")
+    for name in ("d1\n", "a/b", "..", "a..b", "", ".hidden", "x" * 200):
+        assert not valid_delta_name(name), name
+
+
 def test_metrics_in_prometheus_format(client, server):
     client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=4)
     text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
@@ -242,25 +384,30 @@ def slow_server(llama_pair, deltas_dir):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
-    yield url, engine
+    yield url, engine, thread
     server.should_exit = True
     thread.join(10)
     engine.stop()
 
 
+_refused_headers: list = []
+
+
 def test_a_full_queue_answers_429(slow_server):
-    url, _ = slow_server
+    url, _, _ = slow_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
     def attempt(_):
         try:
             return client.completions.create(model="prose-row", prompt="x", max_tokens=15).usage.completion_tokens
-        except openai.RateLimitError:
+        except openai.RateLimitError as error:
+            _refused_headers.append(error.response.headers)
             return 429
 
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(attempt, range(6)))
     assert results.count(429) >= 1 and results.count(15) >= 2 and results.count(429) + results.count(15) == 6
+    assert _refused_headers and all(h.get("retry-after") == "1" for h in _refused_headers)
 
 
 def cancelled(url: str) -> float:
@@ -271,7 +418,7 @@ def cancelled(url: str) -> float:
 
 
 def test_a_client_that_disconnects_has_its_request_cancelled(slow_server):
-    url, engine = slow_server
+    url, engine, _ = slow_server
     before = cancelled(url)
     with httpx.stream("POST", f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100, "stream": True}) as response:
         next(response.iter_lines())  # the first token arrived; now hang up
@@ -281,6 +428,20 @@ def test_a_client_that_disconnects_has_its_request_cancelled(slow_server):
     while time.time() < deadline and (cancelled(url) < before + 2 or engine.stats()["running"]):
         time.sleep(0.1)
     assert cancelled(url) == before + 2 and engine.stats()["running"] == 0 and engine.kv.blocks_used == 0
+
+
+def test_templating_and_tokenizing_run_off_the_event_loop(slow_server, monkeypatch):
+    """A long prompt's tokenization must not hold up the loop that answers every other client."""
+    url, engine, loop_thread = slow_server
+    tokenizer = engine.store.get("code-chat").tokenizer
+    threads = []
+    for method in ("__call__", "apply_chat_template"):
+        real = getattr(type(tokenizer), method)
+        monkeypatch.setattr(type(tokenizer), method, lambda self, *a, real=real, **k: (threads.append(threading.current_thread()), real(self, *a, **k))[1])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client.completions.create(model="code-chat", prompt="word " * 10, max_tokens=1)
+    client.chat.completions.create(model="code-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert len(threads) >= 3 and loop_thread not in threads
 
 
 def test_serve_passes_its_engine_options_to_the_engine(monkeypatch):
@@ -294,5 +455,6 @@ def test_serve_passes_its_engine_options_to_the_engine(monkeypatch):
     result = CliRunner().invoke(app, ["serve", "some-base", "--prefill-chunk", "1024", "--max-batch", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert (seen["config"].prefill_chunk, seen["config"].max_batch) == (1024, 8)
-    refused = CliRunner().invoke(app, ["serve", "some-base", "--prefill-chunk", "0"])
-    assert refused.exit_code != 0 and "--prefill-chunk" in refused.output
+    for option in ("--prefill-chunk", "--max-queue", "--max-body-mb"):
+        refused = CliRunner().invoke(app, ["serve", "some-base", option, "0"])
+        assert refused.exit_code != 0 and option in refused.output

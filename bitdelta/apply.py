@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from bitdelta.checkpoint import Checkpoint
+from bitdelta.delta import BinaryDelta
 from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
@@ -18,7 +19,8 @@ from bitdelta.progress import tensor_progress
 from bitdelta.storage import ShardWriter, atomic_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3  # merge holds one output shard in memory
+DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3
+_ROW_BLOCK_ELEMENTS = 1 << 22  # 16 MB fp32 temporaries; few enough operations a matrix to keep threads busy
 
 
 def parse_dtype(dtype: str, reader: DeltaReader) -> torch.dtype:
@@ -51,13 +53,27 @@ def merged_tensors(
         if dtype is not None and target.is_floating_point:
             target = dtype
         if name in config.compressed and apply_deltas:
-            yield name, reader.binary_delta(name).apply(base.get(name), target)
+            yield name, applied_delta(reader.binary_delta(name), base.mapped(name), target)
         elif name in config.dense:
             yield name, reader.dense(name).to(target)
         elif name in base.tensors:  # identical in base and fine-tune, or a compressed linear's base
-            yield name, base.get(name).to(target)
+            yield name, base.mapped(name).to(target)
         else:
             raise IncompatibleModelsError(f"{name} is neither in the delta nor in the base; pass the base the delta was made from")
+
+
+def applied_delta(delta: BinaryDelta, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """delta.apply(base, dtype), computed a block of rows at a time into the output: the whole-matrix
+    fp32 temporaries (base, unpacked signs, their sum) of a 28672 x 8192 matrix would take 2.8 GB."""
+    n, k = delta.shape
+    merged = torch.empty(n, k, dtype=dtype)
+    step = max(1, _ROW_BLOCK_ELEMENTS // k)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        scale = delta.scale if delta.scale.numel() == 1 else delta.scale[rows]
+        block = BinaryDelta(delta.signs[rows], scale, (rows.stop - start, k))
+        merged[rows] = block.apply(base[rows], dtype)
+    return merged
 
 
 def merge(
@@ -81,6 +97,7 @@ def merge(
             for name, tensor in merged_tensors(base_ckpt, reader, target):
                 writer.add(name, tensor)
                 advance(tensor.numel() * getattr(torch, dtypes[name]).itemsize)  # in fine-tune bytes, whatever --dtype
+                del tensor  # written: free it before the next one is built
         writer.finish()
         for path in reader.small_files():
             shutil.copy2(path, tmp / path.name)

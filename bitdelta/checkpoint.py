@@ -1,7 +1,7 @@
 """Read Hugging Face checkpoints tensor by tensor: local directories or hub ids, sharded or not.
 
 Nothing here loads a whole model: tensors are read one at a time from memory-mapped safetensors
-files, and each file is closed again so its pages leave the process.
+files, and each file is closed again so its pages leave the process with the tensor.
 """
 
 from __future__ import annotations
@@ -134,14 +134,20 @@ class Checkpoint:
             raise CheckpointError(f"{path} cannot be read ({error}); the file is corrupted or truncated") from None
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor in memory of its own, to keep or to modify."""
+        return self.mapped(name).clone()
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor as safetensors hands it out: where it can, a view of the memory-mapped file, no
+        copy. Its pages are resident while it is held and leave the process with it: read it, then drop it."""
         with self._open(self.tensors[name].file) as handle:
-            return _owned(handle.get_tensor(name))
+            return handle.get_tensor(name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, in file order. Each is read through a memory map opened and closed for it
-        alone, so resident memory holds the tensor, never the rest of its shard."""
+        """Every tensor, in file order, mapped (see `mapped`): a caller that drops each before the
+        next holds one tensor's pages at a time, never the rest of its shard."""
         for name in self.tensors:
-            yield name, self.get(name)
+            yield name, self.mapped(name)
 
     @cached_property
     def config(self) -> dict:
@@ -181,12 +187,6 @@ class Checkpoint:
 def model_folder_files(folder: Path) -> list[Path]:
     """The MODEL_FOLDER_FILES present in `folder`, sorted."""
     return sorted(folder / name for name in MODEL_FOLDER_FILES if (folder / name).is_file())
-
-
-def _owned(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy that owns its memory. safetensors may hand out views of the memory map; a view kept
-    (say, in an output shard) would keep every page of its file mapped and resident."""
-    return tensor.clone()
 
 
 def _corner(view, shape: tuple[int, ...]) -> torch.Tensor:

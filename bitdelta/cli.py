@@ -106,7 +106,7 @@ def merge(
     delta: Annotated[Path, typer.Argument(help="Delta directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
     dtype: Dtype = "auto",
-    max_shard_size: Annotated[float, typer.Option(help="Largest checkpoint shard, in GB (merge holds one in memory).")] = 2.0,
+    max_shard_size: Annotated[float, typer.Option(help="Largest checkpoint shard, in GB.")] = 2.0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:

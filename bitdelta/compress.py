@@ -35,7 +35,7 @@ def compress(
 
     Linear weights inside the transformer blocks become packed signs + mean|delta| scale(s);
     every other tensor that differs from the base is stored losslessly. Memory stays bounded by
-    one tensor pair (plus a shard of output), so models larger than RAM compress. With `distill`,
+    one tensor pair (output goes to disk as it is made), so models larger than RAM compress. With `distill`,
     the scales are then calibrated (bitdelta.distill) before `output` appears.
     """
     options = dict(scale=scale, include=include, exclude=exclude, max_shard_bytes=max_shard_bytes, progress=progress)
@@ -61,13 +61,14 @@ def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_sha
         with tensor_progress("compressing", len(ft_ckpt.tensors), ft_ckpt.nbytes, progress) as advance:
             for name, tensor in ft_ckpt.iter_tensors():
                 if name in targets:
-                    delta = BinaryDelta.from_weights(base_ckpt.get(name), tensor, scale)
+                    delta = BinaryDelta.from_weights(base_ckpt.mapped(name), tensor, scale)
                     yield name + ".sign", delta.signs
                     yield name + ".scale", delta.scale
                 elif not _same_as_base(name, tensor, base_ckpt):
                     dense[name] = list(tensor.shape)
                     yield name, tensor
                 advance(tensor.numel() * tensor.element_size())
+                del tensor  # before the next one is read: memory holds one pair, not a pair and the last tensor
 
     def make_config(files: dict[str, str]) -> DeltaConfig:
         return DeltaConfig(
@@ -94,7 +95,7 @@ def _same_as_base(name: str, tensor: torch.Tensor, base: Checkpoint) -> bool:
     meta = base.tensors.get(name)
     if meta is None or meta.shape != tuple(tensor.shape):
         return False
-    return torch.equal(base.get(name).to(tensor.dtype), tensor)
+    return torch.equal(base.mapped(name).to(tensor.dtype), tensor)
 
 
 def _dominant_dtype(checkpoint: Checkpoint) -> str:

@@ -7,13 +7,16 @@ import errno
 import json
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
+from bitdelta.checkpoint import SAFETENSORS_DTYPES
 from bitdelta.errors import OutputExistsError, OutputWriteError
 
 
@@ -88,35 +91,35 @@ def _write_failure(error: OSError, output: Path) -> str:
 class ShardWriter:
     """Streams named tensors into safetensors shards of at most `max_shard_bytes` each.
 
-    Only the current shard is held in memory. `finish` names the shards the way Hugging Face does
-    (`{stem}.safetensors`, or `{stem}-00001-of-00003.safetensors` plus `{stem}.safetensors.index.json`).
+    Each tensor's bytes go to disk as it arrives, so memory holds no shard whatever its size.
+    `finish` names the shards the way Hugging Face does (`{stem}.safetensors`, or
+    `{stem}-00001-of-00003.safetensors` plus `{stem}.safetensors.index.json`).
     """
 
     def __init__(self, folder: Path, stem: str, max_shard_bytes: int):
         self.folder, self.stem, self.max_shard_bytes = Path(folder), stem, max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._open: _ShardFile | None = None
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
+        if self._open is not None and self._open.nbytes + size > self.max_shard_bytes:
+            self._close_shard()
+        if self._open is None:
+            self._open = _ShardFile(self.folder / f".{self.stem}.part{len(self._shards)}")
+        self._open.add(name, tensor)
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        path = self.folder / f".{self.stem}.part{len(self._shards)}"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    def _close_shard(self) -> None:
+        shard = self._open or _ShardFile(self.folder / f".{self.stem}.part{len(self._shards)}")
+        self._shards.append((shard.path, shard.close()))
+        self._open = None
 
     def finish(self) -> list[str]:
         """Write the last shard, give every shard its final name; return the file names written."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._open is not None or not self._shards:
+            self._close_shard()
         count = len(self._shards)
         if count == 1:
             final = f"{self.stem}.safetensors"
@@ -132,3 +135,71 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / index_file).write_text(json.dumps(index, indent=2))
         return names + [index_file]
+
+
+@dataclass(frozen=True)
+class _Stored:
+    dtype: str  # safetensors' name
+    shape: list[int]
+    offset: int  # in the data file
+    nbytes: int
+
+
+class _ShardFile:
+    """One safetensors file in the making. Tensor bytes are appended to `path`.data as they arrive;
+    `close` writes `path` (8-byte header length, JSON header, data) with the data copied over in
+    bounded pieces, laid out exactly as safetensors' own save_file lays them out, then deletes the
+    data file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data")
+        self._data = open(self._data_path, "wb")
+        self._stored: dict[str, _Stored] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._stored:
+            raise ValueError(f"tensor {name} was already written")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._stored[name] = _Stored(_SAFETENSORS_NAMES[tensor.dtype], list(tensor.shape), self.nbytes, raw.nbytes)
+        self._data.write(raw)
+        self.nbytes += raw.nbytes
+
+    def close(self) -> list[str]:
+        """Write the shard; return its tensor names in file order."""
+        self._data.close()
+        # safetensors' order: by dtype, widest first (so every tensor is aligned to its element
+        # size once the header is padded to 8 bytes), then by name
+        order = sorted(self._stored, key=lambda name: (-_DTYPE_ORDER.index(self._stored[name].dtype), name))
+        header: dict = {"__metadata__": {"format": "pt"}}
+        begin = 0
+        for name in order:
+            stored = self._stored[name]
+            header[name] = {"dtype": stored.dtype, "shape": stored.shape, "data_offsets": [begin, begin + stored.nbytes]}
+            begin += stored.nbytes
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        buffer = memoryview(bytearray(_COPY_BYTES))
+        with open(self._data_path, "rb") as source, open(self.path, "wb") as target:
+            target.write(struct.pack("<Q", len(encoded)) + encoded)
+            for name in order:
+                _copy_range(source, target, self._stored[name].offset, self._stored[name].nbytes, buffer)
+        self._data_path.unlink()
+        return order
+
+
+def _copy_range(source: BinaryIO, target: BinaryIO, offset: int, length: int, buffer: memoryview) -> None:
+    source.seek(offset)
+    while length:
+        count = source.readinto(buffer[: min(length, len(buffer))])
+        if not count:
+            raise OSError(errno.EIO, f"{source.name} ended {length} bytes early")
+        target.write(buffer[:count])
+        length -= count
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# safetensors' Dtype enum, in declaration order: a file lists its tensors by this order, descending
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+_COPY_BYTES = 8 << 20

@@ -51,6 +51,9 @@ def deltas_dir(llama_pair, tmp_path_factory) -> Path:
     for name, path in source.items():
         shutil.copytree(path, folder / name)
     shutil.copytree(source["code-chat"], folder / "vanishing")  # its folder is deleted while served, never used before
+    shutil.copytree(source["prose-row"], folder / "truncated")  # never served: refused at startup
+    weights = folder / "truncated" / "delta.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
     return folder
 
 
@@ -242,7 +245,7 @@ def test_hostile_or_foreign_deltas_are_refused_and_serving_goes_on(client, serve
     compress(*pairs["qwen2"], deltas_dir / "foreign", progress=False)
     (deltas_dir / "not-json").mkdir()
     (deltas_dir / "not-json" / "bitdelta_config.json").write_text("{{{")
-    for name, reason in (("garbage", "corrupted"), ("foreign", "fingerprint"), ("not-json", "JSON")):
+    for name, reason in (("garbage", "not a readable safetensors file"), ("foreign", "fingerprint"), ("not-json", "JSON")):
         response = admin(server, "POST", "/v1/deltas", json={"name": name})
         assert response.status_code == 400 and reason in response.json()["error"]["message"], name
     assert "garbage" not in [m.id for m in client.models.list()]
@@ -354,6 +357,29 @@ def test_delta_names_are_matched_whole():
     assert valid_delta_name("prose-row") and valid_delta_name("v1.2_b")
     for name in ("d1\n", "a/b", "..", "a..b", "", ".hidden", "x" * 200):
         assert not valid_delta_name(name), name
+
+
+def test_the_log_has_a_line_per_request_and_the_cause_of_each_refusal(client, server, server_log):
+    client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=3)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="prose-matrix", prompt="x", max_tokens=2, seed=2**64)
+    time.sleep(0.5)  # the line is written once the response is sent
+    lines = server_log.read_text().splitlines()
+    assert any('"POST /v1/completions HTTP/1.1" 200 model=prose-matrix tokens=' in line and line.endswith("+3 " + line.split()[-1])
+               for line in lines)
+    assert any('"POST /v1/completions HTTP/1.1" 400 model=prose-matrix' in line and "seed" in line for line in lines)
+    assert any(line.startswith("WARNING") and "not serving truncated" in line and "incomplete metadata" in line for line in lines)
+    assert not any('"GET /health' in line for line in lines)  # probes are DEBUG
+
+
+def test_a_deltas_folder_of_which_nothing_fits_the_base_refuses_to_start(llama_pair, pairs, tmp_path):
+    from bitdelta import compress
+    from bitdelta.errors import BitDeltaError
+    from bitdelta.server.cli import build_server
+
+    compress(*pairs["qwen2"], tmp_path / "deltas" / "foreign", progress=False)
+    with pytest.raises(BitDeltaError, match="none of the 1 folders in --deltas .* can be served over this base .*foreign: .*fingerprint"):
+        build_server(str(llama_pair[0]), tmp_path / "deltas", config=_cpu_config())
 
 
 def test_metrics_in_prometheus_format(client, server):

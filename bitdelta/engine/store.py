@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError, UnknownModelError
-from bitdelta.fileformat import DeltaConfig, DeltaReader, read_config
+from bitdelta.fileformat import DeltaConfig, DeltaReader
 
 from .model import MultiTenantModel, SlotWeights
 
@@ -128,7 +128,9 @@ class DeltaStore:
         also reads and verifies its weights here (the admin API does, so a hostile file fails
         the call that brought it)."""
         path = Path(path)
-        _check_config(read_config(path), self.model, self.base_fingerprint, path)
+        # the weight files' headers too (cheap): a truncated or incomplete delta is refused here,
+        # not advertised and then failed at every request; checksums wait for the load
+        _check_config(DeltaReader(path, verify=False).config, self.model, self.base_fingerprint, path)
         entry = DeltaEntry(name, path, path if (path / "tokenizer_config.json").is_file() else self.get_base().tokenizer_dir)
         if load_now:
             entry.weights = read_weights(path, self.model, self.base_fingerprint)

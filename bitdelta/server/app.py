@@ -88,6 +88,7 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        request.state.error = error.message
         if 400 <= error.status < 500:
             metrics.rejected.labels(status=str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
@@ -107,6 +108,8 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        if isinstance(error.body, dict) and isinstance(error.body.get("model"), str):
+            request.state.model = error.body["model"]  # for the access log
         errors = error.errors()
         first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
         if first.get("type") == "json_invalid":
@@ -130,12 +133,14 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
 
     @app.post("/v1/completions", dependencies=[user])
     async def completions(body: CompletionRequest, request: Request):
+        request.state.model = body.model
         entry = engine.store.get(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else await run_in_threadpool(_tokenize, entry, body.prompt)
         return await _generate("text", body, prompt, body.max_tokens or 16, request)
 
     @app.post("/v1/chat/completions", dependencies=[user])
     async def chat(body: ChatRequest, request: Request):
+        request.state.model = body.model
         prompt = await run_in_threadpool(_chat_prompt, engine.store.get(body.model), body)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.context - len(prompt), 1)
         return await _generate("chat", body, prompt, max_tokens, request)
@@ -205,6 +210,7 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
         if not outputs or outputs[-1].finish_reason is None:
             return Response(status_code=499)  # the client has gone (nginx's "client closed request")
         last = outputs[-1]
+        request.state.usage = (last.prompt_tokens, last.completion_tokens)
         if last.finish_reason == "error":
             raise APIError(500, last.error or "generation failed")
         response = completion_body(kind, response_id, body.model, "".join(o.text for o in outputs), last.finish_reason, chunk=False)
@@ -244,7 +250,10 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             yield sse(first)
         async for output in _events(request_id, events, request):
+            if output.finish_reason:
+                request.state.usage = (output.prompt_tokens, output.completion_tokens)
             if output.finish_reason == "error":
+                request.state.error = output.error
                 yield sse(APIError(500, output.error or "generation failed").body())
                 break
             if output.text or output.finish_reason:

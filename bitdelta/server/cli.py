@@ -6,7 +6,9 @@ runs it alone); `run_server` is the same as a Python call.
 
 from __future__ import annotations
 
+import copy
 import logging
+import logging.config
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +22,7 @@ from .app import DEFAULT_MAX_BODY_MB, ServerSettings, create_app, delta_folder, 
 from .metrics import Metrics
 
 log = logging.getLogger("bitdelta.server")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_server(
@@ -35,36 +38,61 @@ def build_server(
     under its folder name (others are skipped with a warning, so one bad delta cannot keep the
     rest from serving; `delta_folder` is the rule, the same as POST /v1/deltas applies);
     `extra_deltas` (NAME -> PATH, given by the operator) must all be valid."""
+    if deltas_dir is not None and not Path(deltas_dir).is_dir():
+        raise BitDeltaError(f"--deltas {deltas_dir}: no such directory")
     metrics = Metrics()
     engine = Engine(base, config, metrics)
     if deltas_dir is not None:
-        if not Path(deltas_dir).is_dir():
-            raise BitDeltaError(f"--deltas {deltas_dir}: no such directory")
-        for folder in sorted(Path(deltas_dir).iterdir()):
-            if not folder.is_dir() or folder.name.startswith("."):
-                continue
-            try:
-                engine.store.register(folder.name, delta_folder(deltas_dir, folder.name))
-            except BitDeltaError as error:
-                log.warning("skipping %s: %s", folder, error)
+        _register_folder(engine, Path(deltas_dir))
     for name, path in (extra_deltas or {}).items():
         engine.store.register(name, path)
     settings = ServerSettings(Path(deltas_dir) if deltas_dir else None, api_key, admin_key, max_body_mb)
     return engine, create_app(engine, metrics, settings)
 
 
+def _register_folder(engine: Engine, deltas_dir: Path) -> None:
+    """Serve every delta folder of `deltas_dir` that fits the base; log why each other one does not.
+    A folder none of whose deltas fits is almost always the wrong base or the wrong folder: refuse it."""
+    candidates = [f for f in sorted(deltas_dir.iterdir()) if f.is_dir() and not f.name.startswith(".")]
+    refused = []
+    for folder in candidates:
+        try:
+            engine.store.register(folder.name, delta_folder(deltas_dir, folder.name))
+        except BitDeltaError as error:
+            log.warning("not serving %s: %s", folder.name, error)
+            refused.append(f"{folder.name}: {error}")
+    if candidates and len(refused) == len(candidates):
+        raise BitDeltaError(f"none of the {len(candidates)} folders in --deltas {deltas_dir} can be served over this base "
+                            f"(first: {refused[0]}); check --deltas and the base")
+    log.info("serving %d of the %d deltas in %s", len(candidates) - len(refused), len(candidates), deltas_dir)
+
+
+def logging_config(level: str) -> dict:
+    """uvicorn's logging configuration, with bitdelta's loggers (engine, server, access log) beside
+    uvicorn's, in its format, at `level`."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["bitdelta"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["loggers"]["uvicorn"]["level"] = level.upper()
+    return config
+
+
 def run_server(base: str, deltas_dir: Path | None = None, extra_deltas: dict[str, Path] | None = None, host: str = "127.0.0.1", port: int = 8000,
                config: EngineConfig = EngineConfig(), api_key: str | None = None, admin_key: str | None = None,
-               max_body_mb: float = DEFAULT_MAX_BODY_MB) -> None:
+               max_body_mb: float = DEFAULT_MAX_BODY_MB, log_level: str = "info") -> None:
     """Serve `base` and its deltas on http://host:port until interrupted."""
     import uvicorn
 
+    log_config = logging_config(log_level)
+    logging.config.dictConfig(log_config)
     engine, app = build_server(base, deltas_dir, extra_deltas, config, api_key, admin_key, max_body_mb)
     names = engine.store.names()
-    print(f"serving {names[0]} and {len(names) - 1} deltas on http://{host}:{port}/v1 ({engine.model.device}, {engine.model.dtype})", flush=True)
+    log.info("serving %s and %d %s on http://%s:%d/v1 (%s, %s)", names[0], len(names) - 1, "delta" if len(names) == 2 else "deltas",
+             host, port, engine.model.device, engine.model.dtype)
     engine.start()
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:  # uvicorn's own access log is off: bitdelta.access logs each request with its model and tokens
+        uvicorn.run(app, host=host, port=port, log_config=log_config, log_level=log_level, access_log=False)
     finally:
         engine.stop()
 
@@ -96,12 +124,15 @@ def serve(
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs on a GPU.")] = True,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info (a line per request), warning or error.")] = "info",
 ) -> None:
     """Serve BASE and many 1-bit fine-tunes of it behind an OpenAI-compatible API."""
     if device not in ("auto", "cuda", "cpu"):
         raise BitDeltaError(f"--device {device!r}: use cuda or cpu")
+    if log_level not in LOG_LEVELS:
+        raise BitDeltaError(f"--log-level {log_level!r}: use {', '.join(LOG_LEVELS)}")
     config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, prefill_chunk=prefill_chunk, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
-    run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key, max_body_mb)
+    run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key, max_body_mb, log_level)
 
 
 def main() -> None:
@@ -110,7 +141,6 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         typer.run(serve)
     except BitDeltaError as error:

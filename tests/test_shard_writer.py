@@ -106,3 +106,23 @@ def test_merging_by_row_blocks_equals_the_whole_matrix_sum(dtype, granularity):
     base = torch.randn(1100, 2050, generator=generator).to(dtype)  # several row blocks, K not a multiple of 32
     delta = BinaryDelta.from_weights(base, base + 0.01 * torch.randn(base.shape, generator=generator).to(dtype), granularity)
     assert torch.equal(applied_delta(delta, base, dtype), delta.apply(base, dtype))
+
+
+def _refuse(*args):
+    import errno
+
+    raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+
+@pytest.mark.parametrize("kernel_copy", [None, _refuse], ids=["missing", "refused"])
+def test_shard_is_the_same_without_the_kernel_copy(tmp_path, monkeypatch, kernel_copy):
+    from bitdelta import storage
+
+    tensors = sample_tensors()
+    write(tmp_path, tensors)
+    expected = (tmp_path / "model.safetensors").read_bytes()
+    monkeypatch.setattr(storage, "_kernel_copy", kernel_copy)
+    monkeypatch.setattr(storage, "_COPY_BYTES", 64)  # many pieces, some tensors cut in the middle
+    (tmp_path / "model.safetensors").unlink()
+    write(tmp_path, tensors)
+    assert (tmp_path / "model.safetensors").read_bytes() == expected

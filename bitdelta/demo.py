@@ -4,8 +4,8 @@ A small Llama-style base learns Python source, a copy is fully fine-tuned on Eng
 fine-tune is compressed to a 1-bit delta (per-matrix and per-row scales), its scales distilled
 (data-free), and merged back; the held-out loss of each model is measured on both domains.
 Finally a second fine-tune (upper-case prose) is compressed and both are served by the
-multi-tenant engine in the same batches, their greedy answers checked against each merged model. Models are cached, so a second
-run only repeats the (fast) compression.
+multi-tenant engine in the same batches, their greedy answers checked against each merged model.
+Every model and delta is cached (CACHE_VERSION names the recipe), so a second run only measures.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 from bitdelta import tiny
 from bitdelta.apply import load, merge
 from bitdelta.compress import compress
-from bitdelta.distill import DistillConfig, distill
+from bitdelta.distill import DistillConfig
 from bitdelta.engine.demo import serve_two_in_one_batch
 from bitdelta.fileformat import DeltaReader
+from bitdelta.progress import step_progress
 
 DEMO_SPEC = tiny.TinySpec(family="llama", hidden=256, layers=4, heads=8, intermediate=688, vocab=2048, context=256)
 BASE_STEPS, FINETUNE_STEPS, SECOND_FINETUNE_STEPS, SEQ_LEN, TEXT_CHARS = 200, 100, 40, 128, 2_000_000
@@ -54,11 +55,11 @@ def build_models(cache: Path, log=print) -> tuple[Path, Path]:
     code = tiny.base_text(TEXT_CHARS)
     tokenizer = tiny.train_tokenizer(code, DEMO_SPEC.vocab)
     model = tiny.build_model(DEMO_SPEC, tokenizer)
-    tiny.train(model, tiny.split(tiny.tokenize(tokenizer, code))[0], BASE_STEPS, seq_len=SEQ_LEN)
+    _train(model, tiny.split(tiny.tokenize(tokenizer, code))[0], BASE_STEPS, "training the base", seed=0, lr=3e-3)
     tiny._save(model, tokenizer, base_dir)
     log("fine-tuning a copy on English prose (pydoc topics)...")
     prose = tiny.finetune_text(TEXT_CHARS)
-    tiny.train(model, tiny.split(tiny.tokenize(tokenizer, prose))[0], FINETUNE_STEPS, seq_len=SEQ_LEN, lr=1e-3, seed=1)
+    _train(model, tiny.split(tiny.tokenize(tokenizer, prose))[0], FINETUNE_STEPS, "fine-tuning", seed=1)
     tiny._save(model, tokenizer, ft_dir)
     return base_dir, ft_dir
 
@@ -75,9 +76,24 @@ def build_second_finetune(cache: Path, base_dir: Path, log=print) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     caps = tiny.finetune_text(TEXT_CHARS).upper()
-    tiny.train(model, tiny.split(tiny.tokenize(tokenizer, caps))[0], SECOND_FINETUNE_STEPS, seq_len=SEQ_LEN, lr=1e-3, seed=2)
+    _train(model, tiny.split(tiny.tokenize(tokenizer, caps))[0], SECOND_FINETUNE_STEPS, "fine-tuning (upper case)", seed=2)
     tiny._save(model, tokenizer, ft_dir)
     return ft_dir
+
+
+def _train(model, tokens: torch.Tensor, steps: int, description: str, seed: int, lr: float = 1e-3) -> None:
+    with step_progress(description, steps) as advance:
+        tiny.train(model, tokens, steps, seq_len=SEQ_LEN, lr=lr, seed=seed, on_step=advance)
+
+
+def _cached(output: Path, make, log) -> Path:
+    """`output` as a previous run left it, else made now by `make(output)`. Outputs appear
+    atomically, so one that exists is whole."""
+    if (output / "bitdelta_config.json").is_file() or (output / "config.json").is_file():
+        log(f"reusing {output.name} from the cache")
+        return output
+    make(output)
+    return output
 
 
 def run_demo(cache: Path | None = None, log=print) -> DemoResult:
@@ -98,25 +114,26 @@ def run_demo(cache: Path | None = None, log=print) -> DemoResult:
     def evaluate(label: str, model) -> None:
         result.rows.append((label, tiny.heldout_loss(model, heldout["prose"]), tiny.heldout_loss(model, heldout["code"])))
 
+    log("measuring held-out losses...")
     evaluate("base", AutoModelForCausalLM.from_pretrained(base_dir))
     evaluate("fine-tune", AutoModelForCausalLM.from_pretrained(ft_dir))
     for granularity in ("matrix", "row"):
-        delta_dir = cache / f"delta-{granularity}"
         start = time.perf_counter()
-        compress(base_dir, ft_dir, delta_dir, scale=granularity, overwrite=True, progress=False)
+        delta_dir = _cached(cache / f"delta-{granularity}", lambda out: compress(base_dir, ft_dir, out, scale=granularity, overwrite=True), log)
         result.seconds[f"compress ({granularity})"] = time.perf_counter() - start
         result.sizes[f"delta ({granularity} scales)"] = DeltaReader(delta_dir).nbytes
         evaluate(f"BitDelta-Initial ({granularity} scales)", load(base_dir, delta_dir))
     start = time.perf_counter()
-    distilled_dir = cache / "delta-distilled"
-    compress(base_dir, ft_dir, distilled_dir, overwrite=True, progress=False, distill=DEMO_DISTILL)
+    log("compressing and distilling the scales (data-free)...")
+    distilled_dir = _cached(cache / "delta-distilled", lambda out: compress(base_dir, ft_dir, out, overwrite=True, distill=DEMO_DISTILL), log)
     result.seconds["compress + distill (matrix)"] = time.perf_counter() - start
     evaluate("BitDelta (distilled, matrix scales)", load(base_dir, distilled_dir))
-    merged_dir = cache / "merged"
-    merge(base_dir, cache / "delta-matrix", merged_dir, overwrite=True, progress=False)
-    evaluate("merged checkpoint (matrix)", AutoModelForCausalLM.from_pretrained(merged_dir))
+    merged_dir = _cached(cache / "merged-distilled", lambda out: merge(base_dir, distilled_dir, out, overwrite=True), log)
+    evaluate("merged checkpoint of the distilled delta", AutoModelForCausalLM.from_pretrained(merged_dir))
     start = time.perf_counter()
-    caps_delta = compress(base_dir, build_second_finetune(cache, base_dir, log), cache / "delta-caps", overwrite=True, progress=False)
+    caps_ft = build_second_finetune(cache, base_dir, log)
+    caps_delta = _cached(cache / "delta-caps", lambda out: compress(base_dir, caps_ft, out, overwrite=True), log)
+    log("serving both fine-tunes in the same batches...")
     result.batch = serve_two_in_one_batch(base_dir, {"prose (distilled)": distilled_dir, "caps": caps_delta})
     result.seconds["second fine-tune + serve both in one batch"] = time.perf_counter() - start
     result.sizes["fine-tune checkpoint"] = _weights_bytes(ft_dir)

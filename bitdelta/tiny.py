@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def split(tokens: torch.Tensor, heldout_fraction: float = 0.1) -> tuple[torch.Te
     return tokens[:cut], tokens[cut:]
 
 
-def train(model, tokens: torch.Tensor, steps: int, batch: int = 16, seq_len: int = 64, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Full-parameter AdamW training on random windows of `tokens`, cosine decay; returns losses."""
+def train(model, tokens: torch.Tensor, steps: int, batch: int = 16, seq_len: int = 64, lr: float = 3e-3, seed: int = 0,
+          on_step: Callable[[str], None] = lambda note: None) -> list[float]:
+    """Full-parameter AdamW training on random windows of `tokens`, cosine decay; returns losses.
+    `on_step` gets a note (the loss) after every step: a progress bar's `advance`."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(steps // 10, 1)
@@ -120,6 +123,7 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int = 16, seq_len: int
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        on_step(f"loss {losses[-1]:.3f}")
     model.eval()
     return losses
 

@@ -184,3 +184,25 @@ def test_unknown_task_is_a_clear_error(llama_pair, llama_delta):
 def test_nothing_to_evaluate_is_a_clear_error(llama_pair):
     with pytest.raises(EvaluationError, match="nothing to evaluate"):
         evaluate(*llama_pair)
+
+
+def test_a_hub_task_offline_is_one_clear_line_before_any_model_loads(llama_pair, llama_delta, tmp_path, monkeypatch):
+    """Offline, lm-eval would retry the hub for minutes and end in a long traceback: refuse at once."""
+    import socket
+
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+    from conftest import run_cli
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    with pytest.raises(EvaluationError, match="truthfulqa_mc2 needs the data set truthfulqa/truthful_qa .* cannot be reached"):
+        prepare_tasks(["truthfulqa_mc2"])
+    code, _, err = run_cli("eval", llama_pair[0], "--finetuned", llama_pair[1], "--delta", llama_delta, "--tasks", "truthfulqa_mc2")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: lm-eval task truthfulqa_mc2"), err
+    closed.close()

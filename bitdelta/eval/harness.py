@@ -74,7 +74,60 @@ def prepare_tasks(tasks: list[str], include_path: str | Path | None = None) -> T
     if unknown:
         raise EvaluationError(f"unknown lm-eval task {', '.join(unknown)}; pass a harness task name (`lm-eval ls tasks`), "
                               "a task YAML file, or --include-path with your task folder")
+    _check_datasets_reachable(names, manager)
     return TaskSet(specs, manager)
+
+
+def _check_datasets_reachable(names: list[str], manager) -> None:
+    """Refuse, before any model loads, a task whose data set is neither cached nor downloadable:
+    offline, the harness would otherwise retry the hub for minutes and end in a long traceback."""
+    missing = [(name, path) for name in names for path in _dataset_paths(name, manager) if not _dataset_cached(path)]
+    if missing and not _hub_reachable():
+        name, path = missing[0]
+        raise EvaluationError(
+            f"lm-eval task {name} needs the data set {path} from the Hugging Face hub, which cannot be reached from here and "
+            "has no cached copy; run the task once where the hub is reachable (then HF_DATASETS_OFFLINE=1 uses the cache), "
+            "or pass a task YAML whose dataset_kwargs.data_files name local files"
+        )
+
+
+def _dataset_paths(name: str, manager, seen: set | None = None) -> set[str]:
+    """The hub data sets behind a task, a group or a tag (local paths left out)."""
+    seen = set() if seen is None else seen
+    entry = manager.task_index.get(name)
+    if entry is None or name in seen:
+        return set()
+    seen.add(name)
+    config = entry.cfg or {}
+    members = set(entry.tags or ()) if config == {} else set(config.get("task") or ()) if isinstance(config.get("task"), list) else set()
+    paths = {config["dataset_path"]} if config.get("dataset_path") and not Path(config["dataset_path"]).exists() else set()
+    for member in members:
+        paths |= _dataset_paths(member, manager, seen)
+    return paths
+
+
+def _dataset_cached(path: str) -> bool:
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}").is_dir() or \
+        (Path(datasets_config.HF_DATASETS_CACHE) / path.replace("/", "___")).is_dir()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def run_tasks(model, tokenizer, tasks: TaskSet, *, batch_size: int = 8, limit: int | float | None = None,

@@ -4,6 +4,7 @@ every batch, each answering exactly as its merged fine-tune does alone."""
 from __future__ import annotations
 
 import functools
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -239,3 +240,19 @@ def test_qwen2_finetune_brings_its_own_biases_beside_the_base(pairs, tmp_path):
         with torch.no_grad():
             expected = model(torch.tensor([prompt])).logits[0, -1]
         torch.testing.assert_close(logits["first"][row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_finetune_saved_without_a_chat_template_uses_its_bases(llama_pair, deltas, tmp_path):
+    import json
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(deltas["prose-row"], folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = make_engine(llama_pair[0], {"no-template": folder, "code-chat": deltas["code-chat"]})
+    entry, base = engine.store.get("no-template"), engine.store.get_base()
+    assert entry.tokenizer.chat_template is None and base.tokenizer.chat_template
+    assert entry.chat_template == base.tokenizer.chat_template  # same vocabulary: the base's template fits
+    assert engine.store.get("code-chat").chat_template == engine.store.get("code-chat").tokenizer.chat_template != base.tokenizer.chat_template

@@ -52,6 +52,7 @@ class DeltaEntry:
     users: int = 0  # running sequences reading its slot
     registered: bool = True
     is_base: bool = False
+    base: DeltaEntry | None = None  # the served base's entry (None for the base itself)
 
     @cached_property
     def tokenizer(self):
@@ -63,6 +64,15 @@ class DeltaEntry:
         except BitDeltaError as error:
             log.error("model %r: %s", self.name, error)
             raise redacted(error, self.name, self.path, self.tokenizer_dir) from None
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        """Its tokenizer's chat template; for a fine-tune saved without one, the base's, when the two
+        tokenizers have the same vocabulary (the template then renders to the same ids)."""
+        own = self.tokenizer.chat_template if self.tokenizer is not None else None
+        if own or self.base is None or self.base.tokenizer is None or not self.base.tokenizer.chat_template:
+            return own
+        return self.base.tokenizer.chat_template if self.base.tokenizer.get_vocab() == self.tokenizer.get_vocab() else None
 
     @cached_property
     def max_token_chars(self) -> int:
@@ -131,7 +141,8 @@ class DeltaStore:
         # the weight files' headers too (cheap): a truncated or incomplete delta is refused here,
         # not advertised and then failed at every request; checksums wait for the load
         _check_config(DeltaReader(path, verify=False).config, self.model, self.base_fingerprint, path)
-        entry = DeltaEntry(name, path, path if (path / "tokenizer_config.json").is_file() else self.get_base().tokenizer_dir)
+        base = self.get_base()
+        entry = DeltaEntry(name, path, path if (path / "tokenizer_config.json").is_file() else base.tokenizer_dir, base=base)
         if load_now:
             entry.weights = read_weights(path, self.model, self.base_fingerprint)
             entry.tokenizer  # noqa: B018 -- a broken tokenizer is refused now, not at the first request
@@ -149,7 +160,7 @@ class DeltaStore:
         for tensor in weights.dense:
             if not self.model.routable(tensor) or tuple(weights.dense[tensor].shape) != self.model.base_shape(tensor):
                 raise IncompatibleModelsError(f"delta {name!r}: {tensor} is not a per-fine-tune tensor of the served base with this shape")
-        entry = DeltaEntry(name, None, self.get_base().tokenizer_dir, weights=weights)
+        entry = DeltaEntry(name, None, self.get_base().tokenizer_dir, weights=weights, base=self.get_base())
         self._add_entry(entry)
         return entry
 

@@ -135,7 +135,7 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
     async def completions(body: CompletionRequest, request: Request):
         request.state.model = body.model
         entry = engine.store.get(body.model)
-        prompt = body.prompt if isinstance(body.prompt, list) else await run_in_threadpool(_tokenize, entry, body.prompt)
+        prompt = body.prompt if isinstance(body.prompt, list) else await run_in_threadpool(_tokenize, entry, body.prompt, "prompt")
         return await _generate("text", body, prompt, body.max_tokens or 16, request)
 
     @app.post("/v1/chat/completions", dependencies=[user])
@@ -146,23 +146,22 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
         return await _generate("chat", body, prompt, max_tokens, request)
 
     def _chat_prompt(entry, body: ChatRequest) -> list[int]:
-        tokenizer = entry.tokenizer
-        if not tokenizer.chat_template:
-            raise APIError(400, f"{body.model} has no chat template; use /v1/completions", param="model")
+        if not entry.chat_template:
+            raise APIError(400, f"{body.model} has no chat template (nor a base with the same tokenizer and one); use /v1/completions", param="model")
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = entry.tokenizer.apply_chat_template(messages, chat_template=entry.chat_template, add_generation_prompt=True, tokenize=False)
         except Exception as error:  # the template's own checks (roles, order) raise jinja errors
             raise APIError(400, f"messages do not fit {body.model}'s chat template: {error}", param="messages") from None
-        return _tokenize(entry, text)
+        return _tokenize(entry, text, "messages")
 
-    def _tokenize(entry, text: str) -> list[int]:
+    def _tokenize(entry, text: str, param: str) -> list[int]:
         """Token ids of `text`, refusing a text too long for the context before tokenizing it: no
         token covers more than `entry.max_token_chars` characters."""
         at_least = -(-len(text) // entry.max_token_chars)
         if at_least > engine.context:
             raise APIError(400, f"this model's maximum context length is {engine.context} tokens; the prompt has at least {at_least}",
-                           param="messages" if entry.tokenizer.chat_template else "prompt", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
         return entry.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @app.post("/v1/deltas", dependencies=[admin])

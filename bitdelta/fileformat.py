@@ -154,7 +154,7 @@ class DeltaReader:
         """The fine-tune's config, tokenizer and chat template files that travel with the delta."""
         files = model_folder_files(self.path)
         for path in files:
-            if not is_own_file(self.path, path.name):
+            if not _is_own_file(self.path, path.name):
                 raise DeltaFormatError(f"{path} links to a file outside {self.path}; replace the link with the file itself")
         return files
 
@@ -189,12 +189,12 @@ def read_config(path: Path) -> DeltaConfig:
     if not isinstance(config.files, dict):
         raise DeltaFormatError(f"{file} lists its weight files as {type(config.files).__name__}, not a mapping; the delta is corrupted, recreate it")
     for name in config.files:
-        if not is_own_file(Path(path), name):
+        if not _is_own_file(Path(path), name):
             raise DeltaFormatError(f"{file} names weight file {name!r}, which is not a file name inside {path}; the delta is corrupted or forged, recreate it")
     return config
 
 
-def is_own_file(folder: Path, name: object) -> bool:
+def _is_own_file(folder: Path, name: object) -> bool:
     """True when `name` is a plain file name whose file (symlinks followed) lies directly in `folder`.
 
     A delta may come from anyone: its config must not make us hash, open or copy a file elsewhere.

@@ -96,10 +96,10 @@ def test_unloading_a_delta_with_queued_requests_leaves_nothing_in_the_cpu_tier(l
 def test_a_load_failure_is_retried_by_the_next_request_and_names_no_server_path(llama_pair, deltas, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(deltas["prose-row"], folder)
-    good = (folder / "delta.safetensors").read_bytes()
-    (folder / "delta.safetensors").write_bytes(good[: len(good) // 2])  # truncated after registration
     engine = make_engine(llama_pair[0], {})
     engine.store.register("broken", folder)
+    good = (folder / "delta.safetensors").read_bytes()
+    (folder / "delta.safetensors").write_bytes(good[: len(good) // 2])  # truncated after registration
     prompt = token_ids(engine, "broken", PROMPTS[0])
     [failed] = engine.generate([("broken", prompt, GREEDY)])
     assert failed[-1].finish_reason == "error" and "broken" in failed[-1].error

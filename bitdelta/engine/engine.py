@@ -74,12 +74,10 @@ class Output:
 
 
 class EngineObserver:
-    """Hooks for metrics; the default does nothing."""
+    """A hook on every forward pass, for metrics (request-level metrics are the caller's: they follow
+    from the Output events); the default does nothing."""
 
     def step(self, sequences: int, deltas: int, prefill_tokens: int, decode_tokens: int) -> None: ...
-    def first_token(self, seconds: float) -> None: ...
-    def next_token(self, seconds: float) -> None: ...
-    def finished(self, model: str, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -95,7 +93,6 @@ class Sequence:
     slot: int | None = None
     kv: BlockTable | None = None
     computed: int = 0  # positions whose keys/values are in the cache
-    last_token_at: float = 0.0
 
     @property
     def tokens(self) -> list[int]:
@@ -195,6 +192,11 @@ class Engine:
         tokens = sum(s.computed for s in list(self._running))
         return {"waiting": waiting, "running": running, "kv_blocks_used": self.kv.blocks_used, "kv_blocks_total": self.kv.num_blocks,
                 "kv_tokens": tokens, "kv_block_size": self.kv.block_size, **{f"deltas_{k}": v for k, v in self.store.resident().items()}}
+
+    @property
+    def running(self) -> bool:
+        """Its scheduler thread is alive (started and not stopped or crashed)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="bitdelta-engine", daemon=True)
@@ -337,19 +339,15 @@ class Engine:
 
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         greedy = torch.argmax(logits, dim=-1).tolist()  # one host sync for every greedy row
-        now = time.perf_counter()
         for sequence, row, best in zip(sequences, logits, greedy):
             try:
                 token = best if is_greedy(sequence.params) else sample(row, sequence.params, sequence.generator)
-                self._take(sequence, token, now)
+                self._take(sequence, token)
             except Exception:  # noqa: BLE001 -- a request's own failure ends that request alone
                 log.exception("request %d (%s) failed while taking its next token", sequence.id, sequence.entry.name)
                 self._finish(sequence, "error", error="internal error while sampling")
 
-    def _take(self, sequence: Sequence, token: int, now: float) -> None:
-        first = not sequence.stream.token_ids
-        self.observer.first_token(now - sequence.arrived) if first else self.observer.next_token(now - sequence.last_token_at)
-        sequence.last_token_at = now
+    def _take(self, sequence: Sequence, token: int) -> None:
         if token in sequence.entry.eos_ids:
             sequence.stream.token_ids.append(token)
             self._finish(sequence, "stop")
@@ -370,7 +368,6 @@ class Engine:
         else:
             return
         generated = sequence.stream.token_ids
-        self.observer.finished(sequence.entry.name, reason, len(sequence.prompt), len(generated))
         text = sequence.stream.release(final=True) if reason in ("stop", "length") else ""
         self._emit(sequence, Output(text, generated[-1:] if reason in ("stop", "length") else [], reason, len(sequence.prompt), len(generated), error))
 

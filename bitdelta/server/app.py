@@ -1,11 +1,12 @@
-"""The OpenAI-compatible HTTP API over an Engine (FastAPI).
+"""The OpenAI-compatible HTTP API (FastAPI) over a Backend: the engine of this process, or Ray
+Serve replicas (backend.py). The same code serves both.
 
 Handlers tokenize with the requested fine-tune's own tokenizer and chat template (in a worker
 thread: a long prompt must not stall the event loop that serves everyone else), hand the request
-to the engine thread, and await its Output events through an asyncio queue. A client that goes
-away is noticed within POLL_SECONDS and its request is cancelled, which frees its batch slot and
-KV blocks at the next step. Every error, whatever raised it, reaches the client as an OpenAI error
-body (guard.py catches what no handler does).
+to the backend, and read its Output events. A client that goes away is noticed within POLL_SECONDS
+and its request is cancelled, which frees its batch slot and KV blocks at the next step. Every
+error, whatever raised it, reaches the client as an OpenAI error body (guard.py catches what no
+handler does). Request metrics are observed here, from the events, so every backend has them.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from bitdelta.engine import Engine, InvalidRequestError, Output, QueueFullError, SamplingParams, UnknownModelError
+from bitdelta.engine import InvalidRequestError, Output, QueueFullError, SamplingParams, UnknownModelError
 from bitdelta.engine.store import redacted
 from bitdelta.errors import BitDeltaError
 
+from .backend import Backend, Generation, Unavailable
 from .guard import Guard
 from .metrics import Metrics
 from .protocol import AddDelta, APIError, ChatRequest, CompletionRequest, completion_body, new_id, usage
@@ -40,7 +42,8 @@ POLL_SECONDS = 0.2
 DELTA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_MAX_BODY_MB = 4.0
 # BitDeltaError subclasses a request can cause, as HTTP statuses; any other one is the server's (500)
-STATUS = {UnknownModelError: (404, "model_not_found"), InvalidRequestError: (400, None), QueueFullError: (429, "queue_full")}
+STATUS = {UnknownModelError: (404, "model_not_found"), InvalidRequestError: (400, None), QueueFullError: (429, "queue_full"),
+          Unavailable: (503, "unavailable")}
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def delta_folder(deltas_dir: Path, name: str) -> Path:
     return folder
 
 
-def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = ServerSettings()) -> FastAPI:
+def create_app(backend: Backend, metrics: Metrics, settings: ServerSettings = ServerSettings()) -> FastAPI:
     app = FastAPI(title="bitdelta", docs_url=None, redoc_url=None, openapi_url=None)
 
     def bearer(key: str | None):
@@ -121,6 +124,8 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
 
     @app.get("/health")
     async def health() -> dict:
+        if not backend.healthy():
+            raise APIError(503, "the engine is not running")
         return {"status": "ok"}
 
     @app.get("/metrics", dependencies=[user])
@@ -129,20 +134,20 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
 
     @app.get("/v1/models", dependencies=[user])
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(name) for name in engine.store.names()]}
+        return {"object": "list", "data": [_model_card(name) for name in backend.names()]}
 
     @app.post("/v1/completions", dependencies=[user])
     async def completions(body: CompletionRequest, request: Request):
         request.state.model = body.model
-        entry = engine.store.get(body.model)
+        entry = backend.get(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else await run_in_threadpool(_tokenize, entry, body.prompt, "prompt")
         return await _generate("text", body, prompt, body.max_tokens or 16, request)
 
     @app.post("/v1/chat/completions", dependencies=[user])
     async def chat(body: ChatRequest, request: Request):
         request.state.model = body.model
-        prompt = await run_in_threadpool(_chat_prompt, engine.store.get(body.model), body)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.context - len(prompt), 1)
+        prompt = await run_in_threadpool(_chat_prompt, backend.get(body.model), body)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(backend.context - len(prompt), 1)
         return await _generate("chat", body, prompt, max_tokens, request)
 
     def _chat_prompt(entry, body: ChatRequest) -> list[int]:
@@ -159,8 +164,8 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
         """Token ids of `text`, refusing a text too long for the context before tokenizing it: no
         token covers more than `entry.max_token_chars` characters."""
         at_least = -(-len(text) // entry.max_token_chars)
-        if at_least > engine.context:
-            raise APIError(400, f"this model's maximum context length is {engine.context} tokens; the prompt has at least {at_least}",
+        if at_least > backend.context:
+            raise APIError(400, f"this model's maximum context length is {backend.context} tokens; the prompt has at least {at_least}",
                            param=param, code="context_length_exceeded")
         return entry.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -175,10 +180,10 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
             raise APIError(404, str(error), param="name", code="delta_not_found") from None
         except BitDeltaError as error:
             raise APIError(400, str(error), param="name") from None
-        if body.name in engine.store.names():
+        if body.name in backend.names():
             raise APIError(409, f"{body.name!r} is already served; DELETE it first to reload it", param="name")
         try:
-            await run_in_threadpool(engine.store.register, body.name, path, True)
+            await backend.add(body.name, path)
         except BitDeltaError as error:
             log.warning("POST /v1/deltas %s refused: %s", body.name, error)
             public = redacted(error, body.name, path, settings.deltas_dir / body.name)
@@ -187,39 +192,50 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
 
     @app.delete("/v1/deltas/{name}", dependencies=[admin])
     async def remove_delta(name: str) -> dict:
-        if engine.store.get(name).is_base:
+        if backend.get(name).is_base:
             raise APIError(400, "the base model cannot be unloaded", param="name")
-        engine.store.unregister(name)  # UnknownModelError (404) if removed concurrently
+        await backend.remove(name)  # UnknownModelError (404) if removed concurrently
         return {"id": name, "object": "model", "deleted": True}
 
     def _model_card(name: str) -> dict:
-        entry = engine.store.get(name)
-        return {"id": name, "object": "model", "created": 0, "owned_by": "bitdelta", "parent": None if entry.is_base else engine.store.get_base().name}
+        base = backend.names()[0]
+        return {"id": name, "object": "model", "created": 0, "owned_by": "bitdelta", "parent": None if name == base else base}
 
     async def _generate(kind: str, body, prompt: list[int], max_tokens: int, request: Request):
         params = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Output] = asyncio.Queue()
-        request_id = engine.submit(body.model, prompt, params, lambda out: loop.call_soon_threadsafe(events.put_nowait, out))
+        arrived = time.perf_counter()
+        generation = await backend.generate(body.model, prompt, params)
+        headers = {"x-bitdelta-replica": generation.served_by} if generation.served_by else {}
         response_id = new_id("cmpl" if kind == "text" else "chatcmpl")
+        events = _events(generation, body.model, len(prompt), arrived, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(kind, response_id, body.model, request_id, events, request, include_usage), media_type="text/event-stream")
-        outputs = [output async for output in _events(request_id, events, request)]
+            return StreamingResponse(_stream(kind, response_id, body.model, events, request, include_usage), media_type="text/event-stream", headers=headers)
+        outputs = [output async for output in events]
         if not outputs or outputs[-1].finish_reason is None:
             return Response(status_code=499)  # the client has gone (nginx's "client closed request")
         last = outputs[-1]
-        request.state.usage = (last.prompt_tokens, last.completion_tokens)
         if last.finish_reason == "error":
             raise APIError(500, last.error or "generation failed")
         response = completion_body(kind, response_id, body.model, "".join(o.text for o in outputs), last.finish_reason, chunk=False)
-        return response | {"usage": usage(last.prompt_tokens, last.completion_tokens)}
+        return JSONResponse(response | {"usage": usage(last.prompt_tokens, last.completion_tokens)}, headers=headers)
 
-    async def _events(request_id: int, events: asyncio.Queue, request: Request) -> AsyncIterator[Output]:
-        """The request's Outputs until it finishes; cancels it when the client disconnects."""
-        finished = False
+    async def _events(generation: Generation, model: str, prompt_tokens: int, arrived: float, request: Request) -> AsyncIterator[Output]:
+        """The request's Outputs until it finishes, observed for the metrics and the access log. The
+        events are read by a task of their own, so the client can be checked every POLL_SECONDS
+        while none arrives; when it has gone, the request is cancelled (the task and the stream)."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for output in generation.outputs:
+                    events.put_nowait(output)
+            except Exception as error:  # noqa: BLE001 -- handed to the reader, which raises it
+                events.put_nowait(error)
+
+        reader = asyncio.create_task(pump())
         loop = asyncio.get_running_loop()
-        check_at = loop.time() + POLL_SECONDS
+        check_at, last, generated, finished = loop.time() + POLL_SECONDS, arrived, 0, False
         try:
             while True:
                 try:
@@ -232,15 +248,27 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
                     check_at = loop.time() + POLL_SECONDS
                 if output is None:
                     continue
-                finished = output.finish_reason is not None
+                if isinstance(output, Exception):
+                    raise output
+                now = time.perf_counter()
+                if output.token_ids:
+                    metrics.token(generated == 0, now - last)
+                    generated, last = generated + len(output.token_ids), now
+                if output.finish_reason is not None:
+                    finished = True
+                    request.state.usage = (output.prompt_tokens, output.completion_tokens)
+                    metrics.request_finished(model, output.finish_reason, output.prompt_tokens, output.completion_tokens)
+                    if output.error:
+                        request.state.error = output.error
                 yield output
-                if finished:
+                if output.finish_reason is not None:
                     return
-        finally:
+        finally:  # finished, or the client went away (this returned, or the response was cancelled)
+            reader.cancel()
             if not finished:
-                engine.cancel(request_id)
+                metrics.request_finished(model, "cancelled", prompt_tokens, generated)
 
-    async def _stream(kind: str, response_id: str, model: str, request_id: int, events: asyncio.Queue, request: Request, include_usage: bool):
+    async def _stream(kind: str, response_id: str, model: str, events: AsyncIterator[Output], request: Request, include_usage: bool):
         def sse(data: dict) -> str:
             return f"data: {json.dumps(data)}\n\n"
 
@@ -248,21 +276,21 @@ def create_app(engine: Engine, metrics: Metrics, settings: ServerSettings = Serv
             first = completion_body(kind, response_id, model, "", None, chunk=True)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             yield sse(first)
-        async for output in _events(request_id, events, request):
-            if output.finish_reason:
-                request.state.usage = (output.prompt_tokens, output.completion_tokens)
-            if output.finish_reason == "error":
-                request.state.error = output.error
-                yield sse(APIError(500, output.error or "generation failed").body())
-                break
-            if output.text or output.finish_reason:
-                yield sse(completion_body(kind, response_id, model, output.text, output.finish_reason, chunk=True))
-            if output.finish_reason and include_usage:
-                chunk = completion_body(kind, response_id, model, "", None, chunk=True) | {"choices": [], "usage": usage(output.prompt_tokens, output.completion_tokens)}
-                yield sse(chunk)
+        try:
+            async for output in events:
+                if output.finish_reason == "error":
+                    yield sse(APIError(500, output.error or "generation failed").body())
+                    break
+                if output.text or output.finish_reason:
+                    yield sse(completion_body(kind, response_id, model, output.text, output.finish_reason, chunk=True))
+                if output.finish_reason and include_usage:
+                    chunk = completion_body(kind, response_id, model, "", None, chunk=True) | {"choices": [], "usage": usage(output.prompt_tokens, output.completion_tokens)}
+                    yield sse(chunk)
+        except BitDeltaError as error:  # the backend failed mid-stream (a replica died): an error event, then the end
+            request.state.error = str(error)
+            yield sse(APIError(STATUS.get(type(error), (500, None))[0], str(error)).body())
         yield "data: [DONE]\n\n"
 
-    metrics.bind(engine)
     app.add_middleware(Guard, max_body_bytes=int(settings.max_body_mb * 1e6))
-    app.state.engine, app.state.started = engine, time.time()
+    app.state.backend, app.state.started = backend, time.time()
     return app

@@ -19,6 +19,7 @@ from bitdelta.engine import Engine, EngineConfig
 from bitdelta.errors import BitDeltaError
 
 from .app import DEFAULT_MAX_BODY_MB, ServerSettings, create_app, delta_folder, valid_delta_name
+from .backend import LocalBackend
 from .metrics import Metrics
 
 log = logging.getLogger("bitdelta.server")
@@ -42,12 +43,13 @@ def build_server(
         raise BitDeltaError(f"--deltas {deltas_dir}: no such directory")
     metrics = Metrics()
     engine = Engine(base, config, metrics)
+    metrics.bind(engine)
     if deltas_dir is not None:
         _register_folder(engine, Path(deltas_dir))
     for name, path in (extra_deltas or {}).items():
         engine.store.register(name, path)
     settings = ServerSettings(Path(deltas_dir) if deltas_dir else None, api_key, admin_key, max_body_mb)
-    return engine, create_app(engine, metrics, settings)
+    return engine, create_app(LocalBackend(engine), metrics, settings)
 
 
 def _register_folder(engine: Engine, deltas_dir: Path) -> None:

@@ -16,7 +16,7 @@ from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.progress import tensor_progress
-from bitdelta.storage import ShardWriter, atomic_directory
+from bitdelta.storage import ShardWriter, atomic_directory, refuse_existing
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3
@@ -88,6 +88,7 @@ def merge(
 ) -> Path:
     """Write base + delta as a complete Hugging Face checkpoint (sharded safetensors, config,
     tokenizer, chat template) that `AutoModelForCausalLM.from_pretrained` loads as it is."""
+    refuse_existing(Path(output), overwrite)
     base_ckpt, reader = open_pair(base, delta)
     target = None if dtype == "auto" else parse_dtype(dtype, reader)
     with atomic_directory(Path(output), overwrite) as tmp:

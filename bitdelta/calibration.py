@@ -11,12 +11,14 @@ import torch
 from bitdelta.errors import DistillationError
 
 
-def token_windows(tokens: torch.Tensor, count: int, seq_len: int, source: str, seed: int) -> torch.Tensor:
-    """`count` distinct, non-overlapping windows [count, seq_len] drawn reproducibly from a token stream."""
+def token_windows(tokens: torch.Tensor, count: int, seq_len: int, source: str, seed: int, minimum: int | None = None) -> torch.Tensor:
+    """`count` distinct, non-overlapping windows [count, seq_len] drawn reproducibly from a token stream;
+    with `minimum`, every window of a shorter stream as long as it has that many."""
     available = len(tokens) // seq_len
-    if available < count:
+    needed = count if minimum is None else minimum
+    if available < needed:
         raise DistillationError(
-            f"{source} gives {len(tokens):,} tokens, {available} windows of {seq_len}; {count} are needed "
+            f"{source} gives {len(tokens):,} tokens, {available} windows of {seq_len}; {needed} are needed "
             "(pass fewer --samples, a shorter --seq-len, more data, or omit --data for data-free calibration)"
         )
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]
@@ -98,8 +100,10 @@ def sample_from_model(model, tokenizer, count: int, seq_len: int, seed: int, bat
     return torch.cat(batches)
 
 
-def calibration_sequences(data: str | None, tokenizer, teacher, count: int, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
-    """[count, seq_len] token ids and a description of where they came from."""
+def calibration_sequences(data: str | None, tokenizer, teacher, count: int, seq_len: int, seed: int,
+                          minimum: int | None = None) -> tuple[torch.Tensor, str]:
+    """[count, seq_len] token ids and a description of where they came from; with `minimum`, fewer
+    when a data file is shorter (see token_windows)."""
     if data is None:
         return sample_from_model(teacher, tokenizer, count, seq_len, seed), "data-free (sampled from the fine-tune)"
     path = Path(data).expanduser()
@@ -111,4 +115,4 @@ def calibration_sequences(data: str | None, tokenizer, teacher, count: int, seq_
         raise DistillationError(f"calibration data {data}: no such file; pass a .txt/.jsonl file, a dataset id like allenai/c4:en, or omit --data")
     else:
         texts = hub_texts(data, count * seq_len, tokenizer)
-    return token_windows(tokenize_texts(texts, tokenizer), count, seq_len, data, seed), data
+    return token_windows(tokenize_texts(texts, tokenizer), count, seq_len, data, seed, minimum), data

@@ -13,8 +13,9 @@ from bitdelta.errors import BitDeltaError
 from bitdelta.fileformat import DEFAULT_SHARD_BYTES, DeltaConfig, write_delta
 from bitdelta.distill import DistillConfig
 from bitdelta.distill import distill as run_distillation
+from bitdelta.lineage import check_finetune_of
 from bitdelta.progress import tensor_progress
-from bitdelta.storage import atomic_directory
+from bitdelta.storage import atomic_directory, refuse_existing
 from bitdelta.targets import select_targets
 
 
@@ -30,6 +31,7 @@ def compress(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
     distill: DistillConfig | None = None,
+    allow_unrelated_base: bool = False,
 ) -> Path:
     """Compress `finetuned` against `base` into a delta directory at `output`; return its path.
 
@@ -37,8 +39,14 @@ def compress(
     every other tensor that differs from the base is stored losslessly. Memory stays bounded by
     one tensor pair (output goes to disk as it is made), so models larger than RAM compress. With `distill`,
     the scales are then calibrated (bitdelta.distill) before `output` appears.
+
+    Before anything is read, an existing `output` is refused (unless `overwrite`); before anything
+    is written, a `finetuned` that does not look like a fine-tune of `base` (bitdelta.lineage: a wrong
+    or swapped base) is refused unless `allow_unrelated_base`.
     """
-    options = dict(scale=scale, include=include, exclude=exclude, max_shard_bytes=max_shard_bytes, progress=progress)
+    refuse_existing(Path(output), overwrite)
+    options = dict(scale=scale, include=include, exclude=exclude, max_shard_bytes=max_shard_bytes, progress=progress,
+                   allow_unrelated_base=allow_unrelated_base)
     if distill is None:
         return _compress(base, finetuned, Path(output), overwrite=overwrite, **options)
     with atomic_directory(Path(output), overwrite) as staging:
@@ -50,11 +58,14 @@ def compress(
     return Path(output)
 
 
-def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_shard_bytes, progress, overwrite=False) -> Path:
+def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_shard_bytes, progress, allow_unrelated_base, overwrite=False) -> Path:
     if scale not in GRANULARITIES:
         raise BitDeltaError(f"unknown scale granularity {scale!r}; use one of {', '.join(GRANULARITIES)}")
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
-    targets = set(select_targets(ft_ckpt, base_ckpt, include, exclude))
+    chosen = select_targets(ft_ckpt, base_ckpt, include, exclude)
+    if not allow_unrelated_base:
+        check_finetune_of(base_ckpt, ft_ckpt, chosen)
+    targets = set(chosen)
     dense: dict[str, list[int]] = {}
 
     def stored_tensors() -> Iterator[tuple[str, torch.Tensor]]:

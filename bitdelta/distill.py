@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from bitdelta.pack import unpack_signs
 from bitdelta.progress import step_progress
 
 LOSSES = ("mse", "kl")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class DistillConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:  # at construction: `compress --distill` fails before compressing
+        if self.loss not in LOSSES:
+            raise DistillationError(f"unknown distillation loss {self.loss!r}; use one of {', '.join(LOSSES)}")
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,10 @@ class DistillLinear(nn.Module):
 
 
 def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: DistillConfig = DistillConfig(), progress: bool = True) -> dict:
-    """Calibrate the scales of `delta` in place (atomically); return the record saved in its config."""
-    if config.loss not in LOSSES:
-        raise DistillationError(f"unknown distillation loss {config.loss!r}; use one of {', '.join(LOSSES)}")
+    """Calibrate the scales of `delta` in place (atomically); return the record saved in its config.
+
+    Calibration data (`config.data`) shorter than `samples + heldout` windows is used whole: both
+    counts shrink in proportion, with a warning, and the record holds the counts used."""
     base_ckpt, reader = open_pair(base, delta)
     ft_ckpt = Checkpoint(finetuned)
     if ft_ckpt.fingerprint != reader.config.finetuned_fingerprint:
@@ -111,7 +118,7 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     start = time.perf_counter()
     _reset_peak(device)
 
-    sequences, source, targets = _teacher_phase(ft_ckpt, config, device, dtype)
+    config, sequences, source, targets = _teacher_phase(ft_ckpt, config, device, dtype)
     student = load(base_ckpt.path, reader.path, mode="bitdelta", dtype=config.dtype, device=device)
     scales = _make_trainable(student, reader)
     train_ids, heldout_ids = sequences[: config.samples], sequences[config.samples :]
@@ -132,19 +139,24 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     return record
 
 
-def _teacher_phase(ft_ckpt: Checkpoint, config: DistillConfig, device, dtype) -> tuple[torch.Tensor, str, Targets]:
-    """Calibration sequences and the teacher's top-k logits on them; the teacher is freed after."""
+def _teacher_phase(ft_ckpt: Checkpoint, config: DistillConfig, device, dtype) -> tuple[DistillConfig, torch.Tensor, str, Targets]:
+    """Calibration sequences and the teacher's top-k logits on them; the teacher is freed after.
+    The config comes back with the sample counts the data allowed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.path)
     teacher = AutoModelForCausalLM.from_pretrained(ft_ckpt.path, dtype=dtype).to(device).eval()
     count = config.samples + config.heldout
-    sequences, source = calibration_sequences(config.data, tokenizer, teacher, count, config.seq_len, config.seed)
+    sequences, source = calibration_sequences(config.data, tokenizer, teacher, count, config.seq_len, config.seed, minimum=1 + (config.heldout > 0))
+    if len(sequences) < count:
+        config = _fit_to_data(config, len(sequences), source)
     topk = min(config.topk, teacher.config.get_text_config().vocab_size)
     values, indices, heldout_ce = [], [], []
     with torch.no_grad():
-        for first in range(0, count, config.batch_size):
-            batch = sequences[first : first + config.batch_size].to(device)
+        # batches never straddle training and held-out sequences, so the held-out loss covers exactly those
+        for first in [*range(0, config.samples, config.batch_size), *range(config.samples, len(sequences), config.batch_size)]:
+            last = min(first + config.batch_size, config.samples if first < config.samples else len(sequences))
+            batch = sequences[first:last].to(device)
             logits = teacher(input_ids=batch).logits.float()
             top = logits.topk(topk, dim=-1)
             values.append(top.values.half().cpu())
@@ -155,7 +167,16 @@ def _teacher_phase(ft_ckpt: Checkpoint, config: DistillConfig, device, dtype) ->
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return sequences, source, Targets(torch.cat(values), torch.cat(indices), _mean(heldout_ce))
+    return config, sequences, source, Targets(torch.cat(values), torch.cat(indices), _mean(heldout_ce))
+
+
+def _fit_to_data(config: DistillConfig, windows: int, source: str) -> DistillConfig:
+    """Every window the data has, split between training and held out as asked (at least one each)."""
+    heldout = min(max(round(windows * config.heldout / (config.samples + config.heldout)), 1), windows - 1) if config.heldout else 0
+    fitted = dataclasses.replace(config, samples=windows - heldout, heldout=heldout)
+    log.warning(f"{source} gives {windows} windows of {config.seq_len} tokens: distilling on {fitted.samples} samples with {fitted.heldout} held out "
+                f"(asked {config.samples} + {config.heldout}; pass more data, a shorter --seq-len, or omit --data for data-free calibration)")
+    return fitted
 
 
 def _make_trainable(student, reader: DeltaReader) -> dict[str, nn.Parameter]:

@@ -48,3 +48,12 @@ class QueueFullError(BitDeltaError):
 
 class OutputWriteError(BitDeltaError):
     """The output could not be written: the disk is full, a folder is not writable, a file is in the way."""
+
+
+class UnrelatedModelsError(IncompatibleModelsError):
+    """The fine-tune does not look like a fine-tune of the base: unrelated weights, or the two swapped
+    (compress's --allow-unrelated-base skips the check)."""
+
+
+class TargetSelectionError(BitDeltaError):
+    """An --include/--exclude glob matches no tensor, or nothing is left to compress."""

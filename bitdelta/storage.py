@@ -29,7 +29,7 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
     is at `output` itself: a directory, a file, or a symbolic link (the link, never its target).
     """
     output = Path(output)
-    _refuse_existing(output, overwrite)
+    refuse_existing(output, overwrite)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -53,7 +53,9 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def _refuse_existing(output: Path, overwrite: bool) -> None:
+def refuse_existing(output: Path, overwrite: bool) -> None:
+    """OutputExistsError if something is at `output` and `overwrite` is off. atomic_directory checks
+    this; commands also check it before reading their inputs, which can take minutes."""
     if overwrite or not os.path.lexists(output):  # lexists: a dangling link is in the way too
         return
     if output.is_symlink():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bitdelta.checkpoint import Checkpoint, TensorMeta
-from bitdelta.errors import IncompatibleModelsError
+from bitdelta.errors import IncompatibleModelsError, TargetSelectionError
 
 _BLOCK_PATTERN = re.compile(r"\.(layers|h|blocks|block|layer)\.\d+\.")
 log = logging.getLogger(__name__)
@@ -60,15 +60,45 @@ def select_targets(
     Only 2-D floating tensors present in both checkpoints with equal shapes can be compressed; a
     globbed tensor whose shape changed (a grown vocabulary) is simply stored losslessly, but a block
     linear that is missing from the base or shaped differently means the models do not match.
+    A glob that matches no tensor (a typo) and a choice that leaves nothing to compress are refused:
+    either would write a delta no smaller than the fine-tune, without a word.
     """
     include, exclude = tuple(include), tuple(exclude)
+    _check_globs_match(finetuned, include, exclude)
     if include:
         chosen = {n for n in finetuned.tensors if any(fnmatch.fnmatchcase(n, g) for g in include)}
     else:
         chosen = _block_linears(finetuned)
         _check_same_blocks(chosen, finetuned, base)
     chosen = {n for n in chosen if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
-    return [n for n in finetuned.tensors if n in chosen and _compressible(n, finetuned, base)]
+    targets = [n for n in finetuned.tensors if n in chosen and _compressible(n, finetuned, base)]
+    if not targets:
+        given = " ".join(f"{option} {glob!r}" for option, globs in (("--include", include), ("--exclude", exclude)) for glob in globs)
+        raise TargetSelectionError(
+            f"nothing to compress{' with ' + given if given else ''}: no 2-D floating-point tensor of the fine-tune, shaped as in the base, "
+            f"is selected; pass --include globs naming linear weights such as {_examples(finetuned)}"
+        )
+    return targets
+
+
+def _check_globs_match(finetuned: Checkpoint, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    for option, globs in (("--include", include), ("--exclude", exclude)):
+        for glob in globs:
+            if any(fnmatch.fnmatchcase(name, glob) for name in finetuned.tensors):
+                continue
+            near = [name for name in finetuned.tensors if fnmatch.fnmatchcase(name, f"*{glob}*")]
+            hint = f"'*{glob}*' would match {_listed(near)}" if near else f"the fine-tune has {_examples(finetuned)}"
+            raise TargetSelectionError(f"{option} {glob!r} matches no tensor (a glob matches whole names); {hint}")
+
+
+def _examples(finetuned: Checkpoint) -> str:
+    """A few of the fine-tune's tensor names: block linears (what is usually meant) if it has any."""
+    linears = [name for name, meta in finetuned.tensors.items() if _looks_like_block_linear(name, meta)]
+    return _listed(linears or list(finetuned.tensors))
+
+
+def _listed(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (f" and {len(names) - count:,} more" if len(names) > count else "")
 
 
 def _block_linears(finetuned: Checkpoint) -> set[str]:

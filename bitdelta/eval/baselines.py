@@ -26,9 +26,8 @@ import torch
 from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import BinaryDelta
 from bitdelta.errors import EvaluationError
+from bitdelta.eval import SPECS
 from bitdelta.targets import select_targets
-
-SPECS = "bitdelta, bitdelta-row, svd:R, svd:equal, rtn:K (K = 2..8), int8base"
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bitdelta.eval.baselines import SPECS
+from bitdelta.display import column, name_column, percent
+from bitdelta.errors import EvaluationError
+from bitdelta.eval import SPECS
 
 
 def eval_command(
@@ -39,6 +42,8 @@ def eval_command(
     """Measure how faithfully DELTA (and baselines) reproduce FINETUNED: perplexity, logit MSE, KL, top-1 agreement, lm-eval tasks."""
     from bitdelta.eval import evaluate
 
+    if output is not None and not output.parent.is_dir():  # found now, not after the models ran
+        raise EvaluationError(f"--output {output}: no folder {output.parent}; create it or choose another path")
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     err = Console(stderr=True)
     result = evaluate(
@@ -46,21 +51,36 @@ def eval_command(
         seq_len=seq_len, batch_size=batch_size, limit=int(limit) if limit is not None and limit >= 1 else limit,
         num_fewshot=num_fewshot, device=device, dtype=dtype, seed=seed, log=lambda line: err.print(line, highlight=False),
     )
-    Console().print(results_table(result))
+    console = Console()
+    for table in results_tables(result):
+        console.print(table)
     if output is not None:
         output.write_text(json.dumps(result, indent=2))
         Console().print(f"wrote {output}")
 
 
-def results_table(result: dict) -> Table:
-    table = Table(title=f"fidelity to {result['finetuned']} on {result['windows']} x {result['seq_len']} tokens ({result['data']})")
-    task_columns = sorted({f"{task}/{metric}" for row in result["rows"] for task, m in row.get("tasks", {}).items() for metric in m})
-    for column in ("model", "bits/weight", "ppl", "gain kept", "logit MSE", "KL", "top-1", *task_columns):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for row in result["rows"]:
-        gain = row["gain_kept"]["loss"]
-        tasks = [f"{row['tasks'][c.split('/')[0]][c.split('/')[1]]:.4g}" for c in task_columns]
-        bits = f"{row['bits_per_weight']:.3g}" if "bits_per_weight" in row else ""
-        table.add_row(row["model"], bits, f"{row['ppl']:.4g}", "" if gain is None else f"{gain:.1%}", f"{row['logit_mse']:.4g}",
-                      f"{row['kl']:.4g}", f"{row['top1']:.3f}", *tasks)
+def results_tables(result: dict) -> list[Table]:
+    """The fidelity table, then (with --tasks) the lm-eval table: one row per model in each. Model
+    names and numbers stay whole; the long `task/metric` headers fold, so both read at 80 columns."""
+    rows = result["rows"]
+    fidelity = {"bits/weight": [f"{row['bits_per_weight']:.3g}" if "bits_per_weight" in row else "" for row in rows],
+                "ppl": [f"{row['ppl']:.4g}" for row in rows],
+                "gain kept": ["" if row["gain_kept"]["loss"] is None else percent(row["gain_kept"]["loss"]) for row in rows],
+                "logit MSE": [f"{row['logit_mse']:.4g}" for row in rows],
+                "KL": [f"{row['kl']:.4g}" for row in rows],
+                "top-1": [f"{row['top1']:.3f}" for row in rows]}
+    title = f"fidelity to {result['finetuned']} on {result['windows']} x {result['seq_len']} tokens ({result['data']})"
+    tables = [_table(title, [row["model"] for row in rows], fidelity)]
+    metrics = sorted({(task, metric) for row in rows for task, values in row.get("tasks", {}).items() for metric in values})
+    if metrics:
+        tasks = {f"{task}/{metric}": [f"{row['tasks'][task][metric]:.4g}" for row in rows] for task, metric in metrics}
+        tables.append(_table("lm-eval tasks", [row["model"] for row in rows], tasks))
+    return tables
+
+
+def _table(title: str, models: list[str], columns: dict[str, list[str]]) -> Table:
+    table = Table(name_column("model", models), *(column(header, "right", cells) for header, cells in columns.items()),
+                  title=title, box=box.SIMPLE_HEAD)
+    for model, *cells in zip(models, *columns.values()):
+        table.add_row(model, *cells)
     return table

@@ -60,7 +60,7 @@ def evaluate(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Score base, fine-tune, base + `delta` and each baseline (see bitdelta.eval.baselines.SPECS)
+    """Score base, fine-tune, base + `delta` and each baseline (see bitdelta.eval.SPECS)
     against the fine-tune: held-out loss and perplexity, logit MSE, KL(fine-tune || model), top-1
     agreement, and lm-eval task metrics for `tasks`; plus the share of the fine-tune's gain over
     the base each keeps. Returns a JSON-ready dict with one row per model."""

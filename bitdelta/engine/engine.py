@@ -191,7 +191,8 @@ class Engine:
             waiting, running = len(self._inbox) + len(self._waiting), len(self._running)
         tokens = sum(s.computed for s in list(self._running))
         return {"waiting": waiting, "running": running, "kv_blocks_used": self.kv.blocks_used, "kv_blocks_total": self.kv.num_blocks,
-                "kv_tokens": tokens, "kv_block_size": self.kv.block_size, **{f"deltas_{k}": v for k, v in self.store.resident().items()}}
+                "kv_tokens": tokens, "kv_block_size": self.kv.block_size, "delta_loads": self.store.loads,
+                **{f"deltas_{k}": v for k, v in self.store.resident().items()}}
 
     @property
     def running(self) -> bool:

@@ -119,6 +119,7 @@ class DeltaStore:
         self._slots: list[DeltaEntry | None] = [None] * model.max_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slots without users, LRU first
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bitdelta-load")
+        self.loads = 0  # deltas read from disk (and verified) since start
         self._on_loaded = on_loaded  # wakes the scheduler when a cold delta is ready
 
     # ---- registry (any thread) ----------------------------------------------------------------
@@ -145,6 +146,7 @@ class DeltaStore:
         entry = DeltaEntry(name, path, path if (path / "tokenizer_config.json").is_file() else base.tokenizer_dir, base=base)
         if load_now:
             entry.weights = read_weights(path, self.model, self.base_fingerprint)
+            self.loads += 1
             entry.tokenizer  # noqa: B018 -- a broken tokenizer is refused now, not at the first request
         self._add_entry(entry)
         return entry
@@ -182,6 +184,35 @@ class DeltaStore:
             del self._entries[name]
             entry.registered = False
             self._cpu.pop(id(entry), None)
+            if entry.slot is not None and entry.users == 0:
+                self._free_slot(entry)
+
+    def preload(self, name: str) -> None:
+        """Read and verify `name`'s weights into the CPU tier now, on this thread (a Ray Serve
+        replica loads a delta before its request is queued)."""
+        entry = self.get(name)
+        if entry.is_base or entry.weights is not None or entry.path is None:
+            return
+        try:
+            weights = read_weights(entry.path, self.model, self.base_fingerprint)
+        except BitDeltaError as error:
+            log.error("delta %r could not be loaded: %s", entry.name, error)
+            raise redacted(error, entry.name, entry.path, entry.tokenizer_dir) from None
+        with self._lock:
+            self.loads += 1
+            if entry.weights is None:
+                entry.weights = weights
+            self._remember(entry)
+
+    def evict(self, name: str) -> None:
+        """Drop `name`'s weights from memory: the CPU tier now, its slot now or when its last running
+        sequence leaves. It stays registered and is read from disk again when next asked for."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.is_base or entry.path is None:
+                return
+            self._cpu.pop(id(entry), None)
+            entry.weights = None
             if entry.slot is not None and entry.users == 0:
                 self._free_slot(entry)
 
@@ -279,6 +310,7 @@ class DeltaStore:
             error = future.exception()
             if error is None:
                 entry.weights = future.result()
+                self.loads += 1
             else:
                 if not isinstance(error, BitDeltaError):
                     error = DeltaFormatError(f"{entry.path}: cannot be loaded ({type(error).__name__}: {error})")
@@ -300,14 +332,20 @@ def redacted(error: BitDeltaError, name: str, *folders: Path | None) -> BitDelta
     return type(error)(message)
 
 
-def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint: str, path: Path) -> None:
-    """Refuse a delta the engine cannot serve exactly, before anything of it is loaded."""
+def check_base(config: DeltaConfig, base_fingerprint: str, model_type: str, path: Path) -> None:
+    """Refuse a delta made from another base, or one that changes the base's architecture: what can
+    be told from its config alone, without the model (a Ray Serve catalog checks this much)."""
     if config.base_fingerprint != base_fingerprint:
         raise IncompatibleModelsError(f"{path} was made from base {config.base_model!r}, not the served base (fingerprint {config.base_fingerprint} != {base_fingerprint})")
-    if config.model_type != model.config.model_type:
-        raise IncompatibleModelsError(f"{path} is a {config.model_type} fine-tune; the served base is {model.config.model_type}")
+    if config.model_type != model_type:
+        raise IncompatibleModelsError(f"{path} is a {config.model_type} fine-tune; the served base is {model_type}")
     if config.removed:
         raise IncompatibleModelsError(f"{path} removes base tensors ({config.removed[0]}, ...); the engine serves only fine-tunes with the base's architecture")
+
+
+def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint: str, path: Path) -> None:
+    """Refuse a delta the engine cannot serve exactly, before anything of it is loaded."""
+    check_base(config, base_fingerprint, model.config.model_type, path)
     for name, shape in config.compressed.items():
         if name not in model.linears:
             raise IncompatibleModelsError(f"{path}: {name} is 1-bit but is not a linear of the decoder blocks; the engine applies 1-bit deltas to block linears only")

@@ -127,6 +127,11 @@ def serve(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info (a line per request), warning or error.")] = "info",
+    replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Serve with this many engine replicas on Ray Serve (pip install 'bitdelta[ray]'); without it, one engine in this process.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to deploy on (default: start a local one).")] = None,
+    min_replicas: Annotated[int | None, typer.Option("--min-replicas", min=1, help="Autoscale the replicas between --min-replicas and --max-replicas on ongoing requests.")] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max-replicas", min=1, help="Upper bound of autoscaling.")] = None,
+    target_ongoing_requests: Annotated[int | None, typer.Option("--target-ongoing-requests", min=1, help="Autoscaling target per replica (default: half of --max-batch).")] = None,
 ) -> None:
     """Serve BASE and many 1-bit fine-tunes of it behind an OpenAI-compatible API."""
     if device not in ("auto", "cuda", "cpu"):
@@ -134,7 +139,18 @@ def serve(
     if log_level not in LOG_LEVELS:
         raise BitDeltaError(f"--log-level {log_level!r}: use {', '.join(LOG_LEVELS)}")
     config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, prefill_chunk=prefill_chunk, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
-    run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key, max_body_mb, log_level)
+    on_ray = replicas is not None or min_replicas is not None or max_replicas is not None or ray_address is not None
+    if not on_ray:
+        run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key, max_body_mb, log_level)
+        return
+    if deltas is None or delta:
+        raise BitDeltaError("on Ray Serve every replica reads one shared --deltas folder; --delta NAME=PATH is for a single server")
+    logging.config.dictConfig(logging_config(log_level))
+    from bitdelta.ray import RayServeConfig
+    from bitdelta.ray.launch import run_on_ray
+
+    run_on_ray(RayServeConfig(base, str(deltas), config, replicas or 1, min_replicas, max_replicas, target_ongoing_requests,
+                              api_key=api_key, admin_key=admin_key, max_body_mb=max_body_mb), host, port, ray_address)
 
 
 def main() -> None:

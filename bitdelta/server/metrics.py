@@ -39,6 +39,8 @@ class Metrics(EngineObserver):
         blocks = Gauge("bitdelta_kv_cache_blocks", "Paged KV cache blocks, used and total.", ["state"], registry=registry)
         blocks.labels(state="used").set_function(read("kv_blocks_used"))
         blocks.labels(state="total").set_function(read("kv_blocks_total"))
+        Gauge("bitdelta_delta_loads", "Deltas read from disk and verified since start (a count that only grows).",
+              registry=registry).set_function(read("delta_loads"))
         Gauge("bitdelta_kv_cache_tokens", "Tokens held in the KV cache (blocks_used * block_size - tokens = padding waste).",
               registry=registry).set_function(read("kv_tokens"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -162,3 +163,39 @@ def test_a_replica_killed_mid_request_costs_only_a_retry(ray_app):
             break
         time.sleep(1)
     assert all(complete(ray_app, model, PROMPTS[0], 2)[2] == 200 for model in FINETUNES)
+
+
+def test_the_serve_config_file_and_serve_run_arguments_make_the_same_config(llama_pair, deltas_dir):
+    import yaml
+
+    from bitdelta.errors import BitDeltaError
+    from bitdelta.ray.app import config_from_args
+
+    [application] = yaml.safe_load((Path(__file__).parent.parent / "deploy" / "serve_config.yaml").read_text())["applications"]
+    assert application["import_path"] == "bitdelta.ray:app"
+    args = application["args"] | {"base": str(llama_pair[0]), "deltas": str(deltas_dir)}
+    from_file = config_from_args(args)
+    from_command_line = config_from_args({k: str(v) for k, v in args.items()})  # `serve run ... key=value` passes strings
+    assert from_file == from_command_line
+    assert from_file.replica_options()["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 32}
+    assert from_file.engine.max_gpu_deltas == 32 and from_file.api_key == "change-me"
+    with pytest.raises(BitDeltaError, match="unknown argument"):
+        config_from_args(args | {"max_bach": "8"})
+    with pytest.raises(BitDeltaError, match="min_replicas and max_replicas"):
+        config_from_args({"base": str(llama_pair[0]), "deltas": str(deltas_dir), "min_replicas": "2"})
+
+
+def test_serve_with_replicas_deploys_on_ray(llama_pair, deltas_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    import bitdelta.ray.launch as launch
+    from bitdelta.cli import app
+
+    seen = {}
+    monkeypatch.setattr(launch, "run_on_ray", lambda config, host, port, address: seen.update(config=config, address=address, port=port))
+    result = CliRunner().invoke(app, ["serve", str(llama_pair[0]), "--deltas", str(deltas_dir), "--replicas", "3", "--max-batch", "8",
+                                      "--ray-address", "ray://head:10001", "--port", "9000"])
+    assert result.exit_code == 0, result.output
+    assert (seen["config"].replicas, seen["config"].engine.max_batch, seen["address"], seen["port"]) == (3, 8, "ray://head:10001", 9000)
+    refused = CliRunner().invoke(app, ["serve", str(llama_pair[0]), "--replicas", "2", "--delta", f"x={deltas_dir / 'prose-row'}"])
+    assert refused.exit_code != 0

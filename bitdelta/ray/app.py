@@ -72,9 +72,14 @@ def build_app(config: RayServeConfig) -> Application:
 
 def app(args: dict) -> Application:
     """The builder of `serve run bitdelta.ray:app base=... deltas=...` and of a `serve deploy`
-    config (`import_path: bitdelta.ray:app`, `args: {...}`). Keys: base, deltas, replicas,
-    min_replicas, max_replicas, target_ongoing_requests, gpus_per_replica, cpus_per_replica,
-    api_key, admin_key, max_body_mb, and any EngineConfig field (max_batch, max_gpu_deltas, device, ...)."""
+    config (`import_path: bitdelta.ray:app`, `args: {...}`): see `config_from_args`."""
+    return build_app(config_from_args(args))
+
+
+def config_from_args(args: dict) -> RayServeConfig:
+    """Keys: base, deltas, replicas, min_replicas, max_replicas, target_ongoing_requests,
+    gpus_per_replica, cpus_per_replica, api_key, admin_key, max_body_mb, and any EngineConfig field
+    (max_batch, max_gpu_deltas, max_cpu_deltas, device, dtype, ...)."""
     engine_fields = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
     config_fields = {f.name for f in dataclasses.fields(RayServeConfig)} - {"engine"}
     unknown = set(args) - set(engine_fields) - config_fields
@@ -84,7 +89,7 @@ def app(args: dict) -> Application:
         raise BitDeltaError("bitdelta.ray:app needs base=BASE and deltas=DIR")
     engine = EngineConfig(**{k: _parse(v, engine_fields[k]) for k, v in args.items() if k in engine_fields})
     options = {k: _parse(v, RayServeConfig.__dataclass_fields__[k].type) for k, v in args.items() if k in config_fields}
-    return build_app(RayServeConfig(engine=engine, **options))
+    return RayServeConfig(engine=engine, **options)
 
 
 def _parse(value, annotation: str):

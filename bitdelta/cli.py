@@ -253,27 +253,20 @@ def demo(
 
     out = _out()
     result = run_demo(cache_dir, log=lambda message: out.print(f"[dim]{message}[/dim]"))
-    table = Table(title="held-out loss (lower is better)")
-    table.add_column("model")
-    table.add_column("prose (fine-tune domain)", justify="right")
-    table.add_column("share of fine-tune's gain kept", justify="right")
-    table.add_column("code (base domain)", justify="right")
+    table = Table(column("model"), column("prose (fine-tune domain)", "right"), column("share of fine-tune's gain kept", "right"),
+                  column("code (base domain)", "right"), title="held-out loss (lower is better)")
     base_loss, ft_loss = result.rows[0][1], result.rows[1][1]
     for label, prose, code in result.rows:
         table.add_row(label, f"{prose:.4f}", percent((base_loss - prose) / (base_loss - ft_loss)), f"{code:.4f}")
     out.print(table)
-    sizes = Table(title="sizes")
-    sizes.add_column("artifact")
-    sizes.add_column("bytes", justify="right")
-    sizes.add_column("vs fine-tune", justify="right")
+    sizes = Table(column("artifact"), column("bytes", "right"), column("vs fine-tune", "right"), title="sizes")
     reference = result.sizes["fine-tune checkpoint"]
     for name, nbytes in result.sizes.items():
         sizes.add_row(name, f"{nbytes:,}", f"{reference / nbytes:.2f}x smaller" if nbytes < reference else "1x")
     out.print(sizes)
     if result.batch:
-        served = Table(title=f"two fine-tunes served in the same batches ({count(result.batch[0].mixed_steps, 'mixed forward pass', 'mixed forward passes')})")
-        for column in ("fine-tune", "prompt", "greedy answer (engine)", "= merged model alone?"):
-            served.add_column(column)
+        served = Table(column("fine-tune"), column("prompt"), column("greedy answer (engine)"), column("= merged model alone?"),
+                       title=f"two fine-tunes served in the same batches ({count(result.batch[0].mixed_steps, 'mixed forward pass', 'mixed forward passes')})")
         for row in result.batch:
             served.add_row(row.model, repr(row.prompt), repr(row.served[:60]), "yes" if row.identical else "NO")
         out.print(served)

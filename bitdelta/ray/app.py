@@ -43,15 +43,15 @@ class RayServeConfig:
             raise BitDeltaError(f"replicas={self.replicas}: at least 1")
 
     def replica_options(self) -> dict:
-        """Serve options of the engine deployment: replicas or autoscaling, resources, and one
-        request in flight per replica more than its batch plus queue hold: Serve's router sends
-        to the least busy replica holding the delta, and only when every replica is full does one
-        get a request it cannot queue, which it refuses with 429 and Retry-After, as the single
-        server does, instead of the request waiting unseen in Serve's router."""
+        """Serve options of the engine deployment: replicas or autoscaling, resources, as many
+        requests in flight per replica as its engine's batch and queue hold, and as many waiting in
+        Serve's router (for a replica that holds the delta, or any with room) as one engine queue
+        holds; past that Serve refuses (503 with Retry-After), as a single server's full queue does
+        (429), instead of queueing without bound."""
         engine = self.engine
         gpus = self.gpus_per_replica if self.gpus_per_replica is not None else float(_on_cuda(engine))
         options = {"ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": gpus}, "health_check_period_s": 5,
-                   "max_ongoing_requests": engine.max_batch + engine.max_queue + 1}
+                   "max_ongoing_requests": engine.max_batch + engine.max_queue, "max_queued_requests": engine.max_queue}
         if self.min_replicas is None:
             return options | {"num_replicas": self.replicas}
         target = self.target_ongoing_requests or max(engine.max_batch // 2, 1)

@@ -11,6 +11,7 @@ and at once after this ingress changes it. A replica that dies or a full Serve q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -66,11 +67,12 @@ class RayBackend:
 
     async def generate(self, model: str, prompt: list[int], params) -> Generation:
         handle = self.replicas.options(stream=True, **({} if model == self._served[0] else {"multiplexed_model_id": model}))
-        stream = handle.generate.remote(model, prompt, params)
+        stream = None
         try:
+            stream = handle.generate.remote(model, prompt, params)
             served_by = await stream.__anext__()
-        except BaseException as error:
-            stream.cancel()
+        except BaseException as error:  # Serve's back pressure, a dead replica, or the engine's refusal
+            _cancel(stream)
             raise _as_bitdelta_error(error) from None
         return Generation(_outputs(stream), served_by)
 
@@ -95,13 +97,22 @@ class RayBackend:
 async def _outputs(stream) -> AsyncIterator:
     finished = False
     try:
-        async for output in stream:
-            finished = output.finish_reason is not None
-            yield output
+        async for outputs in stream:  # lists of the events that were ready together
+            for output in outputs:
+                finished = output.finish_reason is not None
+                yield output
     except Exception as error:  # noqa: BLE001 -- a replica that died mid-request: a retryable error
         raise _as_bitdelta_error(error) from None
     finally:
         if not finished:
+            _cancel(stream)
+
+
+def _cancel(stream) -> None:
+    """Cancel a request sent to the replicas; one that never reached a replica may raise its own
+    refusal again here, which is already being answered."""
+    with contextlib.suppress(Exception):
+        if stream is not None:
             stream.cancel()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ray import serve
@@ -123,14 +124,16 @@ def engine_replica(max_resident: int):
             return ResidentDelta(store, name)
 
         async def generate(self, model: str, prompt: list[int], params):
-            """The replica's id, then the request's Output events. (`model` is also the request's
-            multiplexed model id, which Serve's router used to choose this replica.)"""
+            """The replica's id, then the request's Output events in lists: each item sent is every
+            event ready at that moment, so a busy replica pays Ray's per-item cost once per
+            batch of tokens, not per token. (`model` is also the request's multiplexed model id,
+            which Serve's router used to choose this replica.)"""
             if model != self.base_name:
                 await self.resident(model)
             generation = await self.local.generate(model, prompt, params)
             yield self.replica_id
-            async for output in generation.outputs:
-                yield output
+            async for outputs in _ready_batches(generation.outputs):
+                yield outputs
 
         def stats(self) -> dict:
             return self.engine.stats() | {"replica": self.replica_id, "models": self.engine.store.names()}
@@ -156,7 +159,42 @@ def engine_replica(max_resident: int):
     return EngineReplica
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+async def _ready_batches(outputs) -> AsyncIterator[list]:
+    """The events of `outputs` in lists of those that are ready together (one await per list)."""
+    pending: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for output in outputs:
+                pending.put_nowait(output)
+        except Exception as error:  # noqa: BLE001 -- handed to the reader, which raises it
+            pending.put_nowait(error)
+        pending.put_nowait(None)
+
+    reader = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            batch = [await pending.get()]
+            while not pending.empty():
+                batch.append(pending.get_nowait())
+            if errors := [o for o in batch if isinstance(o, Exception)]:
+                raise errors[0]
+            done = batch[-1] is None
+            if batch := [o for o in batch if o is not None]:
+                yield batch
+            if done:
+                return
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)  # the engine request is cancelled before this returns
+
+
+# An async proxy: it holds many requests at once (Serve's default of 5 in flight would cap the
+# whole application at 5 concurrent requests, whatever the engine replicas could batch).
+INGRESS_MAX_ONGOING = 4096
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING)
 @serve.ingress()
 class OpenAIIngress:
     """`bitdelta serve`'s OpenAI app, its requests sent to the engine replicas."""

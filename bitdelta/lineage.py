@@ -16,7 +16,7 @@ for the hard ones against 1.40-1.65 for unrelated bases, since a long fine-tune 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -60,9 +60,9 @@ def weight_cosine(base: Checkpoint, finetuned: Checkpoint, names: Sequence[str])
     return dot / (base_norm * finetuned_norm) ** 0.5
 
 
-def _row_blocks(base: torch.Tensor, finetuned: torch.Tensor):
-    """fp32 blocks of rows of both tensors: a few MB at a time, whatever the matrix's size."""
-    step = max(1, _CHUNK_ELEMENTS // max(base[0].numel(), 1))
+def _row_blocks(base: torch.Tensor, finetuned: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """fp32 blocks of rows of both matrices: 16 MB at a time, whatever the matrix's size."""
+    step = max(1, _CHUNK_ELEMENTS // max(base.shape[-1], 1))
     for start in range(0, base.shape[0], step):
         yield base[start : start + step].float(), finetuned[start : start + step].float()
 

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from bitdelta.engine import Engine, EngineConfig
+from bitdelta.display import count
 from bitdelta.errors import BitDeltaError
 
 from .app import DEFAULT_MAX_BODY_MB, ServerSettings, create_app, delta_folder, valid_delta_name
@@ -66,7 +67,7 @@ def _register_folder(engine: Engine, deltas_dir: Path) -> None:
     if candidates and len(refused) == len(candidates):
         raise BitDeltaError(f"none of the {len(candidates)} folders in --deltas {deltas_dir} can be served over this base "
                             f"(first: {refused[0]}); check --deltas and the base")
-    log.info("serving %d of the %d deltas in %s", len(candidates) - len(refused), len(candidates), deltas_dir)
+    log.info("serving %d of the %s in %s", len(candidates) - len(refused), count(len(candidates), "delta folder"), deltas_dir)
 
 
 def logging_config(level: str) -> dict:
@@ -90,8 +91,7 @@ def run_server(base: str, deltas_dir: Path | None = None, extra_deltas: dict[str
     logging.config.dictConfig(log_config)
     engine, app = build_server(base, deltas_dir, extra_deltas, config, api_key, admin_key, max_body_mb)
     names = engine.store.names()
-    log.info("serving %s and %d %s on http://%s:%d/v1 (%s, %s)", names[0], len(names) - 1, "delta" if len(names) == 2 else "deltas",
-             host, port, engine.model.device, engine.model.dtype)
+    log.info("serving %s and %s on http://%s:%d/v1 (%s, %s)", names[0], count(len(names) - 1, "delta"), host, port, engine.model.device, engine.model.dtype)
     engine.start()
     try:  # uvicorn's own access log is off: bitdelta.access logs each request with its model and tokens
         uvicorn.run(app, host=host, port=port, log_config=log_config, log_level=log_level, access_log=False)

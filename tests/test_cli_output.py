@@ -17,7 +17,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def test_importing_the_cli_loads_no_heavy_module():
     """`bitdelta --help`, `bitdelta COMMAND --help` and argument errors must not pay for torch (seconds)."""
-    code = ("import sys, bitdelta, bitdelta.cli, bitdelta.eval.cli; "
+    code = ("import sys, bitdelta, bitdelta.cli, bitdelta.eval.cli, bitdelta.server.cli; "
             "print(sorted({'torch', 'transformers', 'safetensors', 'fastapi'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -352,7 +352,7 @@ def _cpu_config():
 
 
 def test_delta_names_are_matched_whole():
-    from bitdelta.server.app import valid_delta_name
+    from bitdelta.server.settings import valid_delta_name
 
     assert valid_delta_name("prose-row") and valid_delta_name("v1.2_b")
     for name in ("d1\n", "a/b", "..", "a..b", "", ".hidden", "x" * 200):

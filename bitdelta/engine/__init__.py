@@ -4,11 +4,21 @@
     engine.store.register("vicuna", "deltas/vicuna")
     engine.generate([("vicuna", prompt_ids, SamplingParams(max_tokens=64, temperature=0))])
 
-`bitdelta.server` puts an OpenAI-compatible HTTP API in front of it.
+`bitdelta.server` puts an OpenAI-compatible HTTP API in front of it. The names that need torch load
+on first use, so importing the package for `EngineConfig` (the serve command's defaults) is free.
 """
 
-from .engine import Engine, EngineConfig, EngineObserver, Output
 from bitdelta.errors import InvalidRequestError, QueueFullError, UnknownModelError
-from .sampling import SamplingParams
+
+from .config import EngineConfig
 
 __all__ = ["Engine", "EngineConfig", "EngineObserver", "InvalidRequestError", "Output", "QueueFullError", "SamplingParams", "UnknownModelError"]
+_LAZY = {"Engine": ".engine", "EngineObserver": ".engine", "Output": ".engine", "SamplingParams": ".sampling"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from ray.serve import Application
 
 from bitdelta.engine import EngineConfig
 from bitdelta.errors import BitDeltaError
-from bitdelta.server.app import DEFAULT_MAX_BODY_MB
+from bitdelta.server.settings import DEFAULT_MAX_BODY_MB
 
 from .deployments import DeltaCatalog, OpenAIIngress, engine_replica
 

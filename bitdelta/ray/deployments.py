@@ -54,7 +54,7 @@ class DeltaCatalog:
     def _check(self, name: str, verify: bool) -> Path:
         from bitdelta.engine.store import check_base
         from bitdelta.fileformat import DeltaReader
-        from bitdelta.server.app import delta_folder
+        from bitdelta.server.settings import delta_folder
 
         folder = delta_folder(self.deltas_dir, name)
         check_base(DeltaReader(folder, verify=verify).config, self.fingerprint, self.model_type, folder)
@@ -115,7 +115,7 @@ def engine_replica(max_resident: int):
 
         @serve.multiplexed(max_num_models_per_replica=max_resident)
         async def resident(self, name: str) -> ResidentDelta:
-            from bitdelta.server.app import delta_folder
+            from bitdelta.server.settings import delta_folder
 
             store = self.engine.store
             if name not in store.names():
@@ -204,7 +204,8 @@ class OpenAIIngress:
         self.settings = settings
 
     async def __serve_build_asgi_app__(self):
-        from bitdelta.server.app import ServerSettings, create_app
+        from bitdelta.server.app import create_app
+        from bitdelta.server.settings import ServerSettings
         from bitdelta.server.metrics import Metrics
 
         await self.backend.start()

@@ -15,11 +15,8 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -35,42 +32,14 @@ from .backend import Backend, Generation, Unavailable
 from .guard import Guard
 from .metrics import Metrics
 from .protocol import AddDelta, APIError, ChatRequest, CompletionRequest, completion_body, new_id, usage
+from .settings import ServerSettings, delta_folder
 
 log = logging.getLogger("bitdelta.server")
 
 POLL_SECONDS = 0.2
-DELTA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-DEFAULT_MAX_BODY_MB = 4.0
 # BitDeltaError subclasses a request can cause, as HTTP statuses; any other one is the server's (500)
 STATUS = {UnknownModelError: (404, "model_not_found"), InvalidRequestError: (400, None), QueueFullError: (429, "queue_full"),
           Unavailable: (503, "unavailable")}
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    deltas_dir: Path | None = None  # where POST /v1/deltas may load from (by folder name only)
-    api_key: str | None = None  # guards every endpoint but /health
-    admin_key: str | None = None  # guards /v1/deltas; defaults to api_key
-    max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get 413 before they are read
-
-
-def valid_delta_name(name: str) -> bool:
-    return bool(DELTA_NAME.fullmatch(name)) and ".." not in name
-
-
-def delta_folder(deltas_dir: Path, name: str) -> Path:
-    """The folder `name` of the deltas directory, by the one rule both startup and POST /v1/deltas
-    apply: a valid name, a directory, and (symlinks resolved) inside the deltas directory. A delta
-    kept elsewhere is served only when the operator names its path (`--delta NAME=PATH`)."""
-    if not valid_delta_name(name):
-        raise BitDeltaError(f"{name!r} is not a valid model name (letters, digits, . _ -; not a path)")
-    root = Path(deltas_dir).resolve()
-    folder = (root / name).resolve()
-    if folder.parent != root:
-        raise BitDeltaError(f"{name!r} leads outside the deltas directory (a symlink?); serve it with --delta {name}=PATH")
-    if not folder.is_dir():
-        raise UnknownModelError(f"the deltas directory has no delta named {name!r}")
-    return folder
 
 
 def create_app(backend: Backend, metrics: Metrics, settings: ServerSettings = ServerSettings()) -> FastAPI:

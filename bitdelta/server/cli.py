@@ -15,13 +15,14 @@ from typing import Annotated
 
 import typer
 
-from bitdelta.engine import Engine, EngineConfig
 from bitdelta.display import count
+from bitdelta.engine.config import EngineConfig
 from bitdelta.errors import BitDeltaError
 
-from .app import DEFAULT_MAX_BODY_MB, ServerSettings, create_app, delta_folder, valid_delta_name
-from .backend import LocalBackend
-from .metrics import Metrics
+from .settings import DEFAULT_MAX_BODY_MB, ServerSettings, delta_folder, valid_delta_name
+
+# The engine, the app and the metrics (torch, FastAPI) are imported where a server is built, so
+# `bitdelta serve --help` and argument errors answer at once.
 
 log = logging.getLogger("bitdelta.server")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -40,6 +41,12 @@ def build_server(
     under its folder name (others are skipped with a warning, so one bad delta cannot keep the
     rest from serving; `delta_folder` is the rule, the same as POST /v1/deltas applies);
     `extra_deltas` (NAME -> PATH, given by the operator) must all be valid."""
+    from bitdelta.engine import Engine
+
+    from .app import create_app
+    from .backend import LocalBackend
+    from .metrics import Metrics
+
     if deltas_dir is not None and not Path(deltas_dir).is_dir():
         raise BitDeltaError(f"--deltas {deltas_dir}: no such directory")
     metrics = Metrics()
@@ -53,7 +60,7 @@ def build_server(
     return engine, create_app(LocalBackend(engine), metrics, settings)
 
 
-def _register_folder(engine: Engine, deltas_dir: Path) -> None:
+def _register_folder(engine, deltas_dir: Path) -> None:
     """Serve every delta folder of `deltas_dir` that fits the base; log why each other one does not.
     A folder none of whose deltas fits is almost always the wrong base or the wrong folder: refuse it."""
     candidates = [f for f in sorted(deltas_dir.iterdir()) if f.is_dir() and not f.name.startswith(".")]

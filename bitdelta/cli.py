@@ -174,8 +174,8 @@ def distill(
 
 def _print_distillation(record: dict) -> None:
     table = Table(title=f"scale distillation: {count(record['steps'], 'step')}, {count(record['samples'], 'sample')} x {count(record['seq_len'], 'token')}, {record['data']}")
-    for column in ("held-out", "initial scales", "distilled"):
-        table.add_column(column, justify="left" if column == "held-out" else "right")
+    for header in ("held-out", "initial scales", "distilled"):
+        table.add_column(header, justify="left" if header == "held-out" else "right")
     before, after = record["heldout_before"], record["heldout_after"]
     for key, label in (("logit_mse", "logit MSE (teacher top-k)"), ("kl", "KL to fine-tune (top-k)"), ("ce", "next-token loss")):
         table.add_row(label, f"{before[key]:.5g}", f"{after[key]:.5g}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def llama_delta(llama_pair, tmp_path_factory) -> Path:
     from bitdelta import compress
 
     return compress(*llama_pair, tmp_path_factory.mktemp("deltas") / "llama", progress=False)
+
+
+@functools.cache
+def served_deltas(base_dir: Path, finetuned_dir: Path, folder: Path) -> dict[str, Path]:
+    """Four deltas of the tiny llama base, built once per session (engine, server and Ray tests share them)."""
+    from bitdelta.engine.demo import make_deltas
+
+    return make_deltas(base_dir, finetuned_dir, folder)
+
+
+@pytest.fixture(scope="module")
+def deltas(llama_pair, tmp_path_factory) -> dict[str, Path]:
+    return served_deltas(*llama_pair, tmp_path_factory.getbasetemp() / "served-deltas")
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,11 @@ import torch
 
 from bitdelta import compress, load
 from bitdelta.engine import Engine, EngineConfig, EngineObserver, SamplingParams
-from bitdelta.engine.demo import make_deltas, serve_two_in_one_batch
+from bitdelta.engine.demo import serve_two_in_one_batch
 from bitdelta.errors import IncompatibleModelsError
 
 PROMPTS = ("The value of", "def parse(self, text):\n", "Return a new list of")
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
-
-
-@functools.cache
-def served_deltas(base_dir: Path, finetuned_dir: Path, folder: Path) -> dict[str, Path]:
-    """Four deltas of the tiny llama base, built once per session (test_server.py shares them)."""
-    return make_deltas(base_dir, finetuned_dir, folder)
-
-
-@pytest.fixture(scope="module")
-def deltas(llama_pair, tmp_path_factory) -> dict[str, Path]:
-    return served_deltas(*llama_pair, tmp_path_factory.getbasetemp() / "served-deltas")
 
 
 class Steps(EngineObserver):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import openai
 import pytest
 from conftest import run_cli
 from test_server import free_port, wait_healthy

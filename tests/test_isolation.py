@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import torch
-from test_engine import GREEDY, PROMPTS, deltas, generated, make_engine, token_ids  # noqa: F401 -- `deltas` is a fixture
+from test_engine import GREEDY, PROMPTS, generated, make_engine, token_ids
 
 from bitdelta.engine import SamplingParams
 from bitdelta.engine.sampling import sample

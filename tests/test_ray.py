@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_engine import served_deltas
+from conftest import served_deltas
 from test_server import free_port, merged_answer
 
 ray = pytest.importorskip("ray")

@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_engine import _merged, alone, served_deltas
+from conftest import served_deltas
+from test_engine import _merged, alone
 
 KEY, ADMIN_KEY = "user-key", "admin-key"
 PROMPTS = ("The value of", "def parse(self, text):\n")
@@ -193,8 +194,6 @@ def test_every_endpoint_but_health_needs_the_key(server):
 
 
 def test_hot_unload_and_load_during_traffic(client, server, llama_pair, deltas_dir):
-    from transformers import AutoTokenizer
-
     expected = client.completions.create(model="prose-late", prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
     stop, failures, served = threading.Event(), [], []
 

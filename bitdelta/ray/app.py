@@ -7,7 +7,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray import serve
 from ray.serve import Application
 
 from bitdelta.engine import EngineConfig

@@ -65,11 +65,11 @@ class RayBackend:
             self._entries[name] = DeltaEntry(name, folder, folder if (folder / "tokenizer_config.json").is_file() else base.tokenizer_dir, base=base)
         return self._entries[name]
 
-    async def generate(self, model: str, prompt: list[int], params) -> Generation:
+    async def generate(self, model: str, prompt: list[int], params, stream: bool = True) -> Generation:
         handle = self.replicas.options(stream=True, **({} if model == self._served[0] else {"multiplexed_model_id": model}))
         stream = None
         try:
-            stream = handle.generate.remote(model, prompt, params)
+            stream = handle.generate.remote(model, prompt, params, stream)
             served_by = await stream.__anext__()
         except BaseException as error:  # Serve's back pressure, a dead replica, or the engine's refusal
             _cancel(stream)

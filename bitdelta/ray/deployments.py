@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -123,17 +124,22 @@ def engine_replica(max_resident: int):
             await asyncio.to_thread(store.preload, name)
             return ResidentDelta(store, name)
 
-        async def generate(self, model: str, prompt: list[int], params):
+        async def generate(self, model: str, prompt: list[int], params, stream: bool = True):
             """The replica's id, then the request's Output events in lists: each item sent is every
             event ready at that moment, so a busy replica pays Ray's per-item cost once per
-            batch of tokens, not per token. (`model` is also the request's multiplexed model id,
-            which Serve's router used to choose this replica.)"""
+            batch of tokens, not per token; all of them in one list at the end when the client
+            does not stream. (`model` is also the request's multiplexed model id, which Serve's
+            router used to choose this replica.)"""
             if model != self.base_name:
                 await self.resident(model)
             generation = await self.local.generate(model, prompt, params)
             yield self.replica_id
-            async for outputs in _ready_batches(generation.outputs):
-                yield outputs
+            if stream:
+                async for outputs in _ready_batches(generation.outputs):
+                    yield outputs
+            else:
+                async with contextlib.aclosing(generation.outputs) as outputs:  # closing cancels the request
+                    yield [output async for output in outputs]
 
         def stats(self) -> dict:
             return self.engine.stats() | {"replica": self.replica_id, "models": self.engine.store.names()}

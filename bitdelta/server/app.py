@@ -173,7 +173,7 @@ def create_app(backend: Backend, metrics: Metrics, settings: ServerSettings = Se
     async def _generate(kind: str, body, prompt: list[int], max_tokens: int, request: Request):
         params = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
         arrived = time.perf_counter()
-        generation = await backend.generate(body.model, prompt, params)
+        generation = await backend.generate(body.model, prompt, params, stream=bool(body.stream))
         headers = {"x-bitdelta-replica": generation.served_by} if generation.served_by else {}
         response_id = new_id("cmpl" if kind == "text" else "chatcmpl")
         events = _events(generation, body.model, len(prompt), arrived, request)

@@ -36,7 +36,9 @@ class Backend(Protocol):
 
     def names(self) -> list[str]: ...  # every served model, the base first
     def get(self, name: str) -> DeltaEntry: ...  # its tokenizer and chat template; UnknownModelError if not served
-    async def generate(self, model: str, prompt: list[int], params: SamplingParams) -> Generation: ...  # refusals raise here
+    # refusals raise here; `stream`: whether the client reads the events as they come (a backend
+    # whose events cross processes may deliver a non-streamed request's events at its end, at once)
+    async def generate(self, model: str, prompt: list[int], params: SamplingParams, stream: bool = True) -> Generation: ...
     async def add(self, name: str, folder: Path) -> None: ...  # serve a delta folder (validated) under `name`
     async def remove(self, name: str) -> None: ...
     def healthy(self) -> bool: ...
@@ -54,7 +56,7 @@ class LocalBackend:
     def get(self, name: str) -> DeltaEntry:
         return self.engine.store.get(name)
 
-    async def generate(self, model: str, prompt: list[int], params: SamplingParams) -> Generation:
+    async def generate(self, model: str, prompt: list[int], params: SamplingParams, stream: bool = True) -> Generation:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Output] = asyncio.Queue()
         request_id = self.engine.submit(model, prompt, params, lambda out: loop.call_soon_threadsafe(events.put_nowait, out))

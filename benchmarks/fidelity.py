@@ -372,6 +372,7 @@ def markdown(result: dict) -> str:
             f"1-bit sign {p['spectrum']['energy_sign_1bit']:.1%}" for p in pairs),
             "", "Training: " + "; ".join(f"{k} {v['steps']}/{v['planned_steps']} steps, {v['seconds']} s, loss {v['first_loss']:.2f}→{v['last_loss']:.2f}"
                                          for k, v in size["training"].items())]
+    lines += ["", f"![accuracy against delta bits per weight](fidelity{result['suffix']}_bits.png)"]
     return "\n".join(lines) + "\n"
 
 

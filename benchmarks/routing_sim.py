@@ -934,6 +934,7 @@ def markdown(result: dict) -> str:
     if len(disks) > 1:
         lines += ["", "With the disk read time changed (Zipf 1.0):", "", "| disk s " + HEADER[0], "|---" + HEADER[1]]
         lines += [f"| {m['disk_s']:.2f} " + _row(m) for m in result["runs"] if m["disk_s"] != base]
+    lines += ["", "![p99 time to first token against the arrival rate, per routing policy](routing_sim.png)"]
     return "\n".join(lines) + "\n"
 
 

@@ -20,8 +20,11 @@ few-delta kernels: one delta shared by the batch). Compared in one run:
             attention), continuous batching, paged KV cache.
   base      the same engine and batch with every request on the base model (slot -1): the upper
             bound bitdelta's extra reads are measured against.
-  lora      PEFT with one rank-r LoRA adapter per fine-tune (r = 128: 0.64 GB a fine-tune against
-            bitdelta's 0.81 GB), every step one batch with `adapter_names`, transformers' cache.
+  lora-rR   batched LoRA, the S-LoRA / Punica class: each fine-tune a rank-R adapter (R = 16 and 128;
+            r = 128 is 0.64 GB a fine-tune against bitdelta's 0.76 GB) on every block linear, served
+            by the same engine as bitdelta (continuous batching, paged KV cache, CUDA graphs): each
+            linear computes the base product and adds its rows' adapters' products as two batched
+            matmuls over the rows grouped by adapter (`benchmarks/lora_baseline.py`).
 
 The random deltas are 8 distinct sets of bits and scales reused round-robin (each fine-tune still
 occupies its own GPU slot; reading the slot costs the same whatever the bits are).
@@ -29,9 +32,10 @@ occupies its own GPU slot; reading the slot costs the same whatever the bits are
 Per configuration: GPU memory (peak allocated), time to first token (median over requests), decode
 latency per token (median and p99 of the per-step time of decode steps), decode tokens/s
 (B / median step), and end-to-end tokens/s (generated tokens / wall time incl. prefill). The naive
-and LoRA runs time fewer decode steps than 128 when a step takes long (`steps` in the table);
-their per-step cost is constant across the generation. A torch.profiler trace of bitdelta's decode
-at N = 32 says where the step's time goes. Writes e2e.json, e2e.md, e2e.png and e2e_profile.txt.
+run times fewer decode steps than 128 when a step takes long (`steps` in the table); its per-step
+cost is constant across the generation. A torch.profiler trace of bitdelta's decode
+at N = 32 says where the step's time goes. Writes e2e.json, e2e.md, e2e.png and e2e_profile.txt
+to --out (default benchmarks/results); `--report-only` rewrites e2e.md and e2e.png from e2e.json.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.lora_baseline import LoraGroups, lora_expand_, lora_groups, lora_shrink
 from bitdelta.engine import Engine, EngineConfig, EngineObserver, SamplingParams
 from bitdelta.engine.model import SlotWeights
 
@@ -57,7 +62,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, vocab
     "tiny": (256, 688, 2, 4, 1024),
 }
 DISTINCT_DELTAS = 8
-LORA_RANK = 128
+LORA_RANKS = (16, 128)
 GiB = 2**30
 
 
@@ -169,7 +174,6 @@ class StepClock(EngineObserver):
     """Wall time of every engine step (the engine syncs on the sampled tokens at each step's end)."""
 
     def __init__(self) -> None:
-        self.first_tokens: list[float] = []
         self.decode_steps: list[float] = []
         self._last = None
         self._prefilling = False
@@ -179,9 +183,6 @@ class StepClock(EngineObserver):
         if self._last is not None and not self._prefilling:
             self.decode_steps.append(now - self._last)
         self._last, self._prefilling = now, prefill_tokens > 0
-
-    def first_token(self, seconds: float) -> None:
-        self.first_tokens.append(seconds)
 
     def done(self) -> None:
         """Close the last step (step() times the step before it)."""
@@ -222,7 +223,7 @@ def peak_memory(device: torch.device) -> int:
 def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: bool = True) -> Engine:
     blocks_per_sequence = -(-setup.kv_tokens // 16)
     engine_config = EngineConfig(
-        max_batch=batch, max_gpu_deltas=slots, max_cpu_deltas=1, kv_block_size=16, kv_blocks=batch * blocks_per_sequence,
+        max_batch=batch, max_gpu_deltas=max(1, slots), max_cpu_deltas=1, kv_block_size=16, kv_blocks=batch * blocks_per_sequence,
         prefill_chunk=batch * setup.prompt,  # every prompt in the first step: later steps are pure decode
         cuda_graphs=graphs,
     )
@@ -235,15 +236,25 @@ def run_engine(engine: Engine, setup: Setup, models: list[str]) -> dict:
     engine.generate([(model, prompt, SamplingParams(max_tokens=4, temperature=0)) for model, prompt, _ in requests])
     clock = StepClock()
     engine.observer = clock
+    outputs: list[list] = [[] for _ in requests]
+    first_tokens: dict[int, float] = {}  # seconds from the start to each request's first event (its first token)
+
+    def emit(index: int, out) -> None:
+        first_tokens.setdefault(index, time.perf_counter() - start)
+        outputs[index].append(out)
+
     synchronize(setup.device)
     start = time.perf_counter()
-    outputs = engine.generate(requests)
+    for index, (model, prompt, params) in enumerate(requests):
+        engine.submit(model, prompt, params, functools.partial(emit, index))
+    while engine.has_work():
+        engine.step()
     clock.done()
     wall = time.perf_counter() - start
     engine.observer = EngineObserver()
     generated = sum(out[-1].completion_tokens for out in outputs)
     assert generated == len(requests) * setup.generate, "every request generates --generate tokens"
-    return summary(clock.first_tokens, clock.decode_steps, len(requests), generated, wall, peak_memory(setup.device))
+    return summary(list(first_tokens.values()), clock.decode_steps, len(requests), generated, wall, peak_memory(setup.device))
 
 
 def run_bitdelta(setup: Setup, config, weights, tenants_of_requests: list[int], graphs: bool = True) -> dict:
@@ -260,9 +271,19 @@ def run_bitdelta(setup: Setup, config, weights, tenants_of_requests: list[int], 
     return result
 
 
+def drop_delta_buffers(model) -> None:
+    """Empty the sign and scale buffers of every delta linear of an engine's model, for the runs that
+    never read them (base only, LoRA): the memory figure is then that of what the run serves."""
+    for module in [*model.qkv, *model.gate_up, *model.linears.values()]:
+        module.signs = module.signs.new_empty(model.max_slots, module.signs.shape[1], 0)
+        module.scales = module.scales.new_empty(model.max_slots, 0)
+    reset_peak(model.device)
+
+
 def run_base(setup: Setup, config, weights, tenants_of_requests: list[int], graphs: bool = True) -> dict:
     reset_peak(setup.device)
     engine = build_engine(setup, config, weights, slots=0, batch=len(tenants_of_requests), graphs=graphs)
+    drop_delta_buffers(engine.model)
     try:
         return run_engine(engine, setup, ["base"] * len(tenants_of_requests))
     finally:
@@ -368,43 +389,94 @@ def run_naive(setup: Setup, config, weights, tenants_of_requests: list[int], max
     return result
 
 
-# ---- LoRA: PEFT multi-adapter batches -------------------------------------------------------------------
-def run_lora(setup: Setup, config, weights, tenants_of_requests: list[int], max_seconds: float) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import DynamicCache
+# ---- LoRA: batched per-row adapters in the same engine ------------------------------------------------
+class LoraSlots:
+    """Rank-r LoRA adapters in every slot of an engine's model, applied instead of its 1-bit deltas.
 
-    reset_peak(setup.device)
+    Each delta linear computes the base product and adds, for the rows of each slot, that slot's
+    adapter product (`lora_baseline`: two batched matmuls over the rows grouped by slot). q/k/v and
+    gate/up, which the engine computes as one stacked product, share one shrink over their stacked A
+    and expand into their own columns with their own B, as punica-style kernels do. Every fine-tune
+    is served as an empty delta, which gives its requests a slot: the engine routes, batches, pages
+    the KV cache and captures CUDA graphs exactly as it does for bitdelta. The slots' sign and scale
+    buffers are dropped before the adapters are made, so the memory figure is the adapters'."""
+
+    def __init__(self, model, rank: int):
+        self.model, self.rank, self.slots = model, rank, model.max_slots
+        self.groups: dict[tuple[int, ...], LoraGroups] = {}  # per composition; captured graphs read their tensors
+        self.current = LoraGroups(0, 0)
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight name -> (A [S, r, K], B [S, N, r])
+        self.bytes = 0
+        self._names = {id(linear): name for name, linear in model.linears.items()}
+        stacked = [*model.qkv, *model.gate_up]
+        in_stacks = {id(part) for stack in stacked for part in stack.parts}
+        singles = [linear for linear in model.linears.values() if id(linear) not in in_stacks]
+        drop_delta_buffers(model)  # nothing reads them once the forwards are LoRA's
+        for stack in stacked:
+            self._wrap_stack(stack)
+        for linear in singles:
+            self._wrap_single(linear)
+        route = model.route
+
+        def routed(slots: torch.Tensor, plan) -> None:
+            route(slots, plan)
+            key = tuple(slots.tolist())
+            if key not in self.groups:
+                self.groups[key] = lora_groups(key, self.slots, model.device)
+            self.current = self.groups[key]
+
+        model.route = routed
+
+    def _adapter(self, *shape: int) -> torch.Tensor:
+        tensor = torch.empty(self.slots, *shape, dtype=self.model.dtype, device=self.model.device).normal_(0, 0.02)
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def _wrap_single(self, linear) -> None:
+        a, b = self._adapter(self.rank, linear.in_features), self._adapter(linear.out_features, self.rank)
+        self.adapters[self._names[id(linear)]] = a, b
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            rows = x.reshape(-1, linear.in_features)
+            y = torch.nn.functional.linear(rows, linear.weight, linear.bias)
+            if self.current.groups:
+                lora_expand_(y, lora_shrink(rows, a, self.current), b, self.current)
+            return y.reshape(*x.shape[:-1], linear.out_features)
+
+        linear.forward = forward
+
+    def _wrap_stack(self, stack) -> None:
+        a = self._adapter(self.rank * len(stack.parts), stack.in_features)
+        bs = [self._adapter(width, self.rank) for width in stack.widths]
+        for index, (part, b) in enumerate(zip(stack.parts, bs)):
+            self.adapters[self._names[id(part)]] = a[:, index * self.rank:(index + 1) * self.rank], b
+        bias = None if all(p.bias is None for p in stack.parts) else torch.cat(
+            [p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features) for p in stack.parts])
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            rows = x.reshape(-1, stack.in_features)
+            outs = torch.nn.functional.linear(rows, stack.weight, bias).split(stack.widths, dim=1)
+            if self.current.groups:
+                h = lora_shrink(rows, a, self.current)
+                for index, (out, b) in enumerate(zip(outs, bs)):
+                    lora_expand_(out, h[..., index * self.rank:(index + 1) * self.rank], b, self.current)
+            return tuple(out.reshape(*x.shape[:-1], width) for out, width in zip(outs, stack.widths))
+
+        stack.forward = forward
+
+
+def run_lora(setup: Setup, config, weights, tenants_of_requests: list[int], rank: int) -> dict:
     distinct = sorted(set(tenants_of_requests))
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(setup.dtype)  # adapters are made, initialised and kept in fp16 on the GPU
+    reset_peak(setup.device)
+    engine = build_engine(setup, config, weights, slots=len(distinct), batch=len(tenants_of_requests))
     try:
-        with torch.device(setup.device):
-            model = get_peft_model(model_over(config, weights), lora, adapter_name=f"ft{distinct[0]}", autocast_adapter_dtype=False)
-            for tenant in distinct[1:]:
-                model.add_adapter(f"ft{tenant}", lora, autocast_adapter_dtype=False)
+        adapters = LoraSlots(engine.model, rank)
+        for tenant in distinct:
+            engine.store.add(f"ft{tenant}", SlotWeights({}, {}, {}))
+        result = run_engine(engine, setup, [f"ft{t}" for t in tenants_of_requests])
     finally:
-        torch.set_default_dtype(default_dtype)
-    model.eval()
-    adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".ft{distinct[0]}." in n)
-    names = [f"ft{t}" for t in tenants_of_requests]
-    ids = torch.tensor(prompts(setup, len(names)), device=setup.device)
-    with torch.no_grad():
-        model(input_ids=ids[:, :8], adapter_names=names)  # warm-up
-        synchronize(setup.device)
-        start = time.perf_counter()
-        cache = DynamicCache(config=config)
-        tokens = [model(input_ids=ids, past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]]
-        synchronize(setup.device)
-        first = time.perf_counter() - start
-
-        def decode_step() -> None:
-            tokens[0] = model(input_ids=tokens[0], past_key_values=cache, use_cache=True, adapter_names=names).logits[:, -1].argmax(-1)[:, None]
-
-        decode_steps = time_decode_steps(decode_step, setup, start, max_seconds)
-    wall = time.perf_counter() - start
-    result = summary([first] * len(names), decode_steps, len(names), len(names) * (1 + len(decode_steps)), wall, peak_memory(setup.device))
-    result["adapter_gib"] = adapter_bytes / GiB
+        engine.stop()
+    result["adapter_gib"] = adapters.bytes / len(distinct) / GiB
     return result
 
 
@@ -436,6 +508,12 @@ def profile_decode(setup: Setup, config, weights, tenants: int, graphs: bool, st
 
 
 # ---- report ---------------------------------------------------------------------------------------------
+def systems_of(row: dict) -> list[str]:
+    """The systems a row measured, in the report's order: naive, LoRA by rank, bitdelta and base."""
+    loras = sorted((k for k in row if k.startswith("lora-r")), key=lambda k: int(k.removeprefix("lora-r")))
+    return [k for k in ("naive", *loras, "bitdelta-eager", "base-eager", "bitdelta", "base") if k in row]
+
+
 def markdown(result: dict) -> str:
     setup = result["setup"]
     lines = [
@@ -450,7 +528,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        for system in ("naive", "lora", "bitdelta-eager", "base-eager", "bitdelta", "base"):
+        for system in systems_of(row):
             r = row.get(system)
             if r is None:
                 continue
@@ -460,6 +538,8 @@ def markdown(result: dict) -> str:
             note = ""
             if system == "naive":
                 note = f"{r['resident_models']} on the GPU" + (", the rest swapped from CPU" if r["swapping"] else "")
+            elif system.startswith("lora"):
+                note = f"adapters {r['adapter_gib']:.2f} GiB a fine-tune"
             lines.append(
                 f"| {row['label']} | {system} | {r['memory_gib']:.1f} | {r['ttft_ms']:.0f} | {r['decode_ms_median']:.1f} | {r['decode_ms_p99']:.1f} | "
                 f"{r['decode_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['steps']} | {note} |"
@@ -469,7 +549,8 @@ def markdown(result: dict) -> str:
         lines += ["", "Rows were measured in separate calls (each row holds its own baselines, measured side by side in its call): "
                   + "; ".join(f"{call} on {device}: N = {', '.join(r['label'] for r in result['rows'] if r.get('call') == call)}" for call, device in calls) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
-    lines += ["", "Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): e2e_profile.txt; read in README.md."]
+    lines += ["", "![memory and decode latency against N](e2e.png)", "",
+              "Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): e2e_profile.txt; read in README.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -484,6 +565,12 @@ def goals(result: dict) -> list[str]:
         out.append(f"N = 32 decode throughput >= 10x naive: {ratio:.1f}x ({'met' if ratio >= 10 else 'not met'})")
     ratio = bd["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     out.append(f"N = 32 decode throughput >= 0.6x base only: {ratio:.2f}x ({'met' if ratio >= 0.6 else 'not met'})")
+    for system in systems_of(row):
+        lora = row[system] if system.startswith("lora") else None
+        if lora and "error" not in lora:
+            out.append(f"N = 32 decode throughput against batched LoRA {system.removeprefix('lora-')}: "
+                       f"{bd['decode_tokens_per_s'] / lora['decode_tokens_per_s']:.2f}x, memory {bd['memory_gib']:.1f} against "
+                       f"{lora['memory_gib']:.1f} GiB")
     setup = result["setup"]
     kv_read = bd["kv_gib"] * (setup["prompt"] + setup["generate"] / 2) / (setup["prompt"] + setup["generate"])  # mean context of a decode step
     deltas = row["distinct"] * result["delta_gib_each"]
@@ -496,14 +583,19 @@ def goals(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot written", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["label"].isdigit()]  # N fine-tunes, one request each
     figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4))
-    for system, style in (("naive", "o-"), ("lora", "^-"), ("bitdelta", "s-"), ("base", "k--")):
+    loras = sorted({k for r in rows for k in r if k.startswith("lora-r")}, key=lambda k: int(k.removeprefix("lora-r")))
+    for system, style in (("naive", "o-"), *((lora, "^-") for lora in loras), ("bitdelta", "s-"), ("base", "k--")):
         points = [(r["n"], r[system]) for r in rows if system in r and "error" not in r[system]]
         if not points:
             continue
@@ -538,8 +630,11 @@ def main() -> None:
                         help="a row of B requests of one fine-tune, which takes the few-delta kernels (0: skip)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--generate", type=int, default=128)
-    parser.add_argument("--systems", default="naive,lora,bitdelta,eager", help="bitdelta includes base only; eager: both again without CUDA graphs")
-    parser.add_argument("--max-seconds", type=float, default=6, help="naive / LoRA: stop timing decode steps after this long (at least 2)")
+    parser.add_argument("--systems", default="naive,lora,bitdelta,eager",
+                        help="bitdelta includes base only; lora: batched LoRA at each --lora-ranks; eager: bitdelta and base again "
+                             "without CUDA graphs")
+    parser.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)))
+    parser.add_argument("--max-seconds", type=float, default=6, help="naive: stop timing decode steps after this long (at least 2)")
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -579,13 +674,15 @@ def main() -> None:
         result["command"] = f"{earlier['command']} ; {result['command']}"
     for label, n, tenants_of_requests in cases:
         row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests)), "device": result["device"], "call": started}
-        for system, run in (("naive", run_naive), ("lora", run_lora)):
-            if system in systems:
-                try:
-                    row[system] = run(setup, config, weights, tenants_of_requests, args.max_seconds)
-                except torch.OutOfMemoryError as error:
-                    row[system] = {"error": f"out of GPU memory ({str(error).splitlines()[0][:80]})"}
-                reset_peak(device)
+        runs = [("naive", functools.partial(run_naive, max_seconds=args.max_seconds))] if "naive" in systems else []
+        if "lora" in systems:
+            runs += [(f"lora-r{rank}", functools.partial(run_lora, rank=int(rank))) for rank in args.lora_ranks.split(",")]
+        for system, run in runs:
+            try:
+                row[system] = run(setup, config, weights, tenants_of_requests)
+            except torch.OutOfMemoryError as error:
+                row[system] = {"error": f"out of GPU memory ({str(error).splitlines()[0][:80]})"}
+            reset_peak(device)
         if "bitdelta" in systems:
             row["bitdelta"] = run_bitdelta(setup, config, weights, tenants_of_requests)
             row["base"] = run_base(setup, config, weights, tenants_of_requests)

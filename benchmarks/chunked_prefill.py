@@ -9,7 +9,7 @@ The engine of `benchmarks/e2e.py` (Llama-2-7B shape, fp16, random weights built 
 fine-tune, are admitted and decode; after 8 pure decode steps, the arrivals come at once: A requests
 of P prompt tokens each (`AxP`), each its own fine-tune too. The engine prefills at most one chunk of
 prompt tokens a step beside the decoders' rows, so a chunk trades the arrivals' time to first token
-(TTFT: fewer, larger steps, and from 512 rows a delta the merged-weight GEMM, KERNEL_NOTES round 8)
+(TTFT: fewer, larger steps, and from 512 rows a delta the merged-weight GEMM: docs/kernels.md)
 against the decoders' step time while it runs (each decoder waits a whole step for its next token).
 Every configuration runs the scenario on one engine once to compile and capture, then `--repeats`
 times measured: medians over every repeat's arrivals and steps. Writes chunked_prefill.{json,md}.

@@ -2,8 +2,9 @@
 the paper's tables (base / fine-tune / BitDelta-Initial / BitDelta / SVD / k-bit deltas / BitDelta
 over an INT8 base) at small scale.
 
-    PYTHONPATH=. python -m benchmarks.fidelity --sizes 15m,50m,150m --device cuda   # one H100, ~7 min
-    python -m benchmarks.fidelity --sizes micro --steps-scale 0.05                 # CPU smoke test
+    python -m benchmarks.fidelity --sizes 15m,50m --device cuda                     # one H100, < 10 min
+    python -m benchmarks.fidelity --sizes 150m --device cuda --suffix _150m        # one H100, < 10 min
+    python -m benchmarks.fidelity --sizes micro --steps-scale 0.05 --results /tmp/fidelity   # CPU smoke test
 
 Per size: a base pretrained on Python source (the standard library), and three fine-tunes of it:
   sft     full-parameter SFT on generated arithmetic word problems (loss on the answer tokens only),
@@ -450,7 +451,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fidelity numbers in true fp32; training uses bf16 autocast anyway
     start = time.perf_counter()
     sizes = args.sizes.split(",")
-    command = "PYTHONPATH=. python -m benchmarks.fidelity " + " ".join(
+    command = "python -m benchmarks.fidelity " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("sizes", args.sizes), ("device", args.device), ("steps_scale", args.steps_scale),
                                                     ("problems", args.problems), ("windows", args.windows)) if v is not None)
     code, prose = tiny.base_text(10**9), tiny.finetune_text(10**9)

@@ -79,34 +79,76 @@ def test_apply_lora_adds_in_place():
     assert apply_lora(y, x, a, b, lora_groups(slot_ids, SLOTS)) is y
 
 
-def test_the_e2e_lora_engine_serves_each_request_with_its_own_adapter():
-    """benchmarks/e2e.py's LoRA system (the engine with every delta linear adding its rows'
-    adapters) generates what each fine-tune's merged model W + B A generates, greedy."""
+def serve_with_lora(device: str, dtype: torch.dtype, graphs: bool):
+    """benchmarks/e2e.py's LoRA system on the tiny Llama: 3 fine-tunes, 4 requests, greedy."""
     from benchmarks import e2e
 
     config = e2e.llama_config("tiny")
-    setup = e2e.Setup("tiny", prompt=8, generate=3, device=torch.device("cpu"), dtype=torch.float32)
+    setup = e2e.Setup("tiny", prompt=8, generate=4, device=torch.device(device), dtype=dtype)
     weights = e2e.random_weights(config, setup.device, setup.dtype)
-    engine = e2e.build_engine(setup, config, weights, slots=3, batch=4, graphs=False)
+    engine = e2e.build_engine(setup, config, weights, slots=3, batch=4, graphs=graphs)
     lora = e2e.LoraSlots(engine.model, rank=4)
-    for a, b in lora.adapters.values():
+    for _, b in lora.adapters.values():
         b.mul_(40)  # large enough that every fine-tune generates its own tokens
     for tenant in range(3):
         engine.store.add(f"ft{tenant}", e2e.SlotWeights({}, {}, {}))
     tenants = [0, 1, 2, 1]
     prompts = e2e.prompts(setup, len(tenants))
     params = e2e.SamplingParams(max_tokens=setup.generate, temperature=0)
-    outputs = engine.generate([(f"ft{t}", prompt, params) for t, prompt in zip(tenants, prompts)])
+    requests = [(f"ft{t}", prompt, params) for t, prompt in zip(tenants, prompts)]
+    engine.generate(requests)  # a first pass: on a GPU the decode compositions are captured by the second
+    outputs = engine.generate(requests)
     generated = [[token for out in events for token in out.token_ids] for events in outputs]
-    for tenant, prompt, tokens in zip(tenants, prompts, generated):
-        slot = engine.store.get(f"ft{tenant}").slot
+    slots = [engine.store.get(f"ft{t}").slot for t in tenants]
+    engine.stop()
+    return e2e, config, weights, lora, prompts, slots, generated, engine
+
+
+def assert_merged_models_generate(e2e, config, weights, lora, prompts, slots, generated):
+    for prompt, slot, tokens in zip(prompts, slots, generated):
         merged = dict(weights)
         for name, (a, b) in lora.adapters.items():
             merged[name] = weights[name] + b[slot] @ a[slot]
         model = e2e.model_over(config, merged)
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=next(iter(weights.values())).device)
         with torch.no_grad():
-            for _ in range(setup.generate):
+            for _ in range(len(tokens)):
                 ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert tokens == ids[0, len(prompt):].tolist()
     assert len({tuple(tokens) for tokens in generated[:3]}) > 1  # the adapters changed what is generated
+
+
+def test_the_e2e_lora_engine_serves_each_request_with_its_own_adapter():
+    """Each request generates what its fine-tune's merged model W + B A generates."""
+    e2e, config, weights, lora, prompts, slots, generated, _ = serve_with_lora("cpu", torch.float32, graphs=False)
+    assert_merged_models_generate(e2e, config, weights, lora, prompts, slots, generated)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_e2e_lora_engine_on_the_gpu():
+    """fp32 eager: each request equals its merged model; fp16 with decode steps replayed as CUDA
+    graphs: the same tokens as without graphs (the groups a graph captured stay alive)."""
+    assert_merged_models_generate(*serve_with_lora("cuda", torch.float32, graphs=False)[:-1])
+    *_, eager, _ = serve_with_lora("cuda", torch.float16, graphs=False)
+    *_, replayed, engine = serve_with_lora("cuda", torch.float16, graphs=True)
+    assert engine.graphs.replays > 0
+    assert replayed == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("slot_ids", BATCHES.values(), ids=BATCHES.keys())
+def test_batched_lora_in_bf16_replays_in_a_cuda_graph(slot_ids):
+    x, weight, a, b = (t.cuda().bfloat16() for t in random_case(slot_ids))
+    groups = lora_groups(slot_ids, SLOTS, "cuda")
+    static = x.clone()
+    lora_linear(static, weight, a, b, groups)  # outside capture: cuBLAS picks its workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lora_linear(static, weight, a, b, groups)
+    fresh = torch.randn_like(x)
+    static.copy_(fresh)
+    graph.replay()
+    want = per_row(*(t.float() for t in (fresh, weight, a, b)), slot_ids)
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2

@@ -12,13 +12,13 @@ import torch
 
 from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import BinaryDelta
+from bitdelta.device import DTYPES
 from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.progress import tensor_progress
 from bitdelta.storage import ShardWriter, atomic_directory, refuse_existing
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3
 _ROW_BLOCK_ELEMENTS = 1 << 22  # 16 MB fp32 temporaries; 1M-element blocks took twice the CPU time on 2 busy cores
 

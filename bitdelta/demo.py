@@ -21,8 +21,8 @@ from bitdelta import tiny
 from bitdelta.apply import load, merge
 from bitdelta.compress import compress
 from bitdelta.distill import DistillConfig
-from bitdelta.engine.demo import serve_two_in_one_batch
 from bitdelta.fileformat import DeltaReader
+from bitdelta.multi_tenant_demo import serve_two_in_one_batch
 from bitdelta.progress import step_progress
 
 DEMO_SPEC = tiny.TinySpec(family="llama", hidden=256, layers=4, heads=8, intermediate=688, vocab=2048, context=256)
@@ -41,7 +41,7 @@ class DemoResult:
     rows: list[tuple[str, float, float]] = field(default_factory=list)  # (model, loss on fine-tune text, loss on base text)
     sizes: dict[str, int] = field(default_factory=dict)  # name -> bytes
     seconds: dict[str, float] = field(default_factory=dict)
-    batch: list = field(default_factory=list)  # bitdelta.engine.demo.BatchRow: two deltas answered in one batch
+    batch: list = field(default_factory=list)  # bitdelta.multi_tenant_demo.BatchRow: two deltas answered in one batch
 
 
 def build_models(cache: Path, log=print) -> tuple[Path, Path]:

@@ -1,10 +1,13 @@
-"""Which torch device a command runs on: `auto`, `cpu`, `cuda` or `cuda:N`."""
+"""Which torch device a command runs on (`auto`, `cpu`, `cuda` or `cuda:N`), and the dtypes a command
+may name: shared by the offline commands and the engine, which must not import each other."""
 
 from __future__ import annotations
 
 import torch
 
 from bitdelta.errors import BitDeltaError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:

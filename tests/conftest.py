@@ -36,7 +36,7 @@ def llama_delta(llama_pair, tmp_path_factory) -> Path:
 @functools.cache
 def served_deltas(base_dir: Path, finetuned_dir: Path, folder: Path) -> dict[str, Path]:
     """Four deltas of the tiny llama base, built once per session (engine, server and Ray tests share them)."""
-    from bitdelta.engine.demo import make_deltas
+    from bitdelta.multi_tenant_demo import make_deltas
 
     return make_deltas(base_dir, finetuned_dir, folder)
 

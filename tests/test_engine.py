@@ -13,8 +13,8 @@ import torch
 
 from bitdelta import compress, load
 from bitdelta.engine import Engine, EngineConfig, EngineObserver, SamplingParams
-from bitdelta.engine.demo import serve_two_in_one_batch
 from bitdelta.errors import IncompatibleModelsError
+from bitdelta.multi_tenant_demo import serve_two_in_one_batch
 
 PROMPTS = ("The value of", "def parse(self, text):\n", "Return a new list of")
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -244,3 +244,25 @@ def test_a_finetune_saved_without_a_chat_template_uses_its_bases(llama_pair, del
     assert entry.tokenizer.chat_template is None and base.tokenizer.chat_template
     assert entry.chat_template == base.tokenizer.chat_template  # same vocabulary: the base's template fits
     assert engine.store.get("code-chat").chat_template == engine.store.get("code-chat").tokenizer.chat_template != base.tokenizer.chat_template
+
+
+def test_the_engine_imports_none_of_the_offline_pipeline():
+    """Serving reads deltas; it never compresses, merges or trains: no module of the engine imports
+    those, at the top or inside a function."""
+    import ast
+
+    import bitdelta.engine
+
+    offline = {"bitdelta.compress", "bitdelta.apply", "bitdelta.distill", "bitdelta.tiny", "bitdelta.demo",
+               "bitdelta.multi_tenant_demo"}
+    found = []
+    for path in Path(bitdelta.engine.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            found += [f"{path.name}: {name}" for name in names if name in offline]
+    assert not found

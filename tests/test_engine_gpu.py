@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason
 
 def test_rows_of_a_mixed_bf16_batch_match_their_merged_finetunes(llama_pair, tmp_path):
     from bitdelta.engine import Engine, EngineConfig, SamplingParams
-    from bitdelta.engine.demo import make_deltas
+    from bitdelta.multi_tenant_demo import make_deltas
 
     base = llama_pair[0]
     deltas = make_deltas(*llama_pair, tmp_path / "deltas")
@@ -72,7 +72,7 @@ def test_decode_steps_replayed_as_cuda_graphs_compute_what_eager_steps_do(llama_
     """Graphs capture a batch's composition; tokens, positions, KV rows and block tables change at
     every replay, and compositions change as requests of different lengths finish."""
     from bitdelta.engine import SamplingParams
-    from bitdelta.engine.demo import make_deltas
+    from bitdelta.multi_tenant_demo import make_deltas
 
     deltas = make_deltas(*llama_pair, tmp_path / "deltas")
     engine, errors = graph_checked_engine(llama_pair[0], max_gpu_deltas=4, max_batch=8)
@@ -91,8 +91,8 @@ def test_a_slot_reused_by_a_finetune_with_its_own_lm_head_drops_older_graphs(lla
     lm_head and norms), then to the full fine-tune whose lm_head, embeddings and norms differ: the
     same composition, which must not replay the graph captured before those tables existed."""
     from bitdelta.engine import SamplingParams
-    from bitdelta.engine.demo import make_deltas
     from bitdelta.engine.model import SlotWeights
+    from bitdelta.multi_tenant_demo import make_deltas
 
     name, path = next(iter(make_deltas(*llama_pair, tmp_path / "deltas").items()))
     engine, errors = graph_checked_engine(llama_pair[0], max_gpu_deltas=1, max_batch=1)

@@ -1,4 +1,4 @@
-"""The residual add + RMSNorm and SiLU-and-multiply between a layer's linears (`kernels/norm.py`): the
+"""The residual add + RMSNorm and SiLU-and-multiply between a layer's linears (`engine/ops/norm.py`): the
 references against transformers' LlamaRMSNorm and LlamaMLP activation on the CPU (bit for bit), and
 the Triton kernels, on a GPU and under Triton's CPU interpreter, against the same arithmetic in fp32.
 The kernels round where PyTorch does (the sum; the normalised row and its product with the weight;
@@ -13,8 +13,8 @@ from torch.nn import functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from bitdelta.engine.ops.norm import add_rms_norm, add_rms_norm_reference, silu_and_mul, silu_and_mul_reference
 from bitdelta.kernels import triton_available
-from bitdelta.kernels.norm import add_rms_norm, add_rms_norm_reference, silu_and_mul, silu_and_mul_reference
 from conftest import needs_triton_interpreter, run_in_triton_interpreter, within_an_ulp
 
 EPS = 1e-5
@@ -88,7 +88,7 @@ def test_kernels_in_the_triton_interpreter():
 import sys, torch
 sys.path.insert(0, "tests")
 from test_norm import _check_kernels
-from bitdelta.kernels.norm_triton import add_rms_norm_triton, silu_and_mul_triton
+from bitdelta.engine.ops.norm_triton import add_rms_norm_triton, silu_and_mul_triton
 for rows, hidden in [(3, 64), (5, 100), (1, 1030)]:
     _check_kernels(rows, hidden, torch.float16, "cpu", add_rms_norm_triton, silu_and_mul_triton)
 print("ok")

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from bitdelta.engine.ops.paged_attention import TILE_ROWS, paged_attention, paged_attention_reference, query_split
 from bitdelta.kernels import triton_available
-from bitdelta.kernels.paged_attention import TILE_ROWS, paged_attention, paged_attention_reference, query_split
 from conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 
@@ -131,8 +131,8 @@ import math, sys
 import torch
 sys.path.insert(0, "tests")
 from test_paged_attention import random_step
-from bitdelta.kernels.paged_attention import paged_attention_reference, query_split
-from bitdelta.kernels.paged_attention_triton import paged_attention_triton
+from bitdelta.engine.ops.paged_attention import paged_attention_reference, query_split
+from bitdelta.engine.ops.paged_attention_triton import paged_attention_triton
 torch.manual_seed(0)
 worst = 0.0
 for heads, kv_heads, head_dim, page, chunk, cached in [(4, 2, 24, 8, 65, 0), (2, 1, 80, 16, 130, None), (2, 2, 16, 4, 64, 3)]:

@@ -1,4 +1,4 @@
-"""Rotary embedding + KV-cache write of a packed step (`kernels/rotary.py`): the reference against
+"""Rotary embedding + KV-cache write of a packed step (`engine/ops/rotary.py`): the reference against
 transformers' own apply_rotary_pos_emb on the CPU (bit for bit), and the Triton kernel on a GPU
 against the rotation computed in fp32. The kernel rounds its fp32 result once, so each element is
 within one ulp of the activation dtype of the fp32 value (half an ulp for the rounding, the rest
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from bitdelta.engine.ops.rotary import rotary_and_cache, rotary_and_cache_reference
 from bitdelta.kernels import triton_available
-from bitdelta.kernels.rotary import rotary_and_cache, rotary_and_cache_reference
 from conftest import needs_triton_interpreter, run_in_triton_interpreter, within_an_ulp
 
 
@@ -59,7 +59,7 @@ def test_kernel_in_the_triton_interpreter():
 import sys, torch
 sys.path.insert(0, "tests")
 from test_rotary import _check_kernel
-from bitdelta.kernels.rotary_triton import rotary_and_cache_triton
+from bitdelta.engine.ops.rotary_triton import rotary_and_cache_triton
 for dtype in (torch.float16, torch.bfloat16):
     for shape in [(3, 4, 2, 16), (5, 6, 3, 20), (2, 2, 2, 6)]:
         _check_kernel(*shape, dtype, "cpu", rotary_and_cache_triton)

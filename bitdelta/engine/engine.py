@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitdelta.device import resolve_device
+from bitdelta.device import DTYPES, resolve_device
 from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
 
 from .config import EngineConfig
@@ -370,8 +370,6 @@ class Engine:
 
 
 def _dtype(name: str, device: torch.device, base_dir: Path) -> torch.dtype:
-    from bitdelta.apply import DTYPES
-
     if name != "auto":
         if name not in DTYPES:
             raise BitDeltaError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")

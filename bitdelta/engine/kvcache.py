@@ -5,7 +5,7 @@ pays for the longest one, and a batch whose members join and leave at every step
 re-padded each time. Here a sequence owns ceil(len / block_size) blocks of a shared pool, so the
 only waste is the unfilled tail of its last block (< block_size tokens), and a finished sequence's
 blocks serve the next one at once (vLLM's PagedAttention: the attention kernel reads each
-sequence's keys through its block table, kernels/paged_attention.py).
+sequence's keys through its block table, ops/paged_attention.py).
 
 Admission reserves the blocks a request may ever need (prompt + max_tokens), so a running sequence
 never finds the pool empty and nothing has to be preempted; blocks are taken from the reservation

@@ -9,7 +9,7 @@ delta actually changes.
 
 The forward runs a packed batch: the new tokens of many sequences side by side (decode rows and
 prefill chunks), no padding. Attention reads each sequence's keys straight from the paged KV cache
-(kernels.paged_attention: Triton on a GPU, decode rows one program each and prefill chunks in
+(ops.paged_attention: Triton on a GPU, decode rows one program each and prefill chunks in
 tiles of rows sharing each key block; per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
 structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a clear error.
@@ -24,11 +24,12 @@ from torch import nn
 
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
-from bitdelta.kernels.norm import add_rms_norm, silu_and_mul
-from bitdelta.kernels.paged_attention import QuerySplit, paged_attention, query_split
-from bitdelta.kernels.rotary import rotary_and_cache
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
 from bitdelta.pack import packed_words
+
+from .ops.norm import add_rms_norm, silu_and_mul
+from .ops.paged_attention import QuerySplit, paged_attention, query_split
+from .ops.rotary import rotary_and_cache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
@@ -202,7 +203,7 @@ class MultiTenantModel:
     def _add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, name: str,
                   table_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h + residual and its RMSNorm (LlamaRMSNorm's arithmetic) with each row's own fine-tune's
-        weight: one kernel on a GPU (kernels/norm.py)."""
+        weight: one kernel on a GPU (ops/norm.py)."""
         table = self.tables.get(name)
         if table is None:
             return add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)

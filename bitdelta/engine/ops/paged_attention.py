@@ -73,7 +73,7 @@ def paged_attention(
     from bitdelta.kernels import on_triton
 
     if on_triton(q):
-        from bitdelta.kernels.paged_attention_triton import paged_attention_triton
+        from bitdelta.engine.ops.paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size, scale, split)
     return paged_attention_reference(q, keys, values, block_tables, row_sequence, row_position, block_size, scale)

@@ -12,7 +12,7 @@ or a table [E, H] of which row t takes entry weight_rows[t] (each request's own 
 On a CUDA fp16/bf16 tensor with Triton they run one kernel each (`norm_triton.py`) where eager
 PyTorch takes three to five (add, norm, the weight's gather and product; SiLU, product): fewer launches
 in every serving step, and fewer Python calls in eager ones, whose host time is the step's time
-(benchmarks/KERNEL_NOTES.md 10b, 11c). The kernels round where PyTorch does; their fp32 normaliser
+(docs/kernels.md). The kernels round where PyTorch does; their fp32 normaliser
 and exponential may differ from PyTorch's in the last fp32 bit, so an element may differ by an ulp of
 the activation dtype (tests/test_norm.py).
 """
@@ -41,7 +41,7 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     from bitdelta.kernels import on_triton
 
     if on_triton(h) and weight.dtype == h.dtype and (residual is None or residual.dtype == h.dtype):
-        from bitdelta.kernels.norm_triton import add_rms_norm_triton
+        from bitdelta.engine.ops.norm_triton import add_rms_norm_triton
 
         return add_rms_norm_triton(h, residual, weight, eps, weight_rows)
     return add_rms_norm_reference(h, residual, weight, eps, weight_rows)
@@ -52,7 +52,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from bitdelta.kernels import on_triton
 
     if on_triton(gate):
-        from bitdelta.kernels.norm_triton import silu_and_mul_triton
+        from bitdelta.engine.ops.norm_triton import silu_and_mul_triton
 
         return silu_and_mul_triton(gate, up)
     return silu_and_mul_reference(gate, up)

@@ -10,8 +10,8 @@ sequence.
 - `_prefill_attention_kernel`, one program per (query tile, head): a tile is up to BLOCK_M rows of
   one sequence at consecutive positions (a prefill chunk, `QuerySplit`), so each key block is read
   once for the whole tile and both products run on the tensor cores (flash-attention style, causal
-  mask per element). The row kernel re-read the prefix for every query row of a chunk: a 2048-token
-  prompt spent 64% of its prefill there (benchmarks/KERNEL_NOTES.md, round 9).
+  mask per element). The row kernel alone would re-read the prefix for every query row of a chunk,
+  which dominated long prompts' prefill (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitdelta.engine.ops.paged_attention import TILE_ROWS
 from bitdelta.kernels.launch import fast
-from bitdelta.kernels.paged_attention import TILE_ROWS
 
 LOG2E = 1.4426950408889634
 

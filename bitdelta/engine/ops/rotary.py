@@ -12,7 +12,7 @@ value_pool [rows, Hk, D].
 
 On a CUDA fp16/bf16 tensor with Triton it runs one kernel (`rotary_triton.py`) for what the
 reference does in about a dozen (an eager serving step launches these per layer from Python, and its
-host time is the step's time: benchmarks/KERNEL_NOTES.md 10b); otherwise the reference.
+host time is the step's time: docs/kernels.md); otherwise the reference.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     from bitdelta.kernels import on_triton
 
     if on_triton(q) and cos.dtype == q.dtype:
-        from bitdelta.kernels.rotary_triton import rotary_and_cache_triton
+        from bitdelta.engine.ops.rotary_triton import rotary_and_cache_triton
 
         return rotary_and_cache_triton(q, k, v, cos, sin, key_pool, value_pool, write_rows)
     return rotary_and_cache_reference(q, k, v, cos, sin, key_pool, value_pool, write_rows)

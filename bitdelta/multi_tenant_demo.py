@@ -1,4 +1,4 @@
-"""Several fine-tunes of one tiny base, served together: for `bitdelta demo`, the tests and the benchmark.
+"""Several fine-tunes of one tiny base, served together: for `bitdelta demo`, the tests and the benchmarks.
 
 `make_deltas` turns a base and its fine-tune (bitdelta.tiny or the demo's models) into a deltas
 folder of four genuinely different fine-tunes; `serve_two_in_one_batch` answers two of them in the
@@ -14,9 +14,7 @@ import torch
 
 from bitdelta import tiny
 from bitdelta.compress import compress
-
-from .engine import Engine, EngineConfig, EngineObserver
-from .sampling import SamplingParams
+from bitdelta.engine import Engine, EngineConfig, EngineObserver, SamplingParams
 
 # The chat-tuned fine-tune speaks its own template, so a server that used the base's would be caught.
 ALT_CHAT_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""GPU tests of the Triton kernel against `kernels/reference.py` (skipped without CUDA or Triton).
+"""GPU tests of every kernel path against `kernels/reference.py` (skipped without CUDA or Triton).
 
 Every case draws fresh random inputs (no fixed seed: the kernel must compute the same function on
 any valid input), fills the output with NaN first so that an unwritten element fails, and checks
@@ -6,10 +6,11 @@ the relative error ||out - ref|| / ||ref|| against the fp32 reference evaluated 
 to the activation dtype. Kernel and reference both multiply exactly (+-1 signs, fp16/bf16
 products are exact in fp32) and accumulate in fp32, so what remains is the final rounding to the
 activation dtype: at most half an ulp per element, i.e. a relative RMS error near
-2**-11 / sqrt(3) ~ 3e-4 for fp16 and 2**-8 / sqrt(3) ~ 2e-3 for bf16. Configs with `merge` round
-each merged weight W + scale * sign to the activation dtype first (what `bitdelta merge` writes),
-one more rounding of the same size spread over the sum: the bounds allow about three times the
-total, and stay far below what a misread word, bit order or slot would cause.
+2**-11 / sqrt(3) ~ 3e-4 for fp16 and 2**-8 / sqrt(3) ~ 2e-3 for bf16. The merged paths
+(MERGED_TILES, MERGED_GEMM) round each merged weight W + scale * sign to the activation dtype first
+(what `bitdelta merge` writes), one more rounding of the same size spread over the sum: the bounds
+allow about three times the total, and stay far below what a misread word, bit order or slot would
+cause.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ if not (torch.cuda.is_available() and _HAVE_TRITON):
     pytest.skip("needs a CUDA GPU and Triton", allow_module_level=True)
 
 import bitdelta.kernels as kernels  # noqa: E402
-from bitdelta.kernels.configs import KernelConfig, choose_config  # noqa: E402
 from bitdelta.kernels.grouping import build_plan  # noqa: E402
-from bitdelta.kernels.triton_segments import segment_matmul  # noqa: E402
+from bitdelta.kernels.paths import (BitmmaTiles, Choice, GemvTiles, KernelPath, MergedGemmTiles,  # noqa: E402
+                                    MergedTiles, Problem, Tiles, choose, run_path, split_threshold)
+
+BITMMA, DOT, GEMV = KernelPath.BITMMA, KernelPath.DOT, KernelPath.GEMV
+MERGED_TILES, MERGED_GEMM = KernelPath.MERGED_TILES, KernelPath.MERGED_GEMM
 
 BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 6e-3}
 DTYPES = list(BOUNDS)
@@ -64,11 +68,12 @@ def _check(out: torch.Tensor, x, w, signs, scales, slot_ids, bias) -> None:
     assert err < BOUNDS[x.dtype], f"relative error {err:.2e}"
 
 
-def _run(x, w, signs, scales, slot_ids, bias, config: KernelConfig | None) -> torch.Tensor:
+def _run(x, w, signs, scales, slot_ids, bias, choice: Choice | None) -> torch.Tensor:
+    """The product on `choice`'s path and tiles (None: the path `choose` picks) into a NaN-filled output."""
     plan = build_plan(slot_ids)
-    config = config or choose_config(w.shape[0], plan, k=w.shape[1])
+    path, tiles = choice or choose(Problem(plan, w.shape[0], w.shape[1]))
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
-    return segment_matmul(x, w, signs, scales, plan, bias, config, out=out)
+    return run_path(path, tiles, x, w, signs, scales, plan, bias, out=out)
 
 
 def _slots(kind: str, m: int, s: int) -> torch.Tensor:
@@ -79,80 +84,77 @@ def _slots(kind: str, m: int, s: int) -> torch.Tensor:
     return torch.randint(-1, s, (m,), device="cuda")  # mixed, with base-only rows
 
 
-CONFIGS = [
-    None,  # whatever the dispatcher picks
-    KernelConfig(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True),
-    KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False),
-    KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=3, fuse_base=True),
-    KernelConfig(rows=64, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
-    KernelConfig(rows=128, block_n=32, block_k=128, num_warps=8, num_stages=3, fuse_base=True),
-    KernelConfig(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=4, fuse_base=True),
-    KernelConfig(rows=128, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True),
-    # v8: tensor-core delta (Gluon), up to 8 rows a tile on the mma's N side
-    KernelConfig(rows=8, block_n=64, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
-    KernelConfig(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4, fuse_base=False, bitmma=True),
-    KernelConfig(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3, fuse_base=False, bitmma=True),
-    # round 7: the fused pass on merged weights (one product with bf16/fp16(W + scale * sign))
-    KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True),
-    KernelConfig(rows=64, block_n=64, block_k=64, num_warps=4, num_stages=4, fuse_base=True, merge=True),
-    KernelConfig(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3, fuse_base=True, merge=True),
-    KernelConfig(rows=16, block_n=32, block_k=256, num_warps=4, num_stages=3, fuse_base=True, merge=True),  # round 11
-    # one-row tiles: v9 on the int8 tensor cores (x as digit planes; 128 x 1024 S2 is dispatched),
+CHOICES = [
+    None,  # whatever `choose` picks
+    # DOT: cuBLAS base, then the tl.dot delta kernel on expanded bits, tiles of every height
+    Choice(DOT, Tiles(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2)),
+    Choice(DOT, Tiles(rows=1, block_n=32, block_k=256, num_warps=4, num_stages=3)),
+    Choice(DOT, Tiles(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=3)),
+    Choice(DOT, Tiles(rows=64, block_n=32, block_k=128, num_warps=4, num_stages=4)),
+    Choice(DOT, Tiles(rows=128, block_n=32, block_k=128, num_warps=8, num_stages=3)),
+    Choice(DOT, Tiles(rows=32, block_n=64, block_k=128, num_warps=4, num_stages=4)),
+    Choice(DOT, Tiles(rows=128, block_n=64, block_k=64, num_warps=4, num_stages=4)),
+    # BITMMA: the Gluon tensor-core delta kernel, tiles of up to 8 rows on the mma's N side
+    Choice(BITMMA, BitmmaTiles(rows=8, block_n=64, block_k=256, num_warps=4, num_stages=4)),
+    Choice(BITMMA, BitmmaTiles(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4)),
+    Choice(BITMMA, BitmmaTiles(rows=4, block_n=256, block_k=512, num_warps=8, num_stages=3)),
+    # MERGED_TILES: one product with bf16/fp16(W + scale * sign)
+    Choice(MERGED_TILES, MergedTiles(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
+    Choice(MERGED_TILES, MergedTiles(rows=64, block_n=64, block_k=64, num_warps=4, num_stages=4)),
+    Choice(MERGED_TILES, MergedTiles(rows=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    Choice(MERGED_TILES, MergedTiles(rows=16, block_n=32, block_k=256, num_warps=4, num_stages=3)),
+    # one-row BITMMA tiles: the int8 kernel (x as digit planes; 128 x 1024 S2 is what `choose` picks),
     # and a narrow 2-warp tile; the 8-row tile of few-tile batches on wide layers
-    KernelConfig(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
-    KernelConfig(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4, fuse_base=False, bitmma=True),
-    KernelConfig(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    # round 8: products computed transposed (weights as the register A operand), merged and split; and
-    # prefill on merged weights written once per slot, then cuBLAS
-    KernelConfig(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
-                 swap_ab=True),
-    KernelConfig(rows=16, block_n=128, block_k=64, num_warps=4, num_stages=3, fuse_base=True, merge=True,
-                 swap_ab=True),
-    KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merged_gemm=True),
-    # v8 with tiles of 16, 32 and 64 rows (several 8-column mmas per expanded weight fragment)
-    KernelConfig(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False, bitmma=True),
-    KernelConfig(rows=32, block_n=256, block_k=256, num_warps=8, num_stages=2, fuse_base=False, bitmma=True),
-    KernelConfig(rows=64, block_n=128, block_k=256, num_warps=4, num_stages=2, fuse_base=False, bitmma=True),
-    # round 12: K split over programs, the last to arrive summing the partials (every segment-kernel form)
-    KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True, split_k=3),
-    KernelConfig(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
-                 swap_ab=True, split_k=4),
-    KernelConfig(rows=4, block_n=32, block_k=64, num_warps=4, num_stages=3, fuse_base=True, split_k=8),
-    KernelConfig(rows=4, block_n=64, block_k=128, num_warps=4, num_stages=2, fuse_base=False, split_k=2),
+    Choice(BITMMA, BitmmaTiles(rows=1, block_n=64, block_k=1024, num_warps=2, num_stages=2)),
+    Choice(BITMMA, BitmmaTiles(rows=1, block_n=256, block_k=512, num_warps=4, num_stages=3)),
+    Choice(BITMMA, BitmmaTiles(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2)),
+    Choice(BITMMA, BitmmaTiles(rows=1, block_n=64, block_k=256, num_warps=2, num_stages=4)),
+    Choice(BITMMA, BitmmaTiles(rows=8, block_n=128, block_k=512, num_warps=4, num_stages=3)),
+    # transposed merged tiles (the merged weights as the register A operand); and MERGED_GEMM
+    Choice(MERGED_TILES, MergedTiles(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, transposed=True)),
+    Choice(MERGED_TILES, MergedTiles(rows=16, block_n=128, block_k=64, num_warps=4, num_stages=3, transposed=True)),
+    Choice(MERGED_GEMM, MergedGemmTiles(block_n=32, block_k=256, num_warps=4)),
+    # BITMMA tiles of 16, 32 and 64 rows (several 8-column mmas per expanded weight fragment)
+    Choice(BITMMA, BitmmaTiles(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3)),
+    Choice(BITMMA, BitmmaTiles(rows=32, block_n=256, block_k=256, num_warps=8, num_stages=2)),
+    Choice(BITMMA, BitmmaTiles(rows=64, block_n=128, block_k=256, num_warps=4, num_stages=2)),
+    # K split over programs, the last to arrive summing the partials (plain and transposed merged tiles)
+    Choice(MERGED_TILES, MergedTiles(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, split_k=3)),
+    Choice(MERGED_TILES, MergedTiles(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, transposed=True,
+                                     split_k=4)),
 ]
 
 
-def _config_id(c: KernelConfig | None) -> str:
-    if c is None:
+def _choice_id(choice: Choice | None) -> str:
+    if choice is None:
         return "auto"
-    variant = ("bitmma" if c.bitmma else "") + ("merged" if c.merge else "") + ("swap" if c.swap_ab else "")
-    variant += "gemm" if c.merged_gemm else ""
-    variant += f"k{c.split_k}" if c.split_k > 1 else ""
-    return f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}{'F' if c.fuse_base else 'S'}{variant}"
+    path, t = choice
+    if path is MERGED_GEMM:
+        return f"merged_gemm-n{t.block_n}k{t.block_k}w{t.num_warps}"
+    form = ("T" if t.transposed else "") + (f"k{t.split_k}" if t.split_k > 1 else "") if path is MERGED_TILES else ""
+    return f"{path.value}-r{t.rows}n{t.block_n}k{t.block_k}w{t.num_warps}s{t.num_stages}{form}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
 @pytest.mark.parametrize("m,n,k", [(1, 333, 4097), (7, 333, 4097), (16, 1024, 512), (33, 300, 1000), (100, 200, 3000)])
-@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
-def test_kernel_matches_reference(m, n, k, kind, dtype, config):
+@pytest.mark.parametrize("choice", CHOICES, ids=_choice_id)
+def test_kernel_matches_reference(m, n, k, kind, dtype, choice):
     s = max(m, 3)
     x, w, signs, scales, bias = _problem(m, n, k, s, dtype)
     slot_ids = _slots(kind, m, s)
-    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+    _check(_run(x, w, signs, scales, slot_ids, bias, choice), x, w, signs, scales, slot_ids, bias)
 
 
-GEMV_CONFIGS = [
-    KernelConfig(rows=1, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
-    KernelConfig(rows=1, block_n=16, block_k=1024, num_warps=4, num_stages=1, fuse_base=True, gemv=True),
-    KernelConfig(rows=2, block_n=4, block_k=256, num_warps=1, num_stages=1, fuse_base=True, gemv=True),
-    KernelConfig(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
-    KernelConfig(rows=4, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True),
-    KernelConfig(rows=4, block_n=16, block_k=256, num_warps=4, num_stages=3, fuse_base=True, gemv=True),
-    KernelConfig(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=3, fuse_base=True, gemv=True),
-    KernelConfig(rows=1, block_n=4, block_k=512, num_warps=2, num_stages=3, fuse_base=True, gemv=True),  # N > 8192
+GEMV_TILES = [
+    GemvTiles(rows=1, block_n=8, block_k=512, num_warps=2, num_stages=1),
+    GemvTiles(rows=1, block_n=16, block_k=1024, num_warps=4, num_stages=1),
+    GemvTiles(rows=2, block_n=4, block_k=256, num_warps=1, num_stages=1),
+    GemvTiles(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=1),
+    GemvTiles(rows=4, block_n=8, block_k=512, num_warps=2, num_stages=1),
+    GemvTiles(rows=4, block_n=16, block_k=256, num_warps=4, num_stages=3),
+    GemvTiles(rows=4, block_n=4, block_k=512, num_warps=2, num_stages=3),
+    GemvTiles(rows=1, block_n=4, block_k=512, num_warps=2, num_stages=3),  # N > 8192
 ]
 
 
@@ -160,20 +162,20 @@ GEMV_CONFIGS = [
 @pytest.mark.parametrize("kind", ["same", "distinct", "mixed"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k", [(333, 4097), (1024, 512), (200, 3000), (64, 11008)])
-@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=lambda c: f"r{c.rows}n{c.block_n}k{c.block_k}w{c.num_warps}")
-def test_gemv_matches_reference(m, n, k, kind, dtype, config):
-    if m > config.rows:
+@pytest.mark.parametrize("tiles", GEMV_TILES, ids=lambda t: f"r{t.rows}n{t.block_n}k{t.block_k}w{t.num_warps}s{t.num_stages}")
+def test_gemv_matches_reference(m, n, k, kind, dtype, tiles):
+    if m > tiles.rows:
         pytest.skip("the gemv program takes the whole batch: m <= rows")
     s = 5
     x, w, signs, scales, bias = _problem(m, n, k, s, dtype)
     slot_ids = _slots(kind, m, s)
-    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+    _check(_run(x, w, signs, scales, slot_ids, bias, Choice(GEMV, tiles)), x, w, signs, scales, slot_ids, bias)
 
 
 def test_gemv_rejects_too_many_rows():
     x, w, signs, scales, bias = _problem(3, 64, 512, 3, torch.bfloat16)
     with pytest.raises(ValueError):
-        _run(x, w, signs, scales, torch.arange(3, device="cuda"), bias, GEMV_CONFIGS[2])
+        _run(x, w, signs, scales, torch.arange(3, device="cuda"), bias, Choice(GEMV, GEMV_TILES[2]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -189,20 +191,20 @@ def test_prefill_segments(m, n, k, s, dtype):
                                                     ([-1, 0], True, True), ([2, 0, 1], True, False),
                                                     ([1, -1, 1, 0], True, True)])
 def test_dispatcher_merges_long_prefill_segments_once(slots, shuffle, with_bias, dtype, monkeypatch):
-    """Segments of >= MERGED_GEMM_MIN_ROWS rows take merged weights + cuBLAS (round 8), each slot's
-    weights merged once: requests in order (slices of x and y), and shuffled mixes with base-only
-    rows (gather and scatter); with and without bias."""
-    import bitdelta.kernels.triton_merge as triton_merge
-    from bitdelta.kernels.configs import MERGED_GEMM_MIN_ROWS
+    """Segments of >= MERGED_GEMM_MIN_ROWS rows take MERGED_GEMM, each slot's weights merged once:
+    requests in order (slices of x and y), and shuffled mixes with base-only rows (gather and
+    scatter); with and without bias."""
+    import bitdelta.kernels.paths.merged_gemm_triton as merged_gemm_triton
+    from bitdelta.kernels.paths.merged_gemm import MIN_ROWS as MERGED_GEMM_MIN_ROWS
 
     merged_slots = []
-    merge_weight = triton_merge.merge_weight
+    merge_weight = merged_gemm_triton.merge_weight
 
-    def counting_merge(base_weight, signs, scales, slot, config, out=None):
+    def counting_merge(base_weight, signs, scales, slot, tiles, out=None):
         merged_slots.append(slot)
-        return merge_weight(base_weight, signs, scales, slot, config, out=out)
+        return merge_weight(base_weight, signs, scales, slot, tiles, out=out)
 
-    monkeypatch.setattr(triton_merge, "merge_weight", counting_merge)
+    monkeypatch.setattr(merged_gemm_triton, "merge_weight", counting_merge)
     per_slot = 2 * MERGED_GEMM_MIN_ROWS + 3
     slot_ids = torch.tensor(slots, device="cuda").repeat_interleave(per_slot)
     if shuffle:
@@ -210,42 +212,39 @@ def test_dispatcher_merges_long_prefill_segments_once(slots, shuffle, with_bias,
     assert build_plan(slot_ids).in_order != shuffle
     x, w, signs, scales, bias = _problem(slot_ids.numel(), 333, 1000, 3, dtype)
     bias = bias if with_bias else None
-    assert choose_config(333, build_plan(slot_ids), k=1000).merged_gemm
+    assert choose(Problem(build_plan(slot_ids), 333, 1000)).path is MERGED_GEMM
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
     assert sorted(merged_slots) == sorted(set(s for s in slots if s >= 0))  # once per delta slot
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,kind,config", [
-    (1100, "same", KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,
-                                merged_gemm=True)),
-    (100, "mixed", KernelConfig(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True,
-                                merge=True, swap_ab=True)),
-    (64, "mixed", KernelConfig(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
-                               bitmma=True)),
+@pytest.mark.parametrize("m,kind,choice", [
+    (1100, "same", Choice(MERGED_GEMM, MergedGemmTiles(block_n=32, block_k=256, num_warps=4))),
+    (100, "mixed", Choice(MERGED_TILES, MergedTiles(rows=64, block_n=64, block_k=128, num_warps=4, num_stages=3,
+                                                    transposed=True))),
+    (64, "mixed", Choice(BITMMA, BitmmaTiles(rows=16, block_n=256, block_k=512, num_warps=4, num_stages=3))),
+    (64, "mixed", Choice(DOT, Tiles(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3))),
     (3, "distinct", None), (40, "distinct", None),
 ])
-def test_base_weight_stored_transposed(m, kind, config, dtype):
+def test_base_weight_stored_transposed(m, kind, choice, dtype):
     """A base weight viewed from its transpose (stride(1) != 1) gives the same function on every path."""
     x, w, signs, scales, bias = _problem(m, 333, 1000, max(m, 3), dtype)
     w_t = w.t().contiguous().t()  # same values, column-major storage
     assert w_t.stride(1) != 1
     slot_ids = _slots(kind, m, max(m, 3))
-    _check(_run(x, w_t, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+    _check(_run(x, w_t, signs, scales, slot_ids, bias, choice), x, w, signs, scales, slot_ids, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(333, 4097), (4096, 4096), (64, 40)])
 def test_merge_weight_is_bitdelta_merge_bit_for_bit(n, k, dtype):
     """The GPU merge rounds base + scale * sign once, exactly as the reference (and `bitdelta merge`)."""
-    from bitdelta.kernels.triton_merge import merge_weight
+    from bitdelta.kernels.paths.merged_gemm_triton import merge_weight
 
     _, w, signs, scales, _ = _problem(1, n, k, 3, dtype)
     slot = int(torch.randint(0, 3, ()))
     out = torch.full_like(w, float("nan"))
-    config = KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True,
-                          merged_gemm=True)
-    merge_weight(w, signs, scales, slot, config, out=out)
+    merge_weight(w, signs, scales, slot, MergedGemmTiles(block_n=32, block_k=256, num_warps=4), out=out)
     torch.testing.assert_close(out, reference.merged_weight(w, signs, scales, slot), rtol=0, atol=0)
 
 
@@ -253,9 +252,7 @@ def test_merge_weight_is_bitdelta_merge_bit_for_bit(n, k, dtype):
 @pytest.mark.parametrize("chunk,decoders,shuffle", [(300, 40, False), (700, 20, True), (65, 3, True)])
 def test_entry_point_splits_a_prefill_chunk_from_decode_rows(chunk, decoders, shuffle, dtype):
     """A step with a prefill chunk (slot 0), one-row decode slots and base-only rows: the entry point
-    dispatches the long and the short segments apart (round 8) and scatters both back."""
-    from bitdelta.kernels.configs import split_threshold
-
+    dispatches the long and the short segments apart and scatters both back."""
     slot_ids = torch.cat([torch.zeros(chunk, dtype=torch.long), torch.arange(1, decoders + 1),
                           torch.full((3,), -1)]).cuda()
     if shuffle:
@@ -276,10 +273,20 @@ def test_public_entry_point_without_bias_and_with_plan(dtype):
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
-def test_all_base_only_rows():
-    x, w, signs, scales, bias = _problem(5, 200, 300, 2, torch.bfloat16)
-    slot_ids = torch.full((5,), -1, device="cuda")
-    _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
+@pytest.mark.parametrize("choice", [
+    Choice(MERGED_TILES, MergedTiles(rows=8, block_n=32, block_k=128, num_warps=4, num_stages=4, split_k=2)),
+    Choice(GEMV, GemvTiles(rows=1, block_n=8, block_k=512, num_warps=2, num_stages=1)),
+    Choice(BITMMA, BitmmaTiles(rows=8, block_n=128, block_k=256, num_warps=4, num_stages=4)),
+    Choice(DOT, Tiles(rows=8, block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    Choice(MERGED_GEMM, MergedGemmTiles(block_n=32, block_k=256, num_warps=4)),
+], ids=_choice_id)
+def test_all_base_only_rows(choice):
+    """Every kernel path on a batch of base-only rows (masked bits, zero scales); the entry point
+    takes DENSE for it."""
+    m = choice.tiles.rows if choice.path is GEMV else 5
+    x, w, signs, scales, bias = _problem(m, 200, 300, 2, torch.bfloat16)
+    slot_ids = torch.full((m,), -1, device="cuda")
+    _check(_run(x, w, signs, scales, slot_ids, bias, choice), x, w, signs, scales, slot_ids, bias)
     # through the entry point a batch without delta rows is the dense layer itself, bit for bit
     exact = torch.nn.functional.linear(x, w, bias)
     torch.testing.assert_close(kernels.bitdelta_matmul(x, w, signs, scales, slot_ids, bias), exact, rtol=0, atol=0)
@@ -290,12 +297,11 @@ def test_all_base_only_rows():
                                                  (48, 700, 8192, 3), (64, 256, 2048, 8), (64, 700, 4096, 13),
                                                  (64, 256, 11008, 16), (192, 300, 1000, 32), (320, 200, 4097, 64)])
 def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype):
-    """Several deltas with up to 64 rows each (and base-only rows): the tensor-core delta kernel (v8),
-    on tiles of 8..64 rows."""
+    """Several deltas with up to 64 rows each (and base-only rows): BITMMA, on tiles of 8..64 rows."""
     s = m // rows_per_slot
     x, w, signs, scales, bias = _problem(m, n, k, s + 1, dtype)
     slot_ids = (torch.randperm(m, device="cuda") // rows_per_slot) - 1  # slot -1: base only
-    assert choose_config(n, build_plan(slot_ids), k=k).bitmma
+    assert choose(Problem(build_plan(slot_ids), n, k)).path is BITMMA
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
 
 
@@ -304,29 +310,29 @@ def test_dispatcher_picks_bitmma_for_decode_tiles(m, n, k, rows_per_slot, dtype)
                                    (64, 22016, 4096), (1, 10240, 8192)])
 def test_dispatcher_on_stacked_projections_with_one_shared_delta(m, n, k, dtype):
     """The shapes of a 7B and a 70B model's stacked q/k/v and gate/up, one delta shared by the batch:
-    the tiles round 11 picks for them (and the reference check they passed in its sweep)."""
+    the tiles `choose` picks for them."""
     x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
     slot_ids = torch.ones(m, dtype=torch.long, device="cuda")
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
 
 
-SPLIT_CONFIG = KernelConfig(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
-                            swap_ab=True, split_k=4)
+SPLIT = Choice(MERGED_TILES, MergedTiles(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3, transposed=True,
+                                         split_k=4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_k_sums_in_split_order_and_leaves_its_counters_at_zero(dtype):
     """Split-K adds the partials in split order whatever order the programs finish in: two runs give
     the same bits. Each launch resets the arrival counters it used, so the next call starts from zero."""
-    from bitdelta.kernels.triton_segments import split_counters
+    from bitdelta.kernels.paths.merged_tiles import split_counters
 
     m, n, k = 24, 1000, 3000
     x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
     slot_ids = torch.randint(-1, 2, (m,), device="cuda")
-    first = _run(x, w, signs, scales, slot_ids, bias, SPLIT_CONFIG)
+    first = _run(x, w, signs, scales, slot_ids, bias, SPLIT)
     _check(first, x, w, signs, scales, slot_ids, bias)
     for _ in range(3):
-        assert torch.equal(_run(x, w, signs, scales, slot_ids, bias, SPLIT_CONFIG), first)
+        assert torch.equal(_run(x, w, signs, scales, slot_ids, bias, SPLIT), first)
     assert not split_counters(x.device, 1).any()
 
 
@@ -334,12 +340,11 @@ def test_split_k_sums_in_split_order_and_leaves_its_counters_at_zero(dtype):
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 11008), (2, 4096, 11008), (4, 8192, 28672), (64, 4096, 4096),
                                    (64, 8192, 8192), (3, 4096, 9000)])
 def test_dispatched_split_k_paths(m, n, k, dtype):
-    """The round-12 dispatch for one delta on narrow or long layers: K split on 32-column and transposed
-    64-row tiles (2 or 4 ranges), and 1-4 rows on long rows taken from the gemv by the merged pass."""
+    """One delta on narrow or long layers: K split on 32-column and transposed 64-row tiles (2 or 4
+    ranges), and 1-4 rows on long rows taken from the gemv by MERGED_TILES."""
     x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
     slot_ids = torch.ones(m, dtype=torch.long, device="cuda")
-    config = choose_config(n, build_plan(slot_ids), k=k)
-    assert config.merge and not config.gemv
+    assert choose(Problem(build_plan(slot_ids), n, k)).path is MERGED_TILES
     _check(_run(x, w, signs, scales, slot_ids, bias, None), x, w, signs, scales, slot_ids, bias)
 
 
@@ -350,13 +355,12 @@ def test_split_k_replays_in_a_cuda_graph_on_new_inputs():
     x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)
     slot_ids = torch.zeros(m, dtype=torch.long, device="cuda")
     plan = build_plan(slot_ids)
-    config = KernelConfig(rows=32, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True,
-                          split_k=4)
-    segment_matmul(x, w, signs, scales, plan, bias, config)  # compile and allocate before capture
+    tiles = MergedTiles(rows=32, block_n=32, block_k=128, num_warps=4, num_stages=4, split_k=4)
+    run_path(MERGED_TILES, tiles, x, w, signs, scales, plan, bias)  # compile and allocate before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = segment_matmul(x, w, signs, scales, plan, bias, config)
+        out = run_path(MERGED_TILES, tiles, x, w, signs, scales, plan, bias)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
@@ -374,8 +378,8 @@ def test_one_row_tiles_keep_outlier_rows_and_zero_rows_exact(dtype):
     x[1, 17] = 1e4 * x[1].abs().mean()
     x[2] = 0
     slot_ids = torch.randperm(m, device="cuda")
-    config = KernelConfig(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4, fuse_base=False, bitmma=True)
-    out = _run(x, w, signs, scales, slot_ids, bias, config)
+    choice = Choice(BITMMA, BitmmaTiles(rows=1, block_n=128, block_k=512, num_warps=4, num_stages=4))
+    out = _run(x, w, signs, scales, slot_ids, bias, choice)
     _check(out, x, w, signs, scales, slot_ids, bias)
     for row in range(m):  # row by row, so the outlier row's error is not hidden by the others
         _check(out[row:row + 1], x[row:row + 1], w, signs, scales, slot_ids[row:row + 1], bias)
@@ -395,19 +399,19 @@ def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkey
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: calls.append(self) or real_run(self, *a, **kw))
     x, w, signs, scales, bias = _problem(40, 256, 512, 3, torch.float16)
     slot_ids = _slots("mixed", 40, 3)
-    config = KernelConfig(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
-                          swap_ab=True)
+    choice = Choice(MERGED_TILES, MergedTiles(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
+                                              transposed=True))
     for _ in range(3):
-        _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+        _check(_run(x, w, signs, scales, slot_ids, bias, choice), x, w, signs, scales, slot_ids, bias)
     assert len(calls) <= 1  # at most the first launch (none if an earlier test compiled this specialisation)
     seen = []
     knobs.runtime.launch_enter_hook.add(seen.append)
     try:
-        _run(x, w, signs, scales, slot_ids, bias, config)
+        _run(x, w, signs, scales, slot_ids, bias, choice)
     finally:
         knobs.runtime.launch_enter_hook.remove(seen.append)
     assert len(calls) >= 1 and len(seen) == 1
     before = len(calls)
     monkeypatch.setattr(knobs.runtime, "debug", True)  # a debug binary is another binary: Triton's path compiles it
-    _check(_run(x, w, signs, scales, slot_ids, bias, config), x, w, signs, scales, slot_ids, bias)
+    _check(_run(x, w, signs, scales, slot_ids, bias, choice), x, w, signs, scales, slot_ids, bias)
     assert len(calls) == before + 1

@@ -1,5 +1,6 @@
-"""CPU tests: the reference matmul against a dense fp64 computation, the slot grouping, the
-kernel-config choice, and the CPU dispatch (which must not need Triton)."""
+"""CPU tests: the reference matmul against a dense fp64 computation, the slot grouping, the CPU
+dispatch (which must not need Triton), stacked linears and the fast launch. The kernel path choice:
+test_kernel_paths.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ from hypothesis import strategies as st
 
 import bitdelta.kernels as kernels
 from bitdelta.kernels import reference
-from bitdelta.kernels.configs import (BITMMA_MAX_ROWS, DECODE_MAX_ROWS, FUSED_MAX_DELTAS, GEMV_MAX_ROWS,
-                                      MERGED_GEMM_MIN_ROWS, ONE_ROW_MAX_K, SHARED_DECODE_MAX_ROWS, KernelConfig,
-                                      choose_config, next_pow2, split_threshold)
 from bitdelta.kernels.grouping import build_plan, row_slots, segment_tiles, split_plan
+from bitdelta.kernels.paths import split_threshold
 from bitdelta.pack import pack_signs
-from conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 
 def _problem(m: int, n: int, k: int, s: int, per_row_scales: bool, gen: torch.Generator):
@@ -150,131 +148,10 @@ def test_segment_tiles_cover_each_row_once_and_never_mix_slots(slot_list, rows_p
     assert segment_tiles(plan, rows_per_tile) is tiles  # cached for the other layers of the step
 
 
-def test_choose_config_decode_and_prefill():
-    distinct = build_plan(torch.arange(32))
-    cfg = choose_config(4096, distinct)
-    assert cfg.bitmma and not cfg.fuse_base  # many distinct slots: base from cuBLAS once, deltas on v8
-    assert cfg.rows == 1 and cfg.block_k == 1024 and cfg.num_stages == 2  # every slot one row: v9 (int8)
-    assert choose_config(4096, build_plan(torch.arange(32)), k=ONE_ROW_MAX_K + 1).rows == 8
-    eight = choose_config(4096, build_plan(torch.arange(16).repeat(8)))  # 8 rows a slot: one tile each
-    assert eight.bitmma and eight.rows == 8
-    assert choose_config(4096, build_plan(torch.arange(16).repeat(2)), k=11008).block_k == 256  # long rows
-    assert choose_config(4096, build_plan(torch.arange(16)), k=11008).rows == 1  # one-row tiles: any K up to the bound
-    assert choose_config(4096, build_plan(torch.arange(4).repeat(2))).block_n == 64  # 4 tiles: narrow blocks
-    shared = build_plan(torch.zeros(4, dtype=torch.long))
-    cfg = choose_config(4096, shared)
-    assert cfg.rows == 4 and cfg.fuse_base and cfg.merge and not cfg.bitmma  # one product on merged weights
-    assert choose_config(4096, build_plan(torch.arange(FUSED_MAX_DELTAS))).fuse_base
-    nine = choose_config(4096, build_plan(torch.arange(64).repeat(9)))  # 9 rows a slot: one 16-row v8 tile
-    assert nine.rows == 16 and nine.bitmma and not nine.fuse_base
-    zipf = torch.repeat_interleave(torch.arange(27), torch.tensor([14, 5, 5, 4, 4, 3, 3] + [2] * 6 + [1] * 14))
-    assert choose_config(4096, build_plan(zipf)).rows == 8  # mostly small slots: 8-row tiles waste less
-    assert choose_config(4096, build_plan(torch.arange(32).repeat(32))).rows == 32
-    assert choose_config(4096, build_plan(torch.arange(32).repeat(BITMMA_MAX_ROWS))).rows == 64
-    assert not choose_config(4096, build_plan(torch.arange(64).repeat(9)), bitmma=False).bitmma
-    # one shared delta keeps decode tiles up to SHARED_DECODE_MAX_ROWS rows, then prefill tiles
-    tall = choose_config(4096, build_plan(torch.zeros(64, dtype=torch.long)))
-    assert tall.rows == 64 and tall.fuse_base and tall.block_n == 32
-    wide = choose_config(8192, build_plan(torch.zeros(64, dtype=torch.long)))
-    assert wide.block_n == 64 and wide.swap_ab  # wide layers: the product computed transposed
-    assert not choose_config(8192, build_plan(torch.zeros(32, dtype=torch.long))).swap_ab
-    # round 11, measured on the stacked projections: K = 4096 keeps 32-row tiles 32 wide; 4096x22016 gets
-    # 64 x 64 untransposed 64-row tiles and 32 x 256 ones for 8-16 rows; one row past N = 8192 4-wide gemv
-    assert choose_config(12288, build_plan(torch.zeros(32, dtype=torch.long)), k=4096).block_n == 32
-    # round 12: 32-row tiles on deeper layers stay 32 wide where they fit one wave (3 x 132 programs)
-    assert choose_config(10240, build_plan(torch.zeros(32, dtype=torch.long)), k=8192).block_n == 32
-    assert choose_config(28672, build_plan(torch.zeros(32, dtype=torch.long)), k=8192).block_n == 64
-    assert choose_config(10240, build_plan(torch.arange(64) % 2), k=8192).block_n == 64  # two deltas: 640
-    gate_up = choose_config(22016, build_plan(torch.zeros(64, dtype=torch.long)), k=4096)
-    assert (gate_up.block_n, gate_up.block_k, gate_up.swap_ab) == (64, 64, False)
-    assert choose_config(28672, build_plan(torch.zeros(64, dtype=torch.long)), k=8192).swap_ab
-    assert choose_config(22016, build_plan(torch.zeros(128, dtype=torch.long)), k=4096).block_n == 64  # as before
-    for rows in (8, 16):
-        assert choose_config(22016, build_plan(torch.zeros(rows, dtype=torch.long)), k=4096).block_k == 256
-    assert choose_config(11008, build_plan(torch.zeros(8, dtype=torch.long)), k=4096).block_k == 128
-    one_row = choose_config(11008, build_plan(torch.zeros(1, dtype=torch.long)), k=4096)
-    assert one_row.gemv and (one_row.block_n, one_row.num_stages) == (4, 3)
-    assert choose_config(4096, build_plan(torch.zeros(1, dtype=torch.long)), k=4096).block_n == 8
-    # prefill: transposed fused tiles; 128 x 64 once full 128-row tiles make >= 256 programs
-    prefill = choose_config(4096, build_plan(torch.zeros(SHARED_DECODE_MAX_ROWS + 1, dtype=torch.long)))
-    assert prefill.rows == 128 and prefill.swap_ab and prefill.merge and prefill.block_n == 64
-    assert choose_config(4096, build_plan(torch.arange(4).repeat_interleave(256))).block_n == 128
-    few_programs = choose_config(4096, build_plan(torch.arange(4).repeat_interleave(128)))  # 4 tiles x 32 blocks
-    assert (few_programs.block_n, few_programs.block_k, few_programs.num_stages) == (64, 64, 4)
-    many = build_plan(torch.arange(4).repeat(BITMMA_MAX_ROWS + 1))  # 4 deltas, 65 rows each: prefill tiles
-    assert choose_config(4096, many).rows == 128 and choose_config(4096, many).swap_ab
-    # without Gluon, several deltas of more than DECODE_MAX_ROWS rows each are prefill already
-    assert choose_config(4096, build_plan(torch.arange(4).repeat(DECODE_MAX_ROWS + 1)), bitmma=False).swap_ab
-    # segments of >= MERGED_GEMM_MIN_ROWS rows (twice that past FUSED_MAX_DELTAS deltas): merged weights + cuBLAS
-    assert choose_config(4096, build_plan(torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long))).merged_gemm
-    base_rows = torch.cat([torch.full((3,), -1), torch.zeros(MERGED_GEMM_MIN_ROWS, dtype=torch.long)])
-    assert choose_config(4096, build_plan(base_rows)).merged_gemm  # a few base-only rows do not count
-    four = torch.arange(4).repeat_interleave(MERGED_GEMM_MIN_ROWS)
-    assert choose_config(4096, build_plan(four)).merged_gemm  # whole requests in order: slices, no gather
-    shuffled = four[torch.randperm(four.numel())]  # rows to gather and scatter: twice the rows a slot
-    assert not choose_config(4096, build_plan(shuffled)).merged_gemm
-    assert choose_config(4096, build_plan(shuffled.repeat_interleave(2))).merged_gemm
-    assert not choose_config(4096, build_plan(torch.cat([four, torch.tensor([9])]))).merged_gemm  # one short segment
-
-
-def test_choose_config_splits_k_where_tiles_leave_sms_idle():
-    """Round 12: one or two deltas in 32-column or transposed 64-row tiles of up to 64 rows split K
-    in two (four for 2-warp tiles) where the tiles make at most one program an SM (128 at N = 4096 or
-    64-row tiles of N = 8192); one row on long rows (K > 8192) of 4096-wide layers takes that pass
-    instead of the gemv."""
-    def config(n: int, rows: int, k: int, deltas: int = 1) -> KernelConfig:
-        return choose_config(n, build_plan(torch.arange(rows) % deltas), k=k)
-
-    for rows in (4, 16, 32, 64):
-        narrow = config(4096, rows, 11008)
-        assert narrow.merge and narrow.block_n == 32 and narrow.split_k == 2
-    assert config(4096, 32, 11008, deltas=2).split_k == 1  # two deltas' tiles: 256 programs
-    one_row = config(4096, 1, 11008)
-    assert one_row.merge and one_row.num_warps == 2 and one_row.split_k == 4
-    assert config(8192, 1, 28672).gemv
-    assert config(8192, 64, 8192).swap_ab and config(8192, 64, 8192).split_k == 2
-    assert config(8192, 64, 28672).split_k == 2
-    for n, k in ((10240, 8192), (11008, 4096), (12288, 4096)):  # 160-192 programs: not split
-        assert config(n, 64, k).swap_ab and config(n, 64, k).split_k == 1
-    assert config(8192, 32, 8192).split_k == 1  # 64-column untransposed tiles
-    assert config(8192, 16, 8192).split_k == 1  # 256 programs
-    assert config(4096, 128, 4096).split_k == 1  # 128-row tiles
-    assert config(4096, 1, 4096).gemv and config(8192, 1, 8192).gemv  # K <= 8192: the gemv as before
-    assert config(4096, 200, 4096).split_k == 1  # prefill tiles are never split
-    # the count is against the device's SMs: 132 programs split on an H100 SXM, 133 do not; 114 SMs
-    # (an H100 PCIe) leave the 128 programs of N = 4096 unsplit
-    assert config(132 * 32, 16, 8192).split_k == 2 and config(132 * 32 + 1, 16, 8192).split_k == 1
-    assert choose_config(4096, build_plan(torch.zeros(16, dtype=torch.long)), k=11008, sms=114).split_k == 1
-
-
-def test_choose_config_without_gluon_takes_the_dot_kernel():
-    plan = build_plan(torch.arange(32, dtype=torch.int32))  # all-distinct decode: v8 when Gluon exists
-    assert choose_config(4096, plan).bitmma
-    fallback = choose_config(4096, plan, bitmma=False)
-    assert not fallback.bitmma and not fallback.fuse_base and fallback.rows == 1
-
-
-def test_choose_config_gemv_for_few_rows():
-    one = choose_config(4096, build_plan(torch.tensor([3])))
-    assert one.gemv and one.rows == 1 and one.block_k == 256 * one.num_warps
-    assert choose_config(16384, build_plan(torch.tensor([2])), k=16384).block_k == 1024  # long rows, wide layer
-    # one shared slot, 4 rows: gemv only on wide layers, else the tensor-core tile (long rows too since round 12)
-    assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long))).gemv
-    assert not choose_config(4096, build_plan(torch.zeros(4, dtype=torch.long)), k=11008).gemv
-    wide = choose_config(28672, build_plan(torch.zeros(3, dtype=torch.long)), k=8192)
-    assert wide.gemv and wide.rows == 4 and wide.num_stages == 3  # wide layers: the K loop pipelined
-    # several slots: gemv for 2-3 rows on N <= 4096, K <= 8192; at 4 rows the tensor-core delta kernel
-    assert choose_config(4096, build_plan(torch.tensor([0, 1, -1]))).gemv
-    assert choose_config(4096, build_plan(torch.arange(4))).bitmma
-    assert not choose_config(4096, build_plan(torch.tensor([0, 1])), k=11008).gemv
-    assert not choose_config(8192, build_plan(torch.arange(3)), k=8192).gemv
-    assert not choose_config(4096, build_plan(torch.arange(GEMV_MAX_ROWS + 1))).gemv
-
-
 def test_split_plan_gathers_long_and_short_segments_apart():
     slot_ids = torch.tensor([2] * 5 + [-1, 0, 7, 0] + [2] * 3 + [-1] * 9)  # slots 2 and -1 long (> 4 rows)
     plan = build_plan(slot_ids)
-    assert split_threshold(plan) is None  # every segment here is a decode segment (<= BITMMA_MAX_ROWS rows)
+    assert split_threshold(plan) is None  # every segment here is a decode segment (<= 64 rows)
     parts = split_plan(plan, 4)
     assert split_plan(plan, 4) is parts  # cached: one build per step, whatever the number of layers
     long, short = parts
@@ -303,108 +180,12 @@ def test_split_sides_contiguous_in_the_batch_are_views():
     assert torch.equal(slot_ids[short.start + short.plan.order.long()], torch.tensor([-1, 3, 4, 5]))
 
 
-def test_split_threshold_separates_prefill_chunks_from_decode_rows():
-    chunk_and_decoders = torch.cat([torch.zeros(BITMMA_MAX_ROWS + 1, dtype=torch.long), torch.arange(1, 40)])
-    assert split_threshold(build_plan(chunk_and_decoders)) == BITMMA_MAX_ROWS
-    assert split_threshold(build_plan(torch.zeros(1000, dtype=torch.long))) is None  # one long segment
-    assert split_threshold(build_plan(torch.arange(64).repeat(3))) is None  # decode only
-
-
 def test_row_slots_follow_the_order():
     slot_ids = torch.tensor([2, -1, 0, 2, 1, 0])
     plan = build_plan(slot_ids)
     slots = row_slots(plan)
     assert torch.equal(slots.long(), slot_ids[plan.order.long()])
     assert row_slots(plan) is slots  # cached
-
-
-def test_kernel_config_validation():
-    with pytest.raises(ValueError):  # the tensor-core delta path adds its delta to cuBLAS's base product
-        KernelConfig(rows=1, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=True, bitmma=True)
-    with pytest.raises(ValueError):  # a tile's rows fill whole 8-column mmas: <= 8, 16, 32 or 64
-        KernelConfig(rows=12, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
-    KernelConfig(rows=32, block_n=128, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
-    # the ring's shared memory, as the compiler reports it (offline sm_90 builds): v8 8 rows 256 x 512 x 3
-    # stages 73728 B, 64 rows 128 x 512 x 3 stages 221184 B; v9 128 x 1024 x 2 stages 40960 B
-    assert KernelConfig(rows=8, block_n=256, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
-                        bitmma=True).bitmma_shared_bytes() == 73728
-    assert KernelConfig(rows=64, block_n=128, block_k=512, num_warps=4, num_stages=3, fuse_base=False,
-                        bitmma=True).bitmma_shared_bytes() == 221184
-    assert KernelConfig(rows=1, block_n=128, block_k=1024, num_warps=4, num_stages=2, fuse_base=False,
-                        bitmma=True).bitmma_shared_bytes() == 40960
-    with pytest.raises(ValueError, match="shared memory"):  # 64 rows x 1024 k x 3 stages: 417 KB
-        KernelConfig(rows=64, block_n=128, block_k=1024, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
-    with pytest.raises(ValueError):  # each warp owns 16-row mma slabs
-        KernelConfig(rows=8, block_n=96, block_k=256, num_warps=4, num_stages=3, fuse_base=False, bitmma=True)
-    with pytest.raises(ValueError):
-        KernelConfig(rows=1, block_n=32, block_k=48, num_warps=4, num_stages=3, fuse_base=True)
-    with pytest.raises(ValueError):  # gemv unrolls 1, 2 or 4 rows
-        KernelConfig(rows=8, block_n=8, block_k=512, num_warps=2, num_stages=1, fuse_base=True, gemv=True)
-    with pytest.raises(ValueError):  # swap_ab needs tl.dot's >= 16 rows
-        KernelConfig(rows=8, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, merge=True,
-                     swap_ab=True)
-    with pytest.raises(ValueError):  # swap_ab is a form of the merged pass only
-        KernelConfig(rows=16, block_n=64, block_k=128, num_warps=4, num_stages=3, fuse_base=True, swap_ab=True)
-    with pytest.raises(ValueError):  # the merge kernel's tile is a power of two
-        KernelConfig(rows=128, block_n=32, block_k=96, num_warps=4, num_stages=1, fuse_base=True, merged_gemm=True)
-    with pytest.raises(ValueError):  # merged_gemm is its own path, not a segment-kernel form
-        KernelConfig(rows=128, block_n=32, block_k=256, num_warps=4, num_stages=1, fuse_base=True, merge=True,
-                      merged_gemm=True)
-    assert [next_pow2(v) for v in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
-
-
-def test_split_k_only_on_the_segment_kernel():
-    assert KernelConfig(rows=16, block_n=32, block_k=128, num_warps=4, num_stages=4, fuse_base=True, merge=True,
-                        split_k=4).split_k == 4
-    for extra in ({"split_k": 0}, {"split_k": 2, "gemv": True, "rows": 1}, {"split_k": 2, "merged_gemm": True},
-                  {"split_k": 2, "bitmma": True, "fuse_base": False, "block_n": 128, "block_k": 256, "num_stages": 2}):
-        with pytest.raises(ValueError, match="split_k"):
-            KernelConfig(**{"rows": 4, "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 1,
-                            "fuse_base": True, **extra})
-
-
-def test_split_counters_grow_without_freeing_the_buffer_graphs_hold():
-    """A grown counter buffer replaces the old one for new calls, but the old one stays alive: a CUDA
-    graph captured before the growth still holds its address."""
-    triton_segments = pytest.importorskip("bitdelta.kernels.triton_segments")
-    device = torch.device("cpu")
-    first = triton_segments.split_counters(device, 10)
-    assert first.numel() >= 10 and not first.any()
-    assert triton_segments.split_counters(device, first.numel()) is first  # no growth: the same buffer
-    grown = triton_segments.split_counters(device, first.numel() + 1)
-    assert grown.numel() > first.numel() and not grown.any()
-    assert any(kept is first for kept in triton_segments._retired_counters)
-
-
-@needs_triton_interpreter
-def test_split_k_in_the_triton_interpreter():
-    """The segment kernel with K split over programs (merged, transposed and plain fused forms, bias,
-    K tails, base-only rows and split ranges past K) on the CPU under TRITON_INTERPRET=1, against the
-    reference; the arrival counters end at zero."""
-    code = """
-import torch
-from bitdelta.kernels import reference
-from bitdelta.kernels.configs import KernelConfig
-from bitdelta.kernels.grouping import build_plan
-from bitdelta.kernels.triton_segments import segment_matmul, split_counters
-cases = [(5, 40, 300, 3, dict(rows=8, merge=True)), (16, 33, 1000, 4, dict(rows=16, merge=True, swap_ab=True)),
-         (7, 50, 129, 8, dict(rows=8))]
-for m, n, k, split, form in cases:
-    x, w = torch.randn(m, k).half(), (torch.randn(n, k) * 0.05).half()
-    signs = torch.randint(-(2**31), 2**31 - 1, (3, n, (k + 31) // 32), dtype=torch.int32)
-    signs[..., -1] &= (1 << (k % 32)) - 1 if k % 32 else -1
-    scales, bias = torch.rand(3, n) * 0.02 + 0.002, torch.randn(n).half()
-    slot_ids = torch.randint(-1, 3, (m,))
-    config = KernelConfig(block_n=16, block_k=64, num_warps=4, num_stages=1, fuse_base=True, split_k=split, **form)
-    out = torch.full((m, n), float("nan")).half()
-    segment_matmul(x, w, signs, scales, build_plan(slot_ids), bias, config, out=out)
-    ref = reference.bitdelta_matmul(x.float(), w, signs, scales, slot_ids, bias)
-    print(((out.float() - ref).norm() / ref.norm()).item())
-print(int(split_counters(torch.device("cpu"), 1).abs().sum()))
-"""
-    *errors, counters = run_in_triton_interpreter(code).split()
-    assert len(errors) == 3 and all(float(e) < 1e-3 for e in errors), errors  # fp16: half an ulp, x3
-    assert counters == "0"
 
 
 def test_public_entry_point_falls_back_to_reference_on_cpu():
@@ -430,18 +211,18 @@ def test_cpu_import_and_call_never_import_triton():
 
 @pytest.mark.parametrize("k,block_k", [(256, 256), (1000, 256), (4097, 128), (2048, 512)])
 def test_bitmma_reduction_order_is_a_permutation_of_k(k, block_k):
-    """v8 (decode_bitmma.py) reads mma k index kk = 32w + 16a + 8h + 2q + e of a K-tile as bit
-    j + 16e of word w, j = 8a + 4h + q, and takes x in `permute_activations` order; both sides must
-    visit the same k, so the product equals x . sign. Checked here on the host side of that contract
+    """The bf16 bitmma kernel (paths/bitmma_gluon.py) reads mma k index kk = 32w + 16a + 8h + 2q + e of
+    a K-tile as bit j + 16e of word w, j = 8a + 4h + q, and takes x in `permute_activations` order;
+    both sides must visit the same k, so the product equals x . sign. Checked here on the host side of that contract
     (the kernel's own layouts are checked at compile time, its results in test_kernels_gpu.py)."""
-    decode_bitmma = pytest.importorskip("bitdelta.kernels.decode_bitmma")  # needs Triton with Gluon
+    bitmma_gluon = pytest.importorskip("bitdelta.kernels.paths.bitmma_gluon")  # needs Triton with Gluon
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(3, k, generator=gen, dtype=torch.float64)
     dense = torch.randn(5, k, generator=gen)
     words = pack_signs(dense)
     kw = words.shape[1]
     k_tiles = -(-k // block_k)
-    xp = decode_bitmma.permute_activations(x, block_k)
+    xp = bitmma_gluon.permute_activations(x, block_k)
     assert xp.shape == (3, k_tiles * block_k)
     kk = torch.arange(k_tiles * block_k)
     tile, pos = kk // block_k, kk % block_k

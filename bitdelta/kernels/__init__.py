@@ -5,16 +5,17 @@
 computes, for rows x_i tagged with delta slots t_i (-1 = base only),
 y_i = x_i @ W_base.T + bias + scales[t_i] * (x_i @ sign[t_i].T) (see `reference.py`).
 
-On a CUDA fp16/bf16 tensor with Triton installed it runs the Triton kernel (`triton_segments.py`);
-otherwise (CPU, fp32 activations, no Triton) the pure-PyTorch reference. Triton is imported only on that first GPU call, so the
-package imports on machines without Triton or CUDA.
+On a CUDA fp16/bf16 tensor with Triton installed it runs the kernel path `paths.choose` picks for
+the call's shape and rows (`paths/`); otherwise (CPU, fp32 activations, no Triton) the pure-PyTorch
+reference. Triton is imported only on that first GPU call, so the package imports on machines
+without Triton or CUDA.
 
 `plan` (from `build_plan(slot_ids)`) groups the rows by slot. It depends only on the slot ids, so
 a model should build it once per forward step and pass it to every layer: that saves a host sync
-and a sort per linear. Without it, each call builds its own. A batch mixing long segments (a
-prefill chunk) with short ones (decode rows) is split in two (`configs.split_threshold`), each side
-dispatched on its own kernel path (on views where its rows are contiguous, else gathered and
-scattered back).
+and a sort per linear, and the path of each layer shape is chosen once a step. Without it, each
+call builds its own. A batch mixing long segments (a prefill chunk) with short ones (decode rows)
+is split in two (`paths.split_threshold`), each side on its own path (on views where its rows are
+contiguous, else gathered and scattered back).
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ import torch
 from bitdelta.kernels import reference
 from bitdelta.kernels.grouping import SlotPlan, build_plan, split_plan
 
-__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "delta_matmul", "gluon_available", "on_triton", "triton_available"]
-
-delta_matmul = reference.delta_matmul
+__all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "gluon_available", "on_triton", "sm_count", "triton_available"]
 
 
 @functools.cache
@@ -51,7 +50,7 @@ def on_triton(x: torch.Tensor) -> bool:
 
 @functools.cache
 def gluon_available() -> bool:
-    """True when Triton has Gluon (triton >= 3.5), which the v8/v9 decode kernels are written in."""
+    """True when Triton has Gluon (triton >= 3.5), which the BITMMA path's kernels are written in."""
     try:
         import triton.experimental.gluon  # noqa: F401
     except ImportError:
@@ -72,15 +71,15 @@ def bitdelta_matmul(
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None."""
     if not on_triton(x):
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
-    from bitdelta.kernels.configs import split_threshold
+    from bitdelta.kernels.paths import split_threshold
 
     if plan is None:
         plan = build_plan(slot_ids)
     long_rows = split_threshold(plan)
     if long_rows is None:
         return _dispatch(x, base_weight, signs, scales, plan, bias)
-    # a prefill chunk beside decode rows: each side dispatched on its own, on views of x and y where
-    # its rows are contiguous in the batch, else gathered and scattered back
+    # a prefill chunk beside decode rows: each side on its own path, on views of x and y where its
+    # rows are contiguous in the batch, else gathered and scattered back
     y = torch.empty(x.shape[0], base_weight.shape[0], dtype=x.dtype, device=x.device)
     for side in split_plan(plan, long_rows):
         if side.start is None:
@@ -93,18 +92,14 @@ def bitdelta_matmul(
 
 def _dispatch(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
               bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    from bitdelta.kernels.configs import plan_config
-    from bitdelta.kernels.triton_segments import segment_matmul
+    from bitdelta.kernels.paths import plan_choice, run_path
 
-    if plan.num_deltas == 0:  # every row on the base alone: exactly the dense layer (cuBLAS)
-        dense = torch.nn.functional.linear(x, base_weight, bias)
-        return dense if out is None else out.copy_(dense)
     n, k = base_weight.shape
-    config = plan_config(n, plan, k, gluon_available(), sm_count(x.device.index))
-    return segment_matmul(x, base_weight, signs, scales, plan, bias, config, out)
+    path, tiles = plan_choice(plan, n, k, gluon_available(), sm_count(x.device.index))
+    return run_path(path, tiles, x, base_weight, signs, scales, plan, bias, out)
 
 
 @functools.cache
 def sm_count(device_index: int | None) -> int:
-    """The SM count of a CUDA device, against which the dispatcher counts a call's programs."""
+    """The SM count of a CUDA device, against which the path choice counts a call's programs."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count

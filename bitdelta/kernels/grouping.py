@@ -10,10 +10,14 @@ Pure PyTorch on purpose: it runs (and is tested) on the CPU, and costs one host 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,9 @@ class SlotPlan:
     in_order: the rows are already grouped (slot ids non-decreasing, so `order` is the identity), as
              in a prefill batch of whole requests: paths that would gather rows can use slices
 
-    Tile tables are cached per tile height (and kernel configs per shape, `configs.plan_config`): a
-    step's plan serves every layer, and a cached table also keeps host-to-device copies out of
-    CUDA-graph capture (build them once before capturing).
+    What is derived from the plan (tile tables, split sides, the kernel path of each layer shape) is
+    built once and kept on it (`cached`): a step's plan serves every layer, and a cached device table
+    also keeps host-to-device copies out of CUDA-graph capture (build them once before capturing).
     """
 
     order: torch.Tensor
@@ -39,10 +43,13 @@ class SlotPlan:
     counts: tuple[int, ...]
     host_slots: tuple[int, ...]
     in_order: bool = False
-    _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-    _splits: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
-    _configs: dict[tuple, object] = field(default_factory=dict, repr=False, compare=False)
-    _row_slots: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
+    _derived: dict[Hashable, object] = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """`build()`, computed on the first call with `key` and returned again on later ones."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     @property
     def num_rows(self) -> int:
@@ -99,30 +106,28 @@ def segment_tiles(plan: SlotPlan, rows_per_tile: int) -> torch.Tensor:
     """
     if rows_per_tile < 1:
         raise ValueError("rows_per_tile must be >= 1")
-    cached = plan._tiles.get(rows_per_tile)
-    if cached is not None:
-        return cached
+    return plan.cached(("tiles", rows_per_tile), lambda: _tile_table(plan, rows_per_tile))
+
+
+def _tile_table(plan: SlotPlan, rows_per_tile: int) -> torch.Tensor:
     tiles = []
     start = 0
     for slot, count in zip(plan.host_slots, plan.counts):
         for first in range(start, start + count, rows_per_tile):
             tiles.append((slot, first, min(first + rows_per_tile, start + count)))
         start += count
-    table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(plan.order.device)
-    plan._tiles[rows_per_tile] = table
-    return table
+    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(plan.order.device)
 
 
 def row_slots(plan: SlotPlan) -> torch.Tensor:
     """int32 [M] on the plan's device: the slot of each position of `plan.order` (cached, built from
     the host copies, so no device sync; kernels that take every row of the batch in one program
     read each row's slot from it)."""
-    if plan._row_slots:
-        return plan._row_slots[0]
-    values = [slot for slot, count in zip(plan.host_slots, plan.counts) for _ in range(count)]
-    table = torch.tensor(values, dtype=torch.int32).to(plan.order.device)
-    plan._row_slots.append(table)
-    return table
+    def build() -> torch.Tensor:
+        values = [slot for slot, count in zip(plan.host_slots, plan.counts) for _ in range(count)]
+        return torch.tensor(values, dtype=torch.int32).to(plan.order.device)
+
+    return plan.cached("row_slots", build)
 
 
 @dataclass(frozen=True)
@@ -143,9 +148,10 @@ def split_plan(plan: SlotPlan, long_rows: int) -> list[SplitSide]:
     tables, so that a step's plan serves every layer; building it costs one host sync a step (the row
     order, to find sides that are contiguous in the batch: the engine packs decode rows first and
     prefill chunks after them)."""
-    cached = plan._splits.get(long_rows)
-    if cached is not None:
-        return cached
+    return plan.cached(("split", long_rows), lambda: _split_sides(plan, long_rows))
+
+
+def _split_sides(plan: SlotPlan, long_rows: int) -> list[SplitSide]:
     starts = list(accumulate(plan.counts, initial=0))
     order = plan.order.tolist()
     parts = []
@@ -153,7 +159,6 @@ def split_plan(plan: SlotPlan, long_rows: int) -> list[SplitSide]:
         segments = [g for g, count in enumerate(plan.counts) if (count > long_rows) == want_long]
         if segments:
             parts.append(_side(plan, segments, [order[starts[g]:starts[g + 1]] for g in segments]))
-    plan._splits[long_rows] = parts
     return parts
 
 

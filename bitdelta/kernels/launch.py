@@ -1,10 +1,10 @@
 """Launching Triton and Gluon kernels with less host time than `kernel[grid](...)` (GPU only).
 
 An eager serving step (any step carrying prompt tokens) launches hundreds of kernels from Python,
-and the GPU waits on the host (benchmarks/KERNEL_NOTES.md 9d, 10b). Triton's `JITFunction.run`
-costs 25 us of host time a launch on an idle process and 40-45 us inside a serving step: besides
-binding the arguments it re-parses options, builds a string cache key, checks the globals the
-kernel read and prepares launch hooks every call. `fast(kernel)[grid](*args, **kwargs)` keeps
+and the GPU waits on the host (docs/kernels.md). Triton's `JITFunction.run` costs tens of
+microseconds of host time a launch, more than many of the kernels it launches: besides binding the
+arguments it re-parses options, builds a string cache key, checks the globals the kernel read and
+prepares launch hooks every call. `fast(kernel)[grid](*args, **kwargs)` keeps
 Triton's own argument binder, which computes each argument's specialisation (dtype, 16-byte
 alignment, divisibility: what selects a compiled binary), looks the compiled kernel up by that
 specialisation and the launch options, and calls its launcher directly. The first launch of each

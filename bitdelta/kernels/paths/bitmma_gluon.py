@@ -1,31 +1,32 @@
-"""Tensor-core delta kernels for tiles of 1..64 rows of one slot (config `bitmma`; Gluon, GPU only).
+"""The Gluon delta kernels of the BITMMA path (GPU only; imported lazily by `bitmma.py`).
 
-The base product comes from cuBLAS (fp32 `ws`), as on the other split paths; these kernels add
-scale[t] * (x . sign[t]) for each tile of rows sharing a slot. The slot's bit matrix is the M side
-of an mma and the tile's rows its N side (8 columns an mma), so one program streams its slot's
-bits once for its rows. The reduction dimension of an mma may be visited in any order, as long as x follows
-the same order: the k index of the A fragment is chosen so that each 32-bit A register takes its
-bits from one word with one IMAD (x 2^(s - j): the bits move to the sign positions) and one LOP3
-(mask, xor in a constant), and x is stored in shared memory in the matching order, so that each
-thread's B fragment is one contiguous run (16-byte loads). Two forms (benchmarks/KERNEL_NOTES.md):
+The base product comes from cuBLAS (fp32 `ws`); these kernels add scale[t] * (x . sign[t]) for each
+tile of rows sharing a slot. The slot's bit matrix is the M side of an mma and the tile's rows its N
+side (8 columns an mma), so one program streams its slot's bits once for its rows. The reduction
+dimension of an mma may be visited in any order, as long as x follows the same order: the k index of
+the A fragment is chosen so that each 32-bit A register takes its bits from one word with one IMAD
+(x 2^(s - j): the bits move to the sign positions) and one LOP3 (mask, xor in a constant), and x is
+stored in shared memory in the matching order, so that each thread's B fragment is one contiguous
+run (16-byte loads). Two kernels:
 
-- `_bitmma_kernel` (v8), tiles of 2..8, 16, 32 or 64 rows (COLS/8 mmas per expanded A fragment):
+- `_bitmma_kernel`, tiles of 2..8, 16, 32 or 64 rows (COLS/8 mmas per expanded A fragment):
   bf16/fp16 m16n8k16, a register = 2 weights = +-1.0 (bits j and j + 16 of a word); x permuted once
   per call on the host (`permute_activations`).
-- `_bitmma_int8_kernel` (v9), tiles of one row (the all-distinct batch): int8 m16n8k32, a register =
+- `_bitmma_int8_kernel`, tiles of one row (the all-distinct batch): int8 m16n8k32, a register =
   4 weights = -64 * sign (bits j, j+8, j+16, j+24): half the instructions a weight and half the
   mma count. The row's x becomes four 7-bit digit planes of a 28-bit fixed point (scale: the row's
   |max|), one plane per mma column, digitised in the kernel on its way to shared memory: the int32
   accumulator holds exact integer products and the epilogue weights the columns 2^21, 2^14, 2^7,
   1 (error ~1e-7 relative, far below the bf16/fp16 rounding of y). Its k order is split over words
-  so that each lane reads only its own words (`_words_layout_int8`) from a swizzled ring: the shared
-  memory, not the instruction count, had become its limit (KERNEL_NOTES round 7b).
+  so that each lane reads only its own words (`_words_layout_int8`) from a swizzled ring: shared
+  memory bandwidth, not the instruction count, limits this kernel (docs/kernels.md).
 
 Layouts are explicit: words and x are staged in shared memory in a `STAGES`-deep ring (the bits
 are the DRAM stream and need many bytes in flight) and read in layouts derived from the mma
 operand layouts, so that the bit expansion and the operand assembly are register-local
 (`convert_layout(..., assert_trivial=True)` checks that at compile time). The x ring is swizzled
 (16-byte chunk index xor row) so that the 8 lanes of a 16-byte load phase hit distinct banks.
+One module for both kernels: they share the operand layouts and the sign expansion.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from bitdelta.kernels.configs import ONE_ROW_MAX_K, KernelConfig
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
+from bitdelta.kernels.paths.bitmma import ONE_ROW_MAX_K, BitmmaTiles
 
-MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: v9's tile (digit columns), v8's narrowest
+MMA_COLS = gl.constexpr(8)  # the N side of m16n8k16: the int8 kernel's tile (digit columns), the bf16 one's narrowest
 WORD_BITS = gl.constexpr(32)
 SUB_K = gl.constexpr(256)  # k per compute step: 32 bf16 x values per thread; one x swizzle period (8 x 16 B)
 
@@ -49,10 +50,9 @@ def _sign_asm(mask: int, constant: int) -> str:
     # $1 = the word, $N = its multiplier 2^(s - j) ($3 for 2 elements a register, $5 for 4): the bits
     # j, j + 16 (bf16/fp16) or j, j + 8, j + 16, j + 24 (int8) move to the sign position of each element.
     # A multiply, not a shift: the shift amount depends on the lane, so ptxas emits SHF, which shares
-    # the half-rate ALU pipe with LOP3; IMAD runs on the FMA pipe (ncu, 4096^2 b=64: ALU pipe 70% busy
-    # at 45% issue, 107 us with SHF; 46% and 89 us with IMAD). lop3 0x6a = (a & b) ^ c: keep the sign
-    # bits, xor in a constant: -1.0 in both halves (bit 1 -> +1.0), or 0x40 in every byte (bit 1 ->
-    # 0xC0 = -64, bit 0 -> +64).
+    # the half-rate ALU pipe with LOP3 and saturated it; IMAD runs on the FMA pipe. lop3 0x6a =
+    # (a & b) ^ c: keep the sign bits, xor in a constant: -1.0 in both halves (bit 1 -> +1.0), or
+    # 0x40 in every byte (bit 1 -> 0xC0 = -64, bit 0 -> +64).
     multiplier = "$5" if mask == 0x80808080 else "$3"
     return (f"{{ .reg .b32 t; mul.lo.u32 t, $1, {multiplier}; "
             f"lop3.b32 $0, t, {mask:#x}, {constant:#x}, 0x6a; }}")
@@ -421,30 +421,30 @@ def permute_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
 
 
 def bitmma_delta(x: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, signs: torch.Tensor,
-                 scales: torch.Tensor, plan: SlotPlan, config: KernelConfig, y: torch.Tensor) -> torch.Tensor:
-    """y = ws + bias + per-slot delta, for tiles of <= 64 rows of one slot (config.bitmma): one-row
-    tiles on the int8 kernel, taller ones on the bf16/fp16 kernel."""
+                 scales: torch.Tensor, plan: SlotPlan, tiles: BitmmaTiles, y: torch.Tensor) -> torch.Tensor:
+    """y = ws + bias + per-slot delta, for tiles of <= 64 rows of one slot: one-row tiles on the int8
+    kernel, taller ones on the bf16/fp16 kernel."""
     n, kw = signs.shape[1], signs.shape[2]
     k = x.shape[1]
-    tiles = segment_tiles(plan, config.rows)
+    table = segment_tiles(plan, tiles.rows)
     word_vec = 4 if signs.stride(0) % 4 == 0 and signs.stride(1) % 4 == 0 and kw % 4 == 0 else 1
-    shape = (n, k, kw, triton.cdiv(k, config.block_k))
+    shape = (n, k, kw, triton.cdiv(k, tiles.block_k))
     strides = (ws.stride(0), signs.stride(0) // word_vec, signs.stride(1) // word_vec, scales.stride(0), y.stride(0))
     bias_arg = bias if bias is not None else y
-    if config.rows == 1:
+    if tiles.rows == 1:
         if k > ONE_ROW_MAX_K:
             raise ValueError(f"one-row tiles take K <= {ONE_ROW_MAX_K} (int32 accumulator), got {k}: use rows=8")
-        fast(_bitmma_int8_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](
-            x, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, x.stride(0), *strides,
-            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.num_stages,
-            WORD_VEC=word_vec, num_warps=config.num_warps,
+        fast(_bitmma_int8_kernel)[(table.shape[0], triton.cdiv(n, tiles.block_n))](
+            x, ws, bias_arg, signs, scales, y, table, plan.order, *shape, x.stride(0), *strides,
+            HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, STAGES=tiles.num_stages,
+            WORD_VEC=word_vec, num_warps=tiles.num_warps,
         )
         return y
-    xk = permute_activations(x, config.block_k)
-    fast(_bitmma_kernel)[(tiles.shape[0], triton.cdiv(n, config.block_n))](
-        xk, ws, bias_arg, signs, scales, y, tiles, plan.order, *shape, xk.stride(0), *strides,
-        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STAGES=config.num_stages, WORD_VEC=word_vec, COLS=max(config.rows, MMA_COLS.value),
-        num_warps=config.num_warps,
+    xk = permute_activations(x, tiles.block_k)
+    fast(_bitmma_kernel)[(table.shape[0], triton.cdiv(n, tiles.block_n))](
+        xk, ws, bias_arg, signs, scales, y, table, plan.order, *shape, xk.stride(0), *strides,
+        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        STAGES=tiles.num_stages, WORD_VEC=word_vec, COLS=max(tiles.rows, MMA_COLS.value),
+        num_warps=tiles.num_warps,
     )
     return y

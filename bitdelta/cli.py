@@ -225,9 +225,12 @@ def info(
 
 
 def _tensor_table(delta: Path, summary: dict) -> Table:
-    """One row per stored tensor. Names lose the prefix most share ('model.') and '.weight' (the title
-    says so), which leaves q/k/v/o rows whole at 80 columns; only longer names (a norm's) may fold."""
-    rows = summary["tensors"]
+    """One row per stored tensor, a layer's experts stored alike in one row (`experts.0-7.w1`, shape
+    8x...). Names lose the prefix most share ('model.') and '.weight' (the title says so), which
+    leaves q/k/v/o rows whole at 80 columns; only longer names (a norm's) may fold."""
+    from bitdelta.inspect import fold_lists
+
+    rows = fold_lists(summary["tensors"])
     prefix = shared_prefix(row["name"] for row in rows)
     names = [row["name"].removeprefix(prefix).removesuffix(".weight") for row in rows]
     dropped = " and ".join(f"'{part}'" for part in (prefix, ".weight") if part)

@@ -162,10 +162,13 @@ class DeltaReader:
 def _check_binary_delta(name: str, delta: BinaryDelta) -> None:
     from bitdelta.pack import packed_words
 
-    n, k = delta.shape
-    if delta.signs.dtype != torch.int32 or tuple(delta.signs.shape) != (n, packed_words(k)):
-        raise DeltaFormatError(f"{name}.sign has shape {tuple(delta.signs.shape)} {delta.signs.dtype}, expected ({n}, {packed_words(k)}) int32; the delta is corrupted")
-    if delta.scale.numel() not in (1, n) or not torch.isfinite(delta.scale).all():
+    *stack, n, k = delta.shape
+    signs = (*stack, n, packed_words(k))
+    if delta.signs.dtype != torch.int32 or tuple(delta.signs.shape) != signs:
+        raise DeltaFormatError(f"{name}.sign has shape {tuple(delta.signs.shape)} {delta.signs.dtype}, expected {signs} int32; the delta is corrupted")
+    # one scale per matrix or per row: [1] or [N] for a matrix, [E, 1] or [E, N] for E stacked ones
+    scales = ((1,), (n,)) if not stack else ((*stack, 1), (*stack, n))
+    if tuple(delta.scale.shape) not in scales or not torch.isfinite(delta.scale).all():
         raise DeltaFormatError(f"{name}.scale is malformed (shape {tuple(delta.scale.shape)} or non-finite); the delta is corrupted")
 
 

@@ -61,7 +61,9 @@ def weight_cosine(base: Checkpoint, finetuned: Checkpoint, names: Sequence[str])
 
 
 def _row_blocks(base: torch.Tensor, finetuned: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """fp32 blocks of rows of both matrices: 16 MB at a time, whatever the matrix's size."""
+    """fp32 blocks of rows of both matrices (of every matrix of a stacked tensor): 16 MB at a time,
+    whatever the matrix's size."""
+    base, finetuned = base.flatten(0, -2), finetuned.flatten(0, -2)
     step = max(1, _CHUNK_ELEMENTS // max(base.shape[-1], 1))
     for start in range(0, base.shape[0], step):
         yield base[start : start + step].float(), finetuned[start : start + step].float()

@@ -1,10 +1,18 @@
-"""Which tensors get 1-bit deltas: the weights of the linear layers inside the transformer blocks.
+"""Which tensors get 1-bit deltas: the matrices of the linear maps inside the transformer blocks.
 
 Found generically: build the fine-tune's architecture on the meta device (no memory, no weights),
 take its longest list of repeated blocks, and collect every nn.Linear weight inside it. Embeddings,
 lm_head, norms and biases are not in that set and stay lossless. This covers Llama, Mistral,
 Qwen2, GPT-NeoX (fused QKV) and any other `transformers` causal LM without a list of names; a model
 that cannot be built (custom code) falls back to a name pattern. Include/exclude globs override.
+
+Mixture-of-experts layers keep their experts outside nn.Linear (fused 3-D parameters in the model,
+per-expert matrices or stacked 3-D tensors in the checkpoint, under other names), so experts are
+found in the checkpoint by structure: a block matrix inside a numbered list within the block
+(`...layers.3.mlp.experts.17.down_proj.weight`) or a 3-D tensor in a block (`...experts.gate_up_proj`,
+E matrices stacked) is an expert matrix and is compressed, one sign matrix and scale per expert.
+The router beside them (a matrix of the same module with one row per expert) stays lossless: it is
+tiny, and a 1-bit error in it would change which experts a token reaches, not just by how much.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import fnmatch
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +30,7 @@ from bitdelta.checkpoint import Checkpoint, TensorMeta
 from bitdelta.errors import IncompatibleModelsError, TargetSelectionError
 
 _BLOCK_PATTERN = re.compile(r"\.(layers|h|blocks|block|layer)\.\d+\.")
+_LIST_ITEM = re.compile(r"(.*)\.\d+\.")  # group 1: the numbered list a name lies in
 log = logging.getLogger(__name__)
 
 
@@ -104,8 +114,53 @@ def _listed(names: list[str], count: int = 3) -> str:
 def _block_linears(finetuned: Checkpoint) -> set[str]:
     linears = block_linear_weights(finetuned.config)
     if linears is None:
-        return {n for n, meta in finetuned.tensors.items() if _looks_like_block_linear(n, meta)}
-    return linears & finetuned.tensors.keys()
+        linears = {n for n, meta in finetuned.tensors.items() if _looks_like_block_linear(n, meta)}
+    experts = expert_matrices(finetuned.tensors)
+    return ((linears & finetuned.tensors.keys()) | experts.matrices) - experts.routers
+
+
+@dataclass(frozen=True)
+class Experts:
+    matrices: set[str]  # expert matrices, per-expert 2-D or stacked 3-D
+    routers: set[str]  # the matrices beside them with one row per expert
+
+
+def expert_matrices(tensors: dict[str, TensorMeta]) -> Experts:
+    """The checkpoint's mixture-of-experts matrices and routers, found by structure (module docstring)."""
+    matrices: set[str] = set()
+    experts_in: dict[str, int] = {}  # the module holding the experts (an MoE layer) -> its expert count
+    for name, meta in tensors.items():
+        if not _BLOCK_PATTERN.search(name) or not meta.dtype.is_floating_point:
+            continue
+        listed = list_item(name)
+        if len(meta.shape) == 3:  # E matrices stacked: module `...mlp.experts`, MoE layer `...mlp`
+            layer, count = _parent(_parent(name)), meta.shape[0]
+        elif listed and _looks_like_block_linear(name, meta):  # `...mlp.experts.<index>.w1.weight`
+            layer, count = _parent(listed[0]), listed[1] + 1
+        else:
+            continue
+        matrices.add(name)
+        experts_in[layer] = max(experts_in.get(layer, 0), count)
+    routers = {
+        name for name, meta in tensors.items()
+        if len(meta.shape) == 2 and name.endswith(".weight") and name not in matrices and experts_in.get(_parent(_parent(name))) == meta.shape[0]
+    }
+    return Experts(matrices, routers)
+
+
+def list_item(name: str) -> tuple[str, int, str] | None:
+    """(the list, the index, the rest) of a block tensor inside a numbered list within its block:
+    `m.layers.3.mlp.experts.17.w1.weight` -> ('m.layers.3.mlp.experts', 17, 'w1.weight')."""
+    block = _BLOCK_PATTERN.search(name)
+    listed = block and _LIST_ITEM.match(name, block.end())
+    if not listed:
+        return None
+    index, rest = name[listed.end(1) + 1 :].split(".", 1)
+    return name[: listed.end(1)], int(index), rest
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
 
 
 def _check_same_blocks(linears: set[str], finetuned: Checkpoint, base: Checkpoint) -> None:
@@ -133,4 +188,4 @@ def _looks_like_block_linear(name: str, meta: TensorMeta) -> bool:
 def _compressible(name: str, finetuned: Checkpoint, base: Checkpoint) -> bool:
     meta = finetuned.tensors[name]
     other = base.tensors.get(name)
-    return len(meta.shape) == 2 and meta.dtype.is_floating_point and other is not None and other.shape == meta.shape
+    return len(meta.shape) in (2, 3) and meta.dtype.is_floating_point and other is not None and other.shape == meta.shape

@@ -72,21 +72,39 @@ def train_tokenizer(text: str, vocab: int):
 
 
 def build_model(spec: TinySpec, tokenizer, seed: int = 0):
-    """A randomly initialised causal LM of the given family."""
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    """A randomly initialised causal LM of the given family (FAMILIES or RECENT_FAMILIES)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if spec.family not in _FAMILY_CONFIGS:
+        raise ValueError(f"unknown tiny family {spec.family!r}; use one of {', '.join(_FAMILY_CONFIGS)}")
+    model_type, extra = _FAMILY_CONFIGS[spec.family]
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    common = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers, num_attention_heads=spec.heads, max_position_embeddings=spec.context, **ids)
-    if spec.family == "llama":
-        config = LlamaConfig(num_key_value_heads=max(spec.heads // 2, 1), tie_word_embeddings=False, **common)
-    elif spec.family == "qwen2":
-        config = Qwen2Config(num_key_value_heads=max(spec.heads // 2, 1), tie_word_embeddings=True, **common)
-    elif spec.family == "gpt_neox":
-        config = GPTNeoXConfig(tie_word_embeddings=False, **common)
-    else:
-        raise ValueError(f"unknown tiny family {spec.family!r}; use one of {FAMILIES}")
+    common = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                  max_position_embeddings=spec.context, **ids)
+    if model_type != "gpt_neox":
+        common["num_key_value_heads"] = max(spec.heads // 2, 1)
+    config = AutoConfig.for_model(model_type, **common, **{key: value(spec) if callable(value) else value for key, value in extra.items()})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# family -> (transformers model_type, its own settings; a callable takes the spec)
+_FAMILY_CONFIGS = {
+    "llama": ("llama", dict(tie_word_embeddings=False)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "gpt_neox": ("gpt_neox", dict(tie_word_embeddings=False)),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=lambda spec: spec.hidden // spec.heads)),
+    "gemma3": ("gemma3_text", dict(head_dim=lambda spec: spec.hidden // spec.heads, sliding_window=32)),
+    "phi3": ("phi3", dict(tie_word_embeddings=False)),
+    "olmo2": ("olmo2", dict(tie_word_embeddings=False)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, head_dim=lambda spec: spec.hidden // spec.heads,
+                                    moe_intermediate_size=lambda spec: spec.intermediate // 2, tie_word_embeddings=False)),
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=lambda spec: spec.hidden // spec.heads, sliding_window=32,
+                                tie_word_embeddings=False)),
+}
+RECENT_FAMILIES = ("qwen3", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "gpt_oss")  # beside FAMILIES, for their own tests
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

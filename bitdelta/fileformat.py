@@ -1,4 +1,4 @@
-"""The delta directory on disk (FORMAT.md documents it for other implementations).
+"""The delta directory on disk (docs/format.md documents it for other implementations).
 
     bitdelta_config.json   DeltaConfig as JSON: what was compressed, from which base, checksums
     delta.safetensors      "<name>.sign" int32 packed signs and "<name>.scale" fp32 scales for each

@@ -134,7 +134,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info (a line per request), warning or error.")] = "info",
-    replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Serve with this many engine replicas on Ray Serve (pip install 'bitdelta[ray]'); without it, one engine in this process.")] = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Serve with this many engine replicas on Ray Serve (pip install 'bitdelta\\[ray]'); without it, one engine in this process.")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to deploy on (default: start a local one).")] = None,
     min_replicas: Annotated[int | None, typer.Option("--min-replicas", min=1, help="Autoscale the replicas between --min-replicas and --max-replicas on ongoing requests.")] = None,
     max_replicas: Annotated[int | None, typer.Option("--max-replicas", min=1, help="Upper bound of autoscaling.")] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -40,19 +40,19 @@ def open_pair(base: str | Path, delta: str | Path) -> tuple[Checkpoint, DeltaRea
 
 
 def merged_tensors(
-    base: Checkpoint, reader: DeltaReader, dtype: torch.dtype | None, apply_deltas: bool = True
+    base: Checkpoint, reader: DeltaReader, dtype: torch.dtype | None, unapplied: Collection[str] = ()
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the fine-tune as the delta reconstructs it, one at a time, in its order.
 
     `dtype` None keeps each tensor's own fine-tune dtype (bit-exact outside the compressed linears).
-    `apply_deltas=False` yields the base weight for each compressed linear instead.
+    For the compressed tensors named in `unapplied`, the base weight is yielded instead.
     """
     config = reader.config
     for name, own_dtype in config.dtypes.items():
         target = getattr(torch, own_dtype)
         if dtype is not None and target.is_floating_point:
             target = dtype
-        if name in config.compressed and apply_deltas:
+        if name in config.compressed and name not in unapplied:
             yield name, applied_delta(reader.binary_delta(name), base.mapped(name), target)
         elif name in config.dense:
             yield name, reader.dense(name).to(target)
@@ -64,7 +64,13 @@ def merged_tensors(
 
 def applied_delta(delta: BinaryDelta, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """delta.apply(base, dtype), computed a block of rows at a time into the output: the whole-matrix
-    fp32 temporaries (base, unpacked signs, their sum) of a 28672 x 8192 matrix would take 2.8 GB."""
+    fp32 temporaries (base, unpacked signs, their sum) of a 28672 x 8192 matrix would take 2.8 GB.
+    A stacked delta [E, N, K] is merged one matrix at a time."""
+    if len(delta.shape) > 2:
+        merged = torch.empty(delta.shape, dtype=dtype)
+        for index, matrix in enumerate(delta.matrices()):
+            merged[index] = applied_delta(matrix, base[index], dtype)
+        return merged
     n, k = delta.shape
     merged = torch.empty(n, k, dtype=dtype)
     step = max(1, _ROW_BLOCK_ELEMENTS // k)
@@ -127,9 +133,10 @@ def load(
     """A `transformers` causal LM of the fine-tune, rebuilt from base + delta.
 
     mode="merged": dense weights W_base + scale * sign (what `merge` writes).
-    mode="bitdelta": every compressed linear becomes a BitDeltaLinear that computes
+    mode="bitdelta": every compressed nn.Linear becomes a BitDeltaLinear that computes
     x @ W_base.T + scale * (x @ sign.T) from the packed bits; the model's `bitdelta_routing`
-    attribute selects the slot per row (one delta here, slot 0).
+    attribute selects the slot per row (one delta here, slot 0). Compressed tensors that are no
+    nn.Linear weight of the model (mixture-of-experts experts, held in fused modules) are merged.
     """
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
@@ -139,26 +146,28 @@ def load(
     torch_dtype = parse_dtype(dtype, reader)
     # Hand transformers the fine-tune's tensors under their checkpoint names: its loader applies
     # the same key renames (e.g. GPT-NeoX embed_out -> lm_head) as for files on disk.
-    state = dict(merged_tensors(base_ckpt, reader, torch_dtype, apply_deltas=mode == "merged"))
     config = AutoConfig.from_pretrained(reader.path)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    as_modules = _linear_weights(model_class, config) & reader.config.compressed.keys() if mode == "bitdelta" else set()
+    state = dict(merged_tensors(base_ckpt, reader, torch_dtype, unapplied=as_modules))
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
     del state
     model.bitdelta_routing = DeltaRouting()
-    if mode == "bitdelta":
-        _attach_deltas(model, reader)
+    _attach_deltas(model, reader, as_modules)
     return model.to(device).eval()
 
 
-def _attach_deltas(model, reader: DeltaReader) -> None:
-    """Swap every compressed linear for a BitDeltaLinear holding this one delta in slot 0."""
-    for name in reader.config.compressed:
+def _linear_weights(model_class, config) -> set[str]:
+    """Names of the model's nn.Linear weights (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    return {f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def _attach_deltas(model, reader: DeltaReader, names: Collection[str]) -> None:
+    """Swap the linears `names` for BitDeltaLinears holding this one delta in slot 0."""
+    for name in names:
         module_name = name.removesuffix(".weight")
-        try:
-            linear = model.get_submodule(module_name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, torch.nn.Linear):
-            raise BitDeltaError(f"{name} is not the weight of a Linear module of the model; load this delta with mode='merged'")
+        linear = model.get_submodule(module_name)
         delta = reader.binary_delta(name)
         replace_linear(model, module_name, BitDeltaLinear(linear, delta.signs.unsqueeze(0), delta.row_scales().unsqueeze(0), model.bitdelta_routing))

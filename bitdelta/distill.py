@@ -121,6 +121,9 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     config, sequences, source, targets = _teacher_phase(ft_ckpt, config, device, dtype)
     student = load(base_ckpt.path, reader.path, mode="bitdelta", dtype=config.dtype, device=device)
     scales = _make_trainable(student, reader)
+    if kept := len(reader.config.compressed) - len(scales):
+        log.warning(f"{kept} compressed matrices are experts of mixture-of-experts layers (no nn.Linear of the model): "
+                    "their scales stay mean|delta|; the other scales are distilled")
     train_ids, heldout_ids = sequences[: config.samples], sequences[config.samples :]
     train_targets = Targets(targets.values[: config.samples], targets.indices[: config.samples], targets.teacher_ce)
     heldout_targets = Targets(targets.values[config.samples :], targets.indices[config.samples :], targets.teacher_ce)
@@ -131,7 +134,7 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     record = dict(
         data=source, samples=config.samples, seq_len=config.seq_len, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
         loss=config.loss, topk=targets.values.shape[-1], seed=config.seed, device=str(device), dtype=str(dtype).removeprefix("torch."),
-        train_loss_first=losses[0], train_loss_last=losses[-1], heldout_sequences=len(heldout_ids),
+        train_loss_first=losses[0], train_loss_last=losses[-1], heldout_sequences=len(heldout_ids), distilled_scales=len(scales),
         heldout_before=before, heldout_after=after, teacher_heldout_ce=targets.teacher_ce,
         seconds=round(time.perf_counter() - start, 2), peak_memory_bytes=_peak_memory(device),
     )
@@ -265,7 +268,8 @@ def _write_scales(reader: DeltaReader, scales: dict[str, torch.Tensor], record: 
         for name in config.compressed:
             binary = reader.binary_delta(name)
             yield name + ".sign", binary.signs
-            yield name + ".scale", scales[name].reshape(binary.scale.shape).float()
+            # expert matrices (no nn.Linear of the model) keep their mean|delta| scales
+            yield name + ".scale", scales[name].reshape(binary.scale.shape).float() if name in scales else binary.scale
         for name in config.dense:
             yield name, reader.dense(name)
 

@@ -1,0 +1,123 @@
+"""compress -> merge on tiny genuinely fine-tuned pairs of current architectures: dense (Qwen3,
+Gemma 3, Phi-3, OLMo 2) and mixture-of-experts (Mixtral and Qwen3-MoE with per-expert matrices in
+the checkpoint, gpt-oss with stacked 3-D experts)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bitdelta
+from bitdelta import tiny
+from bitdelta.checkpoint import Checkpoint
+from bitdelta.fileformat import DeltaReader
+from bitdelta.targets import select_targets
+
+STEPS = {"gpt_oss": 10}  # its experts train ~10x slower on the CPU than the others'; 10 + 10 steps still move every matrix
+
+
+@pytest.fixture(scope="module")
+def recent_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    folder = tmp_path_factory.mktemp("recent")
+    pairs = {}
+    for family in tiny.RECENT_FAMILIES:
+        steps = STEPS.get(family)
+        options = {} if steps is None else {"base_steps": steps, "finetune_steps": steps}
+        pairs[family] = tiny.make_pair(folder, tiny.TinySpec(family=family), **options)
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def recent_deltas(recent_pairs, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("recent-deltas")
+    return {family: bitdelta.compress(*pair, folder / family, progress=False) for family, pair in recent_pairs.items()}
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
+
+
+def _is_router(name: str, tensor: torch.Tensor, state: dict[str, torch.Tensor]) -> bool:
+    """A matrix beside the experts of its MoE layer with one row per expert (named gate or router)."""
+    layer = name.rsplit(".", 2)[0]
+    experts = [t for n, t in state.items() if n.startswith(layer + ".experts.")]
+    return tensor.ndim == 2 and bool(experts) and name.endswith((".gate.weight", ".router.weight"))
+
+
+@pytest.mark.parametrize("family", tiny.MOE_FAMILIES)
+def test_every_expert_matrix_is_compressed_and_the_routers_are_kept_whole(recent_pairs, family):
+    base, finetuned = (Checkpoint(p) for p in recent_pairs[family])
+    targets = set(select_targets(finetuned, base))
+    state = _state(finetuned.path)
+    experts = {n for n, t in state.items() if ".experts." in n and t.ndim >= 2 and not n.endswith("_bias")}
+    routers = {n for n, t in state.items() if _is_router(n, t, state)}
+    assert experts and len(routers) == 2  # one MoE layer per block
+    assert experts <= targets
+    assert not routers & targets
+    # and the rest of every block's matrices, as for a dense model
+    attention = {n for n in state if ".self_attn." in n and n.endswith("proj.weight")}
+    assert attention <= targets
+
+
+@pytest.mark.parametrize("family", tiny.RECENT_FAMILIES)
+def test_merge_writes_base_plus_one_scaled_sign_matrix_per_expert_and_the_rest_exactly(recent_pairs, recent_deltas, family, tmp_path):
+    base_dir, ft_dir = recent_pairs[family]
+    merged = bitdelta.merge(base_dir, recent_deltas[family], tmp_path / "merged", progress=False)
+    base, finetuned, got = _state(base_dir), _state(ft_dir), _state(merged)
+    config = DeltaReader(recent_deltas[family]).config
+    assert got.keys() == finetuned.keys() and config.compressed
+    for name, tensor in finetuned.items():
+        if name not in config.compressed:
+            assert torch.equal(got[name], tensor), name
+            continue
+        delta = tensor.double() - base[name].double()
+        # one scale per matrix: per expert for a stacked [E, N, K] tensor
+        scale = delta.abs().mean(dim=(-2, -1), keepdim=True)
+        expected = base[name].double() + scale * torch.where(delta > 0, 1.0, -1.0)
+        torch.testing.assert_close(got[name].double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", tiny.RECENT_FAMILIES)
+def test_the_merged_finetune_keeps_most_of_its_gain(recent_pairs, recent_deltas, family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, ft_dir = recent_pairs[family]
+    merged = bitdelta.merge(base_dir, recent_deltas[family], tmp_path / "merged", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(ft_dir)
+    windows = tiny.eval_windows(tiny.split(tiny.tokenize(tokenizer, tiny.finetune_text(300_000)))[1], 8, 64)
+    base, finetuned, delta = (tiny.heldout_loss(AutoModelForCausalLM.from_pretrained(d), windows) for d in (base_dir, ft_dir, merged))
+    assert finetuned < base
+    gain_kept = (base - delta) / (base - finetuned)
+    assert gain_kept > 0.5, f"{family}: the 1-bit delta kept {gain_kept:.0%} of the fine-tune's gain"
+
+
+@pytest.mark.parametrize("family", tiny.MOE_FAMILIES)
+def test_a_moe_delta_is_several_times_smaller_than_its_finetune(recent_pairs, recent_deltas, family):
+    """Experts stored whole made MoE deltas 1.1-1.2x smaller; one bit per expert weight leaves the
+    (untied, fp32) embeddings and norms as most of what remains."""
+    finetuned, reader = Checkpoint(recent_pairs[family][1]), DeltaReader(recent_deltas[family])
+    lossless = sum(finetuned.tensors[name].nbytes for name in reader.config.dense)
+    compressed = sum(finetuned.tensors[name].nbytes for name in reader.config.compressed)
+    assert compressed > lossless  # experts are most of the model...
+    assert reader.nbytes < lossless + compressed / 16  # ...and cost ~1/32 of their fp32 bytes
+
+
+def test_distilling_a_moe_delta_trains_the_linear_scales_and_keeps_the_experts(recent_pairs, recent_deltas, tmp_path):
+    import shutil
+
+    from bitdelta.distill import DistillConfig, distill
+
+    base_dir, ft_dir = recent_pairs["qwen3_moe"]
+    delta = shutil.copytree(recent_deltas["qwen3_moe"], tmp_path / "delta")
+    before = DeltaReader(delta)
+    scales, signs = ({name: getattr(before.binary_delta(name), part) for name in before.config.compressed} for part in ("scale", "signs"))
+    record = distill(base_dir, ft_dir, delta, DistillConfig(steps=5, samples=8, heldout=4, seq_len=32, batch_size=4, lr=1e-3), progress=False)
+    after = DeltaReader(delta)
+    experts = {name for name in after.config.compressed if ".experts." in name}
+    linears = after.config.compressed.keys() - experts
+    assert experts and record["distilled_scales"] == len(linears)
+    for name in after.config.compressed:
+        changed = not torch.equal(after.binary_delta(name).scale, scales[name])
+        assert changed == (name in linears), name
+        assert torch.equal(after.binary_delta(name).signs, signs[name])

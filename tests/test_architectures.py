@@ -2,6 +2,7 @@
 Gemma 3, Phi-3, OLMo 2) and mixture-of-experts (Mixtral and Qwen3-MoE with per-expert matrices in
 the checkpoint, gpt-oss with stacked 3-D experts)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,18 @@ def test_distilling_a_moe_delta_trains_the_linear_scales_and_keeps_the_experts(r
         changed = not torch.equal(after.binary_delta(name).scale, scales[name])
         assert changed == (name in linears), name
         assert torch.equal(after.binary_delta(name).signs, signs[name])
+
+
+def test_info_shows_a_layers_experts_in_one_row_and_json_keeps_every_matrix(recent_deltas):
+    import json
+
+    from conftest import run_cli
+
+    code, table, _ = run_cli("info", recent_deltas["mixtral"])
+    assert code == 0
+    # 2 layers x w1, w2, w3, each folded over experts 0-3 into a row shaped 4xNxK (a name may wrap)
+    assert len(re.findall(r"\b4x\d+x\d+\b", table)) == 6
+    assert "0-3" in table.replace("\n", "") and "experts.1." not in table
+    code, stdout, _ = run_cli("info", recent_deltas["mixtral"], "--json")
+    summary = json.loads(stdout)
+    assert sum(".experts." in row["name"] for row in summary["tensors"]) == 2 * 3 * 4

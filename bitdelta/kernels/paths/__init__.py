@@ -2,9 +2,10 @@
 
 Each path is a module here with its tile parameters, `can_run(problem)` (the batches it serves) and
 `run` (its launcher; the Triton/Gluon kernel source sits beside it in `<path>_triton.py` or
-`<path>_gluon.py` and is imported on the first GPU call). `choose` takes the first path in
-`_PRIORITY` whose `can_run` holds: a path's rule may count on the paths above it having taken their
-batches. Pure Python up to the launchers, so the choice is tested on the CPU.
+`<path>_gluon.py`, MERGED_TILES and DOT sharing `segment_triton.py`, and is imported on the first
+GPU call). `choose` takes the first path in `_PRIORITY` whose `can_run` holds: a path's rule may
+count on the paths above it having taken their batches. Pure Python up to the launchers, so the
+choice is tested on the CPU.
 """
 
 from __future__ import annotations

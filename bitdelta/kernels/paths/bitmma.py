@@ -3,9 +3,9 @@ then the Gluon tensor-core delta kernel (`bitmma_gluon.py`) adds each tile's del
 expanded straight into mma operands; tiles of one row take the int8 variant.
 
 With many distinct deltas a merged pass would re-read the base for every slot; cuBLAS reads it once
-and the delta kernel reads each slot's bits once a tile. Its expansion (one or two instructions a
-weight) makes it several times the tl.dot kernel (DOT); the tile shapes below measured fastest
-(benchmarks/results/kernels.md).
+and the delta kernel reads each slot's bits once a tile. Its expansion (one instruction a weight,
+half that in the int8 variant) makes it faster than the tl.dot kernel (DOT); the tile shapes below
+measured fastest (benchmarks/results/kernels.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """DOT: several distinct deltas on a Triton without Gluon (< 3.5): cuBLAS's base product in fp32,
 then the segment kernel adds each tile's delta, its slot's bits expanded to +-1 for tl.dot.
 
-Where Gluon exists BITMMA takes these batches: its expansion costs an instruction or two per weight
-where this one costs several (benchmarks/results/kernels.md).
+Where Gluon exists BITMMA takes these batches: its expansion costs one instruction a weight or less,
+where this one costs several (docs/kernels.md).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ entry point: a change to the kernels' internals is made here. It imports Triton 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -22,15 +23,14 @@ import triton
 import triton.language as tl
 
 from benchmarks.lora_baseline import lora_groups, lora_linear
-from bitdelta.kernels import bitdelta_matmul, reference, sm_count
-from bitdelta.kernels.configs import KernelConfig, choose_config, split_threshold
+from bitdelta.kernels import bitdelta_matmul, gluon_available, reference, sm_count
 from bitdelta.kernels.grouping import SlotPlan, build_plan
-from bitdelta.kernels.triton_segments import segment_matmul
+from bitdelta.kernels.paths import Choice, plan_choice, run_path, split_threshold
 from bitdelta.pack import unpack_signs
 
-__all__ = ["DECODE_SHAPES", "DTYPE", "KernelConfig", "Problem", "SlotPlan", "bench_ms", "build_plan", "choose_config",
-           "dispatched_config", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "path_of", "precompile", "segment_matmul",
-           "slot_ids_for", "sm_count", "split_threshold", "time_checked"]
+__all__ = ["DECODE_SHAPES", "DTYPE", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan", "dispatched_choice", "graph_us",
+           "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "run_choice", "slot_ids_for", "sm_count",
+           "split_threshold", "tiles_of", "time_checked"]
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
@@ -85,28 +85,25 @@ def measure_ceilings() -> dict:
     return {"copy_bandwidth_GBps": copy_bw / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12}
 
 
-def path_of(config: KernelConfig) -> str:
-    """The kernel path (docs/kernels.md) a segment-kernel config runs."""
-    if config.gemv:
-        return "GEMV"
-    if config.merged_gemm:
-        return "MERGED_GEMM"
-    if config.bitmma:
-        return "BITMMA"
-    if config.merge:
-        return "MERGED_TILES"
-    return "DOT" if not config.fuse_base else "FUSED_DOT"
-
-
 def slot_ids_for(counts: list[int], shuffled: bool = False) -> torch.Tensor:
     """Slot ids (CPU) with counts[s] rows of slot s, in slot order or shuffled."""
     slot_ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     return slot_ids[torch.randperm(slot_ids.numel())] if shuffled else slot_ids
 
 
-def dispatched_config(n: int, k: int, plan: SlotPlan) -> KernelConfig:
-    """What the entry point runs on this device for a batch it does not split."""
-    return choose_config(n, plan, k=k, sms=sm_count(torch.cuda.current_device()))
+def dispatched_choice(n: int, k: int, plan: SlotPlan) -> Choice:
+    """The path and tiles the entry point runs on this device for a batch it does not split."""
+    return plan_choice(plan, n, k, gluon_available(), sm_count(torch.cuda.current_device()))
+
+
+def tiles_of(choice: Choice) -> dict | None:
+    """A choice's tile parameters, for the result files."""
+    return None if choice.tiles is None else dataclasses.asdict(choice.tiles)
+
+
+def run_choice(choice: Choice, d: dict, plan: SlotPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One path with given tiles on a buffer set (x, w, signs, scales) of a case."""
+    return run_path(choice.path, choice.tiles, d["x"], d["w"], d["signs"], d["scales"], plan, None, out)
 
 
 class Problem:
@@ -148,29 +145,28 @@ class Problem:
         n, k, s, b = self.n, self.k, self.num_slots, self.batch
         return n * k * 2 + s * n * self.kw * 4 + s * n * 4 + b * k * 2 + b * n * 2
 
-    def dispatched_config(self) -> KernelConfig:
-        return dispatched_config(self.n, self.k, self.plan)
+    def dispatched_choice(self) -> Choice:
+        return dispatched_choice(self.n, self.k, self.plan)
 
     # ---- ours
-    def ours_us(self, config: KernelConfig | None = None) -> float:
-        """The public entry point (config None: the dispatcher's choice, splits included), or the
-        segment kernel on one explicit config."""
-        if config is None:
+    def ours_us(self, choice: Choice | None = None) -> float:
+        """The public entry point (choice None: the dispatcher's, splits included), or one path with
+        explicit tiles."""
+        if choice is None:
             return graph_us([lambda d=d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan)
                              for d in self.sets])
-        return graph_us([lambda d=d: segment_matmul(d["x"], d["w"], d["signs"], d["scales"], self.plan, None, config)
-                         for d in self.sets])
+        return graph_us([lambda d=d: run_choice(choice, d, self.plan) for d in self.sets])
 
-    def relative_error(self, config: KernelConfig | None = None) -> float:
+    def relative_error(self, choice: Choice | None = None) -> float:
         """||out - ref|| / ||ref|| on the first buffer set against the fp32 reference (inf if not finite)."""
         d = self.sets[0]
         if self.ref is None:
             self.ref = reference.bitdelta_matmul(d["x"].float(), d["w"], d["signs"], d["scales"], self.slot_ids, None)
-        if config is None:
+        if choice is None:
             out = bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan)
         else:
             out = torch.full((self.batch, self.n), float("nan"), device="cuda", dtype=DTYPE)
-            segment_matmul(d["x"], d["w"], d["signs"], d["scales"], self.plan, None, config, out=out)
+            run_choice(choice, d, self.plan, out)
         if not torch.isfinite(out).all():
             return float("inf")
         return ((out.float() - self.ref).norm() / self.ref.norm()).item()
@@ -246,8 +242,8 @@ class Problem:
 
 
 def time_checked(p: Problem, configs: dict) -> tuple[dict, dict]:
-    """Median us of each named config (None: the entry point) on `p`, each checked against the
-    reference first: NaN where the relative error is MAX_RELATIVE_ERROR or more, or where the config
+    """Median us of each named choice (None: the entry point) on `p`, each checked against the
+    reference first: NaN where the relative error is MAX_RELATIVE_ERROR or more, or where the choice
     fails (its message printed and kept as its error, so the others still run)."""
     times, errors = {}, {}
     for name, cfg in configs.items():
@@ -261,14 +257,14 @@ def time_checked(p: Problem, configs: dict) -> tuple[dict, dict]:
 
 
 def _compile_job(job) -> str:
-    """Run one (K, N, config) once on two distinct rows, so Triton's on-disk cache holds its binary."""
+    """Run one (K, N, choice) once on two distinct rows, so Triton's on-disk cache holds its binary."""
     k, n, cfg = job
     try:
         x = torch.randn(2, k, device="cuda", dtype=DTYPE)
         w = torch.randn(n, k, device="cuda", dtype=DTYPE)
         signs = torch.randint(-(2**31), 2**31 - 1, (2, n, (k + 31) // 32), dtype=torch.int32, device="cuda")
         scales = torch.rand(2, n, device="cuda")
-        segment_matmul(x, w, signs, scales, build_plan(torch.arange(2, device="cuda")), None, cfg)
+        run_choice(cfg, dict(x=x, w=w, signs=signs, scales=scales), build_plan(torch.arange(2, device="cuda")))
         torch.cuda.synchronize()
         return "ok"
     except Exception as exc:  # reported by the caller
@@ -276,8 +272,8 @@ def _compile_job(job) -> str:
 
 
 def precompile(jobs: list, workers: int = 12) -> None:
-    """Compile configs in parallel processes (Triton compiles serially in one process); jobs are
-    (K, N, config), N only changing the grid."""
+    """Compile choices in parallel processes (Triton compiles serially in one process); jobs are
+    (K, N, choice), N only changing the grid."""
     import multiprocessing as mp
 
     started = time.time()

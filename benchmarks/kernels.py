@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import (DECODE_SHAPES, DTYPE, Problem, bench_ms, build_plan, dispatched_config, graph_us,
-                                measure_ceilings, path_of)
+from benchmarks.harness import (DECODE_SHAPES, DTYPE, Problem, bench_ms, build_plan, dispatched_choice, graph_us,
+                                measure_ceilings, tiles_of)
 from benchmarks.lora_baseline import lora_groups, lora_linear
 from benchmarks.report import write_report
 from bitdelta.kernels import bitdelta_matmul
@@ -44,9 +44,9 @@ def decode_suite(bandwidth: float, shapes, batches, modes=(True, False)) -> list
         for distinct in modes:
             for batch in batches:
                 p = Problem.decode(k, n, batch, distinct)
-                config = p.dispatched_config()
+                choice = p.dispatched_choice()
                 row = {"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared",
-                       "path": path_of(config), "config": config.__dict__, "floor_us": p.bytes / bandwidth * 1e6,
+                       "path": choice.path.name, "tiles": tiles_of(choice), "floor_us": p.bytes / bandwidth * 1e6,
                        "ours_us": p.ours_us(), "base_us": p.base_us(), "dequant_us": p.dequant_us(),
                        "dense_us": p.dense_us(), "read_us": p.read_us(),
                        **{f"lora_r{rank}_us": p.lora_us(rank) for rank in LORA_RANKS}}
@@ -89,9 +89,9 @@ def prefill_suite(shapes, tokens_list, deltas_list) -> list[dict]:
                 ms = bench_ms(call)
                 lora_graph_us = graph_us([lambda: lora_linear(x, w, a, b, groups)])
                 tflop = 2 * tokens * n * k / 1e12
-                config = dispatched_config(n, k, plan)
-                rows.append({"K": k, "N": n, "tokens": tokens, "deltas": deltas, "path": path_of(config),
-                             "config": config.__dict__, "ours_ms": ms,
+                choice = dispatched_choice(n, k, plan)
+                rows.append({"K": k, "N": n, "tokens": tokens, "deltas": deltas, "path": choice.path.name,
+                             "tiles": tiles_of(choice), "ours_ms": ms,
                              "ours_TFLOPs": tflop / (ours_graph_us * 1e-6), "base_TFLOPs": tflop / (base_graph_us * 1e-6),
                              "lora_r16_TFLOPs": tflop / (lora_graph_us * 1e-6),
                              "ours_eager_TFLOPs": tflop / (ms * 1e-3), "base_eager_TFLOPs": tflop / (base_ms * 1e-3)})

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import (KernelConfig, Problem, SlotPlan, build_plan, dispatched_config, measure_ceilings,
-                                parse_counts, parse_shapes, path_of, precompile, segment_matmul, slot_ids_for, split_threshold,
+from benchmarks.harness import (Choice, Problem, SlotPlan, build_plan, dispatched_choice, measure_ceilings,
+                                parse_counts, parse_shapes, precompile, run_choice, slot_ids_for, split_threshold, tiles_of,
                                 time_checked)
 from benchmarks.report import write_report
 
@@ -35,11 +35,11 @@ SHAPES = "4096x4096,11008x4096"
 # one-row tiles); 4 deltas x 16 rows (BITMMA, taller tiles); one delta x 512 prefill rows (MERGED_GEMM)
 CASES = "1x1,1x16,1x64,16x1,64x1,4x16,1x512"
 
-# tile parameters of each path, as (name, fields of KernelConfig); combinations that the config
-# rejects (shared memory, layout constraints) are skipped
+# tile parameters of each path, as fields of its tiles (bitdelta.kernels.paths); combinations that the tiles
+# reject (shared memory, layout constraints) are skipped
 GEMV_TILES = [dict(block_n=bn, block_k=256 * warps, num_warps=warps, num_stages=stages)
               for bn, warps, stages in itertools.product((4, 8, 16), (2, 4), (1, 3))]
-MERGED_TILES = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, swap_ab=swap, split_k=split)
+MERGED_TILES = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, transposed=swap, split_k=split)
                 for (bn, bk, warps, stages), swap, split in itertools.product(
                     ((32, 128, 2, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3)),
                     (False, True), (1, 2, 4))]
@@ -56,19 +56,22 @@ MERGE_KERNEL_TILES = [dict(block_n=bn, block_k=bk, num_warps=warps)
                       for bn, bk, warps in ((32, 256, 4), (16, 512, 4), (64, 128, 4), (32, 512, 4))]
 
 
-def _name(config: KernelConfig) -> str:
-    extra = (" T" if config.swap_ab else "") + (f" k/{config.split_k}" if config.split_k > 1 else "")
-    return f"r{config.rows} {config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}{extra}"
+def _name(choice: Choice) -> str:
+    tiles = choice.tiles
+    extra = (" T" if getattr(tiles, "transposed", False) else "") + (f" k/{tiles.split_k}" if getattr(tiles, "split_k", 1) > 1 else "")
+    rows = f"r{tiles.rows} " if hasattr(tiles, "rows") else ""
+    stages = f" s{tiles.num_stages}" if hasattr(tiles, "num_stages") else ""
+    return f"{rows}{tiles.block_n}x{tiles.block_k} w{tiles.num_warps}{stages}{extra}"
 
 
-def variants(auto: KernelConfig, max_rows: int) -> dict[str, KernelConfig]:
-    """Every valid config of `auto`'s path with other tile parameters (`auto` itself excluded)."""
-    path = path_of(auto)
+def variants(auto: Choice, max_rows: int) -> dict[str, Choice]:
+    """The dispatched path with every other valid tiling (`auto`'s own excluded)."""
+    path = auto.path.name
     if path == "GEMV":
         changes = GEMV_TILES
     elif path == "MERGED_TILES":
         changes = MERGED_TILES
-    elif path == "BITMMA" and auto.rows == 1:
+    elif path == "BITMMA" and auto.tiles.rows == 1:
         changes = ONE_ROW_BITMMA_TILES
     elif path == "BITMMA":  # tiles of 8..64 rows: every height up to the largest slot's
         changes = [dict(rows=rows, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
@@ -81,22 +84,22 @@ def variants(auto: KernelConfig, max_rows: int) -> dict[str, KernelConfig]:
         changes = []
     out = {}
     for change in changes:
-        if change.get("split_k", 1) > 2 and auto.rows > 2:  # K in four only pays for the 2-warp tiles of 1-2 rows
+        if change.get("split_k", 1) > 2 and auto.tiles.rows > 2:  # K in four only pays for the 2-warp tiles of 1-2 rows
             continue
         try:
-            config = dataclasses.replace(auto, **change)
-        except ValueError:  # not a valid form of this path (see KernelConfig)
+            choice = Choice(auto.path, dataclasses.replace(auto.tiles, **change))
+        except ValueError:  # not a valid tiling of this path (its tiles' __post_init__)
             continue
-        if config != auto:
-            out[_name(config)] = config
+        if choice != auto:
+            out[_name(choice)] = choice
     return out
 
 
-def configs_for(k: int, n: int, plan: SlotPlan) -> dict[str, KernelConfig | None]:
+def configs_for(k: int, n: int, plan: SlotPlan) -> dict[str, Choice | None]:
     """The entry point ("dispatched": None) and, unless it splits the step, its path's variants."""
     if split_threshold(plan) is not None:
         return {"dispatched": None}
-    return {"dispatched": None, **variants(dispatched_config(n, k, plan), plan.max_rows)}
+    return {"dispatched": None, **variants(dispatched_choice(n, k, plan), plan.max_rows)}
 
 
 def launch_only(shapes, cases, shuffle: bool) -> None:
@@ -104,10 +107,10 @@ def launch_only(shapes, cases, shuffle: bool) -> None:
     for (k, n), case in itertools.product(shapes, cases):
         p = Problem(k, n, parse_counts(case), shuffle)
         d = p.sets[0]
-        for config in configs_for(k, n, p.plan).values():
-            if config is not None:
+        for choice in configs_for(k, n, p.plan).values():
+            if choice is not None:
                 for _ in range(2):
-                    segment_matmul(d["x"], d["w"], d["signs"], d["scales"], p.plan, None, config)
+                    run_choice(choice, d, p.plan)
     torch.cuda.synchronize()
 
 
@@ -122,13 +125,13 @@ def sweep(shapes, cases, shuffle: bool) -> dict:
     for (k, n), case in itertools.product(shapes, cases):
         p = Problem(k, n, parse_counts(case), shuffle)
         split = split_threshold(p.plan) is not None
-        auto = None if split else p.dispatched_config()
+        auto = None if split else p.dispatched_choice()
         times, errors = time_checked(p, configs_for(k, n, p.plan))
         timed = {name: t for name, t in times.items() if t == t}
         best = min(timed, key=timed.get) if timed else None
         rows.append({"K": k, "N": n, "case": case, "rows": p.batch, "deltas": p.num_slots, "split": split,
-                     "path": "split: each side on its own path" if split else path_of(auto),
-                     "dispatched": "-" if split else _name(auto), "config": None if split else auto.__dict__,
+                     "path": "split: each side on its own path" if split else auto.path.name,
+                     "dispatched": "-" if split else _name(auto), "tiles": None if split else tiles_of(auto),
                      "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times, "errors": errors,
                      "best": best})
         r = rows[-1]

@@ -22,7 +22,7 @@ import triton
 from torch.nn.attention.bias import causal_lower_right
 
 from benchmarks.report import write_report
-from bitdelta.kernels.paged_attention import paged_attention, paged_attention_reference, query_split
+from bitdelta.engine.ops.paged_attention import paged_attention, paged_attention_reference, query_split
 
 HERE = Path(__file__).resolve().parent
 HEADS, HEAD_DIM, PAGE = 32, 128, 16

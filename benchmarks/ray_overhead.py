@@ -4,7 +4,7 @@ with one engine replica, side by side in one run, on this machine's CPU.
     python -m benchmarks.ray_overhead [--runs 3] [--clients 8] [--requests-per-client 6] [--max-tokens 32] [--out DIR]
 
 Both serve the demo base and four 1-bit fine-tunes (bitdelta.demo.build_models and
-bitdelta.engine.demo.make_deltas, trained once and cached) in float32 on the CPU with the same
+bitdelta.multi_tenant_demo.make_deltas, trained once and cached) in float32 on the CPU with the same
 engine settings; the Ray application runs on a local Ray cluster started here (its replica given
 the machine's cores for torch, as the single server's process has them). Each client sends greedy
 completions back to back, round-robin over the fine-tunes; tokens/s counts generated tokens over
@@ -104,7 +104,7 @@ def start_ray(base: Path, deltas: Path, cores: int) -> str:
 
 def run(runs: int, clients: int, per_client: int, max_tokens: int) -> dict:
     from bitdelta.demo import SEQ_LEN, build_models, default_cache_dir
-    from bitdelta.engine.demo import make_deltas
+    from bitdelta.multi_tenant_demo import make_deltas
 
     cache = default_cache_dir()
     base, finetuned = build_models(cache)

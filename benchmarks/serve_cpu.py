@@ -4,7 +4,7 @@
 
 Uses the demo's models (bitdelta.demo.build_models: a Llama-style base of 256 hidden x 4 layers
 trained on Python source, fine-tuned on prose; trained once and cached) and four deltas of that
-base (bitdelta.engine.demo.make_deltas: the fine-tune at matrix and row scales, plus two more
+base (bitdelta.multi_tenant_demo.make_deltas: the fine-tune at matrix and row scales, plus two more
 fine-tunes trained here). Starts the real server (`python -m bitdelta.server`, float32, CPU) in a
 subprocess; each client is a thread with the official `openai` client sending completions
 back-to-back, round-robin over the four fine-tunes, greedy, `--max-tokens` tokens each (fewer if
@@ -91,7 +91,7 @@ def main() -> None:
     import openai
 
     from bitdelta.demo import SEQ_LEN, build_models, default_cache_dir
-    from bitdelta.engine.demo import make_deltas
+    from bitdelta.multi_tenant_demo import make_deltas
 
     torch.set_num_threads(2)
     load_before = os.getloadavg()[0]

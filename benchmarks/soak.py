@@ -3,7 +3,7 @@
     python -m benchmarks.soak [--seconds 120] [--good 6] [--hostile 3] [--out DIR]
 
 Serves the demo's base and four 1-bit fine-tunes (bitdelta.demo.build_models and
-bitdelta.engine.demo.make_deltas, trained once and cached) from `python -m bitdelta.server` on the
+bitdelta.multi_tenant_demo.make_deltas, trained once and cached) from `python -m bitdelta.server` on the
 CPU, with fewer model slots than fine-tunes (--max-gpu-deltas 2), so deltas move between tiers all
 along. For `--seconds`:
 
@@ -206,7 +206,7 @@ def start_server(base: Path, deltas: Path, port: int, log: Path) -> subprocess.P
 
 def run(seconds: float, good: int, hostile: int) -> dict:
     from bitdelta.demo import SEQ_LEN, build_models, default_cache_dir
-    from bitdelta.engine.demo import make_deltas
+    from bitdelta.multi_tenant_demo import make_deltas
 
     cache = default_cache_dir()
     base, finetuned = build_models(cache)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bitdelta.apply import DTYPES
+from bitdelta.device import DTYPES
 from bitdelta.device import resolve_device
 from bitdelta.errors import DistillationError, EvaluationError
 from bitdelta.eval import baselines as bl

@@ -50,7 +50,7 @@ def on_triton(x: torch.Tensor) -> bool:
 
 @functools.cache
 def gluon_available() -> bool:
-    """True when Triton has Gluon (triton >= 3.5), which the BITMMA path's kernels are written in."""
+    """True when Triton has Gluon (every Triton the gpu extra admits, >= 3.6, has it), which the BITMMA path's kernels are written in."""
     try:
         import triton.experimental.gluon  # noqa: F401
     except ImportError:

@@ -1,4 +1,4 @@
-"""DOT: several distinct deltas on a Triton without Gluon (< 3.5): cuBLAS's base product in fp32,
+"""DOT: several distinct deltas where Triton has no Gluon (a build without triton.experimental): cuBLAS's base product in fp32,
 then the segment kernel adds each tile's delta, its slot's bits expanded to +-1 for tl.dot.
 
 Where Gluon exists BITMMA takes these batches: its expansion costs one instruction a weight or less,

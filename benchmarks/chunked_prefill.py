@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.e2e import SHAPES, llama_config, model_over, random_weights, reset_peak, serve_random_deltas
+from benchmarks.e2e_models import SHAPES, llama_config, model_over, random_weights, serve_random_deltas
+from benchmarks.e2e_systems import reset_peak
 from benchmarks.report import write_report
 from bitdelta.engine import Engine, EngineConfig, SamplingParams
 

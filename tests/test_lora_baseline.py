@@ -81,35 +81,37 @@ def test_apply_lora_adds_in_place():
 
 def serve_with_lora(device: str, dtype: torch.dtype, graphs: bool):
     """benchmarks/e2e.py's LoRA system on the tiny Llama: 3 fine-tunes, 4 requests, greedy."""
-    from benchmarks import e2e
+    from benchmarks import e2e_models, e2e_systems
+    from bitdelta.engine import SamplingParams
+    from bitdelta.engine.model import SlotWeights
 
-    config = e2e.llama_config("tiny")
-    setup = e2e.Setup("tiny", prompt=8, generate=4, device=torch.device(device), dtype=dtype)
-    weights = e2e.random_weights(config, setup.device, setup.dtype)
-    engine = e2e.build_engine(setup, config, weights, slots=3, batch=4, graphs=graphs)
-    lora = e2e.LoraSlots(engine.model, rank=4)
+    config = e2e_models.llama_config("tiny")
+    setup = e2e_models.Setup("tiny", prompt=8, generate=4, device=torch.device(device), dtype=dtype)
+    weights = e2e_models.random_weights(config, setup.device, setup.dtype)
+    engine = e2e_systems.build_engine(setup, config, weights, slots=3, batch=4, graphs=graphs)
+    lora = e2e_systems.LoraSlots(engine.model, rank=4)
     for _, b in lora.adapters.values():
         b.mul_(40)  # large enough that every fine-tune generates its own tokens
     for tenant in range(3):
-        engine.store.add(f"ft{tenant}", e2e.SlotWeights({}, {}, {}))
+        engine.store.add(f"ft{tenant}", SlotWeights({}, {}, {}))
     tenants = [0, 1, 2, 1]
-    prompts = e2e.prompts(setup, len(tenants))
-    params = e2e.SamplingParams(max_tokens=setup.generate, temperature=0)
+    prompts = e2e_models.prompts(setup, len(tenants))
+    params = SamplingParams(max_tokens=setup.generate, temperature=0)
     requests = [(f"ft{t}", prompt, params) for t, prompt in zip(tenants, prompts)]
     engine.generate(requests)  # a first pass: on a GPU the decode compositions are captured by the second
     outputs = engine.generate(requests)
     generated = [[token for out in events for token in out.token_ids] for events in outputs]
     slots = [engine.store.get(f"ft{t}").slot for t in tenants]
     engine.stop()
-    return e2e, config, weights, lora, prompts, slots, generated, engine
+    return e2e_models, config, weights, lora, prompts, slots, generated, engine
 
 
-def assert_merged_models_generate(e2e, config, weights, lora, prompts, slots, generated):
+def assert_merged_models_generate(e2e_models, config, weights, lora, prompts, slots, generated):
     for prompt, slot, tokens in zip(prompts, slots, generated):
         merged = dict(weights)
         for name, (a, b) in lora.adapters.items():
             merged[name] = weights[name] + b[slot] @ a[slot]
-        model = e2e.model_over(config, merged)
+        model = e2e_models.model_over(config, merged)
         ids = torch.tensor([prompt], device=next(iter(weights.values())).device)
         with torch.no_grad():
             for _ in range(len(tokens)):
@@ -120,8 +122,8 @@ def assert_merged_models_generate(e2e, config, weights, lora, prompts, slots, ge
 
 def test_the_e2e_lora_engine_serves_each_request_with_its_own_adapter():
     """Each request generates what its fine-tune's merged model W + B A generates."""
-    e2e, config, weights, lora, prompts, slots, generated, _ = serve_with_lora("cpu", torch.float32, graphs=False)
-    assert_merged_models_generate(e2e, config, weights, lora, prompts, slots, generated)
+    e2e_models, config, weights, lora, prompts, slots, generated, _ = serve_with_lora("cpu", torch.float32, graphs=False)
+    assert_merged_models_generate(e2e_models, config, weights, lora, prompts, slots, generated)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,125 @@
+"""The workload of `python -m benchmarks.e2e` and the model every system serves: Llama shapes with
+random weights built on the device, random 1-bit deltas, prompts, Zipf-distributed fine-tunes."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from bitdelta.engine import Engine
+from bitdelta.engine.model import SlotWeights
+
+SHAPES = {  # hidden, intermediate, layers, heads, vocab
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+    "tiny": (256, 688, 2, 4, 1024),
+}
+DISTINCT_DELTAS = 8
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One run's workload: the model shape, prompt and generated tokens a request, device and dtype."""
+
+    shape: str
+    prompt: int
+    generate: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt + self.generate
+
+
+# ---- models --------------------------------------------------------------------------------------
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
+    hidden, intermediate, layers, heads, vocab = SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter of the model: N(0, 0.02) matrices, unit norms. The linears the engine stacks
+    (q/k/v, gate/up: `STACKED`) are consecutive row blocks of one tensor, so it stacks them without a
+    copy (the benchmark keeps these weights for every system it runs)."""
+    from transformers import LlamaForCausalLM
+
+    from bitdelta.engine.model import STACKED
+
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
+    generator = torch.Generator(device).manual_seed(0)
+    weights = {}
+    for layer in range(config.num_hidden_layers):
+        for block, parts in STACKED:
+            names = [f"model.layers.{layer}.{block}.{part}.weight" for part in parts]
+            rows = [shapes[name][0] for name in names]
+            stacked = torch.empty(sum(rows), shapes[names[0]][1], dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+            weights.update(zip(names, stacked.split(rows)))
+    for name, shape in shapes.items():
+        if name in weights:
+            continue
+        if len(shape) == 1:
+            weights[name] = torch.ones(shape, dtype=dtype, device=device)
+        else:
+            weights[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+    return weights
+
+
+def model_over(config, weights: dict[str, torch.Tensor]):
+    """A transformers model whose parameters are `weights` (shared, not copied)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(weights, assign=True, strict=True)
+    device = next(iter(weights.values())).device
+    with torch.device(device):  # the rotary embedding's buffers were made on meta
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def model_bytes(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+@functools.cache
+def random_deltas(count: int, shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...], pin: bool) -> list[SlotWeights]:
+    """`count` distinct random deltas (linear name, signs shape, scales shape) in the slot layout,
+    in (pinned) CPU memory like loaded ones; made once per run."""
+    deltas = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        signs, scales = {}, {}
+        for name, signs_shape, scales_shape in shapes:
+            words = torch.randint(-(2**31), 2**31, signs_shape, dtype=torch.int64, generator=generator).to(torch.int32)
+            scale = torch.rand(scales_shape, generator=generator) * 2e-3
+            signs[name], scales[name] = (words.pin_memory(), scale.pin_memory()) if pin else (words, scale)
+        deltas.append(SlotWeights(signs, scales, {}))
+    return deltas
+
+
+def serve_random_deltas(engine: Engine, tenants: list[int]) -> None:
+    """Register fine-tune `ft{t}` for each tenant t, on DISTINCT_DELTAS random deltas round-robin."""
+    shapes = tuple((name, tuple(linear.signs.shape[1:]), tuple(linear.scales.shape[1:])) for name, linear in engine.model.linears.items())
+    deltas = random_deltas(DISTINCT_DELTAS, shapes, engine.model.device.type == "cuda")
+    for index, tenant in enumerate(tenants):
+        engine.store.add(f"ft{tenant}", deltas[index % len(deltas)])
+
+
+def prompts(setup: Setup, count: int) -> list[list[int]]:
+    vocab = SHAPES[setup.shape][4]
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (count, setup.prompt), generator=generator).tolist()
+
+
+def zipf_tenants(count: int, tenants: int) -> list[int]:
+    """Fine-tune of each of `count` requests, Zipf over `tenants` (p ~ 1/rank), fixed seed."""
+    weights = torch.tensor([1 / rank for rank in range(1, tenants + 1)])
+    return torch.multinomial(weights, count, replacement=True, generator=torch.Generator().manual_seed(2)).tolist()
+

@@ -1,4 +1,4 @@
-"""benchmarks/routing_sim.py: the simulator's logic on small workloads (no timing assertions)."""
+"""benchmarks/routing/ and routing_sim.py: the simulator's logic on small workloads (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.routing_sim import POLICIES, Setup, load_costs, main, simulate
+from benchmarks.routing.costs import load_costs
+from benchmarks.routing.routers import POLICIES
+from benchmarks.routing.simulation import Setup, simulate
+from benchmarks.routing_sim import main
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SHORT = Setup(warmup=10.0, seconds=30.0)

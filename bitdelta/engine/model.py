@@ -12,7 +12,8 @@ prefill chunks), no padding. Attention reads each sequence's keys straight from 
 (ops.paged_attention: Triton on a GPU, decode rows one program each and prefill chunks in
 tiles of rows sharing each key block; per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
-structure: RMSNorm, RoPE, GQA, gated MLP); other families are refused with a clear error.
+structure: RMSNorm, RoPE, GQA, gated MLP; Qwen3 adds an RMSNorm of each query and key head before
+RoPE); other families are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+HEAD_NORMS = ("q_norm", "k_norm")  # Qwen3: each query and key head RMS-normalised before RoPE
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
@@ -82,7 +84,9 @@ class MultiTenantModel:
         self.linears = self._swap_linears(model)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
-        self.norm_names = [f"model.layers.{i}.{n}.weight" for i in range(len(self.layers)) for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm.weight"]
+        self.head_norms = all(hasattr(attn, norm) for norm in HEAD_NORMS)
+        block_norms = ("input_layernorm", "post_attention_layernorm", *(f"self_attn.{n}" for n in HEAD_NORMS if self.head_norms))
+        self.norm_names = [f"model.layers.{i}.{n}.weight" for i in range(len(self.layers)) for n in block_norms] + ["model.norm.weight"]
         params = dict(model.named_parameters())
         self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names}}
         self.bias_names = {name.removesuffix(".weight") + ".bias": lin for name, lin in self.linears.items() if lin.bias is not None}
@@ -192,7 +196,7 @@ class MultiTenantModel:
         for index, layer in enumerate(self.layers):
             h, x = self._add_norm(h, residual, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight",
                                   table_rows)
-            attention = self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split)
+            attention = self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split, table_rows)
             h, x = self._add_norm(h, attention, layer.post_attention_layernorm,
                                   f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
             residual = layer.mlp.down_proj(self._gated_activation(layer.mlp, *self.gate_up[index](x)))
@@ -209,15 +213,24 @@ class MultiTenantModel:
             return add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
         return add_rms_norm(h, residual, table, norm.variance_epsilon, table_rows)
 
+    def _head_norm(self, heads: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of every head [T, heads, head_dim] with each row's own fine-tune's weight."""
+        t, count, size = heads.shape
+        _, normed = self._add_norm(heads.reshape(t * count, size), None, norm, name, table_rows.repeat_interleave(count))
+        return normed.view(t, count, size)
+
     def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.config.hidden_act == "silu":  # the Llama family's SwiGLU: one kernel on a GPU
             return silu_and_mul(gate, up)
         return mlp.act_fn(gate) * up
 
     def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
-                   split: QuerySplit | None) -> torch.Tensor:
+                   split: QuerySplit | None, table_rows: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = (part.view(t, -1, self.head_dim) for part in self.qkv[layer](x))
+        if self.head_norms:
+            q, k = (self._head_norm(heads, getattr(attn, norm), f"model.layers.{layer}.self_attn.{norm}.weight", table_rows)
+                    for heads, norm in zip((q, k), HEAD_NORMS))
         q = rotary_and_cache(q, k, v, cos, sin, kv.keys[layer], kv.values[layer], batch.write_rows)
         out = paged_attention(
             q, kv.keys[layer], kv.values[layer], batch.block_tables,

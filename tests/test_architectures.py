@@ -139,17 +139,19 @@ def test_info_shows_a_layers_experts_in_one_row_and_json_keeps_every_matrix(rece
     assert sum(".experts." in row["name"] for row in summary["tensors"]) == 2 * 3 * 4
 
 
-def test_the_engine_serves_qwen3_finetunes_with_their_own_head_norms_as_merged(recent_pairs, recent_deltas, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, recent_deltas, family, tmp_path):
     """Qwen3 normalises each query and key head (q_norm, k_norm) before RoPE, and its fine-tune changed
-    those weights: in one batch of the fine-tune (matrix and row scales) and the base, each row's
-    logits and greedy answer are its own model's alone."""
+    those weights; Phi-3 computes q/k/v and gate/up each as one fused linear. In one batch of the
+    fine-tune (matrix and row scales) and the base, each row's logits and greedy answer are its own
+    model's alone."""
     from transformers import AutoModelForCausalLM
 
     from bitdelta import compress, load
     from bitdelta.engine import Engine, EngineConfig, SamplingParams
 
-    base, finetuned = recent_pairs["qwen3"]
-    deltas = {"qwen3-ft": recent_deltas["qwen3"], "qwen3-ft-row": compress(base, finetuned, tmp_path / "row", scale="row", progress=False)}
+    base, finetuned = recent_pairs[family]
+    deltas = {f"{family}-ft": recent_deltas[family], f"{family}-ft-row": compress(base, finetuned, tmp_path / "row", scale="row", progress=False)}
     engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=8, prefill_chunk=128))
     for name, path in deltas.items():
         engine.store.register(name, path, load_now=True)
@@ -159,13 +161,13 @@ def test_the_engine_serves_qwen3_finetunes_with_their_own_head_norms_as_merged(r
     steps = []
     engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
     outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
-    first = {"logits": steps[0]}
-    assert "model.layers.0.self_attn.q_norm.weight" in engine.model.tables  # the fine-tune's own head norms are routed
+    if family == "qwen3":
+        assert "model.layers.0.self_attn.q_norm.weight" in engine.model.tables  # the fine-tune's own head norms are routed
     expected = []
     for row, (model, out) in enumerate(zip(models, outputs)):
         with torch.no_grad():
             expected.append(model(torch.tensor([prompt])).logits[0, -1])
-        torch.testing.assert_close(first["logits"][row], expected[-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(steps[0][row], expected[-1], rtol=1e-4, atol=1e-4)
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         assert [token for output in out for token in output.token_ids] == alone, names[row]
     assert (expected[0] - expected[2]).abs().max() > 1e-2  # fine-tune and base differ: the comparison is not vacuous

@@ -13,7 +13,8 @@ prefill chunks), no padding. Attention reads each sequence's keys straight from 
 tiles of rows sharing each key block; per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
 structure: RMSNorm, RoPE, GQA, gated MLP; Qwen3 adds an RMSNorm of each query and key head before
-RoPE); other families are refused with a clear error.
+RoPE; Phi-3 computes q/k/v and gate/up each as one fused linear); other families are refused with a
+clear error.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 HEAD_NORMS = ("q_norm", "k_norm")  # Qwen3: each query and key head RMS-normalised before RoPE
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+FUSED = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}  # Phi-3 keeps each of those stacks as one linear
 
 
 @dataclass
@@ -73,6 +75,9 @@ class MultiTenantModel:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise IncompatibleModelsError(f"the engine serves the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); {model_type!r} is not supported yet")
+        if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
+            raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "
+                                          f"(partial_rotary_factor {model.config.partial_rotary_factor}) and is not supported yet")
         self.model, self.config, self.max_slots = model, model.config, max_slots
         self.param = next(model.parameters())
         decoder = model.model
@@ -124,8 +129,7 @@ class MultiTenantModel:
                     scales = torch.zeros(self.max_slots, n, device=module.weight.device)
                     linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
                     replace_linear(model, name, new)
-            qkv, gate_up = (StackedBitDeltaLinears([getattr(layer.get_submodule(block), part) for part in parts])
-                            for block, parts in STACKED)
+            qkv, gate_up = (_stacked(layer.get_submodule(block), parts, FUSED[block]) for block, parts in STACKED)
             self.qkv.append(qkv)
             self.gate_up.append(gate_up)
         return linears
@@ -199,7 +203,7 @@ class MultiTenantModel:
             attention = self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split, table_rows)
             h, x = self._add_norm(h, attention, layer.post_attention_layernorm,
                                   f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
-            residual = layer.mlp.down_proj(self._gated_activation(layer.mlp, *self.gate_up[index](x)))
+            residual = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](x), 2)))
         rows = batch.logit_rows
         _, h = self._add_norm(h[rows], residual[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
@@ -222,12 +226,14 @@ class MultiTenantModel:
     def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.config.hidden_act == "silu":  # the Llama family's SwiGLU: one kernel on a GPU
             return silu_and_mul(gate, up)
-        return mlp.act_fn(gate) * up
+        activation = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Phi-3 names it activation_fn
+        return activation(gate) * up
 
     def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
                    split: QuerySplit | None, table_rows: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = (part.view(t, -1, self.head_dim) for part in self.qkv[layer](x))
+        queries = self.config.num_attention_heads * self.head_dim
+        q, k, v = (part.view(t, -1, self.head_dim) for part in _unfused(self.qkv[layer](x), (queries, *2 * [self.kv_heads * self.head_dim])))
         if self.head_norms:
             q, k = (self._head_norm(heads, getattr(attn, norm), f"model.layers.{layer}.self_attn.{norm}.weight", table_rows)
                     for heads, norm in zip((q, k), HEAD_NORMS))
@@ -256,3 +262,16 @@ class MultiTenantModel:
         for entry, rows in head_groups:
             logits[rows] = (h[rows] @ table[entry].T).float()
         return logits
+
+
+def _stacked(module: nn.Module, parts: tuple[str, ...], fused: str) -> StackedBitDeltaLinears:
+    """A block's linears that read one input as one product: its separate parts, or its one fused linear."""
+    return StackedBitDeltaLinears([getattr(module, name) for name in (parts if hasattr(module, parts[0]) else (fused,))])
+
+
+def _unfused(outputs: tuple[torch.Tensor, ...], split: int | tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The parts of a stacked product; one fused linear's output (Phi-3) cut into them: into `split`
+    equal chunks, or widths."""
+    if len(outputs) > 1:
+        return outputs
+    return outputs[0].chunk(split, dim=-1) if isinstance(split, int) else outputs[0].split(split, dim=-1)

@@ -13,8 +13,9 @@ prefill chunks), no padding. Attention reads each sequence's keys straight from 
 tiles of rows sharing each key block; per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
 structure: RMSNorm, RoPE, GQA, gated MLP; Qwen3 adds an RMSNorm of each query and key head before
-RoPE; Phi-3 computes q/k/v and gate/up each as one fused linear); other families are refused with a
-clear error.
+RoPE; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises the whole query
+and key projections, and each block's attention and MLP outputs instead of their inputs); other
+families are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-HEAD_NORMS = ("q_norm", "k_norm")  # Qwen3: each query and key head RMS-normalised before RoPE
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
+QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 FUSED = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}  # Phi-3 keeps each of those stacks as one linear
@@ -89,9 +90,11 @@ class MultiTenantModel:
         self.linears = self._swap_linears(model)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
-        self.head_norms = all(hasattr(attn, norm) for norm in HEAD_NORMS)
-        block_norms = ("input_layernorm", "post_attention_layernorm", *(f"self_attn.{n}" for n in HEAD_NORMS if self.head_norms))
-        self.norm_names = [f"model.layers.{i}.{n}.weight" for i in range(len(self.layers)) for n in block_norms] + ["model.norm.weight"]
+        self.qk_norms = all(hasattr(attn, norm) for norm in QK_NORMS)
+        # OLMo 2: no norm before attention; the attention's and the MLP's outputs are normalised instead
+        self.output_norms = not hasattr(self.layers[0], "input_layernorm")
+        self.norm_names = [f"model.layers.{i}.{name}" for i, layer in enumerate(self.layers)
+                           for name, _ in layer.named_parameters() if "norm" in name] + ["model.norm.weight"]
         params = dict(model.named_parameters())
         self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names}}
         self.bias_names = {name.removesuffix(".weight") + ".bias": lin for name, lin in self.linears.items() if lin.bias is not None}
@@ -196,6 +199,8 @@ class MultiTenantModel:
         embed = self.tables.get(self.embed_name)
         h = self.model.model.embed_tokens(batch.token_ids) if embed is None else embed[table_rows, batch.token_ids]
         cos, sin = (table[0] for table in self.model.model.rotary_emb(h[None], batch.positions[None]))
+        if self.output_norms:
+            return self._compute_output_norms(batch, kv, head_groups, split, h, cos, sin, table_rows)
         residual = None  # each block's output, added to h by the norm after it
         for index, layer in enumerate(self.layers):
             h, x = self._add_norm(h, residual, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight",
@@ -208,6 +213,23 @@ class MultiTenantModel:
         _, h = self._add_norm(h[rows], residual[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
 
+    def _compute_output_norms(self, batch: StepBatch, kv, head_groups, split: QuerySplit | None, h: torch.Tensor, cos, sin,
+                              table_rows: torch.Tensor) -> torch.Tensor:
+        """`compute` for blocks that normalise their attention's and MLP's outputs (OLMo 2):
+        h += norm(attention(h)); h += norm(mlp(h))."""
+        for index, layer in enumerate(self.layers):
+            attention = self._attention(layer.self_attn, index, h, cos, sin, batch, kv, split, table_rows)
+            _, attention = self._add_norm(attention, None, layer.post_attention_layernorm,
+                                          f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
+            h = h + attention
+            mlp = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](h), 2)))
+            _, mlp = self._add_norm(mlp, None, layer.post_feedforward_layernorm,
+                                    f"model.layers.{index}.post_feedforward_layernorm.weight", table_rows)
+            h = h + mlp
+        rows = batch.logit_rows
+        _, h = self._add_norm(h[rows], None, self.model.model.norm, "model.norm.weight", table_rows[rows])
+        return self._lm_head(h, head_groups)
+
     def _add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, name: str,
                   table_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h + residual and its RMSNorm (LlamaRMSNorm's arithmetic) with each row's own fine-tune's
@@ -217,11 +239,13 @@ class MultiTenantModel:
             return add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
         return add_rms_norm(h, residual, table, norm.variance_epsilon, table_rows)
 
-    def _head_norm(self, heads: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of every head [T, heads, head_dim] with each row's own fine-tune's weight."""
-        t, count, size = heads.shape
-        _, normed = self._add_norm(heads.reshape(t * count, size), None, norm, name, table_rows.repeat_interleave(count))
-        return normed.view(t, count, size)
+    def _qk_norm(self, heads: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of queries or keys [T, heads, head_dim], per head or over all heads (the norm's
+        width says which), with each row's own fine-tune's weight."""
+        width = norm.weight.numel()
+        pieces = heads[0].numel() // width  # a row's norms: its heads, or one
+        _, normed = self._add_norm(heads.reshape(-1, width), None, norm, name, table_rows.repeat_interleave(pieces))
+        return normed.view(heads.shape)
 
     def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.config.hidden_act == "silu":  # the Llama family's SwiGLU: one kernel on a GPU
@@ -234,9 +258,9 @@ class MultiTenantModel:
         t = x.shape[0]
         queries = self.config.num_attention_heads * self.head_dim
         q, k, v = (part.view(t, -1, self.head_dim) for part in _unfused(self.qkv[layer](x), (queries, *2 * [self.kv_heads * self.head_dim])))
-        if self.head_norms:
-            q, k = (self._head_norm(heads, getattr(attn, norm), f"model.layers.{layer}.self_attn.{norm}.weight", table_rows)
-                    for heads, norm in zip((q, k), HEAD_NORMS))
+        if self.qk_norms:
+            q, k = (self._qk_norm(heads, getattr(attn, norm), f"model.layers.{layer}.self_attn.{norm}.weight", table_rows)
+                    for heads, norm in zip((q, k), QK_NORMS))
         q = rotary_and_cache(q, k, v, cos, sin, kv.keys[layer], kv.values[layer], batch.write_rows)
         out = paged_attention(
             q, kv.keys[layer], kv.values[layer], batch.block_tables,

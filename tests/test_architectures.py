@@ -172,3 +172,16 @@ def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, rec
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         assert [token for output in out for token in output.token_ids] == alone, names[row]
     assert (expected[0] - expected[2]).abs().max() > 1e-2  # fine-tune and base differ: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("family", tiny.MOE_FAMILIES)
+def test_eval_reports_the_gain_a_moe_delta_keeps_and_refuses_baselines_clearly(recent_pairs, recent_deltas, family):
+    from bitdelta.errors import EvaluationError
+    from bitdelta.eval import evaluate
+
+    base, finetuned = recent_pairs[family]
+    result = evaluate(base, finetuned, recent_deltas[family], windows=8, seq_len=64, device="cpu")
+    delta = next(row for row in result["rows"] if row["model"] == "delta")
+    assert 0.5 < delta["gain_kept"]["loss"] <= 1.2 and delta["kl"] < next(r for r in result["rows"] if r["model"] == "base")["kl"]
+    with pytest.raises(EvaluationError, match="mixture-of-experts"):
+        evaluate(base, finetuned, baselines=["svd:equal"], windows=4, seq_len=32, device="cpu")

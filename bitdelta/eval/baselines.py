@@ -27,7 +27,7 @@ from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import BinaryDelta
 from bitdelta.errors import EvaluationError
 from bitdelta.eval import SPECS
-from bitdelta.targets import select_targets
+from bitdelta.targets import list_item, select_targets
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,10 @@ class Approximator:
 
         base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
         self.names = select_targets(ft_ckpt, base_ckpt)
+        experts = [name for name in self.names if list_item(name) or len(ft_ckpt.tensors[name].shape) == 3]
+        if experts:  # held fused in the model, under other names, or stacked: the baselines approximate 2-D weights
+            raise EvaluationError(f"{experts[0]} is a mixture-of-experts expert: --baseline does not cover MoE models yet; "
+                                  "evaluate the delta without --baseline")
         self.model = AutoModelForCausalLM.from_pretrained(ft_ckpt.path, dtype=dtype).to(device).eval()
         self.base = {name: base_ckpt.get(name) for name in self.names}
         self.finetuned = {name: ft_ckpt.get(name) for name in self.names}

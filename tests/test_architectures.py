@@ -139,7 +139,7 @@ def test_info_shows_a_layers_experts_in_one_row_and_json_keeps_every_matrix(rece
     assert sum(".experts." in row["name"] for row in summary["tensors"]) == 2 * 3 * 4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3"])
 def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, recent_deltas, family, tmp_path):
     """Qwen3 normalises each query and key head (q_norm, k_norm) before RoPE, and its fine-tune changed
     those weights; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises whole
@@ -162,7 +162,7 @@ def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, rec
     steps = []
     engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
     outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
-    if family in ("qwen3", "olmo2"):
+    if family in ("qwen3", "olmo2", "gemma3"):
         assert "model.layers.0.self_attn.q_norm.weight" in engine.model.tables  # the fine-tune's own q/k norms are routed
     expected = []
     for row, (model, out) in enumerate(zip(models, outputs)):

@@ -14,12 +14,14 @@ tiles of rows sharing each key block; per-sequence SDPA on a CPU). It is
 written over the transformers modules of the Llama family (Llama, Mistral, Qwen2 share the
 structure: RMSNorm, RoPE, GQA, gated MLP; Qwen3 adds an RMSNorm of each query and key head before
 RoPE; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises the whole query
-and key projections, and each block's attention and MLP outputs instead of their inputs); other
-families are refused with a clear error.
+and key projections, and each block's attention and MLP outputs instead of their inputs; Gemma 3
+normalises both inputs and outputs, with (1 + weight) norms, scaled embeddings and a RoPE base per
+layer type); other families are refused with a clear error.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,7 +36,7 @@ from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text")
 QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -76,6 +78,9 @@ class MultiTenantModel:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise IncompatibleModelsError(f"the engine serves the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); {model_type!r} is not supported yet")
+        if getattr(model.config, "attn_logit_softcapping", None) is not None:
+            raise IncompatibleModelsError(f"this {model_type} model soft-caps its attention logits, which the engine's attention does not; "
+                                          "not supported yet")
         if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
             raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "
                                           f"(partial_rotary_factor {model.config.partial_rotary_factor}) and is not supported yet")
@@ -91,8 +96,10 @@ class MultiTenantModel:
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
         self.qk_norms = all(hasattr(attn, norm) for norm in QK_NORMS)
-        # OLMo 2: no norm before attention; the attention's and the MLP's outputs are normalised instead
-        self.output_norms = not hasattr(self.layers[0], "input_layernorm")
+        # OLMo 2 and Gemma 3 normalise the attention's and the MLP's outputs (OLMo 2 instead of their inputs)
+        self.output_norms = hasattr(self.layers[0], "post_feedforward_layernorm")
+        self.norm_offset = _norm_offset(decoder.norm)  # Gemma's norms multiply by (1 + weight)
+        self.embed_scale = getattr(decoder.embed_tokens, "embed_scale", None)  # Gemma scales its embeddings
         self.norm_names = [f"model.layers.{i}.{name}" for i, layer in enumerate(self.layers)
                            for name, _ in layer.named_parameters() if "norm" in name] + ["model.norm.weight"]
         params = dict(model.named_parameters())
@@ -197,10 +204,14 @@ class MultiTenantModel:
         slots = batch.slots
         table_rows = torch.where(slots < 0, self.max_slots, slots).long()  # slot -1 reads the base entry
         embed = self.tables.get(self.embed_name)
-        h = self.model.model.embed_tokens(batch.token_ids) if embed is None else embed[table_rows, batch.token_ids]
-        cos, sin = (table[0] for table in self.model.model.rotary_emb(h[None], batch.positions[None]))
+        if embed is None:
+            h = self.model.model.embed_tokens(batch.token_ids)
+        else:
+            h = embed[table_rows, batch.token_ids]
+            h = h if self.embed_scale is None else h * self.embed_scale.to(h.dtype)
         if self.output_norms:
-            return self._compute_output_norms(batch, kv, head_groups, split, h, cos, sin, table_rows)
+            return self._compute_output_norms(batch, kv, head_groups, split, h, self._rope(h, batch.positions), table_rows)
+        cos, sin = (table[0] for table in self.model.model.rotary_emb(h[None], batch.positions[None]))
         residual = None  # each block's output, added to h by the norm after it
         for index, layer in enumerate(self.layers):
             h, x = self._add_norm(h, residual, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight",
@@ -213,31 +224,46 @@ class MultiTenantModel:
         _, h = self._add_norm(h[rows], residual[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
 
-    def _compute_output_norms(self, batch: StepBatch, kv, head_groups, split: QuerySplit | None, h: torch.Tensor, cos, sin,
-                              table_rows: torch.Tensor) -> torch.Tensor:
-        """`compute` for blocks that normalise their attention's and MLP's outputs (OLMo 2):
-        h += norm(attention(h)); h += norm(mlp(h))."""
+    def _compute_output_norms(self, batch: StepBatch, kv, head_groups, split: QuerySplit | None, h: torch.Tensor,
+                              rope: list[tuple[torch.Tensor, torch.Tensor]], table_rows: torch.Tensor) -> torch.Tensor:
+        """`compute` for blocks that normalise their attention's and MLP's outputs, and their inputs
+        where they have those norms (Gemma 3; OLMo 2 has none): h += norm(attention(norm(h)));
+        h += norm(mlp(norm(h)))."""
+        def norm(x: torch.Tensor, layer: nn.Module, index: int, name: str) -> torch.Tensor:
+            if not hasattr(layer, name):
+                return x
+            return self._add_norm(x, None, getattr(layer, name), f"model.layers.{index}.{name}.weight", table_rows)[1]
+
         for index, layer in enumerate(self.layers):
-            attention = self._attention(layer.self_attn, index, h, cos, sin, batch, kv, split, table_rows)
-            _, attention = self._add_norm(attention, None, layer.post_attention_layernorm,
-                                          f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
-            h = h + attention
-            mlp = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](h), 2)))
-            _, mlp = self._add_norm(mlp, None, layer.post_feedforward_layernorm,
-                                    f"model.layers.{index}.post_feedforward_layernorm.weight", table_rows)
-            h = h + mlp
+            x = norm(h, layer, index, "input_layernorm")
+            h = h + norm(self._attention(layer.self_attn, index, x, *rope[index], batch, kv, split, table_rows), layer, index,
+                         "post_attention_layernorm")
+            x = norm(h, layer, index, "pre_feedforward_layernorm")
+            mlp = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](x), 2)))
+            h = h + norm(mlp, layer, index, "post_feedforward_layernorm")
         rows = batch.logit_rows
         _, h = self._add_norm(h[rows], None, self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) for each layer: one RoPE for all, or one per layer type (Gemma 3: local and global bases)."""
+        rotary, types = self.model.model.rotary_emb, getattr(self.config, "layer_types", None)
+        if types is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+            cos, sin = (table[0] for table in rotary(h[None], positions[None]))
+            return [(cos, sin)] * len(self.layers)
+        per_type = {kind: tuple(table[0] for table in rotary(h[None], positions[None], kind)) for kind in set(types)}
+        return [per_type[kind] for kind in types]
 
     def _add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, name: str,
                   table_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h + residual and its RMSNorm (LlamaRMSNorm's arithmetic) with each row's own fine-tune's
         weight: one kernel on a GPU (ops/norm.py)."""
         table = self.tables.get(name)
-        if table is None:
-            return add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
-        return add_rms_norm(h, residual, table, norm.variance_epsilon, table_rows)
+        eps = getattr(norm, "variance_epsilon", None) or norm.eps
+        weight = norm.weight if table is None else table
+        if self.norm_offset:
+            weight = weight + self.norm_offset
+        return add_rms_norm(h, residual, weight, eps, None if table is None else table_rows)
 
     def _qk_norm(self, heads: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
         """RMSNorm of queries or keys [T, heads, head_dim], per head or over all heads (the norm's
@@ -248,7 +274,7 @@ class MultiTenantModel:
         return normed.view(heads.shape)
 
     def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.config.hidden_act == "silu":  # the Llama family's SwiGLU: one kernel on a GPU
+        if getattr(self.config, "hidden_act", None) == "silu":  # the Llama family's SwiGLU: one kernel on a GPU
             return silu_and_mul(gate, up)
         activation = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Phi-3 names it activation_fn
         return activation(gate) * up
@@ -286,6 +312,15 @@ class MultiTenantModel:
         for entry, rows in head_groups:
             logits[rows] = (h[rows] @ table[entry].T).float()
         return logits
+
+
+@torch.no_grad()
+def _norm_offset(norm: nn.Module) -> float:
+    """1.0 for an RMSNorm that multiplies by (1 + weight) (Gemma's), 0.0 for one that multiplies by
+    the weight: told apart by what it makes of a row of ones, which RMS normalisation leaves as is."""
+    weight = norm.weight.float()
+    out = norm(torch.ones(1, weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)).float()[0]
+    return 1.0 if (out - (1 + weight)).abs().max() < (out - weight).abs().max() else 0.0
 
 
 def _stacked(module: nn.Module, parts: tuple[str, ...], fused: str) -> StackedBitDeltaLinears:

@@ -185,3 +185,17 @@ def test_eval_reports_the_gain_a_moe_delta_keeps_and_refuses_baselines_clearly(r
     assert 0.5 < delta["gain_kept"]["loss"] <= 1.2 and delta["kl"] < next(r for r in result["rows"] if r["model"] == "base")["kl"]
     with pytest.raises(EvaluationError, match="mixture-of-experts"):
         evaluate(base, finetuned, baselines=["svd:equal"], windows=4, seq_len=32, device="cpu")
+
+
+def test_the_engine_refuses_soft_capped_logits_in_one_line(recent_pairs, tmp_path):
+    import json
+    import shutil
+
+    from bitdelta.engine import Engine, EngineConfig
+    from bitdelta.errors import IncompatibleModelsError
+
+    base = shutil.copytree(recent_pairs["gemma3"][0], tmp_path / "capped")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"final_logit_softcapping": 30.0}))
+    with pytest.raises(IncompatibleModelsError, match="final_logit_softcapping"):
+        Engine(base, EngineConfig(device="cpu", dtype="float32"))

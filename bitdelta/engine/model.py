@@ -78,8 +78,9 @@ class MultiTenantModel:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise IncompatibleModelsError(f"the engine serves the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); {model_type!r} is not supported yet")
-        if getattr(model.config, "attn_logit_softcapping", None) is not None:
-            raise IncompatibleModelsError(f"this {model_type} model soft-caps its attention logits, which the engine's attention does not; "
+        capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(model.config, name, None) is not None]
+        if capped:
+            raise IncompatibleModelsError(f"this {model_type} model soft-caps its logits ({capped[0]}), which the engine does not; "
                                           "not supported yet")
         if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
             raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "

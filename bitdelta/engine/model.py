@@ -77,7 +77,7 @@ class MultiTenantModel:
     def __init__(self, model: nn.Module, max_slots: int):
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise IncompatibleModelsError(f"the engine serves the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); {model_type!r} is not supported yet")
+            raise IncompatibleModelsError(f"the engine serves these model types: {', '.join(SUPPORTED_MODEL_TYPES)}; {model_type!r} is not supported yet")
         capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(model.config, name, None) is not None]
         if capped:
             raise IncompatibleModelsError(f"this {model_type} model soft-caps its logits ({capped[0]}), which the engine does not; "

@@ -13,6 +13,7 @@ import bitdelta
 from bitdelta import tiny
 from bitdelta.checkpoint import Checkpoint
 from bitdelta.fileformat import DeltaReader
+from bitdelta.kernels import triton_available
 from bitdelta.targets import select_targets
 
 STEPS = {"gpt_oss": 10}  # its experts train ~10x slower on the CPU than the others'; 10 + 10 steps still move every matrix
@@ -199,3 +200,33 @@ def test_the_engine_refuses_soft_capped_logits_in_one_line(recent_pairs, tmp_pat
     (base / "config.json").write_text(json.dumps(config | {"final_logit_softcapping": 30.0}))
     with pytest.raises(IncompatibleModelsError, match="final_logit_softcapping"):
         Engine(base, EngineConfig(device="cpu", dtype="float32"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3"])
+def test_on_a_gpu_in_bf16_each_row_of_a_mixed_batch_gets_its_merged_finetunes_logits(recent_pairs, recent_deltas, family):
+    """The families' own pieces (q/k norms through the norm kernel with per-row tables, fused linears,
+    output norms, offset norms) on the Triton path, then decode steps replayed as CUDA graphs."""
+    from bitdelta import load
+    from bitdelta.engine import Engine, EngineConfig, SamplingParams
+
+    base = recent_pairs[family][0]
+    engine = Engine(base, EngineConfig(device="cuda", dtype="bfloat16", max_gpu_deltas=2))
+    engine.store.register("ft", recent_deltas[family], load_now=True)
+    names = ["ft", engine.store.names()[0]]
+    prompt = engine.store.get("ft").tokenizer("def parse(self, text):\n", add_special_tokens=False)["input_ids"]
+    steps = []
+    engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
+    outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
+    from transformers import AutoModelForCausalLM
+
+    models = [load(base, recent_deltas[family], dtype="bfloat16", device="cuda"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda()]
+    for row, model in enumerate(models):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+        got = steps[0][row].float()
+        # bf16 through two layers, merged weights rounded once versus x@W + s*(x@sign) in fp32: ~1e-3 a layer
+        assert (got - expected).norm() / expected.norm() < 3e-2, names[row]
+        assert got.argmax() == expected.argmax(), names[row]
+    assert all(out[-1].finish_reason is not None for out in outputs)

@@ -75,16 +75,7 @@ class SlotWeights:
 
 class MultiTenantModel:
     def __init__(self, model: nn.Module, max_slots: int):
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise IncompatibleModelsError(f"the engine serves these model types: {', '.join(SUPPORTED_MODEL_TYPES)}; {model_type!r} is not supported yet")
-        capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(model.config, name, None) is not None]
-        if capped:
-            raise IncompatibleModelsError(f"this {model_type} model soft-caps its logits ({capped[0]}), which the engine does not; "
-                                          "not supported yet")
-        if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
-            raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "
-                                          f"(partial_rotary_factor {model.config.partial_rotary_factor}) and is not supported yet")
+        _check_supported(model.config)
         self.model, self.config, self.max_slots = model, model.config, max_slots
         self.param = next(model.parameters())
         decoder = model.model
@@ -313,6 +304,19 @@ class MultiTenantModel:
         for entry, rows in head_groups:
             logits[rows] = (h[rows] @ table[entry].T).float()
         return logits
+
+
+def _check_supported(config) -> None:
+    """Refuse, in one line, a model this engine would compute wrongly."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise IncompatibleModelsError(f"the engine serves these model types: {', '.join(SUPPORTED_MODEL_TYPES)}; {model_type!r} is not supported yet")
+    capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None) is not None]
+    if capped:
+        raise IncompatibleModelsError(f"this {model_type} model soft-caps its logits ({capped[0]}), which the engine does not; not supported yet")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "
+                                      f"(partial_rotary_factor {config.partial_rotary_factor}) and is not supported yet")
 
 
 @torch.no_grad()

@@ -92,6 +92,9 @@ class MultiTenantModel:
         self.output_norms = hasattr(self.layers[0], "post_feedforward_layernorm")
         self.norm_offset = _norm_offset(decoder.norm)  # Gemma's norms multiply by (1 + weight)
         self.embed_scale = getattr(decoder.embed_tokens, "embed_scale", None)  # Gemma scales its embeddings
+        # Gemma 3 has a RoPE base per layer type (local, global); its rotary embedding takes the type
+        types = getattr(self.config, "layer_types", None)
+        self.rope_types = types if types is not None and "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters else None
         self.norm_names = [f"model.layers.{i}.{name}" for i, layer in enumerate(self.layers)
                            for name, _ in layer.named_parameters() if "norm" in name] + ["model.norm.weight"]
         params = dict(model.named_parameters())
@@ -201,14 +204,14 @@ class MultiTenantModel:
         else:
             h = embed[table_rows, batch.token_ids]
             h = h if self.embed_scale is None else h * self.embed_scale.to(h.dtype)
+        rope = self._rope(h, batch.positions)
         if self.output_norms:
-            return self._compute_output_norms(batch, kv, head_groups, split, h, self._rope(h, batch.positions), table_rows)
-        cos, sin = (table[0] for table in self.model.model.rotary_emb(h[None], batch.positions[None]))
+            return self._compute_output_norms(batch, kv, head_groups, split, h, rope, table_rows)
         residual = None  # each block's output, added to h by the norm after it
         for index, layer in enumerate(self.layers):
             h, x = self._add_norm(h, residual, layer.input_layernorm, f"model.layers.{index}.input_layernorm.weight",
                                   table_rows)
-            attention = self._attention(layer.self_attn, index, x, cos, sin, batch, kv, split, table_rows)
+            attention = self._attention(layer.self_attn, index, x, *rope[index], batch, kv, split, table_rows)
             h, x = self._add_norm(h, attention, layer.post_attention_layernorm,
                                   f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
             residual = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](x), 2)))
@@ -239,12 +242,12 @@ class MultiTenantModel:
 
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) for each layer: one RoPE for all, or one per layer type (Gemma 3: local and global bases)."""
-        rotary, types = self.model.model.rotary_emb, getattr(self.config, "layer_types", None)
-        if types is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        rotary = self.model.model.rotary_emb
+        if self.rope_types is None:
             cos, sin = (table[0] for table in rotary(h[None], positions[None]))
             return [(cos, sin)] * len(self.layers)
-        per_type = {kind: tuple(table[0] for table in rotary(h[None], positions[None], kind)) for kind in set(types)}
-        return [per_type[kind] for kind in types]
+        per_type = {kind: tuple(table[0] for table in rotary(h[None], positions[None], kind)) for kind in set(self.rope_types)}
+        return [per_type[kind] for kind in self.rope_types]
 
     def _add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, name: str,
                   table_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,7 @@ def select_targets(
     """Names of the fine-tune's tensors to compress, in checkpoint order.
 
     With `include` globs, those replace the automatic choice; `exclude` globs always remove.
-    Only 2-D floating tensors present in both checkpoints with equal shapes can be compressed; a
+    Only 2-D (or stacked 3-D) floating tensors present in both checkpoints with equal shapes can be compressed; a
     globbed tensor whose shape changed (a grown vocabulary) is simply stored losslessly, but a block
     linear that is missing from the base or shaped differently means the models do not match.
     A glob that matches no tensor (a typo) and a choice that leaves nothing to compress are refused:

@@ -27,7 +27,7 @@ from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import BinaryDelta
 from bitdelta.errors import EvaluationError
 from bitdelta.eval import SPECS
-from bitdelta.targets import list_item, select_targets
+from bitdelta.targets import expert_matrices, select_targets
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Approximator:
 
         base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
         self.names = select_targets(ft_ckpt, base_ckpt)
-        experts = [name for name in self.names if list_item(name) or len(ft_ckpt.tensors[name].shape) == 3]
+        experts = sorted(set(self.names) & expert_matrices(ft_ckpt.tensors).matrices)
         if experts:  # held fused in the model, under other names, or stacked: the baselines approximate 2-D weights
             raise EvaluationError(f"{experts[0]} is a mixture-of-experts expert: --baseline does not cover MoE models yet; "
                                   "evaluate the delta without --baseline")

@@ -18,40 +18,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
+from benchmarks.local_server import free_port, start_server
 from benchmarks.report import write_report
 
 HERE = Path(__file__).resolve().parent
 REPRODUCE = "python -m benchmarks.ray_overhead"
 PROMPTS = ("The return value of", "def read_config(path):\n", "A module is", "Raise an exception when")
 ENGINE = {"device": "cpu", "dtype": "float32", "max_batch": 16}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, seconds: float = 300) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become healthy")
 
 
 def run_workload(url: str, models: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
@@ -75,16 +55,6 @@ def run_workload(url: str, models: list[str], clients: int, per_client: int, max
     latencies = sorted(latency for _, per in results for latency in per)
     return {"tokens": sum(t for t, _ in results), "seconds": wall, "tokens_per_s": sum(t for t, _ in results) / wall,
             "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
-
-
-def start_plain(base: Path, deltas: Path) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    command = [sys.executable, "-m", "bitdelta.server", str(base), "--deltas", str(deltas), "--port", str(port),
-               "--device", ENGINE["device"], "--dtype", ENGINE["dtype"], "--max-batch", str(ENGINE["max_batch"]), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    return url, process
 
 
 def start_ray(base: Path, deltas: Path, cores: int) -> str:
@@ -111,7 +81,8 @@ def run(runs: int, clients: int, per_client: int, max_tokens: int) -> dict:
     deltas = cache / "serve-deltas"
     models = list(make_deltas(base, finetuned, deltas, steps=40, seq_len=SEQ_LEN))
     cores = os.cpu_count() or 1
-    plain_url, plain = start_plain(base, deltas)
+    options = ["--device", ENGINE["device"], "--dtype", ENGINE["dtype"], "--max-batch", str(ENGINE["max_batch"]), "--log-level", "warning"]
+    plain_url, plain = start_server(base, deltas, options, cache / "ray-overhead-server.log")
     ray_url = start_ray(base, deltas, cores)
     results: dict[str, list[dict]] = {"bitdelta serve": [], "Ray Serve, 1 replica": []}
     try:

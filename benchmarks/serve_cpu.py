@@ -20,10 +20,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,23 +29,12 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.local_server import start_server
+
 HERE = Path(__file__).resolve().parent
 REPRODUCE = "python -m benchmarks.serve_cpu"
 CLIENTS = (1, 4, 16)
 PROMPTS = ("The return value of", "def read_config(path):\n", "A module is", "Raise an exception when", "class Parser:\n    def")
-
-
-def start_server(base: Path, deltas: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "bitdelta.server", str(base), "--deltas", str(deltas), "--port", str(port), "--device", "cpu", "--max-batch", "64"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(process.stdout.read())
 
 
 def run_level(client, models: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
@@ -99,11 +85,7 @@ def main() -> None:
     base, finetuned = build_models(cache)
     deltas_dir = cache / "serve-deltas"
     models = list(make_deltas(base, finetuned, deltas_dir, steps=40, seq_len=SEQ_LEN))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(base, deltas_dir, port)
+    url, server = start_server(base, deltas_dir, ["--device", "cpu", "--max-batch", "64"], cache / "serve-cpu-server.log")
     results, kv_samples = [], []
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)

@@ -24,9 +24,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.local_server import start_server
 from benchmarks.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -189,21 +188,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_server(base: Path, deltas: Path, port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "bitdelta.server", str(base), "--deltas", str(deltas), "--port", str(port), "--device", "cpu",
-               "--max-batch", "16", "--max-gpu-deltas", "2", "--max-queue", "64", "--api-key", KEY, "--admin-key", ADMIN_KEY]
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(log.read_text())
-
-
 def run(seconds: float, good: int, hostile: int) -> dict:
     from bitdelta.demo import SEQ_LEN, build_models, default_cache_dir
     from bitdelta.multi_tenant_demo import make_deltas
@@ -213,13 +197,11 @@ def run(seconds: float, good: int, hostile: int) -> dict:
     deltas_dir = cache / "serve-deltas"
     models = list(make_deltas(base, finetuned, deltas_dir, steps=40, seq_len=SEQ_LEN)) + [base.name]
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     log = cache / "soak-server.log"
-    server = start_server(base, deltas_dir, port, log)
+    options = ["--device", "cpu", "--max-batch", "16", "--max-gpu-deltas", "2", "--max-queue", "64", "--api-key", KEY, "--admin-key", ADMIN_KEY]
+    url, server = start_server(base, deltas_dir, options, log)
     try:
-        soak = Soak(f"http://127.0.0.1:{port}", models, vocab)
+        soak = Soak(url, models, vocab)
         soak.warm_up()
         rss = [rss_mb(server.pid)]
         threads = [threading.Thread(target=soak.good_client, args=(i * 5,)) for i in range(good)]

@@ -121,7 +121,7 @@ def run_bitdelta(setup: Setup, config, weights, tenants_of_requests: list[int], 
 def drop_delta_buffers(model) -> None:
     """Empty the sign and scale buffers of every delta linear of an engine's model, for the runs that
     never read them (base only, LoRA): the memory figure is then that of what the run serves."""
-    for module in [*model.qkv, *model.gate_up, *model.linears.values()]:
+    for module in [*model.qkv, *filter(None, model.gate_up), *model.linears.values()]:
         module.signs = module.signs.new_empty(model.max_slots, module.signs.shape[1], 0)
         module.scales = module.scales.new_empty(model.max_slots, 0)
     reset_peak(model.device)

@@ -140,11 +140,12 @@ def test_info_shows_a_layers_experts_in_one_row_and_json_keeps_every_matrix(rece
     assert sum(".experts." in row["name"] for row in summary["tensors"]) == 2 * 3 * 4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3", "mixtral", "qwen3_moe"])
 def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, recent_deltas, family, tmp_path):
     """Qwen3 normalises each query and key head (q_norm, k_norm) before RoPE, and its fine-tune changed
     those weights; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises whole
-    query and key projections and each block's outputs rather than its inputs. In one batch of the
+    query and key projections and each block's outputs rather than its inputs; Mixtral and Qwen3-MoE
+    route each token to two of four experts, whose matrices the checkpoint names one per expert. In one batch of the
     fine-tune (matrix and row scales) and the base, each row's logits and greedy answer are its own
     model's alone."""
     from transformers import AutoModelForCausalLM
@@ -165,6 +166,9 @@ def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, rec
     outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
     if family in ("qwen3", "olmo2", "gemma3"):
         assert "model.layers.0.self_attn.q_norm.weight" in engine.model.tables  # the fine-tune's own q/k norms are routed
+    if family in tiny.MOE_FAMILIES:  # each row routed by its own fine-tune's router to its own fine-tune's experts
+        assert "model.layers.0.mlp.gate.weight" in engine.model.tables
+        assert all(layer.scales[fused].abs().sum() > 0 for layer in engine.model.experts.values() for fused in layer.scales)
     expected = []
     for row, (model, out) in enumerate(zip(models, outputs)):
         with torch.no_grad():
@@ -204,10 +208,11 @@ def test_the_engine_refuses_soft_capped_logits_in_one_line(recent_pairs, tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3", "mixtral", "qwen3_moe"])
 def test_on_a_gpu_in_bf16_each_row_of_a_mixed_batch_gets_its_merged_finetunes_logits(recent_pairs, recent_deltas, family):
     """The families' own pieces (q/k norms through the norm kernel with per-row tables, fused linears,
-    output norms, offset norms) on the Triton path, then decode steps replayed as CUDA graphs."""
+    output norms, offset norms, experts grouped per expert and slot) on the Triton path, then decode
+    steps replayed as CUDA graphs (MoE steps eagerly)."""
     from bitdelta import load
     from bitdelta.engine import Engine, EngineConfig, SamplingParams
 

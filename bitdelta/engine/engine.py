@@ -121,7 +121,7 @@ class Engine:
         self.context = self.model.context
         blocks = config.kv_blocks or config.max_batch * -(-self.context // config.kv_block_size)
         self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, self.model.device)
-        self.graphs = DecodeGraphs(self.model, self.kv, config.max_batch) if config.cuda_graphs and self.model.device.type == "cuda" else None
+        self.graphs = DecodeGraphs(self.model, self.kv, config.max_batch) if config.cuda_graphs and self.model.device.type == "cuda" and self.model.graphable else None
         self._wakeup = threading.Condition()
         self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify)
         self._inbox: deque[Sequence] = deque()

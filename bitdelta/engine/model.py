@@ -16,7 +16,9 @@ structure: RMSNorm, RoPE, GQA, gated MLP; Qwen3 adds an RMSNorm of each query an
 RoPE; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises the whole query
 and key projections, and each block's attention and MLP outputs instead of their inputs; Gemma 3
 normalises both inputs and outputs, with (1 + weight) norms, scaled embeddings and a RoPE base per
-layer type); other families are refused with a clear error.
+layer type). Mixture-of-experts blocks (Mixtral, Qwen3-MoE) route each row with its own
+fine-tune's router and compute its experts with its own fine-tune's expert deltas (experts.py).
+Other families are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from bitdelta.kernels import build_plan
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
 from bitdelta.pack import packed_words
 
+from .experts import CheckpointNames, ExpertLayer, ExpertRows, is_moe_block
 from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text", "mixtral", "qwen3_moe")
 QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -84,6 +87,9 @@ class MultiTenantModel:
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.kv_heads = self.config.num_key_value_heads
         self.routing = DeltaRouting()
+        self.checkpoint_names = CheckpointNames(self.config.model_type)
+        self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
+                        for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
         self.linears = self._swap_linears(model)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
@@ -97,8 +103,12 @@ class MultiTenantModel:
         self.rope_types = types if types is not None and "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters else None
         self.norm_names = [f"model.layers.{i}.{name}" for i, layer in enumerate(self.layers)
                            for name, _ in layer.named_parameters() if "norm" in name] + ["model.norm.weight"]
+        self.router_names = {index: f"model.layers.{index}.mlp.gate.weight" for index in self.experts}
         params = dict(model.named_parameters())
-        self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names}}
+        self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names, *self.router_names.values()}}
+        self._expert_modules = {f"model.layers.{index}.mlp.experts": index for index in self.experts}
+        self._expert_rows_per_matrix = {(index, name): weight.shape[1] for index, layer in self.experts.items()
+                                        for name, weight in layer.weights.items()}
         self.bias_names = {name.removesuffix(".weight") + ".bias": lin for name, lin in self.linears.items() if lin.bias is not None}
         self.tables: dict[str, torch.Tensor] = {}  # per-slot copies of the lossless tensors deltas change
         self.layout_version = 0  # bumped when a table or per-slot bias appears: captured graphs predate it
@@ -134,13 +144,39 @@ class MultiTenantModel:
                     scales = torch.zeros(self.max_slots, n, device=module.weight.device)
                     linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
                     replace_linear(model, name, new)
-            qkv, gate_up = (_stacked(layer.get_submodule(block), parts, FUSED[block]) for block, parts in STACKED)
+            qkv, gate_up = (None if block == "mlp" and index in self.experts else _stacked(layer.get_submodule(block), parts, FUSED[block])
+                            for block, parts in STACKED)  # an MoE block's experts are not linears
             self.qkv.append(qkv)
             self.gate_up.append(gate_up)
         return linears
 
+    @property
+    def graphable(self) -> bool:
+        """Whether a decode step can be a CUDA graph: not with MoE blocks, whose grouping of rows by
+        expert is read on the host."""
+        return not self.experts
+
+    def model_name(self, name: str) -> str:
+        """The model's name for checkpoint tensor `name` (Mixtral's `block_sparse_moe` is `mlp` in the model)."""
+        return self.checkpoint_names.renamed(name)
+
+    def expert_rows(self, name: str) -> ExpertRows | None:
+        """Where checkpoint matrix `name` lives if it is one expert's matrix of an MoE block."""
+        return self.checkpoint_names.expert(name, self._expert_modules, self._expert_rows_per_matrix) if self.experts else None
+
+    def delta_shape(self, name: str) -> tuple[int, int] | None:
+        """[N, K] of the matrix a 1-bit delta named `name` (checkpoint name) applies to: a block
+        linear, or one expert's matrix; None where the engine has no such matrix."""
+        if name in self.linears:
+            return tuple(self.linears[name].weight.shape)
+        rows = self.expert_rows(name)
+        if rows is None or not 0 <= rows.expert < self.experts[rows.layer].num_experts:
+            return None
+        return rows.count, self.experts[rows.layer].weights[rows.fused].shape[2]
+
     def routable(self, name: str) -> bool:
-        """Whether a lossless tensor can differ per row: embeddings, norms, lm_head, linear biases."""
+        """Whether a lossless tensor (model name) can differ per row: embeddings, norms, lm_head,
+        linear biases, MoE routers."""
         return name in self.base_tensors or name in self.bias_names
 
     def base_shape(self, name: str) -> tuple[int, ...]:
@@ -157,6 +193,11 @@ class MultiTenantModel:
                 linear.scales[slot].copy_(weights.scales[name], non_blocking=True)
             else:  # the fine-tune left this linear unchanged: a zero delta
                 linear.scales[slot].zero_()
+        for layer in self.experts.values():
+            layer.clear(slot)
+        for name in weights.signs.keys() - self.linears.keys():
+            rows = self.expert_rows(name)
+            self.experts[rows.layer].install(slot, rows, weights.signs[name], weights.scales[name])
         for name in weights.dense:
             self._ensure_table(name)
         for name, linear in self.bias_names.items():
@@ -214,7 +255,7 @@ class MultiTenantModel:
             attention = self._attention(layer.self_attn, index, x, *rope[index], batch, kv, split, table_rows)
             h, x = self._add_norm(h, attention, layer.post_attention_layernorm,
                                   f"model.layers.{index}.post_attention_layernorm.weight", table_rows)
-            residual = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](x), 2)))
+            residual = self._mlp(index, layer.mlp, x, slots, table_rows)
         rows = batch.logit_rows
         _, h = self._add_norm(h[rows], residual[rows], self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
@@ -234,8 +275,7 @@ class MultiTenantModel:
             h = h + norm(self._attention(layer.self_attn, index, x, *rope[index], batch, kv, split, table_rows), layer, index,
                          "post_attention_layernorm")
             x = norm(h, layer, index, "pre_feedforward_layernorm")
-            mlp = layer.mlp.down_proj(self._gated_activation(layer.mlp, *_unfused(self.gate_up[index](x), 2)))
-            h = h + norm(mlp, layer, index, "post_feedforward_layernorm")
+            h = h + norm(self._mlp(index, layer.mlp, x, batch.slots, table_rows), layer, index, "post_feedforward_layernorm")
         rows = batch.logit_rows
         _, h = self._add_norm(h[rows], None, self.model.model.norm, "model.norm.weight", table_rows[rows])
         return self._lm_head(h, head_groups)
@@ -267,6 +307,25 @@ class MultiTenantModel:
         pieces = heads[0].numel() // width  # a row's norms: its heads, or one
         _, normed = self._add_norm(heads.reshape(-1, width), None, norm, name, table_rows.repeat_interleave(pieces))
         return normed.view(heads.shape)
+
+    def _mlp(self, index: int, mlp: nn.Module, x: torch.Tensor, slots: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
+        """The block's gated MLP, or its mixture of experts routed by each row's own router."""
+        experts = self.experts.get(index)
+        if experts is None:
+            return mlp.down_proj(self._gated_activation(mlp, *_unfused(self.gate_up[index](x), 2)))
+        return experts.forward(x, slots, self._per_row_product(x, self.router_names[index], table_rows))
+
+    def _per_row_product(self, x: torch.Tensor, name: str, table_rows: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with each row's own fine-tune's version of the small matrix `name` (a router):
+        rows grouped by table entry, since gathering a matrix per row would copy it per row."""
+        table = self.tables.get(name)
+        if table is None:
+            return x @ self.base_tensors[name].T
+        out = torch.empty(x.shape[0], table.shape[1], dtype=x.dtype, device=x.device)
+        for entry in torch.unique(table_rows).tolist():
+            rows = (table_rows == entry).nonzero(as_tuple=True)[0]
+            out[rows] = x[rows] @ table[entry].T
+        return out
 
     def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if getattr(self.config, "hidden_act", None) == "silu":  # the Llama family's SwiGLU: one kernel on a GPU

@@ -31,6 +31,7 @@ import torch
 
 from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError, UnknownModelError
 from bitdelta.fileformat import DeltaConfig, DeltaReader
+from bitdelta.pack import packed_words
 
 from .model import MultiTenantModel, SlotWeights
 
@@ -156,8 +157,8 @@ class DeltaStore:
         way). With no file to read it back from, it stays in CPU memory while registered, outside
         the `max_cpu_deltas` budget."""
         for weight, signs in weights.signs.items():
-            linear = self.model.linears.get(weight)
-            if linear is None or signs.shape != linear.signs.shape[1:] or weights.scales[weight].shape != linear.scales.shape[1:]:
+            shape = self.model.delta_shape(weight)
+            if shape is None or signs.shape != (shape[0], packed_words(shape[1])) or weights.scales[weight].shape != (shape[0],):
                 raise IncompatibleModelsError(f"delta {name!r}: {weight} is not a block linear of the served base with these shapes")
         for tensor in weights.dense:
             if not self.model.routable(tensor) or tuple(weights.dense[tensor].shape) != self.model.base_shape(tensor):
@@ -347,15 +348,18 @@ def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint
     """Refuse a delta the engine cannot serve exactly, before anything of it is loaded."""
     check_base(config, base_fingerprint, model.config.model_type, path)
     for name, shape in config.compressed.items():
-        if name not in model.linears:
-            raise IncompatibleModelsError(f"{path}: {name} is 1-bit but is not a linear of the decoder blocks; the engine applies 1-bit deltas to block linears only")
-        if tuple(shape) != model.base_shape(name):
-            raise IncompatibleModelsError(f"{path}: {name} is {shape} in the delta but {list(model.base_shape(name))} in the base")
-    for name, shape in config.dense.items():
+        base_shape = model.delta_shape(name)
+        if base_shape is None:
+            raise IncompatibleModelsError(f"{path}: {name} is 1-bit but is not a linear or an expert of the decoder blocks; "
+                                          "the engine applies 1-bit deltas to those only")
+        if tuple(shape) != base_shape:
+            raise IncompatibleModelsError(f"{path}: {name} is {shape} in the delta but {list(base_shape)} in the base")
+    for checkpoint_name, shape in config.dense.items():
+        name = model.model_name(checkpoint_name)
         if not model.routable(name):
             raise IncompatibleModelsError(
-                f"{path} stores {name} losslessly; the engine can apply per fine-tune only embeddings, norms, lm_head, "
-                f"biases and 1-bit block linears (compress it without excluding {name}, or serve the merged model)"
+                f"{path} stores {checkpoint_name} losslessly; the engine can apply per fine-tune only embeddings, norms, lm_head, "
+                f"biases, MoE routers and 1-bit block linears (compress it without excluding {checkpoint_name}, or serve the merged model)"
             )
         if tuple(shape) != model.base_shape(name):
             raise IncompatibleModelsError(f"{path}: {name} is {shape} in the delta but {list(model.base_shape(name))} in the base (a grown vocabulary cannot share the base's batch)")
@@ -375,7 +379,7 @@ def read_weights(path: Path, model: MultiTenantModel, base_fingerprint: str) -> 
         tensor = reader.dense(name)
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise DeltaFormatError(f"{path}: {name} is not a finite floating-point tensor; the delta is corrupted")
-        dense[name] = _maybe_pin(tensor.to(model.dtype), pin)
+        dense[model.model_name(name)] = _maybe_pin(tensor.to(model.dtype), pin)
     return SlotWeights(signs, scales, dense)
 
 

@@ -96,6 +96,9 @@ _FAMILY_CONFIGS = {
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=lambda spec: spec.hidden // spec.heads)),
     "gemma3": ("gemma3_text", dict(head_dim=lambda spec: spec.hidden // spec.heads, sliding_window=32,
                              layer_types=lambda spec: ["sliding_attention", "full_attention"] * (spec.layers // 2) + ["sliding_attention"] * (spec.layers % 2))),
+    # Gemma 2 with small caps, so that the soft-capping of scores and logits changes the answers
+    "gemma2": ("gemma2", dict(head_dim=lambda spec: spec.hidden // spec.heads, query_pre_attn_scalar=lambda spec: spec.hidden // spec.heads,
+                              sliding_window=16, attn_logit_softcapping=5.0, final_logit_softcapping=10.0)),
     "phi3": ("phi3", dict(tie_word_embeddings=False)),
     "olmo2": ("olmo2", dict(tie_word_embeddings=False)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
@@ -104,7 +107,7 @@ _FAMILY_CONFIGS = {
     "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=lambda spec: spec.hidden // spec.heads, sliding_window=32,
                                 tie_word_embeddings=False)),
 }
-RECENT_FAMILIES = ("qwen3", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "gpt_oss")  # beside FAMILIES, for their own tests
+RECENT_FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "gpt_oss")  # beside FAMILIES, for their own tests
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 
 

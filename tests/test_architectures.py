@@ -16,6 +16,8 @@ from bitdelta.fileformat import DeltaReader
 from bitdelta.kernels import triton_available
 from bitdelta.targets import select_targets
 
+# longer than the tiny Gemmas' sliding windows (16, 32 tokens)
+PROMPT = "def parse(self, text):\n    return [line.strip() for line in text.splitlines() if line and not line.startswith('#')]\n"
 STEPS = {"gpt_oss": 10}  # its experts train ~10x slower on the CPU than the others'; 10 + 10 steps still move every matrix
 
 
@@ -140,12 +142,14 @@ def test_info_shows_a_layers_experts_in_one_row_and_json_keeps_every_matrix(rece
     assert sum(".experts." in row["name"] for row in summary["tensors"]) == 2 * 3 * 4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, recent_deltas, family, tmp_path):
     """Qwen3 normalises each query and key head (q_norm, k_norm) before RoPE, and its fine-tune changed
     those weights; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises whole
     query and key projections and each block's outputs rather than its inputs; Mixtral and Qwen3-MoE
-    route each token to two of four experts, whose matrices the checkpoint names one per expert. In one batch of the
+    route each token to two of four experts, whose matrices the checkpoint names one per expert; Gemma
+    2 soft-caps scores and logits. The prompt is longer than Gemma's sliding windows, so their local
+    layers see only the window. In one batch of the
     fine-tune (matrix and row scales) and the base, each row's logits and greedy answer are its own
     model's alone."""
     from transformers import AutoModelForCausalLM
@@ -155,17 +159,20 @@ def test_the_engine_serves_the_finetunes_of_a_family_as_merged(recent_pairs, rec
 
     base, finetuned = recent_pairs[family]
     deltas = {f"{family}-ft": recent_deltas[family], f"{family}-ft-row": compress(base, finetuned, tmp_path / "row", scale="row", progress=False)}
-    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=8, prefill_chunk=128))
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=8, prefill_chunk=512))
     for name, path in deltas.items():
         engine.store.register(name, path, load_now=True)
     names = [*deltas, engine.store.names()[0]]
     models = [load(base, deltas[name], dtype="float32") for name in deltas] + [AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
-    prompt = engine.store.get(names[0]).tokenizer("def parse(self, text):\n", add_special_tokens=False)["input_ids"]
+    prompt = engine.store.get(names[0]).tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     steps = []
     engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
     outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
     if family in ("qwen3", "olmo2", "gemma3"):
         assert "model.layers.0.self_attn.q_norm.weight" in engine.model.tables  # the fine-tune's own q/k norms are routed
+    windows = [window for window in engine.model.windows if window is not None]
+    assert len(prompt) > max(windows, default=0)  # a windowed layer's window is shorter than the prompt
+    assert bool(windows) == family.startswith("gemma")
     if family in tiny.MOE_FAMILIES:  # each row routed by its own fine-tune's router to its own fine-tune's experts
         assert "model.layers.0.mlp.gate.weight" in engine.model.tables
         assert all(layer.scales[fused].abs().sum() > 0 for layer in engine.model.experts.values() for fused in layer.scales)
@@ -192,23 +199,23 @@ def test_eval_reports_the_gain_a_moe_delta_keeps_and_refuses_baselines_clearly(r
         evaluate(base, finetuned, baselines=["svd:equal"], windows=4, seq_len=32, device="cpu")
 
 
-def test_the_engine_refuses_soft_capped_logits_in_one_line(recent_pairs, tmp_path):
+def test_the_engine_refuses_a_partial_rotary_embedding_in_one_line(recent_pairs, tmp_path):
     import json
     import shutil
 
     from bitdelta.engine import Engine, EngineConfig
     from bitdelta.errors import IncompatibleModelsError
 
-    base = shutil.copytree(recent_pairs["gemma3"][0], tmp_path / "capped")
+    base = shutil.copytree(recent_pairs["phi3"][0], tmp_path / "partial")
     config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps(config | {"final_logit_softcapping": 30.0}))
-    with pytest.raises(IncompatibleModelsError, match="final_logit_softcapping"):
+    (base / "config.json").write_text(json.dumps(config | {"partial_rotary_factor": 0.5}))
+    with pytest.raises(IncompatibleModelsError, match="partial_rotary_factor 0.5"):
         Engine(base, EngineConfig(device="cpu", dtype="float32"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "olmo2", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_on_a_gpu_in_bf16_each_row_of_a_mixed_batch_gets_its_merged_finetunes_logits(recent_pairs, recent_deltas, family):
     """The families' own pieces (q/k norms through the norm kernel with per-row tables, fused linears,
     output norms, offset norms, experts grouped per expert and slot) on the Triton path, then decode
@@ -220,7 +227,7 @@ def test_on_a_gpu_in_bf16_each_row_of_a_mixed_batch_gets_its_merged_finetunes_lo
     engine = Engine(base, EngineConfig(device="cuda", dtype="bfloat16", max_gpu_deltas=2))
     engine.store.register("ft", recent_deltas[family], load_now=True)
     names = ["ft", engine.store.names()[0]]
-    prompt = engine.store.get("ft").tokenizer("def parse(self, text):\n", add_special_tokens=False)["input_ids"]
+    prompt = engine.store.get("ft").tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     steps = []
     engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
     outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])

@@ -40,28 +40,39 @@ def random_step(heads: int, kv_heads: int, head_dim: int, page: int, dtype: torc
     return q, keys, values, as_int(tables), as_int(row_sequence), as_int(row_position)
 
 
-def attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale):
+# (sliding window, soft-cap): plain causal; a window shorter than a page; soft-capped scores (1.5
+# binds: the scores are ~N(0, 1)); a window longer than a key block (64), with soft-capping
+VARIANTS = [(None, None), (7, None), (None, 1.5), (70, 1.5)]
+
+
+def attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale, window=None, softcap=None):
     """fp64, one row and head at a time, straight from the definition."""
     groups = q.shape[1] // keys.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
     for row in range(q.shape[0]):
         sequence, position = int(row_sequence[row]), int(row_position[row])
-        pool = [int(tables[sequence, p // page]) * page + p % page for p in range(position + 1)]
+        first = 0 if window is None else max(0, position - window + 1)
+        pool = [int(tables[sequence, p // page]) * page + p % page for p in range(first, position + 1)]
         for head in range(q.shape[1]):
             k = keys[pool, head // groups].double()
             v = values[pool, head // groups].double()
-            weights = torch.softmax(k @ q[row, head].double() * scale, dim=0)
+            scores = k @ q[row, head].double() * scale
+            weights = torch.softmax(scores if softcap is None else softcap * torch.tanh(scores / softcap), dim=0)
             out[row, head] = weights @ v
     return out
 
 
+@pytest.mark.parametrize("window,softcap", VARIANTS)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(4, 4, 16, 4), (8, 2, 24, 8), (6, 1, 32, 16)])
-def test_reference_is_causal_attention_over_the_pages(heads, kv_heads, head_dim, page):
+def test_reference_is_causal_attention_over_the_pages(heads, kv_heads, head_dim, page, window, softcap):
     q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, torch.float32)
     scale = 1 / math.sqrt(head_dim)
-    got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale)
-    expected = attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale)
+    got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale, window=window, softcap=softcap)
+    expected = attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale, window, softcap)
     assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-5)
+    if (window, softcap) != (None, None):  # the variant changes the answer: the comparison is not vacuous
+        plain = attention_by_position(q, keys, values, tables, row_sequence, row_position, page, scale)
+        assert not torch.allclose(plain, expected, atol=1e-3, rtol=1e-3)
 
 
 def test_heads_must_group_evenly():
@@ -93,13 +104,15 @@ BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 6e-3}
 @pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("dtype", list(BOUNDS))
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 32, 128, 16), (32, 8, 128, 16), (12, 4, 80, 16), (8, 8, 64, 32)])
-def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, page):
+@pytest.mark.parametrize("window,softcap", VARIANTS)
+def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, page, window, softcap):
     for _ in range(3):
         q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, dtype, "cuda")
         scale = 1 / math.sqrt(head_dim)
-        expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
+        expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale,
+                                             window, softcap)
         torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")  # freed at once: the kernel's output block likely reuses it, so unwritten elements show
-        got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale).float()
+        got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale, window=window, softcap=softcap).float()
         assert torch.isfinite(got).all()
         assert (got - expected).norm() / expected.norm() < BOUNDS[dtype]
 
@@ -109,7 +122,8 @@ def test_triton_kernel_matches_reference(dtype, heads, kv_heads, head_dim, page)
 @pytest.mark.parametrize("dtype", list(BOUNDS))
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 32, 128, 16), (32, 8, 128, 16), (12, 4, 80, 16), (8, 8, 64, 32)])
 @pytest.mark.parametrize("chunk,cached", [(2, None), (63, None), (64, 0), (65, None), (200, None), (200, 0)])
-def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, chunk, cached):
+@pytest.mark.parametrize("window,softcap", VARIANTS)
+def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, chunk, cached, window, softcap):
     """Prefill chunks as tiles (`query_split`): one tile, a tile one row short, a full one, a full
     one and a row, several with a partial last one; in the middle of a prompt or its first chunk,
     beside decode rows."""
@@ -119,9 +133,11 @@ def test_prefill_tiles_match_reference(dtype, heads, kv_heads, head_dim, page, c
         split = query_split(row_sequence.cpu(), row_position.cpu())
         assert split.tiles[:, 1].sum() == chunk
         scale = 1 / math.sqrt(head_dim)
-        expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
+        expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale,
+                                             window, softcap)
         torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
-        got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale, split.to(q.device)).float()
+        got = paged_attention(q, keys, values, tables, row_sequence, row_position, page, scale, split.to(q.device),
+                              window=window, softcap=softcap).float()
         assert torch.isfinite(got).all()
         assert (got - expected).norm() / expected.norm() < BOUNDS[dtype]
 
@@ -130,18 +146,21 @@ INTERPRETED_CHECK = """
 import math, sys
 import torch
 sys.path.insert(0, "tests")
-from test_paged_attention import random_step
+from test_paged_attention import VARIANTS, random_step
 from bitdelta.engine.ops.paged_attention import paged_attention_reference, query_split
 from bitdelta.engine.ops.paged_attention_triton import paged_attention_triton
 torch.manual_seed(0)
 worst = 0.0
-for heads, kv_heads, head_dim, page, chunk, cached in [(4, 2, 24, 8, 65, 0), (2, 1, 80, 16, 130, None), (2, 2, 16, 4, 64, 3)]:
+for (heads, kv_heads, head_dim, page, chunk, cached), (window, softcap) in zip(
+        [(4, 2, 24, 8, 65, 0), (2, 1, 80, 16, 130, None), (2, 2, 16, 4, 64, 3), (2, 1, 32, 8, 100, None)], VARIANTS):
     q, keys, values, tables, row_sequence, row_position = random_step(heads, kv_heads, head_dim, page, torch.float16,
                                                                       chunk=chunk, cached=cached)
     scale = 1 / math.sqrt(head_dim)
-    expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale)
+    expected = paged_attention_reference(q.float(), keys.float(), values.float(), tables, row_sequence, row_position, page, scale,
+                                         window, softcap)
     for split in (None, query_split(row_sequence, row_position)):
-        got = paged_attention_triton(q, keys, values, tables, row_sequence, row_position, page, scale, split).float()
+        got = paged_attention_triton(q, keys, values, tables, row_sequence, row_position, page, scale, split,
+                                     window=window, softcap=softcap).float()
         worst = max(worst, ((got - expected).norm() / expected.norm()).item())
 print(worst)
 """

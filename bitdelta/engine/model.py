@@ -16,7 +16,9 @@ structure: RMSNorm, RoPE, GQA, gated MLP; Qwen3 adds an RMSNorm of each query an
 RoPE; Phi-3 computes q/k/v and gate/up each as one fused linear; OLMo 2 normalises the whole query
 and key projections, and each block's attention and MLP outputs instead of their inputs; Gemma 3
 normalises both inputs and outputs, with (1 + weight) norms, scaled embeddings and a RoPE base per
-layer type). Mixture-of-experts blocks (Mixtral, Qwen3-MoE) route each row with its own
+layer type; Gemma 2 the same with one RoPE and soft-capped attention scores and logits). Sliding-
+window layers (Mistral, Gemma's local layers) attend to their window alone, as transformers' own
+attention does, so no sequence is cut at the window. Mixture-of-experts blocks (Mixtral, Qwen3-MoE) route each row with its own
 fine-tune's router and compute its experts with its own fine-tune's expert deltas (experts.py).
 Other families are refused with a clear error.
 """
@@ -39,7 +41,7 @@ from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text", "mixtral", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -97,7 +99,14 @@ class MultiTenantModel:
         # OLMo 2 and Gemma 3 normalise the attention's and the MLP's outputs (OLMo 2 instead of their inputs)
         self.output_norms = hasattr(self.layers[0], "post_feedforward_layernorm")
         self.norm_offset = _norm_offset(decoder.norm)  # Gemma's norms multiply by (1 + weight)
-        self.embed_scale = getattr(decoder.embed_tokens, "embed_scale", None)  # Gemma scales its embeddings
+        # Gemma scales its embeddings: Gemma 3 in its embedding module, Gemma 2 in the decoder's forward
+        self.embed_scale = getattr(decoder.embed_tokens, "embed_scale", None)
+        if self.config.model_type == "gemma2":
+            self.embed_scale = torch.tensor(self.config.hidden_size**0.5)
+        # each layer's sliding window (what transformers' attention of the layer applies), or None
+        self.windows = [getattr(layer.self_attn, "sliding_window", getattr(self.config, "sliding_window", None)) for layer in self.layers]
+        self.attention_softcap = getattr(self.config, "attn_logit_softcapping", None)
+        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
         # Gemma 3 has a RoPE base per layer type (local, global); its rotary embedding takes the type
         types = getattr(self.config, "layer_types", None)
         self.rope_types = types if types is not None and "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters else None
@@ -123,10 +132,8 @@ class MultiTenantModel:
 
     @property
     def context(self) -> int:
-        """Longest sequence: the position table's size (or Mistral's sliding window, which this
-        attention does not implement, so sequences never grow past it)."""
-        window = getattr(self.config, "sliding_window", None) if getattr(self.config, "use_sliding_window", True) else None
-        return min(self.config.max_position_embeddings, window or self.config.max_position_embeddings)
+        """Longest sequence: the position table's size."""
+        return self.config.max_position_embeddings
 
     def _swap_linears(self, model: nn.Module) -> dict[str, BitDeltaLinear]:
         """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes
@@ -242,6 +249,8 @@ class MultiTenantModel:
         embed = self.tables.get(self.embed_name)
         if embed is None:
             h = self.model.model.embed_tokens(batch.token_ids)
+            if self.config.model_type == "gemma2":  # Gemma 3's embedding module scales itself
+                h = h * self.embed_scale.to(h.dtype)
         else:
             h = embed[table_rows, batch.token_ids]
             h = h if self.embed_scale is None else h * self.embed_scale.to(h.dtype)
@@ -344,7 +353,7 @@ class MultiTenantModel:
         q = rotary_and_cache(q, k, v, cos, sin, kv.keys[layer], kv.values[layer], batch.write_rows)
         out = paged_attention(
             q, kv.keys[layer], kv.values[layer], batch.block_tables,
-            batch.row_sequence, batch.positions, kv.block_size, self.scaling, split,
+            batch.row_sequence, batch.positions, kv.block_size, self.scaling, split, self.windows[layer], self.attention_softcap,
         )
         return attn.o_proj(out.reshape(t, -1))
 
@@ -359,12 +368,15 @@ class MultiTenantModel:
 
     def _lm_head(self, h: torch.Tensor, head_groups: list[tuple[int, torch.Tensor]] | None) -> torch.Tensor:
         if head_groups is None:
-            return self.model.lm_head(h).float()
-        table = self.tables[self.head_name]
-        logits = torch.empty(h.shape[0], table.shape[1], dtype=torch.float32, device=h.device)
-        # grouped by slot: gathering a [vocab, hidden] matrix per row would cost a copy per row
-        for entry, rows in head_groups:
-            logits[rows] = (h[rows] @ table[entry].T).float()
+            logits = self.model.lm_head(h).float()
+        else:
+            table = self.tables[self.head_name]
+            logits = torch.empty(h.shape[0], table.shape[1], dtype=torch.float32, device=h.device)
+            # grouped by slot: gathering a [vocab, hidden] matrix per row would cost a copy per row
+            for entry, rows in head_groups:
+                logits[rows] = (h[rows] @ table[entry].T).float()
+        if self.logit_softcap is not None:  # Gemma 2
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
 
@@ -373,9 +385,6 @@ def _check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise IncompatibleModelsError(f"the engine serves these model types: {', '.join(SUPPORTED_MODEL_TYPES)}; {model_type!r} is not supported yet")
-    capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None) is not None]
-    if capped:
-        raise IncompatibleModelsError(f"this {model_type} model soft-caps its logits ({capped[0]}), which the engine does not; not supported yet")
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "
                                       f"(partial_rotary_factor {config.partial_rotary_factor}) and is not supported yet")

@@ -1,12 +1,15 @@
 """Attention over a paged KV cache for a packed step: the public entry point and its reference.
 
-    out = paged_attention(q, keys, values, block_tables, row_sequence, row_position, block_size, scale)
+    out = paged_attention(q, keys, values, block_tables, row_sequence, row_position, block_size, scale,
+                          window=None, softcap=None)
 
 A step packs the new tokens of many sequences side by side (decode rows and prefill chunks). Row
 i belongs to sequence row_sequence[i] at position row_position[i] and attends, causally, to that
 sequence's positions 0..row_position[i], whose keys and values sit in the pool rows its block table
 names (position p is row block_tables[s, p // block_size] * block_size + p % block_size). The
-current rows' own keys must already be written.
+current rows' own keys must already be written. A sliding-window layer (`window` = W, Mistral,
+Gemma's local layers) sees only its last W positions, row_position[i] - W < p; Gemma 2 soft-caps
+the scores, score = softcap * tanh(score / softcap), before the softmax.
 
 On a CUDA fp16/bf16 tensor with Triton it runs the Triton kernels (`paged_attention_triton.py`):
 a program per row, or, given a `QuerySplit` (built on the host from the step's layout), a program
@@ -63,6 +66,8 @@ def paged_attention(
     block_size: int,
     scale: float,
     split: QuerySplit | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """out [T, H, D] in q's dtype for q [T, H, D], keys/values [pool rows, kv_heads, D] (one layer),
     block_tables int [S, max_blocks], row_sequence / row_position int [T]. H must be a multiple of
@@ -75,8 +80,9 @@ def paged_attention(
     if on_triton(q):
         from bitdelta.engine.ops.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size, scale, split)
-    return paged_attention_reference(q, keys, values, block_tables, row_sequence, row_position, block_size, scale)
+        return paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size, scale, split,
+                                      window=window, softcap=softcap)
+    return paged_attention_reference(q, keys, values, block_tables, row_sequence, row_position, block_size, scale, window, softcap)
 
 
 def pool_rows(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -85,7 +91,8 @@ def pool_rows(block_table: torch.Tensor, length: int, block_size: int) -> torch.
     return block_table[positions // block_size].long() * block_size + positions % block_size
 
 
-def paged_attention_reference(q, keys, values, block_tables, row_sequence, row_position, block_size: int, scale: float) -> torch.Tensor:
+def paged_attention_reference(q, keys, values, block_tables, row_sequence, row_position, block_size: int, scale: float,
+                              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     out = torch.empty_like(q)
     groups = q.shape[1] // keys.shape[1]
     for sequence in torch.unique(row_sequence).tolist():
@@ -95,7 +102,15 @@ def paged_attention_reference(q, keys, values, block_tables, row_sequence, row_p
         kv_rows = pool_rows(block_tables[sequence], length, block_size)
         k = keys[kv_rows].transpose(0, 1).repeat_interleave(groups, 0)  # [H, L, D]
         v = values[kv_rows].transpose(0, 1).repeat_interleave(groups, 0)
-        visible = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # [R, L], causal
-        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k[None], v[None], attn_mask=visible, scale=scale)
-        out[rows] = o[0].transpose(0, 1)
+        key_positions = torch.arange(length, device=q.device)[None, :]
+        visible = key_positions <= positions[:, None]  # [R, L], causal
+        if window is not None:
+            visible &= key_positions > positions[:, None] - window
+        queries = q[rows].transpose(0, 1)  # [H, R, D]
+        if softcap is None:
+            o = F.scaled_dot_product_attention(queries[None], k[None], v[None], attn_mask=visible, scale=scale)[0]
+        else:
+            scores = softcap * torch.tanh((queries @ k.transpose(1, 2)).float() * scale / softcap)
+            o = (torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v.float()).to(q.dtype)
+        out[rows] = o.transpose(0, 1)
     return out

@@ -12,6 +12,9 @@ sequence.
   once for the whole tile and both products run on the tensor cores (flash-attention style, causal
   mask per element). The row kernel alone would re-read the prefix for every query row of a chunk,
   which dominated long prompts' prefill (docs/kernels.md).
+
+A sliding window (WINDOW > 0) starts each walk at the first block the window reaches, so a
+windowed layer reads at most its window of the cache; SOFTCAP > 0 caps the scores (Gemma 2).
 """
 
 from __future__ import annotations
@@ -24,19 +27,37 @@ from bitdelta.engine.ops.paged_attention import TILE_ROWS
 from bitdelta.kernels.launch import fast
 
 LOG2E = 1.4426950408889634
+LOG2E_CONST = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _key_block(table, start, end, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
+def _key_block(table, start, begin, end, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
                PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Positions start..start+BLOCK_N-1 of the sequence whose block table `table` points at, the ones
-    below `end`, and the offsets (and mask) of their keys and values for one key/value head."""
+    in [begin, end), and the offsets (and mask) of their keys and values for one key/value head."""
     positions = start + tl.arange(0, BLOCK_N)
-    valid = positions < end
+    valid = (positions >= begin) & (positions < end)
     page = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
     pool_row = page * PAGE + positions % PAGE
     offsets = pool_row[:, None] * stride_kv_row + kv_head * stride_kv_head + dims[None, :]
     return positions, valid, offsets, valid[:, None] & dim_ok[None, :]
+
+
+@triton.jit
+def _window_start(last_position, WINDOW: tl.constexpr):
+    """The first position a row at `last_position` sees: 0, or the start of its sliding window."""
+    if WINDOW > 0:
+        return tl.maximum(last_position - WINDOW + 1, 0)
+    return last_position * 0
+
+
+@triton.jit
+def _capped(scores_log2, SOFTCAP: tl.constexpr):
+    """Scores (log2 units) soft-capped, softcap * tanh(score / softcap), where SOFTCAP > 0."""
+    if SOFTCAP > 0:
+        x = scores_log2 / (LOG2E_CONST * SOFTCAP)
+        return SOFTCAP * LOG2E_CONST * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # tanh(x); saturates to +-1 without NaN
+    return scores_log2
 
 
 @triton.jit
@@ -45,6 +66,7 @@ def _paged_attention_kernel(
     stride_q_row, stride_q_head, stride_kv_row, stride_kv_head, stride_out_row, stride_out_head, stride_table,
     scale_log2, head_dim,
     GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_LIST: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     row = tl.load(rows_ptr + tl.program_id(0)) if ROW_LIST else tl.program_id(0)  # ROW_LIST: the rows outside tiles
     head = tl.program_id(1)
@@ -58,11 +80,12 @@ def _paged_attention_kernel(
     running_sum = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     table = tables_ptr + sequence.to(tl.int64) * stride_table
-    for start in range(0, length, BLOCK_N):
-        _, valid, offsets, tile_ok = _key_block(table, start, length, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
+    begin = _window_start(length - 1, WINDOW)
+    for start in range(begin // BLOCK_N * BLOCK_N, length, BLOCK_N):
+        _, valid, offsets, tile_ok = _key_block(table, start, begin, length, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
                                                 PAGE, BLOCK_N)
         k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-        scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))  # log2 units
+        scores = tl.where(valid, _capped(tl.sum(k * q[None, :], axis=1), SOFTCAP), float("-inf"))  # log2 units
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         rescale = tl.exp2(running_max - new_max)
         p = tl.exp2(scores - new_max)
@@ -80,6 +103,7 @@ def _prefill_attention_kernel(
     stride_q_row, stride_q_head, stride_kv_row, stride_kv_head, stride_out_row, stride_out_head, stride_table,
     scale_log2, head_dim,
     GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     first = tl.load(tiles_ptr + tl.program_id(0) * 2)
     count = tl.load(tiles_ptr + tl.program_id(0) * 2 + 1)
@@ -95,18 +119,23 @@ def _prefill_attention_kernel(
     dim_ok = dims < head_dim
     q = tl.load(q_ptr + rows[:, None] * stride_q_row + head * stride_q_head + dims[None, :],
                 mask=live[:, None] & dim_ok[None, :], other=0.0)
-    running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    # finite: under a sliding window a row may see nothing of the tile's first blocks, and a max of
+    # -inf would make the rescale exp2(-inf + inf) NaN
+    running_max = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     running_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     table = tables_ptr + sequence.to(tl.int64) * stride_table
-    end = first_position + count  # the last row sees positions 0..end-1
-    for start in range(0, end, BLOCK_N):
-        positions, _, offsets, tile_ok = _key_block(table, start, end, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
+    end = first_position + count  # the last row sees positions up to end-1
+    begin = _window_start(first_position, WINDOW)  # the first row's window starts earliest
+    for start in range(begin // BLOCK_N * BLOCK_N, end, BLOCK_N):
+        positions, _, offsets, tile_ok = _key_block(table, start, begin, end, kv_head, stride_kv_row, stride_kv_head, dims, dim_ok,
                                                     PAGE, BLOCK_N)
         k = tl.load(k_ptr + offsets, mask=tile_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2  # fp32, log2 units
-        # position 0 is visible to every row, so each row's running max is finite after the first block
-        scores = tl.where(positions[None, :] <= query_positions[:, None], scores, float("-inf"))
+        scores = _capped(tl.dot(q, tl.trans(k)) * scale_log2, SOFTCAP)  # fp32, log2 units
+        visible = positions[None, :] <= query_positions[:, None]
+        if WINDOW > 0:
+            visible = visible & (positions[None, :] > query_positions[:, None] - WINDOW)
+        scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp2(running_max - new_max)
         p = tl.exp2(scores - new_max[:, None])
@@ -120,7 +149,7 @@ def _prefill_attention_kernel(
 
 
 def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_position, block_size: int, scale: float,
-                           split=None, block_n: int = 64) -> torch.Tensor:
+                           split=None, block_n: int = 64, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """`split` (a `QuerySplit` on q's device): its tiles on the prefill kernel, its rows on the row
     kernel; None: every row on the row kernel."""
     rows, heads, head_dim = q.shape
@@ -134,7 +163,8 @@ def paged_attention_triton(q, keys, values, block_tables, row_sequence, row_posi
     row_position = row_position.to(torch.int32).contiguous()
     common = (q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1), tables.stride(0),
               scale * LOG2E, head_dim)
-    shapes = dict(GROUPS=heads // keys.shape[1], PAGE=block_size, BLOCK_D=triton.next_power_of_2(head_dim))
+    shapes = dict(GROUPS=heads // keys.shape[1], PAGE=block_size, BLOCK_D=triton.next_power_of_2(head_dim),
+                  WINDOW=window or 0, SOFTCAP=float(softcap or 0.0))
     single = row_sequence if split is None else split.rows  # the row list is unused without a split
     if split is None or split.rows.numel():
         fast(_paged_attention_kernel)[(rows if split is None else split.rows.numel(), heads)](

@@ -242,3 +242,19 @@ def test_on_a_gpu_in_bf16_each_row_of_a_mixed_batch_gets_its_merged_finetunes_lo
         assert (got - expected).norm() / expected.norm() < 3e-2, names[row]
         assert got.argmax() == expected.argmax(), names[row]
     assert all(out[-1].finish_reason is not None for out in outputs)
+
+
+@pytest.mark.parametrize("model_type,name,fused,expert,part", [
+    ("mixtral", "model.layers.3.block_sparse_moe.experts.7.w3.weight", "model.layers.3.mlp.experts.gate_up_proj", 7, 1),
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w2.weight", "model.layers.0.mlp.experts.down_proj", 0, 0),
+    ("qwen3_moe", "model.layers.5.mlp.experts.12.gate_proj.weight", "model.layers.5.mlp.experts.gate_up_proj", 12, 0),
+])
+def test_checkpoint_expert_names_are_placed_in_the_models_fused_tensors_by_transformers_rules(model_type, name, fused, expert, part):
+    from bitdelta.model_names import CheckpointNames
+
+    names = CheckpointNames(model_type)
+    placed = names.fused_expert(name)
+    assert (placed.fused, placed.expert, placed.part) == (fused, expert, part)
+    assert placed.rows(10) == (slice(5 * part, 5 * part + 5) if placed.parts == 2 else slice(0, 10))
+    assert names.fused_expert("model.layers.3.self_attn.q_proj.weight") is None
+    assert names.renamed("model.layers.3.block_sparse_moe.gate.weight") == "model.layers.3.mlp.gate.weight"

@@ -33,10 +33,11 @@ from torch import nn
 
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
+from bitdelta.model_names import CheckpointNames
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
 from bitdelta.pack import packed_words
 
-from .experts import CheckpointNames, ExpertLayer, ExpertRows, is_moe_block
+from .experts import ExpertLayer, is_moe_block
 from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
@@ -115,9 +116,9 @@ class MultiTenantModel:
         self.router_names = {index: f"model.layers.{index}.mlp.gate.weight" for index in self.experts}
         params = dict(model.named_parameters())
         self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names, *self.router_names.values()}}
-        self._expert_modules = {f"model.layers.{index}.mlp.experts": index for index in self.experts}
-        self._expert_rows_per_matrix = {(index, name): weight.shape[1] for index, layer in self.experts.items()
-                                        for name, weight in layer.weights.items()}
+        # fused expert tensor name -> (its layer, the tensor's name in the layer's ExpertLayer)
+        self.fused_experts = {f"model.layers.{index}.mlp.experts.{name}": (layer, name)
+                              for index, layer in self.experts.items() for name in layer.weights}
         self.bias_names = {name.removesuffix(".weight") + ".bias": lin for name, lin in self.linears.items() if lin.bias is not None}
         self.tables: dict[str, torch.Tensor] = {}  # per-slot copies of the lossless tensors deltas change
         self.layout_version = 0  # bumped when a table or per-slot bias appears: captured graphs predate it
@@ -167,19 +168,27 @@ class MultiTenantModel:
         """The model's name for checkpoint tensor `name` (Mixtral's `block_sparse_moe` is `mlp` in the model)."""
         return self.checkpoint_names.renamed(name)
 
-    def expert_rows(self, name: str) -> ExpertRows | None:
-        """Where checkpoint matrix `name` lives if it is one expert's matrix of an MoE block."""
-        return self.checkpoint_names.expert(name, self._expert_modules, self._expert_rows_per_matrix) if self.experts else None
+    def expert_matrix(self, name: str) -> tuple[ExpertLayer, str, int, slice] | None:
+        """Where checkpoint matrix `name` lives if it is one expert's matrix of an MoE block: the
+        layer, its fused tensor, the expert, the rows."""
+        part = self.checkpoint_names.fused_expert(name) if self.experts else None
+        if part is None or part.fused not in self.fused_experts:
+            return None
+        layer, fused = self.fused_experts[part.fused]
+        if not 0 <= part.expert < layer.num_experts:
+            return None
+        return layer, fused, part.expert, part.rows(layer.weights[fused].shape[1])
 
     def delta_shape(self, name: str) -> tuple[int, int] | None:
         """[N, K] of the matrix a 1-bit delta named `name` (checkpoint name) applies to: a block
         linear, or one expert's matrix; None where the engine has no such matrix."""
         if name in self.linears:
             return tuple(self.linears[name].weight.shape)
-        rows = self.expert_rows(name)
-        if rows is None or not 0 <= rows.expert < self.experts[rows.layer].num_experts:
+        where = self.expert_matrix(name)
+        if where is None:
             return None
-        return rows.count, self.experts[rows.layer].weights[rows.fused].shape[2]
+        layer, fused, _, rows = where
+        return rows.stop - rows.start, layer.weights[fused].shape[2]
 
     def routable(self, name: str) -> bool:
         """Whether a lossless tensor (model name) can differ per row: embeddings, norms, lm_head,
@@ -203,8 +212,8 @@ class MultiTenantModel:
         for layer in self.experts.values():
             layer.clear(slot)
         for name in weights.signs.keys() - self.linears.keys():
-            rows = self.expert_rows(name)
-            self.experts[rows.layer].install(slot, rows, weights.signs[name], weights.scales[name])
+            layer, fused, expert, rows = self.expert_matrix(name)
+            layer.install(slot, fused, expert, rows, weights.signs[name], weights.scales[name])
         for name in weights.dense:
             self._ensure_table(name)
         for name, linear in self.bias_names.items():

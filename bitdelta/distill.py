@@ -9,6 +9,11 @@ and trains the student (base + scale * sign) alone against those targets. Peak m
 
 where student weights = base weights + (compressed params) / 8 + lossless extras. The paper keeps
 both models on two GPUs; this needs one.
+
+Block linears train through `DistillLinear`. Mixture-of-experts experts live in fused 3-D
+parameters of the model (`experts.gate_up_proj`), which the experts' forward indexes itself: each
+such parameter is reparametrised as W0 + (s - s0) * sign (W0 as loaded, with the initial scales
+s0), so every expert's scale trains without rewriting any family's MoE forward.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bitdelta.apply import load, open_pair, parse_dtype
 from bitdelta.calibration import calibration_sequences
@@ -31,6 +37,7 @@ from bitdelta.checkpoint import Checkpoint
 from bitdelta.device import resolve_device
 from bitdelta.errors import DistillationError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader, write_delta
+from bitdelta.model_names import CheckpointNames
 from bitdelta.nn import BitDeltaLinear, bitdelta_linears, replace_linear
 from bitdelta.pack import unpack_signs
 from bitdelta.progress import step_progress
@@ -103,6 +110,54 @@ class DistillLinear(nn.Module):
         return base + delta.reshape(base.shape).to(base.dtype)
 
 
+class _AddScaledSigns(torch.autograd.Function):
+    """merged + row_delta * sign for a stacked [E, N, K] tensor, keeping the signs packed: the
+    backward unpacks one expert at a time for the rows' gradient."""
+
+    @staticmethod
+    def forward(ctx, merged, row_delta, signs, k):
+        ctx.save_for_backward(signs)
+        ctx.k = k
+        return merged + row_delta.unsqueeze(-1).to(merged.dtype) * unpack_signs(signs, k, merged.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (signs,) = ctx.saved_tensors
+        rows = torch.stack([(grad[e].float() * unpack_signs(signs[e], ctx.k)).sum(-1) for e in range(grad.shape[0])])
+        return None, rows, None, None
+
+
+class ScaledExperts(nn.Module):
+    """The parametrisation of one fused expert tensor [E, N, K]: W0 + (s - s0) * sign, where each
+    piece (one checkpoint matrix: some experts' rows, or a whole stacked tensor) has its own
+    trainable scale(s) s, initialised to the stored s0."""
+
+    def __init__(self, shape: tuple[int, int, int], device: torch.device):
+        super().__init__()
+        experts, rows, k = shape
+        self.k = k
+        self.signs = torch.zeros(experts, rows, -(-k // 32), dtype=torch.int32, device=device)
+        self.pieces: list[tuple[slice, slice, str]] = []  # (experts, rows, scale name)
+        self.scales = nn.ParameterDict()
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, experts: slice, rows: slice, signs: torch.Tensor, scale: torch.Tensor) -> nn.Parameter:
+        """A piece of the tensor: `signs` [e, n, Kw] (or [n, Kw]), `scale` as stored ([1], [n], [e, 1], [e, n])."""
+        key = str(len(self.pieces))
+        self.signs[experts, rows] = signs.to(self.signs.device)
+        self.initial[key] = scale.float().to(self.signs.device)
+        self.scales[key] = nn.Parameter(self.initial[key].clone())
+        self.pieces.append((experts, rows, key))
+        return self.scales[key]
+
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        row_delta = torch.zeros(self.signs.shape[:2], device=merged.device)  # [E, N]: each row's s - s0
+        for experts, rows, key in self.pieces:
+            change = self.scales[key] - self.initial[key]
+            row_delta[experts, rows] = (change if change.ndim == 2 else change[None]).expand(experts.stop - experts.start, rows.stop - rows.start)
+        return _AddScaledSigns.apply(merged, row_delta, self.signs, self.k)
+
+
 def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: DistillConfig = DistillConfig(), progress: bool = True) -> dict:
     """Calibrate the scales of `delta` in place (atomically); return the record saved in its config.
 
@@ -122,7 +177,7 @@ def distill(base: str | Path, finetuned: str | Path, delta: str | Path, config: 
     student = load(base_ckpt.path, reader.path, mode="bitdelta", dtype=config.dtype, device=device)
     scales = _make_trainable(student, reader)
     if kept := len(reader.config.compressed) - len(scales):
-        log.warning(f"{kept} compressed matrices are experts of mixture-of-experts layers (no nn.Linear of the model): "
+        log.warning(f"{kept} compressed matrices are neither linears nor experts this model's conversion rules place: "
                     "their scales stay mean|delta|; the other scales are distilled")
     train_ids, heldout_ids = sequences[: config.samples], sequences[config.samples :]
     train_targets = Targets(targets.values[: config.samples], targets.indices[: config.samples], targets.teacher_ce)
@@ -183,7 +238,8 @@ def _fit_to_data(config: DistillConfig, windows: int, source: str) -> DistillCon
 
 
 def _make_trainable(student, reader: DeltaReader) -> dict[str, nn.Parameter]:
-    """Freeze everything, then swap each BitDeltaLinear for a DistillLinear with trainable scale(s)."""
+    """Freeze everything, then swap each BitDeltaLinear for a DistillLinear with trainable scale(s),
+    and reparametrise each fused expert tensor the delta changes (ScaledExperts)."""
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     scales = {}
@@ -192,6 +248,34 @@ def _make_trainable(student, reader: DeltaReader) -> dict[str, nn.Parameter]:
         trainable = DistillLinear(layer, reader.binary_delta(name).scale)
         replace_linear(student, module_name, trainable)
         scales[name] = trainable.scale
+    return scales | _trainable_experts(student, reader, reader.config.compressed.keys() - scales.keys())
+
+
+def _trainable_experts(student, reader: DeltaReader, names) -> dict[str, nn.Parameter]:
+    """Trainable scales for the compressed matrices held in the model's fused expert tensors: a
+    per-expert checkpoint matrix placed by the model type's conversion rules, or a stacked tensor
+    the model holds under its own name."""
+    placement = CheckpointNames(student.config.model_type)
+    params = dict(student.named_parameters())
+    fused: dict[str, ScaledExperts] = {}
+    scales = {}
+    for name in sorted(names):
+        part = placement.fused_expert(name)
+        target = part.fused if part is not None else placement.renamed(name)
+        weight = params.get(target)
+        delta = reader.binary_delta(name)
+        if weight is None or weight.ndim != 3 or (part is None and tuple(weight.shape) != tuple(delta.shape)):
+            continue
+        if target not in fused:
+            fused[target] = ScaledExperts(tuple(weight.shape), weight.device)
+        if part is None:
+            scales[name] = fused[target].add(name, slice(0, weight.shape[0]), slice(0, weight.shape[1]), delta.signs, delta.scale)
+        else:
+            rows = part.rows(weight.shape[1])
+            scales[name] = fused[target].add(name, slice(part.expert, part.expert + 1), rows, delta.signs[None], delta.scale)
+    for target, parametrisation in fused.items():
+        module_name, _, attribute = target.rpartition(".")
+        parametrize.register_parametrization(student.get_submodule(module_name), attribute, parametrisation)
     return scales
 
 
@@ -214,7 +298,8 @@ def _train(student, scales, ids, targets: Targets, config: DistillConfig, device
     with step_progress("distilling scales", config.steps, progress) as advance:
         for _ in range(config.steps):
             pick = torch.randint(0, len(ids), (config.batch_size,), generator=generator)
-            logits = student(input_ids=ids[pick].to(device)).logits.float()
+            with parametrize.cached():  # a fused expert tensor computed once per pass, not per expert it serves
+                logits = student(input_ids=ids[pick].to(device)).logits.float()
             loss = _loss(logits, targets.values[pick].to(device), targets.indices[pick].to(device), config)
             if not torch.isfinite(loss):
                 raise DistillationError(f"distillation loss became {loss.item()} at step {len(losses) + 1}; the delta was left untouched (try a lower --lr)")
@@ -233,7 +318,8 @@ def _evaluate(student, ids, targets: Targets, config: DistillConfig, device) -> 
     for first in range(0, len(ids), config.batch_size):
         batch = ids[first : first + config.batch_size].to(device)
         values, indices = targets.values[first : first + config.batch_size].to(device), targets.indices[first : first + config.batch_size].to(device)
-        logits = student(input_ids=batch).logits.float()
+        with parametrize.cached():
+            logits = student(input_ids=batch).logits.float()
         mse.append(_loss(logits, values, indices, dataclasses.replace(config, loss="mse")).item())
         kl.append(_loss(logits, values, indices, dataclasses.replace(config, loss="kl", kl_temperature=1.0)).item())
         ce.append(_next_token_ce(logits, batch))
@@ -268,7 +354,7 @@ def _write_scales(reader: DeltaReader, scales: dict[str, torch.Tensor], record: 
         for name in config.compressed:
             binary = reader.binary_delta(name)
             yield name + ".sign", binary.signs
-            # expert matrices (no nn.Linear of the model) keep their mean|delta| scales
+            # a matrix no linear or fused expert tensor of the model holds keeps its mean|delta| scale
             yield name + ".scale", scales[name].reshape(binary.scale.shape).float() if name in scales else binary.scale
         for name in config.dense:
             yield name, reader.dense(name)

@@ -93,10 +93,16 @@ def markdown(result: dict) -> str:
                 f"| {row['label']} | {system} | {r['memory_gib']:.1f} | {r['ttft_ms']:.0f} | {r['decode_ms_median']:.1f} | {r['decode_ms_p99']:.1f} | "
                 f"{r['decode_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['steps']} | {note} |"
             )
-    calls = sorted({(row.get("call", "?"), row.get("device", result["device"])) for row in result["rows"]})
-    if len(calls) > 1:
-        lines += ["", "Rows were measured in separate calls (each row holds its own baselines, measured side by side in its call): "
-                  + "; ".join(f"{call} on {device}: N = {', '.join(r['label'] for r in result['rows'] if r.get('call') == call)}" for call, device in calls) + "."]
+    measured: dict[tuple[str, str], list[str]] = {}  # (call, device) -> "N: systems" measured side by side in it
+    for row in result["rows"]:
+        by_call: dict[str, list[str]] = {}
+        for system in systems_of(row):
+            by_call.setdefault(row[system].get("call", row.get("call", "?")), []).append(system)
+        for call, systems in by_call.items():
+            measured.setdefault((call, row.get("device", result["device"])), []).append(f"{row['label']} ({', '.join(systems)})")
+    if len(measured) > 1:
+        lines += ["", "Measured in separate calls, the systems of one call side by side: "
+                  + "; ".join(f"{call} on {device}: N = {'; '.join(rows)}" for (call, device), rows in sorted(measured.items())) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
     lines += ["", "![memory and decode latency against N](e2e.png)", "",
               "Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): e2e_profile.txt; read in README.md."]
@@ -216,13 +222,18 @@ def main() -> None:
         cases.append(("zipf", args.zipf, zipf_tenants(args.zipf, args.zipf)))
     if args.busy:
         cases.append(("busy", args.busy, [0] * args.busy))
+    earlier_rows = {}
     if earlier is not None:
         measuring = {label for label, _, _ in cases}
         result["rows"] = [row for row in earlier["rows"] if row["label"] not in measuring]
+        # a row measured again keeps the earlier call's systems this run does not measure, if on this device
+        earlier_rows = {row["label"]: row for row in earlier["rows"] if row["label"] in measuring and row.get("device") == result["device"]}
         result["delta_gib_each"] = earlier.get("delta_gib_each")
         result["command"] = f"{earlier['command']} ; {result['command']}"
     for label, n, tenants_of_requests in cases:
         row = {"label": label, "n": n, "distinct": len(set(tenants_of_requests)), "device": result["device"], "call": started}
+        kept = earlier_rows.get(label, {})
+        row |= {system: kept[system] | {"call": kept[system].get("call", kept.get("call", "?"))} for system in systems_of(kept)}
         runs = [("naive", functools.partial(run_naive, max_seconds=args.max_seconds))] if "naive" in systems else []
         if "lora" in systems:
             runs += [(f"lora-r{rank}", functools.partial(run_lora, rank=int(rank))) for rank in args.lora_ranks.split(",")]
@@ -239,6 +250,8 @@ def main() -> None:
         if "eager" in systems:  # the same engine issuing every kernel from Python
             row["bitdelta-eager"] = run_bitdelta(setup, config, weights, tenants_of_requests, graphs=False)
             row["base-eager"] = run_base(setup, config, weights, tenants_of_requests, graphs=False)
+        for system in systems_of(row):
+            row[system].setdefault("call", started)
         result["rows"].append(row)
         result["rows"].sort(key=lambda r: (not r["label"].isdigit(), r["label"] == "zipf", r["n"]))
         print(json.dumps(row), flush=True)

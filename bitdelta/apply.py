@@ -17,7 +17,9 @@ from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.progress import tensor_progress
+from bitdelta.quant import QuantizedBase
 from bitdelta.storage import ShardWriter, atomic_directory, refuse_existing
+from bitdelta.targets import block_linears
 
 DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3
 _ROW_BLOCK_ELEMENTS = 1 << 22  # 16 MB fp32 temporaries; 1M-element blocks took twice the CPU time on 2 busy cores
@@ -32,11 +34,17 @@ def parse_dtype(dtype: str, reader: DeltaReader) -> torch.dtype:
 
 
 def open_pair(base: str | Path, delta: str | Path) -> tuple[Checkpoint, DeltaReader]:
-    """Open a delta and its base, refusing a base other than the one the delta was made from."""
+    """Open a delta and its base (quantized as the delta was made over it), refusing a base other
+    than the one the delta was made from."""
     reader = DeltaReader(delta)
-    base_ckpt = Checkpoint(base)
-    reader.check_base(base_ckpt.fingerprint, str(base))
+    base_ckpt = quantized_view(Checkpoint(base), reader.config.base_recipe)
+    reader.check_base(base_ckpt.fingerprint, str(base), getattr(base_ckpt, "identity", None))
     return base_ckpt, reader
+
+
+def quantized_view(base: Checkpoint, base_quant: str | None) -> Checkpoint | QuantizedBase:
+    """The base as recipe `base_quant` quantizes it (its block linears), or as it is for None."""
+    return base if base_quant is None else QuantizedBase(base, base_quant, block_linears(base))
 
 
 def merged_tensors(

@@ -83,6 +83,7 @@ Heldout = Annotated[int, typer.Option(help="Extra held-out sequences for the bef
 Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
 Dtype = Annotated[str, typer.Option(help="auto (the fine-tune's), bfloat16, float16 or float32.")]
 Seed = Annotated[int, typer.Option(help="Seed for sampling and batching.")]
+BaseQuant = Annotated[str | None, typer.Option("--base-quant", help="Quantize the base's block linears first: int8 (per channel), fp8 (e4m3 per channel) or int4 (groups of 128); the delta is taken against, and served over, that quantized base.")]
 
 
 def _out() -> Console:
@@ -139,15 +140,16 @@ def compress(
     data: Data = None, steps: Steps = 200, samples: Samples = 800, seq_len: SeqLen = 128, lr: Lr = 1e-4,
     batch_size: BatchSize = 4, loss: Loss = "mse", topk: TopK = 256, heldout: Heldout = 64,
     device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0,
+    base_quant: BaseQuant = None,
 ) -> None:
-    """Compress FINETUNED into a 1-bit delta over BASE."""
+    """Compress FINETUNED into a 1-bit delta over BASE (or over BASE quantized, with --base-quant)."""
     from bitdelta.compress import compress as run
     from bitdelta.distill import DistillConfig
     from bitdelta.fileformat import DeltaReader
 
     distill_config = DistillConfig(data, samples, seq_len, steps, lr, batch_size, loss, topk=topk, heldout=heldout, device=device, dtype=dtype, seed=seed) if distill else None
     path = run(base, finetuned, output, scale=scale, include=include, exclude=exclude, overwrite=overwrite, max_shard_bytes=int(max_shard_size * 1e9),
-               progress=not quiet, distill=distill_config, allow_unrelated_base=allow_unrelated_base)
+               progress=not quiet, distill=distill_config, allow_unrelated_base=allow_unrelated_base, base_quant=base_quant)
     reader = DeltaReader(path, verify=False)
     _out().print(f"wrote {path}: {size(reader.nbytes)} for a {size(reader.config.finetuned_bytes)} fine-tune "
                  f"({reader.config.finetuned_bytes / reader.nbytes:.2f}x smaller)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from bitdelta.apply import quantized_view
 from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import GRANULARITIES, BinaryDelta, Granularity
 from bitdelta.errors import BitDeltaError
@@ -15,6 +16,7 @@ from bitdelta.distill import DistillConfig
 from bitdelta.distill import distill as run_distillation
 from bitdelta.lineage import check_finetune_of
 from bitdelta.progress import tensor_progress
+from bitdelta.quant import check_recipe
 from bitdelta.storage import atomic_directory, refuse_existing
 from bitdelta.targets import select_targets
 
@@ -32,6 +34,7 @@ def compress(
     progress: bool = True,
     distill: DistillConfig | None = None,
     allow_unrelated_base: bool = False,
+    base_quant: str | None = None,
 ) -> Path:
     """Compress `finetuned` against `base` into a delta directory at `output`; return its path.
 
@@ -43,10 +46,16 @@ def compress(
     Before anything is read, an existing `output` is refused (unless `overwrite`); before anything
     is written, a `finetuned` that does not look like a fine-tune of `base` (bitdelta.lineage: a wrong
     or swapped base) is refused unless `allow_unrelated_base`.
+
+    With `base_quant` (a bitdelta.quant recipe) the delta is taken against the base's block linears
+    quantized by it, and records the recipe: it is then applied, distilled and served over that
+    quantized base only.
     """
     refuse_existing(Path(output), overwrite)
+    if base_quant is not None:
+        check_recipe(base_quant)
     options = dict(scale=scale, include=include, exclude=exclude, max_shard_bytes=max_shard_bytes, progress=progress,
-                   allow_unrelated_base=allow_unrelated_base)
+                   allow_unrelated_base=allow_unrelated_base, base_quant=base_quant)
     if distill is None:
         return _compress(base, finetuned, Path(output), overwrite=overwrite, **options)
     with atomic_directory(Path(output), overwrite) as staging:
@@ -58,7 +67,8 @@ def compress(
     return Path(output)
 
 
-def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_shard_bytes, progress, allow_unrelated_base, overwrite=False) -> Path:
+def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_shard_bytes, progress, allow_unrelated_base, base_quant,
+              overwrite=False) -> Path:
     if scale not in GRANULARITIES:
         raise BitDeltaError(f"unknown scale granularity {scale!r}; use one of {', '.join(GRANULARITIES)}")
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
@@ -66,6 +76,7 @@ def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_sha
     if not allow_unrelated_base:
         check_finetune_of(base_ckpt, ft_ckpt, chosen)
     targets = set(chosen)
+    base_ckpt = quantized_view(base_ckpt, base_quant)  # what the delta is taken against
     dense: dict[str, list[int]] = {}
 
     def stored_tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -96,6 +107,7 @@ def _compress(base, finetuned, output: Path, *, scale, include, exclude, max_sha
             removed=sorted(base_ckpt.tensors.keys() - ft_ckpt.tensors.keys()),
             dtypes={n: _dtype_name(m.dtype) for n, m in ft_ckpt.tensors.items()},
             files=files,
+            base_quant=getattr(base_ckpt, "identity", None),
         )
 
     return write_delta(output, stored_tensors(), make_config, ft_ckpt.small_files(), overwrite, max_shard_bytes)

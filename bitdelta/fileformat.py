@@ -49,6 +49,12 @@ class DeltaConfig:
     dtypes: dict[str, str]  # every fine-tune tensor's dtype, in checkpoint order
     files: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
     distillation: dict | None = None
+    # made over the base quantized (bitdelta.quant): {"recipe": ..., "fingerprint": the quantized base's}
+    base_quant: dict | None = None
+
+    @property
+    def base_recipe(self) -> str | None:
+        return None if self.base_quant is None else self.base_quant["recipe"]
     format_version: int = FORMAT_VERSION
     bit_layout: str = BIT_LAYOUT
 
@@ -143,7 +149,9 @@ class DeltaReader:
         """Bytes of the delta's weight files."""
         return sum((self.path / file).stat().st_size for file in self.config.files)
 
-    def check_base(self, fingerprint: str, base_name: str) -> None:
+    def check_base(self, fingerprint: str, base_name: str, base_quant: dict | None = None) -> None:
+        """Refuse a base other than the one this delta was made from, or quantized otherwise."""
+        check_base_identity(self.config, self.path, fingerprint, base_quant)
         if fingerprint != self.config.base_fingerprint:
             raise IncompatibleModelsError(
                 f"{self.path} was made from base {self.config.base_model!r}, but {base_name!r} has other weights "
@@ -170,6 +178,20 @@ def _check_binary_delta(name: str, delta: BinaryDelta) -> None:
     scales = ((1,), (n,)) if not stack else ((*stack, 1), (*stack, n))
     if tuple(delta.scale.shape) not in scales or not torch.isfinite(delta.scale).all():
         raise DeltaFormatError(f"{name}.scale is malformed (shape {tuple(delta.scale.shape)} or non-finite); the delta is corrupted")
+
+
+def check_base_identity(config: DeltaConfig, path: Path, fingerprint: str, base_quant: dict | None) -> None:
+    """Refuse a delta made for the base quantized otherwise than `base_quant` ({"recipe", and the
+    quantized base's "fingerprint" where the caller knows it}); None: the unquantized base."""
+    recipe = None if base_quant is None else base_quant["recipe"]
+    if recipe != config.base_recipe:
+        made, given = (f"quantized {q}" if q else "unquantized" for q in (config.base_recipe, recipe))
+        flag = f"--base-quant {config.base_recipe}" if config.base_recipe else "no --base-quant"
+        raise IncompatibleModelsError(f"{path} was made for the {made} base, not the {given} one; use {flag}")
+    expected = None if base_quant is None else base_quant.get("fingerprint")
+    if fingerprint == config.base_fingerprint and expected is not None and expected != config.base_quant["fingerprint"]:
+        raise IncompatibleModelsError(f"{path} was made for this base quantized by another version of {recipe} or other tensors "
+                                      f"(fingerprint {expected} != {config.base_quant['fingerprint']}); compress it again over this base")
 
 
 def read_config(path: Path) -> DeltaConfig:

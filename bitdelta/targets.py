@@ -111,12 +111,17 @@ def _listed(names: list[str], count: int = 3) -> str:
     return ", ".join(names[:count]) + (f" and {len(names) - count:,} more" if len(names) > count else "")
 
 
-def _block_linears(finetuned: Checkpoint) -> set[str]:
-    linears = block_linear_weights(finetuned.config)
+def block_linears(checkpoint: Checkpoint) -> set[str]:
+    """The checkpoint's nn.Linear weights inside the blocks (no experts): what a quantized base quantizes."""
+    linears = block_linear_weights(checkpoint.config)
     if linears is None:
-        linears = {n for n, meta in finetuned.tensors.items() if _looks_like_block_linear(n, meta)}
+        linears = {n for n, meta in checkpoint.tensors.items() if _looks_like_block_linear(n, meta)}
+    return linears & checkpoint.tensors.keys()
+
+
+def _block_linears(finetuned: Checkpoint) -> set[str]:
     experts = expert_matrices(finetuned.tensors)
-    return ((linears & finetuned.tensors.keys()) | experts.matrices) - experts.routers
+    return (block_linears(finetuned) | experts.matrices) - experts.routers
 
 
 @dataclass(frozen=True)

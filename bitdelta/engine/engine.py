@@ -27,6 +27,7 @@ from torch import nn
 
 from bitdelta.device import DTYPES, resolve_device
 from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
+from bitdelta.quant import quantized_fingerprint
 
 from .config import EngineConfig
 from .graphs import DecodeGraphs
@@ -117,13 +118,15 @@ class Engine:
 
     def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str) -> None:
         self.config, self.observer = config, observer or EngineObserver()
-        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas)
+        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant)
+        base_quant = None if config.base_quant is None else {
+            "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.linears)}
         self.context = self.model.context
         blocks = config.kv_blocks or config.max_batch * -(-self.context // config.kv_block_size)
         self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, self.model.device)
         self.graphs = DecodeGraphs(self.model, self.kv, config.max_batch) if config.cuda_graphs and self.model.device.type == "cuda" and self.model.graphable else None
         self._wakeup = threading.Condition()
-        self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify)
+        self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify, base_quant)
         self._inbox: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
         self._waiting: list[Sequence] = []

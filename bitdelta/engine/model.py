@@ -36,6 +36,7 @@ from bitdelta.kernels import build_plan
 from bitdelta.model_names import CheckpointNames
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
 from bitdelta.pack import packed_words
+from bitdelta.quant import quantize
 
 from .experts import ExpertLayer, is_moe_block
 from .ops.norm import add_rms_norm, silu_and_mul
@@ -80,9 +81,9 @@ class SlotWeights:
 
 
 class MultiTenantModel:
-    def __init__(self, model: nn.Module, max_slots: int):
+    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None):
         _check_supported(model.config)
-        self.model, self.config, self.max_slots = model, model.config, max_slots
+        self.model, self.config, self.max_slots, self.base_quant = model, model.config, max_slots, base_quant
         self.param = next(model.parameters())
         decoder = model.model
         self.layers = list(decoder.layers)
@@ -94,6 +95,8 @@ class MultiTenantModel:
         self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
                         for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
         self.linears = self._swap_linears(model)
+        if base_quant is not None:
+            self._quantize_linears(base_quant)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
         self.qk_norms = all(hasattr(attn, norm) for norm in QK_NORMS)
@@ -157,6 +160,21 @@ class MultiTenantModel:
             self.qkv.append(qkv)
             self.gate_up.append(gate_up)
         return linears
+
+    def _quantize_linears(self, recipe: str) -> None:
+        """Hold every block linear's base weight quantized by `recipe` (bitdelta.quant), a stack's
+        rows at once (each recipe quantizes rows on their own, so a part's rows are its own)."""
+        stacked = set()
+        for stack in filter(None, [*self.qkv, *self.gate_up]):
+            stack.weight = quantize(stack.weight, recipe)
+            start = 0
+            for part, width in zip(stack.parts, stack.widths):
+                _set_weight(part, stack.weight.rows(slice(start, start + width)))
+                stacked.add(id(part))
+                start += width
+        for linear in self.linears.values():
+            if id(linear) not in stacked:
+                _set_weight(linear, quantize(linear.weight, recipe))
 
     @property
     def graphable(self) -> bool:
@@ -387,6 +405,11 @@ class MultiTenantModel:
         if self.logit_softcap is not None:  # Gemma 2
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
+
+
+def _set_weight(linear: nn.Module, weight) -> None:
+    del linear.weight  # a parameter: the quantized weight is a plain attribute
+    linear.weight = weight
 
 
 def _check_supported(config) -> None:

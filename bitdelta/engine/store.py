@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bitdelta.errors import BitDeltaError, DeltaFormatError, IncompatibleModelsError, UnknownModelError
-from bitdelta.fileformat import DeltaConfig, DeltaReader
+from bitdelta.fileformat import DeltaConfig, DeltaReader, check_base_identity
 from bitdelta.pack import packed_words
 
 from .model import MultiTenantModel, SlotWeights
@@ -111,8 +111,9 @@ def _load_tokenizer(folder: Path):
 
 
 class DeltaStore:
-    def __init__(self, model: MultiTenantModel, base_name: str, base_dir: Path | None, base_fingerprint: str, max_cpu_deltas: int, on_loaded=lambda: None):
-        self.model, self.base_fingerprint = model, base_fingerprint
+    def __init__(self, model: MultiTenantModel, base_name: str, base_dir: Path | None, base_fingerprint: str, max_cpu_deltas: int, on_loaded=lambda: None,
+                 base_quant: dict | None = None):
+        self.model, self.base_fingerprint, self.base_quant = model, base_fingerprint, base_quant
         self.max_cpu = max_cpu_deltas
         self._lock = threading.RLock()
         self._entries: dict[str, DeltaEntry] = {base_name: DeltaEntry(base_name, None, base_dir, is_base=True)}
@@ -142,11 +143,11 @@ class DeltaStore:
         path = Path(path)
         # the weight files' headers too (cheap): a truncated or incomplete delta is refused here,
         # not advertised and then failed at every request; checksums wait for the load
-        _check_config(DeltaReader(path, verify=False).config, self.model, self.base_fingerprint, path)
+        _check_config(DeltaReader(path, verify=False).config, self.model, self.base_fingerprint, path, self.base_quant)
         base = self.get_base()
         entry = DeltaEntry(name, path, path if (path / "tokenizer_config.json").is_file() else base.tokenizer_dir, base=base)
         if load_now:
-            entry.weights = read_weights(path, self.model, self.base_fingerprint)
+            entry.weights = read_weights(path, self.model, self.base_fingerprint, self.base_quant)
             self.loads += 1
             entry.tokenizer  # noqa: B018 -- a broken tokenizer is refused now, not at the first request
         self._add_entry(entry)
@@ -195,7 +196,7 @@ class DeltaStore:
         if entry.is_base or entry.weights is not None or entry.path is None:
             return
         try:
-            weights = read_weights(entry.path, self.model, self.base_fingerprint)
+            weights = read_weights(entry.path, self.model, self.base_fingerprint, self.base_quant)
         except BitDeltaError as error:
             log.error("delta %r could not be loaded: %s", entry.name, error)
             raise redacted(error, entry.name, entry.path, entry.tokenizer_dir) from None
@@ -302,7 +303,7 @@ class DeltaStore:
 
     def _start_load(self, entry: DeltaEntry) -> None:
         if entry.loading is None:
-            entry.loading = self._pool.submit(read_weights, entry.path, self.model, self.base_fingerprint)
+            entry.loading = self._pool.submit(read_weights, entry.path, self.model, self.base_fingerprint, self.base_quant)
             entry.loading.add_done_callback(lambda future: self._loaded(entry, future))
 
     def _loaded(self, entry: DeltaEntry, future: Future) -> None:
@@ -333,9 +334,11 @@ def redacted(error: BitDeltaError, name: str, *folders: Path | None) -> BitDelta
     return type(error)(message)
 
 
-def check_base(config: DeltaConfig, base_fingerprint: str, model_type: str, path: Path) -> None:
-    """Refuse a delta made from another base, or one that changes the base's architecture: what can
-    be told from its config alone, without the model (a Ray Serve catalog checks this much)."""
+def check_base(config: DeltaConfig, base_fingerprint: str, model_type: str, path: Path, base_quant: dict | None = None) -> None:
+    """Refuse a delta made from another base (or for the base quantized otherwise than `base_quant`,
+    see fileformat.check_base_identity), or one that changes the base's architecture: what can be
+    told from its config alone, without the model (a Ray Serve catalog checks this much)."""
+    check_base_identity(config, path, base_fingerprint, base_quant)
     if config.base_fingerprint != base_fingerprint:
         raise IncompatibleModelsError(f"{path} was made from base {config.base_model!r}, not the served base (fingerprint {config.base_fingerprint} != {base_fingerprint})")
     if config.model_type != model_type:
@@ -344,9 +347,9 @@ def check_base(config: DeltaConfig, base_fingerprint: str, model_type: str, path
         raise IncompatibleModelsError(f"{path} removes base tensors ({config.removed[0]}, ...); the engine serves only fine-tunes with the base's architecture")
 
 
-def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint: str, path: Path) -> None:
+def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint: str, path: Path, base_quant: dict | None) -> None:
     """Refuse a delta the engine cannot serve exactly, before anything of it is loaded."""
-    check_base(config, base_fingerprint, model.config.model_type, path)
+    check_base(config, base_fingerprint, model.config.model_type, path, base_quant)
     for name, shape in config.compressed.items():
         base_shape = model.delta_shape(name)
         if base_shape is None:
@@ -365,10 +368,10 @@ def _check_config(config: DeltaConfig, model: MultiTenantModel, base_fingerprint
             raise IncompatibleModelsError(f"{path}: {name} is {shape} in the delta but {list(model.base_shape(name))} in the base (a grown vocabulary cannot share the base's batch)")
 
 
-def read_weights(path: Path, model: MultiTenantModel, base_fingerprint: str) -> SlotWeights:
+def read_weights(path: Path, model: MultiTenantModel, base_fingerprint: str, base_quant: dict | None = None) -> SlotWeights:
     """Read and verify a delta (checksums, shapes) into CPU memory in the slot layout."""
     reader = DeltaReader(path, verify=True)
-    _check_config(reader.config, model, base_fingerprint, path)  # the files may have changed since register
+    _check_config(reader.config, model, base_fingerprint, path, base_quant)  # the files may have changed since register
     pin = torch.cuda.is_available()
     signs, scales, dense = {}, {}, {}
     for name in reader.config.compressed:

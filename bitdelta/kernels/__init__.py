@@ -68,7 +68,10 @@ def bitdelta_matmul(
     plan: SlotPlan | None = None,
 ) -> torch.Tensor:
     """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
-    scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None."""
+    scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None. A quantized base
+    (bitdelta.quant.QuantizedWeight) is dequantized for the call: no path reads a quantized base yet."""
+    if not isinstance(base_weight, torch.Tensor):
+        base_weight = base_weight.dequantize(x.dtype)
     if not on_triton(x):
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
     from bitdelta.kernels.paths import split_threshold

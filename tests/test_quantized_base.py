@@ -1,0 +1,144 @@
+"""1-bit deltas over a quantized base: the recipes, compress/merge/distill against Q(base), and the
+engine serving Q(base) + delta, with deltas made for another base quantization refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bitdelta
+from bitdelta.apply import applied_delta
+from bitdelta.checkpoint import Checkpoint
+from bitdelta.errors import BitDeltaError, IncompatibleModelsError
+from bitdelta.fileformat import DeltaReader
+from bitdelta.quant import GROUP, RECIPES, quantize
+from bitdelta.targets import block_linears
+
+# relative RMS error of each recipe on Gaussian rows: int8 ~ 1/127 of the row's max (~4 sigma) /
+# sqrt(12); fp8 e4m3 a 3-bit mantissa (~2-3%); int4 1/7 of a group's max: bounds with 2x margin
+ERROR_BOUNDS = {"int8": 0.015, "fp8": 0.05, "int4": 0.25}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_rounds_to_nearest_within_its_precision_and_is_idempotent(recipe):
+    weight = torch.randn(48, 3 * GROUP + 17) * 0.02  # a partial last int4 group
+    weight[5] = 0  # an all-zero row dequantizes to zeros, not NaN
+    quantized = quantize(weight, recipe)
+    values = quantized.dequantize()
+    assert values.shape == weight.shape and torch.isfinite(values).all() and (values[5] == 0).all()
+    assert (values - weight).norm() / weight.norm() < ERROR_BOUNDS[recipe]
+    assert (values - weight).norm() / weight.norm() > 1e-4  # it did quantize
+    assert torch.equal(quantize(values, recipe).dequantize(), values)  # Q(Q(w)) = Q(w): a served base re-quantizes exactly
+    fp16_bytes = weight.numel() * 2
+    assert quantized.nbytes < fp16_bytes * (0.4 if recipe == "int4" else 0.55)  # int4 pads its last group
+
+
+def test_int4_stores_two_values_a_byte_and_rows_slice_alike():
+    weight = torch.randn(8, 2 * GROUP) * 0.02
+    quantized = quantize(weight, "int4")
+    assert quantized.data.dtype == torch.uint8 and quantized.data.shape == (8, GROUP)
+    assert torch.equal(quantized.rows(slice(2, 5)).dequantize(), quantized.dequantize()[2:5])
+
+
+def test_an_unknown_recipe_is_refused_in_one_line(llama_pair, tmp_path):
+    with pytest.raises(BitDeltaError, match="unknown base quantization 'int3'; use one of int8, fp8, int4"):
+        bitdelta.compress(*llama_pair, tmp_path / "d", base_quant="int3", progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture(scope="module")
+def quantized_deltas(llama_pair, tmp_path_factory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("quantized-deltas")
+    return {recipe: bitdelta.compress(*llama_pair, folder / recipe, base_quant=recipe, progress=False) for recipe in RECIPES}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_merge_writes_the_quantized_base_plus_the_delta(llama_pair, quantized_deltas, recipe, tmp_path):
+    base, finetuned = llama_pair
+    delta = quantized_deltas[recipe]
+    reader = DeltaReader(delta)
+    assert reader.config.base_quant["recipe"] == recipe and len(reader.config.base_quant["fingerprint"]) == 32
+    merged = bitdelta.merge(base, delta, tmp_path / "merged", progress=False)
+    state = {name: t for file in merged.glob("*.safetensors") for name, t in load_file(file).items()}
+    fine = {name: t for file in finetuned.glob("*.safetensors") for name, t in load_file(file).items()}
+    checkpoint = Checkpoint(base)
+    quantized_names = block_linears(checkpoint)
+    for name, tensor in state.items():
+        if name in reader.config.compressed:
+            base_weight = checkpoint.mapped(name)
+            expected = applied_delta(reader.binary_delta(name), quantize(base_weight, recipe).dequantize(), tensor.dtype)
+            assert torch.equal(tensor, expected), name
+            unquantized = applied_delta(reader.binary_delta(name), base_weight, tensor.dtype)
+            assert name not in quantized_names or not torch.equal(tensor, unquantized)  # the base was quantized
+        else:
+            assert torch.equal(tensor, fine[name]), name  # everything else exactly the fine-tune's
+
+
+def test_a_delta_over_a_quantized_base_keeps_most_of_the_gain(llama_pair, quantized_deltas):
+    from bitdelta.eval import evaluate
+
+    result = evaluate(llama_pair[0], llama_pair[1], delta=quantized_deltas["int8"], windows=4, seq_len=32, device="cpu")
+    delta = next(row for row in result["rows"] if row["model"] == "delta")
+    assert delta["gain_kept"]["loss"] > 0.5
+
+
+def test_distilling_over_a_quantized_base_trains_against_it(llama_pair, quantized_deltas, tmp_path):
+    import shutil
+
+    from bitdelta.distill import DistillConfig, distill
+
+    delta = shutil.copytree(quantized_deltas["int4"], tmp_path / "delta")
+    record = distill(*llama_pair, delta, DistillConfig(steps=6, samples=8, heldout=4, seq_len=32, batch_size=4, lr=1e-4), progress=False)
+    assert record["heldout_after"]["logit_mse"] < record["heldout_before"]["logit_mse"]
+    assert DeltaReader(delta).config.base_quant == DeltaReader(quantized_deltas["int4"]).config.base_quant
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_the_engine_serves_a_quantized_base_and_its_deltas_as_merged(llama_pair, quantized_deltas, recipe):
+    """One batch: the delta's fine-tune and the quantized base, each row's logits and greedy answer
+    exactly its own model's under transformers (merged Q(base) + delta; the quantized base alone),
+    not the unquantized base's."""
+    from transformers import AutoModelForCausalLM
+
+    from bitdelta.engine import Engine, EngineConfig, SamplingParams
+
+    base = llama_pair[0]
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, base_quant=recipe))
+    assert all(not isinstance(linear.weight, torch.Tensor) for linear in engine.model.linears.values())  # held quantized
+    engine.store.register("ft", quantized_deltas[recipe], load_now=True)
+    merged = bitdelta.load(base, quantized_deltas[recipe], dtype="float32")
+    plain_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    quantized_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in quantized_base.named_parameters():
+            if name in engine.model.linears:
+                parameter.copy_(quantize(parameter, recipe).dequantize())
+    prompt = engine.store.get("ft").tokenizer("def parse(self, text):\n", add_special_tokens=False)["input_ids"]
+    names = ["ft", engine.store.names()[0]]
+    steps = []
+    engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
+    outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
+    with torch.no_grad():
+        unquantized = plain_base(torch.tensor([prompt])).logits[0, -1]
+    for row, (model, out) in enumerate(zip((merged, quantized_base), outputs)):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(steps[0][row], expected, rtol=1e-4, atol=1e-4)
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert [token for output in out for token in output.token_ids] == alone
+    assert (steps[0][1] - unquantized).abs().max() > 1e-3  # the served base is the quantized one
+
+
+def test_a_delta_for_another_base_quantization_is_refused_clearly(llama_pair, llama_delta, quantized_deltas, tmp_path):
+    from bitdelta.engine import Engine, EngineConfig
+
+    base = llama_pair[0]
+    plain = Engine(base, EngineConfig(device="cpu", dtype="float32"))
+    with pytest.raises(IncompatibleModelsError, match="made for the quantized int8 base, not the unquantized one; use --base-quant int8"):
+        plain.store.register("q", quantized_deltas["int8"])
+    fp8 = Engine(base, EngineConfig(device="cpu", dtype="float32", base_quant="fp8"))
+    with pytest.raises(IncompatibleModelsError, match="use --base-quant int8"):
+        fp8.store.register("q", quantized_deltas["int8"])
+    with pytest.raises(IncompatibleModelsError, match="use no --base-quant"):
+        fp8.store.register("plain", llama_delta)

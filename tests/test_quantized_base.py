@@ -142,3 +142,15 @@ def test_a_delta_for_another_base_quantization_is_refused_clearly(llama_pair, ll
         fp8.store.register("q", quantized_deltas["int8"])
     with pytest.raises(IncompatibleModelsError, match="use no --base-quant"):
         fp8.store.register("plain", llama_delta)
+
+
+def test_the_cli_compresses_over_a_quantized_base_and_refuses_an_unknown_recipe_in_one_line(llama_pair, tmp_path):
+    from conftest import run_cli
+
+    base, finetuned = (str(path) for path in llama_pair)
+    code, out, _ = run_cli("compress", base, finetuned, "-o", str(tmp_path / "d"), "--base-quant", "fp8", "--quiet")
+    assert code == 0 and "wrote" in out
+    assert DeltaReader(tmp_path / "d").config.base_quant["recipe"] == "fp8"
+    code, _, err = run_cli("compress", base, finetuned, "-o", str(tmp_path / "e"), "--base-quant", "int3")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "unknown base quantization 'int3'" in err
+    assert not (tmp_path / "e").exists()

@@ -61,7 +61,7 @@ class RayServeConfig:
 def build_app(config: RayServeConfig) -> Application:
     """Catalog, engine replicas and the OpenAI ingress, bound into one Serve application."""
     base, deltas = str(config.base), str(Path(config.deltas).resolve())
-    catalog = DeltaCatalog.bind(base, deltas)
+    catalog = DeltaCatalog.bind(base, deltas, config.engine.base_quant)
     replica_class = engine_replica(max_resident=config.engine.max_cpu_deltas)
     threads = max(int(config.cpus_per_replica), 1)
     replicas = replica_class.options(**config.replica_options()).bind(base, deltas, dataclasses.asdict(config.engine), catalog, threads)

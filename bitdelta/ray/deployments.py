@@ -35,13 +35,14 @@ class DeltaCatalog:
     the admin API adds and removes. Checked from their configs and headers (the base's fingerprint
     and architecture); replicas verify checksums and shapes when they load a delta."""
 
-    def __init__(self, base: str, deltas_dir: str):
+    def __init__(self, base: str, deltas_dir: str, base_quant: str | None = None):
         from bitdelta.checkpoint import Checkpoint
 
         checkpoint = Checkpoint(base)
         self.base_name = Path(base).name if Path(base).is_dir() else base
         self.fingerprint, self.model_type = checkpoint.fingerprint, checkpoint.config.get("model_type", "unknown")
         self.deltas_dir = Path(deltas_dir)
+        self.base_quant = None if base_quant is None else {"recipe": base_quant}  # the replicas check the quantized base's fingerprint
         self.served: set[str] = set()
         self.version = 0
         for folder in sorted(self.deltas_dir.iterdir()):
@@ -58,7 +59,7 @@ class DeltaCatalog:
         from bitdelta.server.settings import delta_folder
 
         folder = delta_folder(self.deltas_dir, name)
-        check_base(DeltaReader(folder, verify=verify).config, self.fingerprint, self.model_type, folder)
+        check_base(DeltaReader(folder, verify=verify).config, self.fingerprint, self.model_type, folder, self.base_quant)
         return folder
 
     def snapshot(self) -> tuple[int, list[str]]:

@@ -34,6 +34,7 @@ from bitdelta.distill import DistillConfig
 from bitdelta.eval import baselines as bl
 from bitdelta.eval.exact_match import exact_match, problems
 from bitdelta.eval.metrics import fidelity, gain_kept, reference
+from bitdelta.quant import RECIPES
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {  # Llama, GQA (kv heads = heads / 2), untied embeddings, vocab 8192
@@ -237,8 +238,14 @@ def variants() -> list[tuple[str, object]]:
     rows = [("base", None), ("fine-tune", None), ("BitDelta-Initial", bl.OneBit()), ("BitDelta", None), ("SVD equal storage", bl.SVD(None))]
     rows += [(f"SVD r={r}", bl.SVD(r)) for r in sorted(SVD_RANKS, reverse=True)]  # largest first: one decomposition
     rows += [(f"{k}-bit RTN delta", bl.RTN(k)) for k in RTN_BITS]
-    rows += [("BitDelta over INT8 base", bl.Int8Base())]
+    rows += [(f"BitDelta-Initial over {recipe.upper()} base", bl.OverQuantizedBase(recipe)) for recipe in RECIPES]
+    rows += [(distilled_label(recipe), None) for recipe in RECIPES]
     return rows
+
+
+def distilled_label(recipe: str | None) -> str:
+    """The row of the distilled delta over the base, or over the base quantized by `recipe`."""
+    return "BitDelta" if recipe is None else f"BitDelta over {recipe.upper()} base"
 
 
 def evaluate_pair(pair: str, dirs: dict[str, Path], tokenizer, data: Data, work: Path, device: str, n_problems: int, n_windows: int) -> dict:
@@ -254,11 +261,12 @@ def evaluate_pair(pair: str, dirs: dict[str, Path], tokenizer, data: Data, work:
     calib = work / f"calib-{pair}.txt"
     calib.write_text("\n".join(p.prompt + p.completion for p in data.train_problems[:4000]) if arithmetic
                      else tokenizer.decode(data.prose_train[:200_000]))
-    delta = work / f"delta-{pair}"
-    start = time.perf_counter()
-    compress(dirs["base"], dirs[pair], delta, overwrite=True, progress=False)
-    distill_record = distill(dirs["base"], dirs[pair], delta, DistillConfig(data=str(calib), device=device, **DISTILL), progress=False)
-    distill_seconds = time.perf_counter() - start
+    deltas, distill_records = {}, {}
+    for recipe in (None, *RECIPES):  # the distilled delta over the base and over each quantized base
+        label, start = distilled_label(recipe), time.perf_counter()
+        deltas[label] = compress(dirs["base"], dirs[pair], work / f"delta-{pair}-{recipe or 'fp'}", overwrite=True, progress=False, base_quant=recipe)
+        record = distill(dirs["base"], dirs[pair], deltas[label], DistillConfig(data=str(calib), device=device, **DISTILL), progress=False)
+        distill_records[label] = dict(seconds=round(time.perf_counter() - start, 1), **{k: record[k] for k in ("heldout_before", "heldout_after", "data")})
 
     rows = []
     for label, method in variants():
@@ -266,12 +274,12 @@ def evaluate_pair(pair: str, dirs: dict[str, Path], tokenizer, data: Data, work:
             model = AutoModelForCausalLM.from_pretrained(dirs["base"], dtype=torch.float32).to(device).eval()
         elif label == "fine-tune":
             model = approx.build(None)
-        elif label == "BitDelta":
-            model = load(dirs["base"], delta, dtype="float32", device=device)
+        elif label in deltas:
+            model = load(dirs["base"], deltas[label], dtype="float32", device=device)
         else:
             model = approx.build(method)
         row = dict(variant=label, **fidelity(model, ref))
-        if method is not None or label == "BitDelta":
+        if method is not None or label in deltas:
             m = method or bl.OneBit()
             row["bits_per_weight"] = approx.storage_bits(m) / approx.weights
             row["weight_error"] = _weight_error(approx, m, model)
@@ -292,7 +300,7 @@ def evaluate_pair(pair: str, dirs: dict[str, Path], tokenizer, data: Data, work:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return dict(pair=pair, primary_metric="exact match" if arithmetic else "held-out prose loss", heldout=f"{n_windows} x 128 tokens",
-                problems=len(test) if arithmetic else None, distillation=dict(seconds=round(distill_seconds, 1), **{k: distill_record[k] for k in ("heldout_before", "heldout_after", "data")}),
+                problems=len(test) if arithmetic else None, distillation=distill_records,
                 spectrum=spectrum, rows=rows)
 
 
@@ -353,6 +361,18 @@ def markdown(result: dict) -> str:
             beats = "n/a" if bd is None or svd is None else ("yes" if bd > svd else ("tie" if bd == svd else "**no**"))
             lines.append(f"| {size['size']} | {pair['pair']} | {span} | {_pct(r['BitDelta-Initial']['gain_kept'])} | {_pct(bd)} | {_pct(svd)} | "
                          f"{_pct(r['2-bit RTN delta']['gain_kept'])} | {met} | {beats} |")
+    lines += ["", "## Goal: over an INT8 or FP8 base, the gain kept within 1 point of the fp16 base's", "",
+              "Gain kept by the delta over the base and over the base quantized (`compress --base-quant`), Initial / distilled.", "",
+              "| size | pair | fp16 base | " + " | ".join(f"{r.upper()} base" for r in RECIPES) + " | INT8, FP8 within 1 point? |",
+              "| --- | --- | ---: |" + " ---: |" * len(RECIPES) + " --- |"]
+    for size in result["sizes"]:
+        for pair in size["pairs"]:
+            r = {row["variant"]: row["gain_kept"] for row in pair["rows"]}
+            cells = [f"{_pct(r['BitDelta-Initial'])} / {_pct(r['BitDelta'])}"]
+            cells += [f"{_pct(r[f'BitDelta-Initial over {q.upper()} base'])} / {_pct(r[distilled_label(q)])}" for q in RECIPES]
+            close = [r[distilled_label(q)] is not None and r["BitDelta"] is not None and abs(r[distilled_label(q)] - r["BitDelta"]) <= 0.01
+                     for q in ("int8", "fp8")]
+            lines.append(f"| {size['size']} | {pair['pair']} | " + " | ".join(cells) + f" | {'yes' if all(close) else '**no**'} |")
     for size in result["sizes"]:
         lines += ["", f"## {size['size']}: {size['parameters'] / 1e6:.1f}M parameters", ""]
         pairs = size["pairs"]

@@ -102,7 +102,7 @@ def random_deltas(engine: Engine, count: int) -> list[SlotWeights]:
         generator = torch.Generator().manual_seed(seed)
         signs, scales = {}, {}
         for name, shape in shapes:
-            words = torch.randint(-(2**31), 2**31, shape, dtype=torch.int64, generator=generator).to(torch.int32)
+            words = torch.randint(0, 256, (*shape[:-1], shape[-1] * 4), dtype=torch.uint8, generator=generator).view(torch.int32)
             scale = torch.rand(shape[0], generator=generator) * 2e-3
             signs[name], scales[name] = (words.pin_memory(), scale.pin_memory()) if pin else (words, scale)
         deltas.append(SlotWeights(signs, scales, {}))

@@ -75,12 +75,19 @@ def test_merge_writes_the_quantized_base_plus_the_delta(llama_pair, quantized_de
             assert torch.equal(tensor, fine[name]), name  # everything else exactly the fine-tune's
 
 
-def test_a_delta_over_a_quantized_base_keeps_most_of_the_gain(llama_pair, quantized_deltas):
+def test_eval_scores_the_quantized_base_and_the_delta_over_it(llama_pair, quantized_deltas):
+    from bitdelta.errors import EvaluationError
     from bitdelta.eval import evaluate
 
-    result = evaluate(llama_pair[0], llama_pair[1], delta=quantized_deltas["int8"], windows=4, seq_len=32, device="cpu")
-    delta = next(row for row in result["rows"] if row["model"] == "delta")
-    assert delta["gain_kept"]["loss"] > 0.5
+    result = evaluate(*llama_pair, delta=quantized_deltas["int4"], windows=4, seq_len=32, device="cpu", base_quant="int4",
+                      baselines=["int4base"])
+    rows = {row["model"]: row for row in result["rows"]}
+    assert list(rows) == ["fine-tune", "base", "base-int4", "delta", "int4base"]
+    assert rows["delta"]["gain_kept"]["loss"] > 0.5
+    assert rows["base-int4"]["loss"] != rows["base"]["loss"]  # the quantized base is another model
+    assert rows["int4base"]["loss"] == pytest.approx(rows["delta"]["loss"], rel=1e-4)  # the baseline is the stored delta
+    with pytest.raises(EvaluationError, match="compressed with --base-quant int4; evaluate it with the same"):
+        evaluate(*llama_pair, delta=quantized_deltas["int4"], windows=4, seq_len=32, device="cpu")
 
 
 def test_distilling_over_a_quantized_base_trains_against_it(llama_pair, quantized_deltas, tmp_path):

@@ -8,11 +8,12 @@ BitDelta stores it losslessly. So two methods differ only in how they approximat
     svd:R             W_b + U_R S_R V_R^T of D                low-rank delta (the paper's comparison)
     svd:equal         R = N K / (16 (N + K)) per matrix       the rank whose fp16 factors fit in the 1-bit delta's bits
     rtn:K             W_b + RTN_K(D), K = 2..8                K-bit round-to-nearest delta (bit-width ablation)
-    int8base          Q8(W_b) + mean|D'| * sign(D'), D' = W_ft - Q8(W_b)   BitDelta over an INT8 RTN base
+    int8base          Q(W_b) + mean|D'| * sign(D'), D' = W_ft - Q(W_b)     BitDelta-Initial over a quantized base
+    fp8base, int4base (Q: bitdelta.quant's int8, fp8 or int4 recipe, what `compress --base-quant` uses)
 
 where D = W_ft - W_b. RTN is the usual asymmetric min-max quantizer per output row (as the RTN
 baseline of GPTQ): 2^K levels evenly spaced over [min, max] of the row, each entry rounded to the
-nearest. The INT8 base is symmetric absmax per output row (127 levels each side).
+nearest.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from bitdelta.checkpoint import Checkpoint
 from bitdelta.delta import BinaryDelta
 from bitdelta.errors import EvaluationError
+from bitdelta.quant import RECIPES, quantize
 from bitdelta.eval import SPECS
 from bitdelta.targets import expert_matrices, select_targets
 
@@ -89,21 +91,25 @@ class RTN:
 
 
 @dataclass(frozen=True)
-class Int8Base:
-    """BitDelta over an INT8 round-to-nearest base: the base is served quantized, the delta is
-    taken against that quantized base, so the signs also absorb the base's quantization error."""
+class OverQuantizedBase:
+    """BitDelta-Initial over a base quantized by `recipe` (bitdelta.quant): the base is served
+    quantized, the delta is taken against it, so the signs also absorb the base's quantization error."""
 
+    recipe: str
     granularity: str = "matrix"
-    name: str = "int8base"
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe}base"
 
     def approximate(self, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-        return one_bit(int8_absmax(base.float()), finetuned, self.granularity)
+        return one_bit(quantize(base, self.recipe).dequantize().to(base.device), finetuned, self.granularity)
 
     def bits(self, n: int, k: int) -> int:
         return OneBit(self.granularity).bits(n, k)
 
 
-Method = OneBit | SVD | RTN | Int8Base
+Method = OneBit | SVD | RTN | OverQuantizedBase
 
 
 def one_bit(base: torch.Tensor, finetuned: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -128,19 +134,13 @@ def rtn(x: torch.Tensor, bits: int, granularity: str = "row") -> torch.Tensor:
     return codes * step + low
 
 
-def int8_absmax(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric INT8 round-to-nearest per output row (absmax / 127 scales), dequantized to fp32."""
-    scale = (weight.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.round(weight / scale).clamp(-127, 127) * scale
-
-
 def parse(spec: str) -> Method:
     """A method from its command-line spelling (see SPECS)."""
     text = spec.strip().lower()
     if text in ("bitdelta", "bitdelta-row"):
         return OneBit("matrix" if text == "bitdelta" else "row")
-    if text == "int8base":
-        return Int8Base()
+    if text.endswith("base") and text.removesuffix("base") in RECIPES:
+        return OverQuantizedBase(text.removesuffix("base"))
     if text == "svd:equal":
         return SVD(None)
     if match := re.fullmatch(r"svd:(\d+)", text):

@@ -38,6 +38,7 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (the fine-tune's), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for window sampling and lm-eval.")] = 0,
+    base_quant: Annotated[str | None, typer.Option("--base-quant", help="Also score BASE quantized by this recipe (int8, fp8, int4); --delta must be compressed with the same --base-quant.")] = None,
 ) -> None:
     """Measure how faithfully DELTA (and baselines) reproduce FINETUNED: perplexity, logit MSE, KL, top-1 agreement, lm-eval tasks."""
     from bitdelta.eval import evaluate
@@ -49,7 +50,7 @@ def eval_command(
     result = evaluate(
         base, finetuned, delta, data=data, tasks=task_list, baselines=baseline, include_path=include_path, windows=windows,
         seq_len=seq_len, batch_size=batch_size, limit=int(limit) if limit is not None and limit >= 1 else limit,
-        num_fewshot=num_fewshot, device=device, dtype=dtype, seed=seed, log=lambda line: err.print(line, highlight=False),
+        num_fewshot=num_fewshot, device=device, dtype=dtype, seed=seed, base_quant=base_quant, log=lambda line: err.print(line, highlight=False),
     )
     console = Console()
     for table in results_tables(result):

@@ -58,12 +58,15 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
+    base_quant: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Score base, fine-tune, base + `delta` and each baseline (see bitdelta.eval.SPECS)
     against the fine-tune: held-out loss and perplexity, logit MSE, KL(fine-tune || model), top-1
     agreement, and lm-eval task metrics for `tasks`; plus the share of the fine-tune's gain over
-    the base each keeps. Returns a JSON-ready dict with one row per model."""
+    the base each keeps. With `base_quant` (a bitdelta.quant recipe), the base quantized by it is
+    scored too ("base-RECIPE"), and `delta` must have been made over it. Returns a JSON-ready dict
+    with one row per model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bitdelta.apply import load, open_pair
@@ -76,7 +79,10 @@ def evaluate(
         raise EvaluationError("nothing to evaluate: pass --delta DELTA and/or --baseline METHOD")
     task_set = prepare_tasks(list(tasks), include_path) if tasks else None
     if delta is not None:
-        open_pair(base, delta)  # a missing, corrupted or foreign delta fails now, not after the fine-tune ran
+        _, reader = open_pair(base, delta)  # a missing, corrupted or foreign delta fails now, not after the fine-tune ran
+        if reader.config.base_recipe != base_quant:
+            made = f"--base-quant {reader.config.base_recipe}" if reader.config.base_recipe else "no --base-quant"
+            raise EvaluationError(f"{delta} was compressed with {made}; evaluate it with the same")
     ft_ckpt = Checkpoint(finetuned)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype, ft_ckpt.config)
     tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.path)
@@ -99,6 +105,9 @@ def evaluate(
     _release()
     score("base", AutoModelForCausalLM.from_pretrained(Checkpoint(base).path, dtype=torch_dtype).to(torch_device).eval(), ref)
     _release()
+    if base_quant is not None:
+        score(f"base-{base_quant}", _quantized_base(base, base_quant, torch_dtype).to(torch_device), ref)
+        _release()
     if delta is not None:
         score("delta", load(base, delta, dtype=str(torch_dtype).removeprefix("torch."), device=torch_device), ref, dict(path=str(delta)))
         _release()
@@ -113,6 +122,23 @@ def evaluate(
     return dict(base=str(base), finetuned=str(finetuned), delta=None if delta is None else str(delta), data=source,
                 windows=len(ids), seq_len=ids.shape[1], device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
                 tasks=list(tasks), rows=rows)
+
+
+@torch.no_grad()
+def _quantized_base(base: str | Path, recipe: str, dtype: torch.dtype):
+    """The base model with its block linears quantized by `recipe`, as `compress --base-quant` sees it."""
+    from transformers import AutoModelForCausalLM
+
+    from bitdelta.checkpoint import Checkpoint
+    from bitdelta.quant import quantize
+    from bitdelta.targets import block_linears
+
+    checkpoint = Checkpoint(base)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype).eval()
+    parameters = dict(model.named_parameters())
+    for name in block_linears(checkpoint) & parameters.keys():
+        parameters[name].copy_(quantize(parameters[name], recipe).dequantize())
+    return model
 
 
 def _add_gains(rows: list[dict]) -> None:

@@ -31,7 +31,7 @@ SHAPES = {  # hidden, moe intermediate, experts, routed, heads, kv heads, head d
     "qwen3-30b-a3b": (2048, 768, 128, 8, 32, 4, 128, 151936, 48),
     "tiny": (64, 32, 8, 2, 4, 2, 16, 256, 2),
 }
-DISTINCT_DELTAS = 8  # random deltas made, shared round-robin by the fine-tunes (each still gets its own slot)
+DISTINCT_DELTAS = 4  # random deltas made, shared round-robin by the fine-tunes (each still gets its own slot)
 GiB = 2**30
 
 

@@ -1,6 +1,6 @@
 """Fidelity of BitDelta and its baselines on genuinely trained Llama pairs at three sizes (issue 4):
 the paper's tables (base / fine-tune / BitDelta-Initial / BitDelta / SVD / k-bit deltas / BitDelta
-over an INT8 base) at small scale.
+over INT8, FP8 and INT4 bases, Initial and distilled) at small scale.
 
     python -m benchmarks.fidelity --sizes 15m,50m --device cuda                     # one H100, < 10 min
     python -m benchmarks.fidelity --sizes 150m --device cuda --suffix _150m        # one H100, < 10 min
@@ -361,7 +361,7 @@ def markdown(result: dict) -> str:
             beats = "n/a" if bd is None or svd is None else ("yes" if bd > svd else ("tie" if bd == svd else "**no**"))
             lines.append(f"| {size['size']} | {pair['pair']} | {span} | {_pct(r['BitDelta-Initial']['gain_kept'])} | {_pct(bd)} | {_pct(svd)} | "
                          f"{_pct(r['2-bit RTN delta']['gain_kept'])} | {met} | {beats} |")
-    lines += ["", "## Goal: over an INT8 or FP8 base, the gain kept within 1 point of the fp16 base's", "",
+    lines += ["", "## Goal: over an INT8 or FP8 base, the distilled delta keeps the gain within 1 point of the fp16 base's", "",
               "Gain kept by the delta over the base and over the base quantized (`compress --base-quant`), Initial / distilled.", "",
               "| size | pair | fp16 base | " + " | ".join(f"{r.upper()} base" for r in RECIPES) + " | INT8, FP8 within 1 point? |",
               "| --- | --- | ---: |" + " ---: |" * len(RECIPES) + " --- |"]
@@ -370,9 +370,9 @@ def markdown(result: dict) -> str:
             r = {row["variant"]: row["gain_kept"] for row in pair["rows"]}
             cells = [f"{_pct(r['BitDelta-Initial'])} / {_pct(r['BitDelta'])}"]
             cells += [f"{_pct(r[f'BitDelta-Initial over {q.upper()} base'])} / {_pct(r[distilled_label(q)])}" for q in RECIPES]
-            close = [r[distilled_label(q)] is not None and r["BitDelta"] is not None and abs(r[distilled_label(q)] - r["BitDelta"]) <= 0.01
-                     for q in ("int8", "fp8")]
-            lines.append(f"| {size['size']} | {pair['pair']} | " + " | ".join(cells) + f" | {'yes' if all(close) else '**no**'} |")
+            kept = [r[distilled_label(q)] for q in ("int8", "fp8")]
+            met = "n/a" if r["BitDelta"] is None or None in kept else ("yes" if min(kept) >= r["BitDelta"] - 0.01 else "**no**")
+            lines.append(f"| {size['size']} | {pair['pair']} | " + " | ".join(cells) + f" | {met} |")
     for size in result["sizes"]:
         lines += ["", f"## {size['size']}: {size['parameters'] / 1e6:.1f}M parameters", ""]
         pairs = size["pairs"]

@@ -24,11 +24,12 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs on a GPU (graphs.py)
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: float32 on a CPU, the base's dtype on a GPU
+    tensor_parallel: int = 1  # ranks the model is split over (engine/parallel.py); rank 0 runs this engine
     base_quant: str | None = None  # hold the base's block linears quantized by this recipe (bitdelta.quant); serves deltas made for it
 
     def __post_init__(self) -> None:
         if self.base_quant is not None and self.base_quant not in ("int8", "fp8", "int4"):
             raise BitDeltaError(f"unknown base quantization {self.base_quant!r}; use int8, fp8 or int4")
-        for name in ("max_batch", "max_gpu_deltas", "max_cpu_deltas", "max_queue", "prefill_chunk", "kv_block_size"):
+        for name in ("max_batch", "max_gpu_deltas", "max_cpu_deltas", "max_queue", "prefill_chunk", "kv_block_size", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise BitDeltaError(f"EngineConfig.{name} is {getattr(self, name)}; it must be at least 1")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bitdelta.device import DTYPES, resolve_device
@@ -32,9 +33,10 @@ from bitdelta.quant import quantized_fingerprint
 from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
+from .parallel import Leader, TensorParallel, check_split, follow, start_ranks, stop_ranks
 from .model import MultiTenantModel, StepBatch
 from .sampling import SamplingParams, TextStream, is_greedy, sample
-from .store import DeltaEntry, DeltaStore
+from .store import DeltaEntry, DeltaStore, read_weights
 
 log = logging.getLogger("bitdelta.engine")
 
@@ -103,6 +105,14 @@ class Engine:
 
         checkpoint = Checkpoint(base)
         device = resolve_device(config.device)
+        # Engine(base, EngineConfig(tensor_parallel=N)) starts ranks 1..N-1 itself; in one of those ranks the group exists already
+        self._ranks = []
+        if config.tensor_parallel > 1:
+            check_split(checkpoint.config, config.tensor_parallel)  # before any process starts
+            if not dist.is_initialized():
+                self._ranks = start_ranks(str(checkpoint.path), config)
+        if config.tensor_parallel > 1 and device.type == "cuda":
+            device = torch.device("cuda", TensorParallel.current(config.tensor_parallel).rank)  # one GPU a rank
         # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
         hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path), local_files_only=True)
         self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
@@ -113,18 +123,23 @@ class Engine:
         (`config.device` and `config.dtype` are not used). It has no tokenizer: requests are token
         ids and outputs carry no text. Deltas come in through `engine.store.add`."""
         engine = cls.__new__(cls)
+        engine._ranks = []
         engine._setup(model, config, observer, name, None, "in-memory")
         return engine
 
     def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str) -> None:
         self.config, self.observer = config, observer or EngineObserver()
-        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant)
+        tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
+        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant, tp)
         base_quant = None if config.base_quant is None else {
             "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.linears)}
         self.context = self.model.context
         blocks = config.kv_blocks or config.max_batch * -(-self.context // config.kv_block_size)
         self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, self.model.device)
-        self.graphs = DecodeGraphs(self.model, self.kv, config.max_batch) if config.cuda_graphs and self.model.device.type == "cuda" and self.model.graphable else None
+        self.graphs = (DecodeGraphs(self.model, self.kv, config.max_batch)
+                       if config.cuda_graphs and self.model.device.type == "cuda" and self.model.graphable and tp is None else None)
+        if tp is not None and tp.rank == 0:
+            self.model = Leader(self.model)  # every step and install broadcast to the other ranks first
         self._wakeup = threading.Condition()
         self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify, base_quant)
         self._inbox: deque[Sequence] = deque()
@@ -189,7 +204,15 @@ class Engine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join()
+        if isinstance(self.model, Leader):
+            self.model.stop()
+            if self._ranks:
+                stop_ranks(self._ranks)
         self.store.close()
+
+    def follow(self) -> None:
+        """A tensor-parallel rank other than 0: compute the steps rank 0's engine broadcasts, until it stops."""
+        follow(self.model, self.kv, lambda path: read_weights(path, self.model, self.store.base_fingerprint, self.store.base_quant))
 
     def _notify(self) -> None:
         with self._wakeup:

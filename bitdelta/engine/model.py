@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from bitdelta.quant import quantize
 
 from .experts import ExpertLayer, is_moe_block
 from .ops.norm import add_rms_norm, silu_and_mul
+from .parallel import AllReduced, TensorParallel, shard_linear
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
 
@@ -73,6 +75,7 @@ class SlotWeights:
     signs: dict[str, torch.Tensor]  # weight name -> int32 [N, Kw]
     scales: dict[str, torch.Tensor]  # weight name -> fp32 [N]
     dense: dict[str, torch.Tensor]  # routable tensor name -> tensor in the model's dtype
+    source: Path | None = None  # the delta folder it was read from (tensor-parallel ranks read their own copy)
 
     @property
     def nbytes(self) -> int:
@@ -81,19 +84,24 @@ class SlotWeights:
 
 
 class MultiTenantModel:
-    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None):
+    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None, tp: TensorParallel | None = None):
         _check_supported(model.config)
-        self.model, self.config, self.max_slots, self.base_quant = model, model.config, max_slots, base_quant
+        self.model, self.config, self.max_slots, self.base_quant, self.tp = model, model.config, max_slots, base_quant, tp
         self.param = next(model.parameters())
         decoder = model.model
         self.layers = list(decoder.layers)
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        self.kv_heads = self.config.num_key_value_heads
+        world = 1 if tp is None else tp.world
+        if self.config.num_key_value_heads % world:
+            raise IncompatibleModelsError(f"--tensor-parallel {world}: the model's {self.config.num_key_value_heads} key/value heads do not split evenly")
+        self.q_heads, self.kv_heads = self.config.num_attention_heads // world, self.config.num_key_value_heads // world  # this rank's
         self.routing = DeltaRouting()
         self.checkpoint_names = CheckpointNames(self.config.model_type)
         self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
                         for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
+        if tp is not None:
+            _check_splittable(self.experts, attn, self.head_dim, tp)
         self.linears = self._swap_linears(model)
         if base_quant is not None:
             self._quantize_linears(base_quant)
@@ -154,7 +162,9 @@ class MultiTenantModel:
                     signs = torch.zeros(self.max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
                     scales = torch.zeros(self.max_slots, n, device=module.weight.device)
                     linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
-                    replace_linear(model, name, new)
+                    if self.tp is not None:
+                        shard_linear(new, name + ".weight", self.tp)
+                    replace_linear(model, name, AllReduced(new) if getattr(new, "shard", None) and new.shard.dim == 1 else new)
             qkv, gate_up = (None if block == "mlp" and index in self.experts else _stacked(layer.get_submodule(block), parts, FUSED[block])
                             for block, parts in STACKED)  # an MoE block's experts are not linears
             self.qkv.append(qkv)
@@ -201,7 +211,7 @@ class MultiTenantModel:
         """[N, K] of the matrix a 1-bit delta named `name` (checkpoint name) applies to: a block
         linear, or one expert's matrix; None where the engine has no such matrix."""
         if name in self.linears:
-            return tuple(self.linears[name].weight.shape)
+            return _full_shape(self.linears[name])
         where = self.expert_matrix(name)
         if where is None:
             return None
@@ -215,16 +225,17 @@ class MultiTenantModel:
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         if name in self.linears:
-            return tuple(self.linears[name].weight.shape)
+            return _full_shape(self.linears[name])
         tensor = self.base_tensors.get(name)
-        return tuple(tensor.shape) if tensor is not None else tuple(self.bias_names[name].bias.shape)
+        return tuple(tensor.shape) if tensor is not None else _full_shape(self.bias_names[name])[:1]
 
     def install(self, slot: int, weights: SlotWeights) -> None:
         """Put a delta into `slot`, replacing whatever was there (called between steps)."""
         for name, linear in self.linears.items():
             if name in weights.signs:
-                linear.signs[slot].copy_(weights.signs[name], non_blocking=True)
-                linear.scales[slot].copy_(weights.scales[name], non_blocking=True)
+                shard = getattr(linear, "shard", None)  # with tensor parallelism, this rank's share of the full delta
+                linear.signs[slot].copy_(weights.signs[name] if shard is None else shard.signs(weights.signs[name]), non_blocking=True)
+                linear.scales[slot].copy_(weights.scales[name] if shard is None else shard.rows(weights.scales[name]), non_blocking=True)
             else:  # the fine-tune left this linear unchanged: a zero delta
                 linear.scales[slot].zero_()
         for layer in self.experts.values():
@@ -236,7 +247,9 @@ class MultiTenantModel:
             self._ensure_table(name)
         for name, linear in self.bias_names.items():
             if linear.slot_bias is not None:
-                linear.slot_bias[slot].copy_(weights.dense.get(name, linear.bias), non_blocking=True)
+                own, shard = weights.dense.get(name), getattr(linear, "shard", None)
+                own = linear.bias if own is None else own if shard is None else shard.rows(own)
+                linear.slot_bias[slot].copy_(own, non_blocking=True)
         for name, table in self.tables.items():
             table[slot].copy_(weights.dense.get(name, self.base_tensors[name]), non_blocking=True)
 
@@ -372,7 +385,7 @@ class MultiTenantModel:
     def _attention(self, attn: nn.Module, layer: int, x: torch.Tensor, cos, sin, batch: StepBatch, kv,
                    split: QuerySplit | None, table_rows: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        queries = self.config.num_attention_heads * self.head_dim
+        queries = self.q_heads * self.head_dim
         q, k, v = (part.view(t, -1, self.head_dim) for part in _unfused(self.qkv[layer](x), (queries, *2 * [self.kv_heads * self.head_dim])))
         if self.qk_norms:
             q, k = (self._qk_norm(heads, getattr(attn, norm), f"model.layers.{layer}.self_attn.{norm}.weight", table_rows)
@@ -405,6 +418,22 @@ class MultiTenantModel:
         if self.logit_softcap is not None:  # Gemma 2
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
+
+
+def _check_splittable(experts: dict, attn: nn.Module, head_dim: int, tp: TensorParallel) -> None:
+    """Refuse, in one line, what the tensor-parallel engine does not split yet."""
+    if experts:
+        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: mixture-of-experts models are not split across GPUs yet")
+    norm = getattr(attn, "q_norm", None)
+    if norm is not None and norm.weight.numel() != head_dim:
+        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: this model normalises whole query/key projections (OLMo 2), "
+                                      "which would need the ranks' shares together; not supported yet")
+
+
+def _full_shape(linear: nn.Module) -> tuple[int, int]:
+    """A linear's [N, K]: of the whole matrix, also when this rank holds a share of it."""
+    shard = getattr(linear, "shard", None)
+    return tuple(linear.weight.shape) if shard is None else shard.full_shape
 
 
 def _set_weight(linear: nn.Module, weight) -> None:

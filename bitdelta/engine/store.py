@@ -383,7 +383,7 @@ def read_weights(path: Path, model: MultiTenantModel, base_fingerprint: str, bas
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise DeltaFormatError(f"{path}: {name} is not a finite floating-point tensor; the delta is corrupted")
         dense[model.model_name(name)] = _maybe_pin(tensor.to(model.dtype), pin)
-    return SlotWeights(signs, scales, dense)
+    return SlotWeights(signs, scales, dense, path)
 
 
 def _maybe_pin(tensor: torch.Tensor, pin: bool) -> torch.Tensor:

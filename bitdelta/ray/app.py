@@ -25,7 +25,7 @@ class RayServeConfig:
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_ongoing_requests: int | None = None  # autoscaling target per replica; default: half the engine's batch
-    gpus_per_replica: float | None = None  # default: 1 where the engine runs on CUDA, else 0
+    gpus_per_replica: float | None = None  # default: the engine's tensor_parallel where it runs on CUDA, else 0
     cpus_per_replica: float = 1.0
     api_key: str | None = None
     admin_key: str | None = None
@@ -48,7 +48,8 @@ class RayServeConfig:
         holds; past that Serve refuses (503 with Retry-After), as a single server's full queue does
         (429), instead of queueing without bound."""
         engine = self.engine
-        gpus = self.gpus_per_replica if self.gpus_per_replica is not None else float(_on_cuda(engine))
+        # a tensor-parallel replica is one actor holding its N GPUs (of one node); its engine starts the other ranks
+        gpus = self.gpus_per_replica if self.gpus_per_replica is not None else float(_on_cuda(engine)) * engine.tensor_parallel
         options = {"ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": gpus}, "health_check_period_s": 5,
                    "max_ongoing_requests": engine.max_batch + engine.max_queue, "max_queued_requests": engine.max_queue}
         if self.min_replicas is None:

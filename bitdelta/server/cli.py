@@ -131,6 +131,7 @@ def serve(
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body in MB; larger ones get 413 before they are read.")] = DEFAULT_MAX_BODY_MB,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens prefilled per step beside the decoding rows: larger gives sooner first tokens and longer pauses for the decoders.")] = EngineConfig.prefill_chunk,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs on a GPU.")] = True,
+    tensor_parallel: Annotated[int, typer.Option("--tensor-parallel", min=1, help="Split the base and every delta over this many GPUs (one process each; gloo ranks with --device cpu).")] = 1,
     base_quant: Annotated[str | None, typer.Option("--base-quant", help="Hold the base's block linears quantized: int8, fp8 or int4; serves the deltas compressed with the same --base-quant.")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
@@ -147,7 +148,7 @@ def serve(
     if log_level not in LOG_LEVELS:
         raise BitDeltaError(f"--log-level {log_level!r}: use {', '.join(LOG_LEVELS)}")
     config = EngineConfig(max_batch=max_batch, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_queue=max_queue, prefill_chunk=prefill_chunk, device=device, dtype=dtype, cuda_graphs=cuda_graphs,
-                          base_quant=base_quant)
+                          base_quant=base_quant, tensor_parallel=tensor_parallel)
     on_ray = replicas is not None or min_replicas is not None or max_replicas is not None or ray_address is not None
     if not on_ray:
         run_server(base, deltas, _parse_deltas(delta), host, port, config, api_key, admin_key, max_body_mb, log_level)

@@ -1,0 +1,105 @@
+"""Tensor parallelism on the CPU over gloo: the engine split over two processes serves mixed
+tenants exactly as the merged fine-tunes, and what it cannot split is refused before any rank starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitdelta
+from bitdelta.engine import Engine, EngineConfig, SamplingParams
+from bitdelta.errors import IncompatibleModelsError
+
+PROMPTS = ("The value of", "def parse(self, text):\n", "Return a new list of")
+
+
+def test_a_split_the_model_cannot_take_is_refused_before_any_rank_starts(llama_pair):
+    with pytest.raises(IncompatibleModelsError, match="--tensor-parallel 3: the model's .* do not split evenly over 3 ranks"):
+        Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=3))
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def split_engine(llama_pair, deltas):
+    engine = Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", max_batch=6, tensor_parallel=2))
+    for name, path in deltas.items():
+        engine.store.register(name, path, load_now=True)
+    yield engine
+    engine.stop()
+
+
+def test_two_ranks_hold_half_of_every_block_linear_and_of_the_heads(split_engine, llama_pair):
+    model = split_engine.model
+    config = model.config
+    assert model.q_heads == config.num_attention_heads // 2 and model.kv_heads == config.num_key_value_heads // 2
+    q = model.linears["model.layers.0.self_attn.q_proj.weight"]
+    down = model.linears["model.layers.0.mlp.down_proj.weight"]
+    assert q.weight.shape == (config.num_attention_heads * model.head_dim // 2, config.hidden_size)
+    assert down.weight.shape == (config.hidden_size, config.intermediate_size // 2)
+    assert down.signs.shape[-1] == config.intermediate_size // 2 // 32  # packed words split on 32-column boundaries
+    assert model.base_shape("model.layers.0.mlp.down_proj.weight") == (config.hidden_size, config.intermediate_size)
+
+
+def test_mixed_tenants_on_two_ranks_generate_what_each_merged_finetune_generates(split_engine, llama_pair, deltas):
+    names = [*deltas, split_engine.store.names()[0]]
+    models = {name: bitdelta.load(llama_pair[0], path, dtype="float32") for name, path in deltas.items()}
+    from transformers import AutoModelForCausalLM
+
+    models[names[-1]] = AutoModelForCausalLM.from_pretrained(llama_pair[0], dtype=torch.float32)
+    tokenizer = split_engine.store.get(names[0]).tokenizer
+    requests = [(name, tokenizer(text, add_special_tokens=False)["input_ids"]) for name in names for text in PROMPTS[:2]]
+    streamed: dict[int, list[int]] = {}
+    outputs = split_engine.generate([(name, ids, SamplingParams(max_tokens=10, temperature=0)) for name, ids in requests])
+    for index, ((name, ids), events) in enumerate(zip(requests, outputs)):
+        tokens = [token for event in events for token in event.token_ids]
+        streamed[index] = tokens
+        alone = models[name].generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+        assert tokens == alone, (name, index)
+        assert len(events) > 1  # events arrive token by token (what the server streams)
+    assert len({tuple(tokens) for tokens in streamed.values()}) > len(PROMPTS[:2])  # the fine-tunes answer differently
+
+
+def test_serve_with_tensor_parallel_streams_each_finetunes_merged_answer(llama_pair, deltas, tmp_path):
+    """`bitdelta serve --tensor-parallel 2 --device cpu`: two gloo ranks behind one OpenAI endpoint;
+    streamed and whole answers both equal the merged fine-tune's greedy answer."""
+    import subprocess
+    import sys
+
+    import openai
+    from test_server import free_port, wait_healthy
+    from transformers import AutoTokenizer
+
+    from test_engine import _merged, alone
+
+    import shutil
+
+    folder = tmp_path / "deltas"
+    for name, path in deltas.items():
+        shutil.copytree(path, folder / name)
+    port, log = free_port(), tmp_path / "server.log"
+    command = [sys.executable, "-m", "bitdelta.server", str(llama_pair[0]), "--deltas", str(folder), "--port", str(port),
+               "--device", "cpu", "--tensor-parallel", "2", "--max-gpu-deltas", "4"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log=log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        name = sorted(deltas)[0]
+        tokenizer = AutoTokenizer.from_pretrained(deltas[name])
+        ids = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+        expected = tokenizer.decode(alone(_merged(llama_pair[0], deltas[name]), ids, 12), skip_special_tokens=True)
+        whole = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0)
+        chunks = list(client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0, stream=True))
+        assert whole.choices[0].text == expected
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == expected
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_a_tensor_parallel_ray_replica_is_one_actor_holding_its_gpus(tmp_path):
+    from bitdelta.ray.app import RayServeConfig
+
+    split = RayServeConfig("base", str(tmp_path), EngineConfig(device="cuda", tensor_parallel=4), replicas=2)
+    assert split.replica_options()["ray_actor_options"]["num_gpus"] == 4
+    assert RayServeConfig("base", str(tmp_path), EngineConfig(device="cuda")).replica_options()["ray_actor_options"]["num_gpus"] == 1

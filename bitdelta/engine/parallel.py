@@ -176,6 +176,8 @@ def _join_group(rank: int, port: int, config) -> None:
     from bitdelta.device import resolve_device
 
     backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # NCCL's object broadcasts stage through the current device
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=config.tensor_parallel)
 
 

@@ -42,6 +42,19 @@ def test_reference_is_transformers_rotary_and_writes_the_cache(dtype):
     assert torch.equal(keys[untouched], before[0][untouched]) and torch.equal(values[untouched], before[1][untouched])
 
 
+def test_half_precision_heads_rotated_in_fp32_as_olmo2_does_land_in_their_own_dtype():
+    """OLMo 2's rotary embedding gives fp32 cos/sin beside bf16 heads and rotates in fp32; the rotated
+    keys go to the bf16 cache and the queries come back in bf16 (found on an H100: the pool write failed)."""
+    from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb as olmo2_rotary
+
+    q, k, v, cos, sin, (keys, values), rows = _step(9, 4, 2, 16, torch.bfloat16, "cpu")
+    cos, sin = cos.float(), sin.float()
+    got = rotary_and_cache_reference(q, k, v, cos, sin, keys, values, rows)
+    q_hf, k_hf = olmo2_rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    assert got.dtype == torch.bfloat16 and torch.equal(got, q_hf[0].transpose(0, 1))
+    assert torch.equal(keys[rows], k_hf[0].transpose(0, 1))
+
+
 def _check_kernel(rows: int, q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str, kernel) -> None:
     q, k, v, cos, sin, pools, write_rows = _step(rows, q_heads, kv_heads, dim, dtype, device)
     expected_pools = [p.float() for p in pools]  # the reference in fp32: nothing rounded

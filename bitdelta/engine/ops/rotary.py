@@ -28,9 +28,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def rotary_and_cache_reference(q, k, v, cos, sin, key_pool, value_pool, write_rows) -> torch.Tensor:
-    key_pool[write_rows] = rotate(k, cos, sin)
+    """In cos's precision (OLMo 2 rotates bf16 heads in fp32), each result in its tensor's dtype."""
+    key_pool[write_rows] = rotate(k, cos, sin).to(key_pool.dtype)
     value_pool[write_rows] = v
-    return rotate(q, cos, sin)
+    return rotate(q, cos, sin).to(q.dtype)
 
 
 def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -49,7 +49,7 @@ def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str
     copy (the benchmark keeps these weights for every system it runs)."""
     from transformers import LlamaForCausalLM
 
-    from bitdelta.engine.model import STACKED
+    from bitdelta.engine.linears import STACKED
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}

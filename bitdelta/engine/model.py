@@ -35,21 +35,17 @@ from torch import nn
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.kernels import build_plan
 from bitdelta.model_names import CheckpointNames
-from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
-from bitdelta.pack import packed_words
-from bitdelta.quant import quantize
+from bitdelta.nn import DeltaRouting
 
 from .experts import ExpertLayer, is_moe_block
+from .linears import full_shape, quantize_linears, swap_linears
 from .ops.norm import add_rms_norm, silu_and_mul
-from .parallel import AllReduced, TensorParallel, shard_linear
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
+from .parallel import TensorParallel, check_splittable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
-# the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
-STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-FUSED = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}  # Phi-3 keeps each of those stacks as one linear
 
 
 @dataclass
@@ -101,10 +97,11 @@ class MultiTenantModel:
         self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
                         for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
         if tp is not None:
-            _check_splittable(self.experts, attn, self.head_dim, tp)
-        self.linears = self._swap_linears(model)
+            check_splittable(self.experts, attn, self.head_dim, tp)
+        # the decoder blocks' linears with delta slots; q/k/v and gate/up stacked (not an MoE block's experts)
+        self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, tp, self.experts.keys())
         if base_quant is not None:
-            self._quantize_linears(base_quant)
+            quantize_linears(self.linears, [*self.qkv, *self.gate_up], base_quant)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
         self.qk_norms = all(hasattr(attn, norm) for norm in QK_NORMS)
@@ -147,45 +144,6 @@ class MultiTenantModel:
         """Longest sequence: the position table's size."""
         return self.config.max_position_embeddings
 
-    def _swap_linears(self, model: nn.Module) -> dict[str, BitDeltaLinear]:
-        """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes
-        a BitDeltaLinear with `max_slots` empty slots; keyed by checkpoint weight name. Each layer's
-        q/k/v and gate/up are then stacked (`self.qkv`, `self.gate_up`), one layer at a time, so the
-        unstacked weights are freed before the next layer's are copied."""
-        linears = {}
-        self.qkv, self.gate_up = [], []
-        for index, layer in enumerate(model.model.layers):
-            prefix = f"model.layers.{index}"
-            for name, module in list(layer.named_modules(prefix=prefix)):
-                if isinstance(module, nn.Linear):
-                    n, k = module.weight.shape
-                    signs = torch.zeros(self.max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
-                    scales = torch.zeros(self.max_slots, n, device=module.weight.device)
-                    linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, self.routing)
-                    if self.tp is not None:
-                        shard_linear(new, name + ".weight", self.tp)
-                    replace_linear(model, name, AllReduced(new) if getattr(new, "shard", None) and new.shard.dim == 1 else new)
-            qkv, gate_up = (None if block == "mlp" and index in self.experts else _stacked(layer.get_submodule(block), parts, FUSED[block])
-                            for block, parts in STACKED)  # an MoE block's experts are not linears
-            self.qkv.append(qkv)
-            self.gate_up.append(gate_up)
-        return linears
-
-    def _quantize_linears(self, recipe: str) -> None:
-        """Hold every block linear's base weight quantized by `recipe` (bitdelta.quant), a stack's
-        rows at once (each recipe quantizes rows on their own, so a part's rows are its own)."""
-        stacked = set()
-        for stack in filter(None, [*self.qkv, *self.gate_up]):
-            stack.weight = quantize(stack.weight, recipe)
-            start = 0
-            for part, width in zip(stack.parts, stack.widths):
-                _set_weight(part, stack.weight.rows(slice(start, start + width)))
-                stacked.add(id(part))
-                start += width
-        for linear in self.linears.values():
-            if id(linear) not in stacked:
-                _set_weight(linear, quantize(linear.weight, recipe))
-
     @property
     def graphable(self) -> bool:
         """Whether a decode step can be a CUDA graph: not with MoE blocks, whose grouping of rows by
@@ -211,7 +169,7 @@ class MultiTenantModel:
         """[N, K] of the matrix a 1-bit delta named `name` (checkpoint name) applies to: a block
         linear, or one expert's matrix; None where the engine has no such matrix."""
         if name in self.linears:
-            return _full_shape(self.linears[name])
+            return full_shape(self.linears[name])
         where = self.expert_matrix(name)
         if where is None:
             return None
@@ -225,9 +183,9 @@ class MultiTenantModel:
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         if name in self.linears:
-            return _full_shape(self.linears[name])
+            return full_shape(self.linears[name])
         tensor = self.base_tensors.get(name)
-        return tuple(tensor.shape) if tensor is not None else _full_shape(self.bias_names[name])[:1]
+        return tuple(tensor.shape) if tensor is not None else full_shape(self.bias_names[name])[:1]
 
     def install(self, slot: int, weights: SlotWeights) -> None:
         """Put a delta into `slot`, replacing whatever was there (called between steps)."""
@@ -420,27 +378,6 @@ class MultiTenantModel:
         return logits
 
 
-def _check_splittable(experts: dict, attn: nn.Module, head_dim: int, tp: TensorParallel) -> None:
-    """Refuse, in one line, what the tensor-parallel engine does not split yet."""
-    if experts:
-        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: mixture-of-experts models are not split across GPUs yet")
-    norm = getattr(attn, "q_norm", None)
-    if norm is not None and norm.weight.numel() != head_dim:
-        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: this model normalises whole query/key projections (OLMo 2), "
-                                      "which would need the ranks' shares together; not supported yet")
-
-
-def _full_shape(linear: nn.Module) -> tuple[int, int]:
-    """A linear's [N, K]: of the whole matrix, also when this rank holds a share of it."""
-    shard = getattr(linear, "shard", None)
-    return tuple(linear.weight.shape) if shard is None else shard.full_shape
-
-
-def _set_weight(linear: nn.Module, weight) -> None:
-    del linear.weight  # a parameter: the quantized weight is a plain attribute
-    linear.weight = weight
-
-
 def _check_supported(config) -> None:
     """Refuse, in one line, a model this engine would compute wrongly."""
     model_type = getattr(config, "model_type", None)
@@ -458,11 +395,6 @@ def _norm_offset(norm: nn.Module) -> float:
     weight = norm.weight.float()
     out = norm(torch.ones(1, weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)).float()[0]
     return 1.0 if (out - (1 + weight)).abs().max() < (out - weight).abs().max() else 0.0
-
-
-def _stacked(module: nn.Module, parts: tuple[str, ...], fused: str) -> StackedBitDeltaLinears:
-    """A block's linears that read one input as one product: its separate parts, or its one fused linear."""
-    return StackedBitDeltaLinears([getattr(module, name) for name in (parts if hasattr(module, parts[0]) else (fused,))])
 
 
 def _unfused(outputs: tuple[torch.Tensor, ...], split: int | tuple[int, ...]) -> tuple[torch.Tensor, ...]:

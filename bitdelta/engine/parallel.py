@@ -92,6 +92,16 @@ def shard_linear(linear: nn.Module, name: str, tp: TensorParallel) -> None:
     linear.shard = shard
 
 
+def check_splittable(experts: dict, attn: nn.Module, head_dim: int, tp: TensorParallel) -> None:
+    """Refuse, in one line, what the tensor-parallel engine does not split yet."""
+    if experts:
+        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: mixture-of-experts models are not split across GPUs yet")
+    norm = getattr(attn, "q_norm", None)
+    if norm is not None and norm.weight.numel() != head_dim:
+        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: this model normalises whole query/key projections (OLMo 2), "
+                                      "which would need the ranks' shares together; not supported yet")
+
+
 class AllReduced(nn.Module):
     """A row-parallel linear whose partial products are summed over the ranks."""
 

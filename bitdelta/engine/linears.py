@@ -1,0 +1,77 @@
+"""The decoder blocks' linears as the engine holds them: each nn.Linear swapped for a
+BitDeltaLinear with delta slots, a layer's q/k/v and gate/up stacked into one product, the base
+weights optionally quantized (bitdelta.quant) and, with tensor parallelism, cut to this rank's share."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import nn
+
+from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, replace_linear
+from bitdelta.pack import packed_words
+from bitdelta.quant import quantize
+
+from .parallel import AllReduced, TensorParallel, shard_linear
+
+# the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
+STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+FUSED = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}  # Phi-3 keeps each of those stacks as one linear
+
+
+def swap_linears(model: nn.Module, max_slots: int, routing: DeltaRouting, tp: TensorParallel | None, moe_layers: Collection[int]
+                 ) -> tuple[dict[str, BitDeltaLinear], list[StackedBitDeltaLinears], list[StackedBitDeltaLinears | None]]:
+    """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes a
+    BitDeltaLinear with `max_slots` empty slots, keyed by checkpoint weight name (a row-parallel one
+    wrapped in an all-reduce in the model's tree). Each layer's q/k/v and gate/up are then stacked
+    (None for an MoE block's experts), one layer at a time, so the unstacked weights are freed
+    before the next layer's are copied. Returns (linears, q/k/v stacks, gate/up stacks)."""
+    linears, qkv, gate_up = {}, [], []
+    for index, layer in enumerate(model.model.layers):
+        for name, module in list(layer.named_modules(prefix=f"model.layers.{index}")):
+            if isinstance(module, nn.Linear):
+                n, k = module.weight.shape
+                signs = torch.zeros(max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
+                scales = torch.zeros(max_slots, n, device=module.weight.device)
+                linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, routing)
+                if tp is not None:
+                    shard_linear(new, name + ".weight", tp)
+                replace_linear(model, name, AllReduced(new) if getattr(new, "shard", None) and new.shard.dim == 1 else new)
+        attention, mlp = (None if block == "mlp" and index in moe_layers else _stacked(layer.get_submodule(block), parts, FUSED[block])
+                          for block, parts in STACKED)
+        qkv.append(attention)
+        gate_up.append(mlp)
+    return linears, qkv, gate_up
+
+
+def quantize_linears(linears: dict[str, BitDeltaLinear], stacks: list[StackedBitDeltaLinears | None], recipe: str) -> None:
+    """Hold every block linear's base weight quantized by `recipe`, a stack's rows at once (each
+    recipe quantizes rows on their own, so a part's rows are its own)."""
+    stacked = set()
+    for stack in filter(None, stacks):
+        stack.weight = quantize(stack.weight, recipe)
+        start = 0
+        for part, width in zip(stack.parts, stack.widths):
+            _set_weight(part, stack.weight.rows(slice(start, start + width)))
+            stacked.add(id(part))
+            start += width
+    for linear in linears.values():
+        if id(linear) not in stacked:
+            _set_weight(linear, quantize(linear.weight, recipe))
+
+
+def full_shape(linear: nn.Module) -> tuple[int, int]:
+    """A linear's [N, K]: of the whole matrix, also when this rank holds a share of it."""
+    shard = getattr(linear, "shard", None)
+    return tuple(linear.weight.shape) if shard is None else shard.full_shape
+
+
+def _set_weight(linear: nn.Module, weight) -> None:
+    del linear.weight  # a parameter: the quantized weight is a plain attribute
+    linear.weight = weight
+
+
+def _stacked(module: nn.Module, parts: tuple[str, ...], fused: str) -> StackedBitDeltaLinears:
+    """A block's linears that read one input as one product: its separate parts, or its one fused linear."""
+    return StackedBitDeltaLinears([getattr(module, name) for name in (parts if hasattr(module, parts[0]) else (fused,))])

@@ -91,7 +91,7 @@ def random_deltas(engine: Engine, count: int) -> list[SlotWeights]:
     model = engine.model
     shapes = [(name, tuple(linear.signs.shape[1:])) for name, linear in model.linears.items()]
     for index, layer in model.experts.items():
-        experts, rows, k = layer.weights["gate_up_proj"].shape
+        experts, rows, k = layer.shapes["gate_up_proj"]
         for expert in range(experts):
             prefix = f"model.layers.{index}.mlp.experts.{expert}"
             shapes += [(f"{prefix}.gate_proj.weight", (rows // 2, packed_words(k))), (f"{prefix}.up_proj.weight", (rows // 2, packed_words(k))),
@@ -181,7 +181,7 @@ def floor_bytes(engine: Engine, recorder: StepRecorder, batch: int, tenants: int
     model = engine.model
     size = model.param.element_size()
     layer = next(iter(model.experts.values()))
-    experts, rows, k = layer.weights["gate_up_proj"].shape
+    experts, rows, k = layer.shapes["gate_up_proj"]
     expert_base = (rows * k + k * (rows // 2)) * size
     expert_delta = rows * (packed_words(k) * 4 + 4) + k * (packed_words(rows // 2) * 4 + 4)
     routed = statistics.mean(sum(e * expert_base + p * expert_delta for e, p in step) for step in recorder.routes)

@@ -19,7 +19,7 @@ from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.progress import tensor_progress
 from bitdelta.quant import QuantizedBase
 from bitdelta.storage import ShardWriter, atomic_directory, refuse_existing
-from bitdelta.targets import block_linears
+from bitdelta.targets import default_targets
 
 DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3
 _ROW_BLOCK_ELEMENTS = 1 << 22  # 16 MB fp32 temporaries; 1M-element blocks took twice the CPU time on 2 busy cores
@@ -43,8 +43,15 @@ def open_pair(base: str | Path, delta: str | Path) -> tuple[Checkpoint, DeltaRea
 
 
 def quantized_view(base: Checkpoint, base_quant: str | None) -> Checkpoint | QuantizedBase:
-    """The base as recipe `base_quant` quantizes it (its block linears), or as it is for None."""
-    return base if base_quant is None else QuantizedBase(base, base_quant, block_linears(base))
+    """The base as recipe `base_quant` quantizes it (its block matrices), or as it is for None."""
+    return base if base_quant is None else QuantizedBase(base, base_quant, default_targets(base))
+
+
+def quantized_base_model(base: str | Path, base_quant: str, dtype: torch.dtype):
+    """The base as a transformers model with its block matrices quantized by `base_quant`: what a
+    delta made with `compress --base-quant` is applied to."""
+    view = quantized_view(Checkpoint(base), base_quant)
+    return _model_from_tensors(view.path, {name: view.mapped(name).to(dtype) for name in view.tensors}, dtype)
 
 
 def merged_tensors(
@@ -152,17 +159,21 @@ def load(
         raise BitDeltaError(f"unknown load mode {mode!r}; use merged or bitdelta")
     base_ckpt, reader = open_pair(base, delta)
     torch_dtype = parse_dtype(dtype, reader)
-    # Hand transformers the fine-tune's tensors under their checkpoint names: its loader applies
-    # the same key renames (e.g. GPT-NeoX embed_out -> lm_head) as for files on disk.
     config = AutoConfig.from_pretrained(reader.path)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    as_modules = _linear_weights(model_class, config) & reader.config.compressed.keys() if mode == "bitdelta" else set()
-    state = dict(merged_tensors(base_ckpt, reader, torch_dtype, unapplied=as_modules))
-    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
-    del state
+    as_modules = _linear_weights(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config) & reader.config.compressed.keys() if mode == "bitdelta" else set()
+    model = _model_from_tensors(reader.path, dict(merged_tensors(base_ckpt, reader, torch_dtype, unapplied=as_modules)), torch_dtype)
     model.bitdelta_routing = DeltaRouting()
     _attach_deltas(model, reader, as_modules)
     return model.to(device).eval()
+
+
+def _model_from_tensors(folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """The causal LM of `folder`'s config over `state`, tensors under their checkpoint names: the
+    loader applies the same renames and expert fusing as for files on disk."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
 def _linear_weights(model_class, config) -> set[str]:

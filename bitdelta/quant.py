@@ -7,8 +7,10 @@ exactly Q(base) + scale * sign (the paper's quantized-base setting). Three recip
 - `fp8`: float8 e4m3 per output channel, scale = max|row| / 448 (e4m3's largest value).
 - `int4`: symmetric in groups of 128 along each row, scale = max|group| / 7, two values a byte.
 
-Only the block linears are quantized (embeddings, norms, lm_head and mixture-of-experts experts
-stay as they are); the caller names them. A quantized base is a base of its own: its fingerprint
+Only the block matrices are quantized, the ones `compress` makes 1-bit by default (the block
+linears and the experts' matrices; embeddings, norms, lm_head and routers stay as they are); the
+caller names them. Every recipe quantizes each row on its own, so a matrix's rows quantize alike
+whether stored alone, stacked with others, or fused into a model's [E, N, K] expert tensor. A quantized base is a base of its own: its fingerprint
 mixes the base's with the recipe and the names, so a delta made for one recipe is refused on a
 base quantized by another, by the fingerprint check every reader already makes.
 
@@ -111,7 +113,9 @@ class QuantizedBase:
 
     def mapped(self, name: str) -> torch.Tensor:
         tensor = self.checkpoint.mapped(name)
-        return quantize(tensor, self.recipe).dequantize() if name in self.names else tensor
+        if name not in self.names:
+            return tensor
+        return quantize(tensor.reshape(-1, tensor.shape[-1]), self.recipe).dequantize().reshape(tensor.shape)  # stacked experts: row by row
 
     def __getattr__(self, attribute: str):
         return getattr(self.checkpoint, attribute)

@@ -78,7 +78,7 @@ def select_targets(
     if include:
         chosen = {n for n in finetuned.tensors if any(fnmatch.fnmatchcase(n, g) for g in include)}
     else:
-        chosen = _block_linears(finetuned)
+        chosen = default_targets(finetuned)
         _check_same_blocks(chosen, finetuned, base)
     chosen = {n for n in chosen if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
     targets = [n for n in finetuned.tensors if n in chosen and _compressible(n, finetuned, base)]
@@ -112,16 +112,18 @@ def _listed(names: list[str], count: int = 3) -> str:
 
 
 def block_linears(checkpoint: Checkpoint) -> set[str]:
-    """The checkpoint's nn.Linear weights inside the blocks (no experts): what a quantized base quantizes."""
+    """The checkpoint's nn.Linear weights inside the blocks (no experts)."""
     linears = block_linear_weights(checkpoint.config)
     if linears is None:
         linears = {n for n, meta in checkpoint.tensors.items() if _looks_like_block_linear(n, meta)}
     return linears & checkpoint.tensors.keys()
 
 
-def _block_linears(finetuned: Checkpoint) -> set[str]:
-    experts = expert_matrices(finetuned.tensors)
-    return (block_linears(finetuned) | experts.matrices) - experts.routers
+def default_targets(checkpoint: Checkpoint) -> set[str]:
+    """What `compress` makes 1-bit unless told otherwise, and what a quantized base quantizes: the
+    block linears and the experts' matrices, not the routers."""
+    experts = expert_matrices(checkpoint.tensors)
+    return (block_linears(checkpoint) | experts.matrices) - experts.routers
 
 
 @dataclass(frozen=True)

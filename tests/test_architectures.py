@@ -261,3 +261,34 @@ def test_checkpoint_expert_names_are_placed_in_the_models_fused_tensors_by_trans
     assert names.fused_expert("model.layers.3.self_attn.q_proj.weight") is None
     router = name.rsplit(".experts.", 1)[0] + ".gate.weight"  # Mixtral's block_sparse_moe is the model's mlp
     assert names.renamed(router) == fused.rsplit(".experts.", 1)[0] + ".gate.weight"
+
+
+def test_over_a_quantized_base_the_experts_are_quantized_too_and_each_row_is_served_as_merged(recent_pairs, tmp_path):
+    """compress --base-quant int4 on Mixtral quantizes the experts' matrices as well as the linears
+    (they are most of the model); the engine holds them quantized, and a batch of the fine-tune and
+    the quantized base gets each one's logits and greedy answer."""
+    from transformers import AutoModelForCausalLM
+
+    from bitdelta import compress, load
+    from bitdelta.apply import quantized_base_model
+    from bitdelta.engine import Engine, EngineConfig, SamplingParams
+
+    base, finetuned = recent_pairs["mixtral"]
+    delta = compress(base, finetuned, tmp_path / "int4", base_quant="int4", progress=False)
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, prefill_chunk=512, base_quant="int4"))
+    assert all(not isinstance(weight, torch.Tensor) for layer in engine.model.experts.values() for weight in layer.weights.values())
+    engine.store.register("ft", delta, load_now=True)
+    quantized = quantized_base_model(base, "int4", torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(quantized.get_parameter(experts), plain.get_parameter(experts))
+    prompt = engine.store.get("ft").tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    steps = []
+    engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
+    names = ["ft", engine.store.names()[0]]
+    outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=6, temperature=0)) for name in names])
+    for row, (model, out) in enumerate(zip((load(base, delta, dtype="float32"), quantized), outputs)):
+        with torch.no_grad():
+            torch.testing.assert_close(steps[0][row], model(torch.tensor([prompt])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert [token for output in out for token in output.token_ids] == alone

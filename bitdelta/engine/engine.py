@@ -132,7 +132,7 @@ class Engine:
         tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
         self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant, tp)
         base_quant = None if config.base_quant is None else {
-            "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.linears)}
+            "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.quantized_names(base_dir))}
         self.context = self.model.context
         blocks = config.kv_blocks or config.max_batch * -(-self.context // config.kv_block_size)
         self.kv = PagedKVCache(len(self.model.layers), self.model.kv_heads, self.model.head_dim, blocks, config.kv_block_size, self.model.dtype, self.model.device)

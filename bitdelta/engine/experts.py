@@ -19,6 +19,7 @@ from torch import nn
 from bitdelta.kernels import bitdelta_matmul
 from bitdelta.model_names import FUSED_EXPERTS
 from bitdelta.pack import packed_words
+from bitdelta.quant import quantize
 
 
 def is_moe_block(module: nn.Module) -> bool:
@@ -33,21 +34,33 @@ class ExpertLayer:
 
     def __init__(self, block: nn.Module, max_slots: int, normalize_top_k: bool):
         experts = block.experts
-        self.weights = {name: experts.get_parameter(name) for name in FUSED_EXPERTS}  # [E, N, K] each
+        self.weights = {name: experts.get_parameter(name) for name in FUSED_EXPERTS}  # [E, N, K] each, or quantized
+        self.shapes = {name: tuple(weight.shape) for name, weight in self.weights.items()}
         self.activation = experts.act_fn
         self.router = block.gate.weight  # [E, H]
         self.top_k = block.gate.top_k
         self.normalize_top_k = normalize_top_k
         device = self.router.device
         self.signs, self.scales = {}, {}
-        for name, weight in self.weights.items():
-            count, n, k = weight.shape
+        for name, (count, n, k) in self.shapes.items():
             self.signs[name] = torch.zeros(count, max_slots, n, packed_words(k), dtype=torch.int32, device=device)
             self.scales[name] = torch.zeros(count, max_slots, n, device=device)
 
     @property
     def num_experts(self) -> int:
         return self.router.shape[0]
+
+    def quantize(self, recipe: str) -> None:
+        """Hold the base experts quantized by `recipe`, row by row (bitdelta.quant): [E * N, K] each."""
+        for name, (count, n, k) in self.shapes.items():
+            self.weights[name] = quantize(self.weights[name].detach().reshape(count * n, k), recipe)
+
+    def _base(self, name: str, expert: int):
+        weight = self.weights[name]
+        if isinstance(weight, torch.Tensor):
+            return weight[expert]
+        rows = self.shapes[name][1]
+        return weight.rows(slice(expert * rows, (expert + 1) * rows))
 
     def install(self, slot: int, fused: str, expert: int, rows: slice, signs: torch.Tensor, scales: torch.Tensor) -> None:
         """One expert matrix of a delta: rows `rows` of expert `expert` of tensor `fused` in `slot`."""
@@ -84,7 +97,7 @@ class ExpertLayer:
 
     def _expert(self, expert: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         def product(name: str, inputs: torch.Tensor) -> torch.Tensor:
-            return bitdelta_matmul(inputs, self.weights[name][expert], self.signs[name][expert], self.scales[name][expert], slots)
+            return bitdelta_matmul(inputs, self._base(name, expert), self.signs[name][expert], self.scales[name][expert], slots)
 
         gate, up = product("gate_up_proj", x).chunk(2, dim=-1)
         return product("down_proj", self.activation(gate) * up)

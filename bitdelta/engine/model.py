@@ -102,6 +102,8 @@ class MultiTenantModel:
         self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, tp, self.experts.keys())
         if base_quant is not None:
             quantize_linears(self.linears, [*self.qkv, *self.gate_up], base_quant)
+            for layer in self.experts.values():
+                layer.quantize(base_quant)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
         self.qk_norms = all(hasattr(attn, norm) for norm in QK_NORMS)
@@ -163,7 +165,15 @@ class MultiTenantModel:
         layer, fused = self.fused_experts[part.fused]
         if not 0 <= part.expert < layer.num_experts:
             return None
-        return layer, fused, part.expert, part.rows(layer.weights[fused].shape[1])
+        return layer, fused, part.expert, part.rows(layer.shapes[fused][1])
+
+    def quantized_names(self, base_dir: Path | None) -> set[str]:
+        """The checkpoint names of what `base_quant` quantizes: the block linears and, read from the
+        base's checkpoint at `base_dir`, the experts' matrices (the set `compress --base-quant` uses)."""
+        from bitdelta.checkpoint import Checkpoint
+
+        experts = [] if base_dir is None or not self.experts else Checkpoint(base_dir).tensors
+        return set(self.linears) | {name for name in experts if self.expert_matrix(name) is not None}
 
     def delta_shape(self, name: str) -> tuple[int, int] | None:
         """[N, K] of the matrix a 1-bit delta named `name` (checkpoint name) applies to: a block
@@ -174,7 +184,7 @@ class MultiTenantModel:
         if where is None:
             return None
         layer, fused, _, rows = where
-        return rows.stop - rows.start, layer.weights[fused].shape[2]
+        return rows.stop - rows.start, layer.shapes[fused][2]
 
     def routable(self, name: str) -> bool:
         """Whether a lossless tensor (model name) can differ per row: embeddings, norms, lm_head,

@@ -69,7 +69,7 @@ def evaluate(
     with one row per model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bitdelta.apply import load, open_pair
+    from bitdelta.apply import load, open_pair, quantized_base_model
     from bitdelta.checkpoint import Checkpoint
     from bitdelta.eval.harness import prepare_tasks, run_tasks
 
@@ -106,7 +106,7 @@ def evaluate(
     score("base", AutoModelForCausalLM.from_pretrained(Checkpoint(base).path, dtype=torch_dtype).to(torch_device).eval(), ref)
     _release()
     if base_quant is not None:
-        score(f"base-{base_quant}", _quantized_base(base, base_quant, torch_dtype).to(torch_device), ref)
+        score(f"base-{base_quant}", quantized_base_model(base, base_quant, torch_dtype).to(torch_device).eval(), ref)
         _release()
     if delta is not None:
         score("delta", load(base, delta, dtype=str(torch_dtype).removeprefix("torch."), device=torch_device), ref, dict(path=str(delta)))
@@ -122,23 +122,6 @@ def evaluate(
     return dict(base=str(base), finetuned=str(finetuned), delta=None if delta is None else str(delta), data=source,
                 windows=len(ids), seq_len=ids.shape[1], device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
                 tasks=list(tasks), rows=rows)
-
-
-@torch.no_grad()
-def _quantized_base(base: str | Path, recipe: str, dtype: torch.dtype):
-    """The base model with its block linears quantized by `recipe`, as `compress --base-quant` sees it."""
-    from transformers import AutoModelForCausalLM
-
-    from bitdelta.checkpoint import Checkpoint
-    from bitdelta.quant import quantize
-    from bitdelta.targets import block_linears
-
-    checkpoint = Checkpoint(base)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype).eval()
-    parameters = dict(model.named_parameters())
-    for name in block_linears(checkpoint) & parameters.keys():
-        parameters[name].copy_(quantize(parameters[name], recipe).dequantize())
-    return model
 
 
 def _add_gains(rows: list[dict]) -> None:

@@ -83,7 +83,7 @@ Heldout = Annotated[int, typer.Option(help="Extra held-out sequences for the bef
 Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
 Dtype = Annotated[str, typer.Option(help="auto (the fine-tune's), bfloat16, float16 or float32.")]
 Seed = Annotated[int, typer.Option(help="Seed for sampling and batching.")]
-BaseQuant = Annotated[str | None, typer.Option("--base-quant", help="Quantize the base's block linears first: int8 (per channel), fp8 (e4m3 per channel) or int4 (groups of 128); the delta is taken against, and served over, that quantized base.")]
+BaseQuant = Annotated[str | None, typer.Option("--base-quant", help="Quantize the base's block matrices (linears, MoE experts) first: int8 (per channel), fp8 (e4m3 per channel) or int4 (groups of 128); the delta is taken against, and served over, that quantized base.")]
 
 
 def _out() -> Console:

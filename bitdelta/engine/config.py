@@ -25,7 +25,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: float32 on a CPU, the base's dtype on a GPU
     tensor_parallel: int = 1  # ranks the model is split over (engine/parallel.py); rank 0 runs this engine
-    base_quant: str | None = None  # hold the base's block linears quantized by this recipe (bitdelta.quant); serves deltas made for it
+    base_quant: str | None = None  # hold the base's block matrices quantized by this recipe (bitdelta.quant); serves deltas made for it
 
     def __post_init__(self) -> None:
         if self.base_quant is not None and self.base_quant not in ("int8", "fp8", "int4"):

@@ -132,7 +132,7 @@ def serve(
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens prefilled per step beside the decoding rows: larger gives sooner first tokens and longer pauses for the decoders.")] = EngineConfig.prefill_chunk,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs on a GPU.")] = True,
     tensor_parallel: Annotated[int, typer.Option("--tensor-parallel", min=1, help="Split the base and every delta over this many GPUs (one process each; gloo ranks with --device cpu).")] = 1,
-    base_quant: Annotated[str | None, typer.Option("--base-quant", help="Hold the base's block linears quantized: int8, fp8 or int4; serves the deltas compressed with the same --base-quant.")] = None,
+    base_quant: Annotated[str | None, typer.Option("--base-quant", help="Hold the base's block matrices (linears, MoE experts) quantized: int8, fp8 or int4; serves the deltas compressed with the same --base-quant.")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="BITDELTA_API_KEY", help="Bearer token required on every endpoint but /health.")] = None,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BITDELTA_ADMIN_KEY", help="Bearer token for /v1/deltas (default: --api-key).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info (a line per request), warning or error.")] = "info",

@@ -33,7 +33,7 @@ from bitdelta.quant import quantized_fingerprint
 from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
-from .parallel import Leader, TensorParallel, check_split, follow, start_ranks, stop_ranks
+from .parallel import Leader, TensorParallel, check_split, follow, shard_linears, start_ranks, stop_ranks
 from .model import MultiTenantModel, StepBatch
 from .sampling import SamplingParams, TextStream, is_greedy, sample
 from .store import DeltaEntry, DeltaStore, read_weights
@@ -115,6 +115,8 @@ class Engine:
             device = torch.device("cuda", TensorParallel.current(config.tensor_parallel).rank)  # one GPU a rank
         # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
         hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path), local_files_only=True)
+        if config.tensor_parallel > 1:  # this rank's share of the linears, cut before the model moves to its GPU
+            shard_linears(hf_model, TensorParallel.current(config.tensor_parallel))
         self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
 
     @classmethod

@@ -13,18 +13,19 @@ from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, re
 from bitdelta.pack import packed_words
 from bitdelta.quant import quantize
 
-from .parallel import AllReduced, TensorParallel, shard_linear
+from .parallel import AllReduced
 
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 FUSED = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}  # Phi-3 keeps each of those stacks as one linear
 
 
-def swap_linears(model: nn.Module, max_slots: int, routing: DeltaRouting, tp: TensorParallel | None, moe_layers: Collection[int]
+def swap_linears(model: nn.Module, max_slots: int, routing: DeltaRouting, moe_layers: Collection[int]
                  ) -> tuple[dict[str, BitDeltaLinear], list[StackedBitDeltaLinears], list[StackedBitDeltaLinears | None]]:
     """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes a
-    BitDeltaLinear with `max_slots` empty slots, keyed by checkpoint weight name (a row-parallel one
-    wrapped in an all-reduce in the model's tree). Each layer's q/k/v and gate/up are then stacked
+    BitDeltaLinear with `max_slots` empty slots, keyed by checkpoint weight name. A linear already
+    cut to this rank's share (parallel.shard_linears) keeps its cut; a row-parallel one is wrapped
+    in an all-reduce in the model's tree. Each layer's q/k/v and gate/up are then stacked
     (None for an MoE block's experts), one layer at a time, so the unstacked weights are freed
     before the next layer's are copied. Returns (linears, q/k/v stacks, gate/up stacks)."""
     linears, qkv, gate_up = {}, [], []
@@ -35,9 +36,8 @@ def swap_linears(model: nn.Module, max_slots: int, routing: DeltaRouting, tp: Te
                 signs = torch.zeros(max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
                 scales = torch.zeros(max_slots, n, device=module.weight.device)
                 linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, routing)
-                if tp is not None:
-                    shard_linear(new, name + ".weight", tp)
-                replace_linear(model, name, AllReduced(new) if getattr(new, "shard", None) and new.shard.dim == 1 else new)
+                new.shard = getattr(module, "shard", None)
+                replace_linear(model, name, AllReduced(new) if new.shard is not None and new.shard.dim == 1 else new)
         attention, mlp = (None if block == "mlp" and index in moe_layers else _stacked(layer.get_submodule(block), parts, FUSED[block])
                           for block, parts in STACKED)
         qkv.append(attention)

@@ -99,7 +99,7 @@ class MultiTenantModel:
         if tp is not None:
             check_splittable(self.experts, attn, self.head_dim, tp)
         # the decoder blocks' linears with delta slots; q/k/v and gate/up stacked (not an MoE block's experts)
-        self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, tp, self.experts.keys())
+        self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, self.experts.keys())
         if base_quant is not None:
             quantize_linears(self.linears, [*self.qkv, *self.gate_up], base_quant)
             for layer in self.experts.values():
@@ -201,7 +201,7 @@ class MultiTenantModel:
         """Put a delta into `slot`, replacing whatever was there (called between steps)."""
         for name, linear in self.linears.items():
             if name in weights.signs:
-                shard = getattr(linear, "shard", None)  # with tensor parallelism, this rank's share of the full delta
+                shard = linear.shard  # with tensor parallelism, this rank's share of the full delta
                 linear.signs[slot].copy_(weights.signs[name] if shard is None else shard.signs(weights.signs[name]), non_blocking=True)
                 linear.scales[slot].copy_(weights.scales[name] if shard is None else shard.rows(weights.scales[name]), non_blocking=True)
             else:  # the fine-tune left this linear unchanged: a zero delta
@@ -215,7 +215,7 @@ class MultiTenantModel:
             self._ensure_table(name)
         for name, linear in self.bias_names.items():
             if linear.slot_bias is not None:
-                own, shard = weights.dense.get(name), getattr(linear, "shard", None)
+                own, shard = weights.dense.get(name), linear.shard
                 own = linear.bias if own is None else own if shard is None else shard.rows(own)
                 linear.slot_bias[slot].copy_(own, non_blocking=True)
         for name, table in self.tables.items():

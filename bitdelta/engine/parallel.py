@@ -65,8 +65,17 @@ class Shard:
         return tensor[..., self.part] if self.dim == 0 else tensor
 
 
-def shard_linear(linear: nn.Module, name: str, tp: TensorParallel) -> None:
-    """Cut a BitDeltaLinear (weight, slot signs and scales, bias) to this rank's share, by its role."""
+def shard_linears(model: nn.Module, tp: TensorParallel) -> None:
+    """Cut every nn.Linear of the decoder blocks (weight, bias) to this rank's share, by its role,
+    recording the cut as `linear.shard`: done on the CPU, before the model moves to its GPU, which
+    need hold only its share."""
+    for index, layer in enumerate(model.model.layers):
+        for name, module in layer.named_modules(prefix=f"model.layers.{index}"):
+            if isinstance(module, nn.Linear):
+                _shard(module, name + ".weight", tp)
+
+
+def _shard(linear: nn.Linear, name: str, tp: TensorParallel) -> None:
     role = name.removesuffix(".weight").rsplit(".", 1)[-1]
     n, k = linear.weight.shape
     if role in COLUMN_PARALLEL:
@@ -74,7 +83,6 @@ def shard_linear(linear: nn.Module, name: str, tp: TensorParallel) -> None:
             raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} has {n} output rows, not a multiple of {tp.world}")
         shard = Shard(0, tp.part(n), (n, k))
         linear.weight = nn.Parameter(linear.weight.detach()[shard.part].clone(), requires_grad=False)
-        linear.scales = shard.rows(linear.scales).clone()
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias.detach()[shard.part].clone(), requires_grad=False)
         linear.out_features = shard.part.stop - shard.part.start
@@ -88,7 +96,6 @@ def shard_linear(linear: nn.Module, name: str, tp: TensorParallel) -> None:
         linear.in_features = shard.part.stop - shard.part.start
     else:
         raise IncompatibleModelsError(f"--tensor-parallel: the engine does not know how to split {name}")
-    linear.signs = shard.signs(linear.signs).clone()
     linear.shard = shard
 
 

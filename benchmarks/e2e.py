@@ -1,7 +1,7 @@
 """End-to-end multi-tenant decoding on a GPU: memory and speed of N fine-tunes served at once.
 
     python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64] [--busy 0]
-                             [--prompt 128] [--generate 128] [--out benchmarks/results]
+                             [--prompt 128] [--generate 128] [--base-quant int8,fp8,int4] [--out benchmarks/results]
 
 A Llama-2-7B-shaped base in fp16 with random weights, built on the GPU (speed does not depend on
 the values), and N fine-tunes; a batch of B = N requests, one per fine-tune, each a 128-token
@@ -50,6 +50,7 @@ import torch
 
 from benchmarks.e2e_models import SHAPES, GiB, Setup, llama_config, model_bytes, random_weights, zipf_tenants
 from benchmarks.e2e_systems import profile_decode, reset_peak, run_base, run_bitdelta, run_lora, run_naive
+from bitdelta.quant import RECIPES
 
 HERE = Path(__file__).resolve().parent
 REPRODUCE = "python -m benchmarks.e2e"
@@ -60,7 +61,8 @@ LORA_RANKS = (16, 128)
 def systems_of(row: dict) -> list[str]:
     """The systems a row measured, in the report's order: naive, LoRA by rank, bitdelta and base."""
     loras = sorted((k for k in row if k.startswith("lora-r")), key=lambda k: int(k.removeprefix("lora-r")))
-    return [k for k in ("naive", *loras, "bitdelta-eager", "base-eager", "bitdelta", "base") if k in row]
+    quantized = [f"{system}-{recipe}" for recipe in RECIPES for system in ("bitdelta", "base")]
+    return [k for k in ("naive", *loras, "bitdelta-eager", "base-eager", "bitdelta", "base", *quantized) if k in row]
 
 
 def markdown(result: dict) -> str:
@@ -89,6 +91,8 @@ def markdown(result: dict) -> str:
                 note = f"{r['resident_models']} on the GPU" + (", the rest swapped from CPU" if r["swapping"] else "")
             elif system.startswith("lora"):
                 note = f"adapters {r['adapter_gib']:.2f} GiB a fine-tune"
+            elif "memory_note" in r:
+                note = r["memory_note"]
             lines.append(
                 f"| {row['label']} | {system} | {r['memory_gib']:.1f} | {r['ttft_ms']:.0f} | {r['decode_ms_median']:.1f} | {r['decode_ms_p99']:.1f} | "
                 f"{r['decode_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['steps']} | {note} |"
@@ -189,6 +193,8 @@ def main() -> None:
                         help="bitdelta includes base only; lora: batched LoRA at each --lora-ranks; eager: bitdelta and base again "
                              "without CUDA graphs")
     parser.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)))
+    parser.add_argument("--base-quant", default="", help="also bitdelta and base only over the base quantized by each of these "
+                                                          "recipes (comma-separated: int8, fp8, int4), side by side")
     parser.add_argument("--max-seconds", type=float, default=6, help="naive: stop timing decode steps after this long (at least 2)")
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -247,6 +253,9 @@ def main() -> None:
             row["bitdelta"] = run_bitdelta(setup, config, weights, tenants_of_requests)
             row["base"] = run_base(setup, config, weights, tenants_of_requests)
             result["delta_gib_each"] = row["bitdelta"]["delta_gib"] / row["distinct"]
+        for recipe in filter(None, args.base_quant.split(",")):
+            row[f"bitdelta-{recipe}"] = run_bitdelta(setup, config, weights, tenants_of_requests, base_quant=recipe)
+            row[f"base-{recipe}"] = run_base(setup, config, weights, tenants_of_requests, base_quant=recipe)
         if "eager" in systems:  # the same engine issuing every kernel from Python
             row["bitdelta-eager"] = run_bitdelta(setup, config, weights, tenants_of_requests, graphs=False)
             row["base-eager"] = run_base(setup, config, weights, tenants_of_requests, graphs=False)

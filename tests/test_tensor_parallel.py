@@ -1,5 +1,8 @@
 """Tensor parallelism on the CPU over gloo: the engine split over two processes serves mixed
-tenants exactly as the merged fine-tunes, and what it cannot split is refused before any rank starts."""
+tenants exactly as the merged fine-tunes, and what it cannot split is refused before any rank starts.
+
+The tests that start their own engine come before `split_engine`'s: a process group exists once per
+process, and the module's engine holds it until the module ends."""
 
 from __future__ import annotations
 
@@ -17,6 +20,29 @@ def test_a_split_the_model_cannot_take_is_refused_before_any_rank_starts(llama_p
     with pytest.raises(IncompatibleModelsError, match="--tensor-parallel 3: the model's .* do not split evenly over 3 ranks"):
         Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=3))
     assert not torch.distributed.is_initialized()
+
+
+def test_qwen2_biases_split_with_their_rows_and_each_row_gets_its_finetunes_own(pairs, tmp_path):
+    """Qwen2's q/k/v biases (changed by the fine-tune: per-slot biases) split with the rows over two
+    ranks; tied embeddings stay whole. The fine-tune and the base in one batch, each as alone."""
+    from transformers import AutoModelForCausalLM
+
+    base, finetuned = pairs["qwen2"]
+    delta = bitdelta.compress(base, finetuned, tmp_path / "qwen2", progress=False)
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2))
+    try:
+        engine.store.register("ft", delta, load_now=True)
+        prompt = engine.store.get("ft").tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+        names = ["ft", engine.store.names()[0]]
+        outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=10, temperature=0)) for name in names])
+        q = engine.model.linears["model.layers.0.self_attn.q_proj.weight"]
+        assert q.slot_bias is not None and q.slot_bias.shape[1] == q.shard.full_shape[0] // 2
+        models = [bitdelta.load(base, delta, dtype="float32"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
+        for model, events in zip(models, outputs):
+            alone = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+            assert [token for event in events for token in event.token_ids] == alone
+    finally:
+        engine.stop()
 
 
 @pytest.fixture(scope="module")

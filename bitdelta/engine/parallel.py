@@ -126,7 +126,12 @@ class Leader:
     """Rank 0's model: every step is broadcast to the other ranks before it runs, with the deltas
     installed since the last step (their folder where they came from one)."""
 
+    active: Leader | None = None  # the process group serves one engine: a second would talk to the first one's ranks
+
     def __init__(self, model):
+        if Leader.active is not None:
+            raise IncompatibleModelsError("a tensor-parallel engine is already running in this process; stop it before starting another")
+        Leader.active = self
         self.model = model
         self._installs: list[tuple[int, object]] = []
 
@@ -142,6 +147,7 @@ class Leader:
 
     def stop(self) -> None:
         dist.broadcast_object_list([None], src=0)
+        Leader.active = None
 
     def __getattr__(self, attribute: str):
         return getattr(self.model, attribute)

@@ -143,6 +143,12 @@ class Checkpoint:
         with self._open(self.tensors[name].file) as handle:
             return handle.get_tensor(name)
 
+    def part(self, name: str, rows: slice = slice(None), columns: slice = slice(None)) -> torch.Tensor:
+        """Rows and/or columns of a tensor, read alone from the file (a tensor-parallel rank's share)."""
+        with self._open(self.tensors[name].file) as handle:
+            view = handle.get_slice(name)
+            return view[rows] if len(self.tensors[name].shape) == 1 else view[rows, columns]
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, in file order, mapped (see `mapped`): a caller that drops each before the
         next holds one tensor's pages at a time, never the rest of its shard."""

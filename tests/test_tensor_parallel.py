@@ -16,9 +16,11 @@ from bitdelta.errors import IncompatibleModelsError
 PROMPTS = ("The value of", "def parse(self, text):\n", "Return a new list of")
 
 
-def test_a_split_the_model_cannot_take_is_refused_before_any_rank_starts(llama_pair):
+def test_a_split_the_model_cannot_take_is_refused_before_any_rank_starts(pairs, llama_pair):
     with pytest.raises(IncompatibleModelsError, match="--tensor-parallel 3: the model's .* do not split evenly over 3 ranks"):
         Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=3))
+    with pytest.raises(IncompatibleModelsError, match="'gpt_neox' is not supported yet"):
+        Engine(pairs["gpt_neox"][0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=2))
     assert not torch.distributed.is_initialized()
 
 
@@ -55,8 +57,9 @@ def split_engine(llama_pair, deltas):
 
 
 def test_two_ranks_hold_half_of_every_block_linear_and_of_the_heads(split_engine, llama_pair):
-    model = split_engine.model
-    config = model.config
+    from transformers import AutoConfig
+
+    model, config = split_engine.model, AutoConfig.from_pretrained(llama_pair[0])
     assert model.q_heads == config.num_attention_heads // 2 and model.kv_heads == config.num_key_value_heads // 2
     q = model.linears["model.layers.0.self_attn.q_proj.weight"]
     down = model.linears["model.layers.0.mlp.down_proj.weight"]

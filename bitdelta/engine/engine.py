@@ -33,8 +33,8 @@ from bitdelta.quant import quantized_fingerprint
 from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
-from .parallel import Leader, TensorParallel, check_split, follow, shard_linears, start_ranks, stop_ranks
-from .model import MultiTenantModel, StepBatch
+from .parallel import Leader, TensorParallel, abort_ranks, check_split, follow, load_share, start_ranks, stop_ranks
+from .model import MultiTenantModel, StepBatch, check_model_type
 from .sampling import SamplingParams, TextStream, is_greedy, sample
 from .store import DeltaEntry, DeltaStore, read_weights
 
@@ -108,16 +108,24 @@ class Engine:
         # Engine(base, EngineConfig(tensor_parallel=N)) starts ranks 1..N-1 itself; in one of those ranks the group exists already
         self._ranks = []
         if config.tensor_parallel > 1:
-            check_split(checkpoint.config, config.tensor_parallel)  # before any process starts
+            check_model_type(checkpoint.config.get("model_type"))  # what can be refused is refused before any process starts
+            check_split(checkpoint.config, config.tensor_parallel)
             if not dist.is_initialized():
                 self._ranks = start_ranks(str(checkpoint.path), config)
-        if config.tensor_parallel > 1 and device.type == "cuda":
-            device = torch.device("cuda", TensorParallel.current(config.tensor_parallel).rank)  # one GPU a rank
-        # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
-        hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=_dtype(config.dtype, device, checkpoint.path), local_files_only=True)
-        if config.tensor_parallel > 1:  # this rank's share of the linears, cut before the model moves to its GPU
-            shard_linears(hf_model, TensorParallel.current(config.tensor_parallel))
-        self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
+        try:
+            if config.tensor_parallel > 1 and device.type == "cuda":
+                device = torch.device("cuda", TensorParallel.current(config.tensor_parallel).rank)  # one GPU a rank
+            # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
+            dtype = _dtype(config.dtype, device, checkpoint.path)
+            if config.tensor_parallel > 1:  # this rank's share alone, read from the files
+                hf_model = load_share(checkpoint, TensorParallel.current(config.tensor_parallel), dtype)
+            else:
+                hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype, local_files_only=True)
+            self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
+        except BaseException:
+            if self._ranks:  # the other ranks cannot go on without this one
+                abort_ranks(self._ranks)
+            raise
 
     @classmethod
     def from_model(cls, model: nn.Module, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None, name: str = "base") -> Engine:
@@ -132,7 +140,7 @@ class Engine:
     def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str) -> None:
         self.config, self.observer = config, observer or EngineObserver()
         tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
-        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant, tp)
+        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant)
         base_quant = None if config.base_quant is None else {
             "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.quantized_names(base_dir))}
         self.context = self.model.context

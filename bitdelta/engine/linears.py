@@ -24,7 +24,7 @@ def swap_linears(model: nn.Module, max_slots: int, routing: DeltaRouting, moe_la
                  ) -> tuple[dict[str, BitDeltaLinear], list[StackedBitDeltaLinears], list[StackedBitDeltaLinears | None]]:
     """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes a
     BitDeltaLinear with `max_slots` empty slots, keyed by checkpoint weight name. A linear already
-    cut to this rank's share (parallel.shard_linears) keeps its cut; a row-parallel one is wrapped
+    cut to this rank's share (parallel.load_share) keeps its cut; a row-parallel one is wrapped
     in an all-reduce in the model's tree. Each layer's q/k/v and gate/up are then stacked
     (None for an MoE block's experts), one layer at a time, so the unstacked weights are freed
     before the next layer's are copied. Returns (linears, q/k/v stacks, gate/up stacks)."""

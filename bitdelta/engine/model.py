@@ -42,7 +42,6 @@ from .linears import full_shape, quantize_linears, swap_linears
 from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
-from .parallel import TensorParallel, check_splittable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
@@ -80,24 +79,20 @@ class SlotWeights:
 
 
 class MultiTenantModel:
-    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None, tp: TensorParallel | None = None):
+    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None):
         _check_supported(model.config)
-        self.model, self.config, self.max_slots, self.base_quant, self.tp = model, model.config, max_slots, base_quant, tp
+        self.model, self.config, self.max_slots, self.base_quant = model, model.config, max_slots, base_quant
         self.param = next(model.parameters())
         decoder = model.model
         self.layers = list(decoder.layers)
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        world = 1 if tp is None else tp.world
-        if self.config.num_key_value_heads % world:
-            raise IncompatibleModelsError(f"--tensor-parallel {world}: the model's {self.config.num_key_value_heads} key/value heads do not split evenly")
-        self.q_heads, self.kv_heads = self.config.num_attention_heads // world, self.config.num_key_value_heads // world  # this rank's
+        # this rank's heads: with tensor parallelism the model is a rank's share, its config divided (parallel.load_share)
+        self.q_heads, self.kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         self.routing = DeltaRouting()
         self.checkpoint_names = CheckpointNames(self.config.model_type)
         self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
                         for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
-        if tp is not None:
-            check_splittable(self.experts, attn, self.head_dim, tp)
         # the decoder blocks' linears with delta slots; q/k/v and gate/up stacked (not an MoE block's experts)
         self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, self.experts.keys())
         if base_quant is not None:
@@ -388,11 +383,15 @@ class MultiTenantModel:
         return logits
 
 
+def check_model_type(model_type: str | None) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise IncompatibleModelsError(f"the engine serves these model types: {', '.join(SUPPORTED_MODEL_TYPES)}; {model_type!r} is not supported yet")
+
+
 def _check_supported(config) -> None:
     """Refuse, in one line, a model this engine would compute wrongly."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise IncompatibleModelsError(f"the engine serves these model types: {', '.join(SUPPORTED_MODEL_TYPES)}; {model_type!r} is not supported yet")
+    check_model_type(model_type)
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise IncompatibleModelsError(f"the engine applies RoPE to whole heads; this {model_type} model rotates a part of each "
                                       f"(partial_rotary_factor {config.partial_rotary_factor}) and is not supported yet")

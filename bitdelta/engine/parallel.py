@@ -26,6 +26,9 @@ from bitdelta.pack import BITS_PER_WORD
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows
 ROW_PARALLEL = ("o_proj", "down_proj")  # split by input columns, all-reduced
+# families whose layers need more than the split above
+UNSPLIT = {"olmo2": "normalises whole query/key projections, which would need the ranks' shares together",
+           "phi3": "computes q/k/v and gate/up as fused linears, which split by their parts"}
 
 
 @dataclass(frozen=True)
@@ -65,48 +68,56 @@ class Shard:
         return tensor[..., self.part] if self.dim == 0 else tensor
 
 
-def shard_linears(model: nn.Module, tp: TensorParallel) -> None:
-    """Cut every nn.Linear of the decoder blocks (weight, bias) to this rank's share, by its role,
-    recording the cut as `linear.shard`: done on the CPU, before the model moves to its GPU, which
-    need hold only its share."""
-    for index, layer in enumerate(model.model.layers):
-        for name, module in layer.named_modules(prefix=f"model.layers.{index}"):
-            if isinstance(module, nn.Linear):
-                _shard(module, name + ".weight", tp)
+def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
+    """This rank's model: the checkpoint's architecture with its heads and MLP width divided by the
+    ranks, holding this rank's rows or columns of each block linear (read alone from the files)
+    and everything else whole. Each linear records its cut as `linear.shard`. No rank ever holds
+    the whole model, in CPU memory or on its GPU."""
+    import copy
+
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
+    share = copy.deepcopy(config)
+    share.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    share.num_attention_heads //= tp.world
+    share.num_key_value_heads //= tp.world
+    share.intermediate_size //= tp.world
+    cuts, state = {}, {}
+    for name, meta in checkpoint.tensors.items():
+        cut = _cut(name, tuple(meta.shape), tp)
+        if cut is None:
+            state[name] = checkpoint.mapped(name).to(dtype)
+        else:
+            cuts[name] = cut
+            state[name] = checkpoint.part(name, *((cut.part,) if cut.dim == 0 else (slice(None), cut.part))).to(dtype)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=share, state_dict=state, dtype=dtype)
+    for name, cut in cuts.items():
+        if name.endswith(".weight"):
+            model.get_submodule(name.removesuffix(".weight")).shard = cut
+    return model
 
 
-def _shard(linear: nn.Linear, name: str, tp: TensorParallel) -> None:
-    role = name.removesuffix(".weight").rsplit(".", 1)[-1]
-    n, k = linear.weight.shape
+def _cut(name: str, shape: tuple[int, ...], tp: TensorParallel) -> Shard | None:
+    """How a checkpoint tensor splits over the ranks: a block linear's weight (or a column-parallel
+    one's bias) by its role; None for what every rank holds whole."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-1] not in ("weight", "bias") or ".layers." not in name:
+        return None
+    role, kind = parts[-2], parts[-1]
     if role in COLUMN_PARALLEL:
+        n = shape[0]
         if n % tp.world:
             raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} has {n} output rows, not a multiple of {tp.world}")
-        shard = Shard(0, tp.part(n), (n, k))
-        linear.weight = nn.Parameter(linear.weight.detach()[shard.part].clone(), requires_grad=False)
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach()[shard.part].clone(), requires_grad=False)
-        linear.out_features = shard.part.stop - shard.part.start
-    elif role in ROW_PARALLEL:
+        return Shard(0, tp.part(n), shape)
+    if role in ROW_PARALLEL:
+        if kind == "bias":
+            raise IncompatibleModelsError(f"--tensor-parallel: {name} is a bias of a row-parallel linear, which is not supported yet")
+        k = shape[1]
         if k % (tp.world * BITS_PER_WORD):
             raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} reads {k} inputs; each rank's share must be a multiple of 32")
-        if linear.bias is not None:
-            raise IncompatibleModelsError(f"--tensor-parallel: {name} has a bias, which a row-parallel linear does not support yet")
-        shard = Shard(1, tp.part(k), (n, k))
-        linear.weight = nn.Parameter(linear.weight.detach()[:, shard.part].clone(), requires_grad=False)
-        linear.in_features = shard.part.stop - shard.part.start
-    else:
-        raise IncompatibleModelsError(f"--tensor-parallel: the engine does not know how to split {name}")
-    linear.shard = shard
-
-
-def check_splittable(experts: dict, attn: nn.Module, head_dim: int, tp: TensorParallel) -> None:
-    """Refuse, in one line, what the tensor-parallel engine does not split yet."""
-    if experts:
-        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: mixture-of-experts models are not split across GPUs yet")
-    norm = getattr(attn, "q_norm", None)
-    if norm is not None and norm.weight.numel() != head_dim:
-        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: this model normalises whole query/key projections (OLMo 2), "
-                                      "which would need the ranks' shares together; not supported yet")
+        return Shard(1, tp.part(k), shape)
+    return None
 
 
 class AllReduced(nn.Module):
@@ -169,7 +180,12 @@ def follow(model, kv, read) -> None:
 
 def check_split(model_config: dict, world: int) -> None:
     """Refuse, in one line and before any rank starts, a model whose heads do not split over `world` ranks."""
-    for key in ("num_attention_heads", "num_key_value_heads"):
+    model_type = model_config.get("model_type")
+    if any(model_config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise IncompatibleModelsError(f"--tensor-parallel {world}: mixture-of-experts models are not split across GPUs yet")
+    if model_type in UNSPLIT:
+        raise IncompatibleModelsError(f"--tensor-parallel {world}: {model_type} {UNSPLIT[model_type]}; not supported yet")
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         count = model_config.get(key)
         if count is not None and count % world:
             raise IncompatibleModelsError(f"--tensor-parallel {world}: the model's {count} {key.removeprefix('num_').replace('_', ' ')} "
@@ -212,6 +228,15 @@ def _follower(rank: int, port: int, base: str, config) -> None:
         Engine(base, config).follow()
     finally:
         dist.destroy_process_group()
+
+
+def abort_ranks(ranks: list) -> None:
+    """Rank 0 failed to start: end the other ranks and leave the group."""
+    for process in ranks:
+        process.terminate()
+        process.join(timeout=30)
+    Leader.active = None
+    dist.destroy_process_group()
 
 
 def stop_ranks(ranks: list) -> None:

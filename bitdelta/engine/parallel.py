@@ -6,6 +6,8 @@ rows, per-row scales and biases with them), o and down split by input columns (p
 split on 32-column boundaries, scales replicated), with one all-reduce after each row-parallel
 product. Attention heads and the KV cache split with q/k/v. Embeddings, norms, lm_head and the
 per-slot tables of lossless tensors are replicated, so every rank ends a step with the same logits.
+Each rank builds only its share (`load_share`): the checkpoint's model with heads and MLP width
+divided by the ranks, loaded from its rows or columns of each linear.
 
 Rank 0 runs the engine (scheduler, delta store, server); `Leader` wraps its model so that each
 step's batch, and each delta installed into a slot since the last step, are broadcast first. The

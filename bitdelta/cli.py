@@ -218,7 +218,8 @@ def info(
         return
     out = _out()
     out.print(_tensor_table(delta, summary))
-    out.print(f"base {summary['base_model']} (fingerprint {summary['base_fingerprint']}), fine-tune {summary['finetuned_model']}")
+    quantized = f", quantized {summary['base_quant']['recipe']}: apply and serve with --base-quant {summary['base_quant']['recipe']}" if summary["base_quant"] else ""
+    out.print(f"base {summary['base_model']} (fingerprint {summary['base_fingerprint']}{quantized}), fine-tune {summary['finetuned_model']}")
     out.print(f"{count(summary['compressed_count'], 'tensor')} 1-bit, {summary['dense_count']:,} lossless, {summary['removed_count']:,} removed; "
               f"delta {size(summary['delta_bytes'])} vs fine-tune {size(summary['finetuned_bytes'])}: "
               f"compression factor {summary['compression_factor']:.2f}x")

@@ -21,7 +21,7 @@ def summarize(delta: str | Path) -> dict:
         tensor = reader.dense(name)
         rows.append(dict(name=name, shape=shape, stored_as=f"lossless {config.dtypes[name]}", scale=None, bytes=tensor.numel() * tensor.element_size()))
     return dict(
-        base_model=config.base_model, base_fingerprint=config.base_fingerprint, finetuned_model=config.finetuned_model,
+        base_model=config.base_model, base_fingerprint=config.base_fingerprint, base_quant=config.base_quant, finetuned_model=config.finetuned_model,
         model_type=config.model_type, scale_granularity=config.scale_granularity,
         compressed_count=len(config.compressed), dense_count=len(config.dense), removed_count=len(config.removed),
         delta_bytes=reader.nbytes, finetuned_bytes=config.finetuned_bytes,

@@ -3,6 +3,8 @@ engine serving Q(base) + delta, with deltas made for another base quantization r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -161,3 +163,12 @@ def test_the_cli_compresses_over_a_quantized_base_and_refuses_an_unknown_recipe_
     code, _, err = run_cli("compress", base, finetuned, "-o", str(tmp_path / "e"), "--base-quant", "int3")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "unknown base quantization 'int3'" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_info_says_which_quantized_base_a_delta_needs(quantized_deltas):
+    from conftest import run_cli
+
+    code, out, _ = run_cli("info", str(quantized_deltas["fp8"]))
+    assert code == 0 and "quantized fp8: apply and serve with --base-quant fp8" in " ".join(out.split())
+    code, out, _ = run_cli("info", str(quantized_deltas["int8"]), "--json")
+    assert json.loads(out)["base_quant"]["recipe"] == "int8"

@@ -292,3 +292,40 @@ def test_over_a_quantized_base_the_experts_are_quantized_too_and_each_row_is_ser
             torch.testing.assert_close(steps[0][row], model(torch.tensor([prompt])).logits[0, -1], rtol=1e-4, atol=1e-4)
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         assert [token for output in out for token in output.token_ids] == alone
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3_moe"])
+def test_served_over_http_a_familys_finetune_streams_its_merged_answer(recent_pairs, recent_deltas, family, tmp_path):
+    """`bitdelta serve` on a newer family (Gemma 2's soft-capping and windows; Qwen3-MoE's experts):
+    streamed and whole completions both equal the merged fine-tune's greedy answer under transformers."""
+    import shutil
+    import subprocess
+    import sys
+
+    import openai
+    from test_server import free_port, wait_healthy
+    from transformers import AutoTokenizer
+
+    from bitdelta import load
+
+    base = recent_pairs[family][0]
+    shutil.copytree(recent_deltas[family], tmp_path / "deltas" / "ft")
+    port, log = free_port(), tmp_path / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bitdelta.server", str(base), "--deltas", str(tmp_path / "deltas"),
+                                    "--port", str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log=log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        tokenizer = AutoTokenizer.from_pretrained(recent_deltas[family])
+        ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        merged = load(base, recent_deltas[family], dtype="float32")
+        expected = tokenizer.decode(merged.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):],
+                                    skip_special_tokens=True)
+        whole = client.completions.create(model="ft", prompt=ids, max_tokens=10, temperature=0)
+        chunks = list(client.completions.create(model="ft", prompt=ids, max_tokens=10, temperature=0, stream=True))
+        assert whole.choices[0].text == expected
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == expected
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -16,6 +16,7 @@ from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.quant import GROUP, RECIPES, quantize
 from bitdelta.targets import block_linears
+from conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 # relative RMS error of each recipe on Gaussian rows: int8 ~ 1/127 of the row's max (~4 sigma) /
 # sqrt(12); fp8 e4m3 a 3-bit mantissa (~2-3%); int4 1/7 of a group's max: bounds with 2x margin
@@ -172,3 +173,28 @@ def test_info_says_which_quantized_base_a_delta_needs(quantized_deltas):
     assert code == 0 and "quantized fp8: apply and serve with --base-quant fp8" in " ".join(out.split())
     code, out, _ = run_cli("info", str(quantized_deltas["int8"]), "--json")
     assert json.loads(out)["base_quant"]["recipe"] == "int8"
+
+
+@needs_triton_interpreter
+def test_the_gemv_reads_an_int8_base_as_stored_in_the_triton_interpreter():
+    """Decode rows over an int8 base: the gemv dequantizes each tile in registers (w = stored *
+    row scale) and adds the rows' deltas, as the reference does over the dequantized base
+    (one and two rows, two slots, a K tail; fp16 activations: half an ulp, x3)."""
+    code = """
+import torch
+from bitdelta.kernels import reference
+from bitdelta.kernels.grouping import build_plan
+from bitdelta.kernels.paths.gemv import run_quantized
+from bitdelta.quant import quantize
+for m, n, k in [(1, 40, 300), (2, 64, 520)]:
+    x = torch.randn(m, k).half()
+    weight = quantize(torch.randn(n, k) * 0.05, "int8")
+    signs = torch.randint(-(2**31), 2**31 - 1, (2, n, (k + 31) // 32), dtype=torch.int32)
+    scales = torch.rand(2, n) * 0.02 + 0.002
+    slot_ids = torch.tensor([0, 1][:m])
+    out = run_quantized(x, weight, signs, scales, build_plan(slot_ids), None)
+    ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, None)
+    print(((out.float() - ref).norm() / ref.norm()).item())
+"""
+    errors = run_in_triton_interpreter(code).split()
+    assert len(errors) == 2 and all(float(e) < 1e-3 for e in errors), errors

@@ -69,8 +69,15 @@ def bitdelta_matmul(
 ) -> torch.Tensor:
     """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None. A quantized base
-    (bitdelta.quant.QuantizedWeight) is dequantized for the call: no path reads a quantized base yet."""
+    (bitdelta.quant.QuantizedWeight) is read as stored by the GEMV path (int8, fp8) where that path
+    takes the batch; otherwise it is dequantized for the call."""
     if not isinstance(base_weight, torch.Tensor):
+        if on_triton(x):
+            from bitdelta.kernels.paths.gemv import run_quantized
+
+            y = run_quantized(x, base_weight, signs, scales, build_plan(slot_ids) if plan is None else plan, bias)
+            if y is not None:
+                return y
         base_weight = base_weight.dequantize(x.dtype)
     if not on_triton(x):
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)

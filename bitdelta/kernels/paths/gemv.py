@@ -59,6 +59,20 @@ def tiles(problem: Problem) -> GemvTiles | None:
     return GemvTiles(rows=next_pow2(m), block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def run_quantized(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+                  bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The gemv over a quantized base with one scale per row (int8, fp8: bitdelta.quant), reading
+    it as stored; None where the gemv does not take this batch (the caller dequantizes instead)."""
+    n, k = base_weight.shape
+    chosen = tiles(Problem(plan, n, k)) if base_weight.recipe in ("int8", "fp8") else None
+    if chosen is None:
+        return None
+    from bitdelta.kernels.paths.gemv_triton import gemv
+
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    return gemv(x, base_weight.data, signs, scales, plan, bias, chosen, y, weight_scale=base_weight.scale.reshape(-1))
+
+
 def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
         bias: torch.Tensor | None, tiles: GemvTiles, y: torch.Tensor) -> torch.Tensor:
     if x.shape[0] > tiles.rows:

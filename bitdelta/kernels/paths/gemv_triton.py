@@ -42,10 +42,10 @@ def _gemv_row(acc, w, x_row, sg, sc, has, live, k0, koff, xmask, wmask, col_mask
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, order_ptr, rslot_ptr,
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, order_ptr, rslot_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, SAME_SLOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, SAME_SLOT: tl.constexpr, W_SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Decode of a few rows (the whole batch, M <= ROWS <= 4, in one program): base and delta in one
@@ -58,6 +58,9 @@ def _gemv_kernel(
     rows, otherwise each row builds its own from its slot's bits. Rows are unrolled by hand (3-D
     tiles only): a 4-D [rows, ...] tile made Triton spread the 8 weights over lanes (shuffles).
     Narrow column blocks give N/BLOCK_N programs, enough to keep every SM streaming.
+
+    W_SCALED: the base is a quantized one (int8 or fp8 e4m3, bitdelta.quant) with a scale per row,
+    read as stored (half the bytes of fp16) and dequantized in registers: w = stored * scale.
     """
     G: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,12 +93,16 @@ def _gemv_kernel(
                                                           col_mask)
         acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    if W_SCALED:
+        w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)[:, None, None]
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         kmask = ((k0 + kk) < K) | EVEN_K
         xmask = ((k0 + koff) < K) | EVEN_K
         wmask = (((k0 + g * 8) < K) | EVEN_K)[None, :]
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & kmask[None, :], other=0.0)
         w = tl.reshape(w, (BLOCK_N, G, 8)).to(tl.float32)
+        if W_SCALED:
+            w = w * w_scale
         if SAME_SLOT:
             words = tl.load(sg0 + word_off + k0 // 32, mask=has0 & col_mask[:, None] & wmask, other=0)
             bits = ((words >> shift)[:, :, None] & bitmask) != 0
@@ -128,16 +135,18 @@ def _gemv_kernel(
 
 
 def gemv(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
-         bias: torch.Tensor | None, tiles: GemvTiles, y: torch.Tensor) -> torch.Tensor:
+         bias: torch.Tensor | None, tiles: GemvTiles, y: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight_scale` [N] fp32: `base_weight` is a quantized base's stored values (int8 or fp8)."""
     m, k = x.shape
     n = base_weight.shape[0]
     weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
     fast(_gemv_kernel)[(triton.cdiv(n, tiles.block_n),)](
-        x, weight, bias if bias is not None else y, signs, scales, y, plan.order, row_slots(plan),
+        x, weight, weight_scale if weight_scale is not None else scales, bias if bias is not None else y, signs, scales, y,
+        plan.order, row_slots(plan),
         m, n, k,
         x.stride(0), weight.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0, ROWS=tiles.rows,
-        SAME_SLOT=len(plan.host_slots) == 1, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        SAME_SLOT=len(plan.host_slots) == 1, W_SCALED=weight_scale is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
     )
     return y

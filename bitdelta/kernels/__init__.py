@@ -69,8 +69,8 @@ def bitdelta_matmul(
 ) -> torch.Tensor:
     """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None. A quantized base
-    (bitdelta.quant.QuantizedWeight) is read as stored by the GEMV path (int8, fp8) where that path
-    takes the batch; otherwise it is dequantized for the call."""
+    (bitdelta.quant.QuantizedWeight) is read as stored by the GEMV path (int8) where that path takes
+    the batch; otherwise it is dequantized for the call."""
     if not isinstance(base_weight, torch.Tensor):
         if on_triton(x):
             from bitdelta.kernels.paths.gemv import run_quantized

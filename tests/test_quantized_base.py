@@ -198,3 +198,30 @@ for m, n, k in [(1, 40, 300), (2, 64, 520)]:
 """
     errors = run_in_triton_interpreter(code).split()
     assert len(errors) == 2 and all(float(e) < 1e-3 for e in errors), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_on_a_gpu_in_bf16_a_quantized_base_and_its_delta_give_the_merged_logits(llama_pair, quantized_deltas, recipe):
+    """The engine over a quantized base on the GPU (int8 through the GEMV as stored at one row, the
+    others dequantized), decode steps as CUDA graphs: each row's logits near its merged model's."""
+    from bitdelta.apply import quantized_base_model
+    from bitdelta.engine import Engine, EngineConfig, SamplingParams
+
+    base = llama_pair[0]
+    engine = Engine(base, EngineConfig(device="cuda", dtype="bfloat16", max_gpu_deltas=2, base_quant=recipe))
+    engine.store.register("ft", quantized_deltas[recipe], load_now=True)
+    prompt = engine.store.get("ft").tokenizer("def parse(self, text):\n", add_special_tokens=False)["input_ids"]
+    for names in (["ft"], ["ft", engine.store.names()[0]]):  # one row (the gemv), then two
+        steps = []
+        engine.model.forward = lambda batch, kv, forward=type(engine.model).forward.__get__(engine.model): steps.append(forward(batch, kv)) or steps[-1]
+        engine.generate([(name, prompt, SamplingParams(max_tokens=4, temperature=0)) for name in names])
+        models = {"ft": bitdelta.load(base, quantized_deltas[recipe], dtype="bfloat16", device="cuda"),
+                  names[-1]: quantized_base_model(base, recipe, torch.bfloat16).cuda()}
+        for row, name in enumerate(names):
+            with torch.no_grad():
+                expected = models[name](torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+            got = steps[0][row].float()
+            # bf16 through two layers, Q(base) + delta rounded once versus x@Q(W) + s*(x@sign) in fp32: ~1e-3 a layer
+            assert (got - expected).norm() / expected.norm() < 3e-2 and got.argmax() == expected.argmax(), (names, name)

@@ -29,7 +29,8 @@ from bitdelta.delta import BinaryDelta
 from bitdelta.errors import EvaluationError
 from bitdelta.quant import RECIPES, quantize
 from bitdelta.eval import SPECS
-from bitdelta.targets import expert_matrices, select_targets
+from bitdelta.model_names import CheckpointNames
+from bitdelta.targets import select_targets
 
 
 @dataclass(frozen=True)
@@ -157,29 +158,37 @@ class Approximator:
     approximation of them. `build(method)` rewrites those weights in place and returns the model
     (one model, reused: a built model is valid until the next `build`). Base and fine-tune copies
     of the matrices stay on the CPU; each approximation is computed on the model's device.
-    SVD factors are cached, so several ranks cost one decomposition per matrix."""
+    SVD factors are cached, so several ranks cost one decomposition per matrix. A mixture-of-experts
+    expert's checkpoint matrix is written into the rows of the model's fused expert tensor it lives in
+    (bitdelta.model_names); stacked 3-D expert tensors are not covered."""
 
     def __init__(self, base: str | Path, finetuned: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
         base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
         self.names = select_targets(ft_ckpt, base_ckpt)
-        experts = sorted(set(self.names) & expert_matrices(ft_ckpt.tensors).matrices)
-        if experts:  # held fused in the model, under other names, or stacked: the baselines approximate 2-D weights
-            raise EvaluationError(f"{experts[0]} is a mixture-of-experts expert: --baseline does not cover MoE models yet; "
+        stacked = [name for name in self.names if len(ft_ckpt.tensors[name].shape) != 2]
+        if stacked:  # the baselines approximate 2-D matrices
+            raise EvaluationError(f"{stacked[0]} stacks a layer's experts in one 3-D tensor: --baseline does not cover such models yet; "
                                   "evaluate the delta without --baseline")
         self.model = AutoModelForCausalLM.from_pretrained(ft_ckpt.path, dtype=dtype).to(device).eval()
+        self._placement = CheckpointNames(self.model.config.model_type)
         self.base = {name: base_ckpt.get(name) for name in self.names}
         self.finetuned = {name: ft_ckpt.get(name) for name in self.names}
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.names:
             self._parameter(name)  # fail early on a name the model does not have
 
-    def _parameter(self, name: str) -> torch.nn.Parameter:
+    def _parameter(self, name: str) -> torch.Tensor:
+        """The model's tensor holding checkpoint matrix `name`: its parameter, or its rows in a fused expert tensor."""
+        expert = self._placement.fused_expert(name)
         try:
-            return self.model.get_parameter(name)
+            if expert is None:
+                return self.model.get_parameter(self._placement.renamed(name))
+            fused = self.model.get_parameter(expert.fused)
         except AttributeError:
             raise EvaluationError(f"{name} is not a parameter of the loaded model; baselines need checkpoint names equal to module names") from None
+        return fused[expert.expert, expert.rows(fused.shape[1])]
 
     @torch.no_grad()
     def build(self, method: Method | None):

@@ -132,3 +132,36 @@ def test_a_tensor_parallel_ray_replica_is_one_actor_holding_its_gpus(tmp_path):
     split = RayServeConfig("base", str(tmp_path), EngineConfig(device="cuda", tensor_parallel=4), replicas=2)
     assert split.replica_options()["ray_actor_options"]["num_gpus"] == 4
     assert RayServeConfig("base", str(tmp_path), EngineConfig(device="cuda")).replica_options()["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_a_ray_serve_replica_spans_two_ranks(llama_pair, deltas, tmp_path):
+    """One Ray Serve replica with tensor_parallel 2 (two gloo ranks on the CPU): answers through the
+    ingress, streamed too, equal the merged fine-tune's."""
+    import shutil
+
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from test_ray import complete
+    from test_server import free_port, merged_answer
+    from transformers import AutoTokenizer
+
+    from bitdelta.ray import RayServeConfig, build_app
+
+    folder = tmp_path / "deltas"
+    name = "prose-row"
+    shutil.copytree(deltas[name], folder / name)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        engine = EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2)
+        serve.run(build_app(RayServeConfig(str(llama_pair[0]), str(folder), engine, replicas=1)), name="bitdelta", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        ids = AutoTokenizer.from_pretrained(folder / name)(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        expected = merged_answer(llama_pair, folder, name, ids, 8)
+        for stream in (False, True):
+            text, _, status = complete(url, name, PROMPTS[0], 8, stream=stream)
+            assert status == 200 and text == expected, stream
+    finally:
+        serve.shutdown()
+        ray.shutdown()

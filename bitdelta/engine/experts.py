@@ -82,7 +82,7 @@ class ExpertLayer:
         pair_expert = chosen.flatten()
         pair_row = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
         order = torch.sort(pair_expert, stable=True).indices
-        counts = torch.bincount(pair_expert, minlength=self.num_experts).tolist()  # the one host sync of the block
+        counts = torch.bincount(pair_expert, minlength=self.num_experts).tolist()  # host sync (and each expert's slot grouping)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
         for expert, count in enumerate(counts):

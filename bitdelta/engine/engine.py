@@ -33,7 +33,7 @@ from bitdelta.quant import quantized_fingerprint
 from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
-from .parallel import Leader, TensorParallel, abort_ranks, check_split, follow, load_share, start_ranks, stop_ranks
+from .parallel import Leader, TensorParallel, abort_ranks, check_split, expert_cuts, follow, load_share, start_ranks, stop_ranks
 from .model import MultiTenantModel, StepBatch, check_model_type
 from .sampling import SamplingParams, TextStream, is_greedy, sample
 from .store import DeltaEntry, DeltaStore, read_weights
@@ -141,6 +141,8 @@ class Engine:
         self.config, self.observer = config, observer or EngineObserver()
         tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
         self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant)
+        for layer in self.model.experts.values() if tp is not None else ():
+            layer.cuts = expert_cuts(layer.shapes, tp)
         base_quant = None if config.base_quant is None else {
             "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.quantized_names(base_dir))}
         self.context = self.model.context

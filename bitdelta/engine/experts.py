@@ -41,6 +41,7 @@ class ExpertLayer:
         self.top_k = block.gate.top_k
         self.normalize_top_k = normalize_top_k
         device = self.router.device
+        self.cuts = None  # with tensor parallelism, how each fused tensor was cut from the full matrices (parallel.expert_cuts)
         self.signs, self.scales = {}, {}
         for name, (count, n, k) in self.shapes.items():
             self.signs[name] = torch.zeros(count, max_slots, n, packed_words(k), dtype=torch.int32, device=device)
@@ -63,7 +64,10 @@ class ExpertLayer:
         return weight.rows(slice(expert * rows, (expert + 1) * rows))
 
     def install(self, slot: int, fused: str, expert: int, rows: slice, signs: torch.Tensor, scales: torch.Tensor) -> None:
-        """One expert matrix of a delta: rows `rows` of expert `expert` of tensor `fused` in `slot`."""
+        """One expert matrix of a delta (the full matrix's signs and row scales, cut to this rank's
+        share under tensor parallelism): rows `rows` of expert `expert` of tensor `fused` in `slot`."""
+        if self.cuts is not None:
+            signs, scales = self.cuts[fused].signs(signs), self.cuts[fused].rows(scales)
         self.signs[fused][expert, slot, rows].copy_(signs, non_blocking=True)
         self.scales[fused][expert, slot, rows].copy_(scales, non_blocking=True)
 
@@ -93,6 +97,8 @@ class ExpertLayer:
             rows = pair_row[pairs]
             y = self._expert(expert, x.index_select(0, rows), slots.index_select(0, rows))
             out.index_add_(0, rows, y.float() * weights.flatten()[pairs, None])
+        if self.cuts is not None:  # each rank summed its share of the down products
+            torch.distributed.all_reduce(out)
         return out.to(x.dtype)
 
     def _expert(self, expert: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

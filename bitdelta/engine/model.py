@@ -179,6 +179,8 @@ class MultiTenantModel:
         if where is None:
             return None
         layer, fused, _, rows = where
+        if layer.cuts is not None:  # a rank's share: the delta holds the full matrix
+            return layer.cuts[fused].full_shape
         return rows.stop - rows.start, layer.shapes[fused][2]
 
     def routable(self, name: str) -> bool:

@@ -4,7 +4,8 @@
 Each rank holds a share of every block linear: q/k/v and gate/up split by output rows (their sign
 rows, per-row scales and biases with them), o and down split by input columns (packed sign words
 split on 32-column boundaries, scales replicated), with one all-reduce after each row-parallel
-product. Attention heads and the KV cache split with q/k/v. Embeddings, norms, lm_head and the
+product. Attention heads and the KV cache split with q/k/v; an MoE layer's experts split like an
+MLP (gate/up rows, down columns of every expert, the router whole, one all-reduce after the block). Embeddings, norms, lm_head and the
 per-slot tables of lossless tensors are replicated, so every rank ends a step with the same logits.
 Each rank builds only its share (`load_share`): the checkpoint's model with heads and MLP width
 divided by the ranks, loaded from its rows or columns of each linear.
@@ -26,8 +27,9 @@ from torch import nn
 from bitdelta.errors import IncompatibleModelsError
 from bitdelta.pack import BITS_PER_WORD
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows
-ROW_PARALLEL = ("o_proj", "down_proj")  # split by input columns, all-reduced
+# by the matrix's name in the checkpoint (an expert's too: Mixtral calls gate, down and up w1, w2 and w3)
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # split by output rows
+ROW_PARALLEL = ("o_proj", "down_proj", "w2")  # split by input columns, all-reduced
 # families whose layers need more than the split above
 UNSPLIT = {"olmo2": "normalises whole query/key projections, which would need the ranks' shares together",
            "phi3": "computes q/k/v and gate/up as fused linears, which split by their parts"}
@@ -84,7 +86,9 @@ def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
     share.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     share.num_attention_heads //= tp.world
     share.num_key_value_heads //= tp.world
-    share.intermediate_size //= tp.world
+    for width in ("intermediate_size", "moe_intermediate_size"):  # an MoE layer's experts split like an MLP
+        if getattr(config, width, None):
+            setattr(share, width, getattr(config, width) // tp.world)
     cuts, state = {}, {}
     for name, meta in checkpoint.tensors.items():
         cut = _cut(name, tuple(meta.shape), tp)
@@ -94,9 +98,10 @@ def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
             cuts[name] = cut
             state[name] = checkpoint.part(name, *((cut.part,) if cut.dim == 0 else (slice(None), cut.part))).to(dtype)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=share, state_dict=state, dtype=dtype)
-    for name, cut in cuts.items():
-        if name.endswith(".weight"):
-            model.get_submodule(name.removesuffix(".weight")).shard = cut
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for name, cut in cuts.items():  # experts' matrices sit in fused tensors: ExpertLayer keeps their cuts (expert_cuts)
+        if name.removesuffix(".weight") in linears and name.endswith(".weight"):
+            linears[name.removesuffix(".weight")].shard = cut
     return model
 
 
@@ -180,14 +185,24 @@ def follow(model, kv, read) -> None:
         model.forward(batch, kv)
 
 
+def expert_cuts(shapes: dict[str, tuple[int, int, int]], tp: TensorParallel) -> dict[str, Shard]:
+    """How each fused expert tensor of this rank's share ([E, N, K], `ExpertLayer.shapes`) was cut
+    from one expert's full matrices: gate/up by rows of the intermediate width, down by its columns."""
+    _, rows, hidden = shapes["gate_up_proj"]
+    intermediate = rows // 2 * tp.world
+    if (rows // 2) % BITS_PER_WORD:
+        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: the experts' {intermediate} intermediate columns leave each rank "
+                                      f"{rows // 2}, not a multiple of 32")
+    return {"gate_up_proj": Shard(0, tp.part(intermediate), (intermediate, hidden)),
+            "down_proj": Shard(1, tp.part(intermediate), (hidden, intermediate))}
+
+
 def check_split(model_config: dict, world: int) -> None:
     """Refuse, in one line and before any rank starts, a model whose heads do not split over `world` ranks."""
     model_type = model_config.get("model_type")
-    if any(model_config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-        raise IncompatibleModelsError(f"--tensor-parallel {world}: mixture-of-experts models are not split across GPUs yet")
     if model_type in UNSPLIT:
         raise IncompatibleModelsError(f"--tensor-parallel {world}: {model_type} {UNSPLIT[model_type]}; not supported yet")
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size"):
         count = model_config.get(key)
         if count is not None and count % world:
             raise IncompatibleModelsError(f"--tensor-parallel {world}: the model's {count} {key.removeprefix('num_').replace('_', ' ')} "

@@ -39,7 +39,7 @@ from bitdelta.errors import DistillationError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader, write_delta
 from bitdelta.model_names import CheckpointNames
 from bitdelta.nn import BitDeltaLinear, bitdelta_linears, replace_linear
-from bitdelta.pack import unpack_signs
+from bitdelta.pack import packed_words, unpack_signs
 from bitdelta.progress import step_progress
 
 LOSSES = ("mse", "kl")
@@ -136,12 +136,12 @@ class ScaledExperts(nn.Module):
         super().__init__()
         experts, rows, k = shape
         self.k = k
-        self.signs = torch.zeros(experts, rows, -(-k // 32), dtype=torch.int32, device=device)
+        self.signs = torch.zeros(experts, rows, packed_words(k), dtype=torch.int32, device=device)
         self.pieces: list[tuple[slice, slice, str]] = []  # (experts, rows, scale name)
         self.scales = nn.ParameterDict()
         self.initial: dict[str, torch.Tensor] = {}
 
-    def add(self, name: str, experts: slice, rows: slice, signs: torch.Tensor, scale: torch.Tensor) -> nn.Parameter:
+    def add(self, experts: slice, rows: slice, signs: torch.Tensor, scale: torch.Tensor) -> nn.Parameter:
         """A piece of the tensor: `signs` [e, n, Kw] (or [n, Kw]), `scale` as stored ([1], [n], [e, 1], [e, n])."""
         key = str(len(self.pieces))
         self.signs[experts, rows] = signs.to(self.signs.device)
@@ -269,10 +269,10 @@ def _trainable_experts(student, reader: DeltaReader, names) -> dict[str, nn.Para
         if target not in fused:
             fused[target] = ScaledExperts(tuple(weight.shape), weight.device)
         if part is None:
-            scales[name] = fused[target].add(name, slice(0, weight.shape[0]), slice(0, weight.shape[1]), delta.signs, delta.scale)
+            scales[name] = fused[target].add(slice(0, weight.shape[0]), slice(0, weight.shape[1]), delta.signs, delta.scale)
         else:
             rows = part.rows(weight.shape[1])
-            scales[name] = fused[target].add(name, slice(part.expert, part.expert + 1), rows, delta.signs[None], delta.scale)
+            scales[name] = fused[target].add(slice(part.expert, part.expert + 1), rows, delta.signs[None], delta.scale)
     for target, parametrisation in fused.items():
         module_name, _, attribute = target.rpartition(".")
         parametrize.register_parametrization(student.get_submodule(module_name), attribute, parametrisation)

@@ -33,8 +33,8 @@ from bitdelta.quant import quantized_fingerprint
 from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
-from .parallel import Leader, TensorParallel, abort_ranks, check_split, expert_cuts, follow, load_share, start_ranks, stop_ranks
 from .model import MultiTenantModel, StepBatch, check_model_type
+from .parallel import Leader, TensorParallel, abort_ranks, check_split, expert_cuts, follow, load_share, start_ranks, stop_ranks
 from .sampling import SamplingParams, TextStream, is_greedy, sample
 from .store import DeltaEntry, DeltaStore, read_weights
 
@@ -113,12 +113,13 @@ class Engine:
             if not dist.is_initialized():
                 self._ranks = start_ranks(str(checkpoint.path), config)
         try:
-            if config.tensor_parallel > 1 and device.type == "cuda":
-                device = torch.device("cuda", TensorParallel.current(config.tensor_parallel).rank)  # one GPU a rank
+            tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
+            if tp is not None and device.type == "cuda":
+                device = torch.device("cuda", tp.rank)  # one GPU a rank
             # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
             dtype = _dtype(config.dtype, device, checkpoint.path)
-            if config.tensor_parallel > 1:  # this rank's share alone, read from the files
-                hf_model = load_share(checkpoint, TensorParallel.current(config.tensor_parallel), dtype)
+            if tp is not None:  # this rank's share alone, read from the files
+                hf_model = load_share(checkpoint, tp, dtype)
             else:
                 hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype, local_files_only=True)
             self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)

@@ -106,9 +106,8 @@ class MultiTenantModel:
         self.output_norms = hasattr(self.layers[0], "post_feedforward_layernorm")
         self.norm_offset = _norm_offset(decoder.norm)  # Gemma's norms multiply by (1 + weight)
         # Gemma scales its embeddings: Gemma 3 in its embedding module, Gemma 2 in the decoder's forward
-        self.embed_scale = getattr(decoder.embed_tokens, "embed_scale", None)
-        if self.config.model_type == "gemma2":
-            self.embed_scale = torch.tensor(self.config.hidden_size**0.5)
+        self.decoder_embed_scale = torch.tensor(self.config.hidden_size**0.5) if self.config.model_type == "gemma2" else None
+        self.embed_scale = getattr(decoder.embed_tokens, "embed_scale", self.decoder_embed_scale)
         # each layer's sliding window (what transformers' attention of the layer applies), or None
         self.windows = [getattr(layer.self_attn, "sliding_window", getattr(self.config, "sliding_window", None)) for layer in self.layers]
         self.attention_softcap = getattr(self.config, "attn_logit_softcapping", None)
@@ -254,8 +253,8 @@ class MultiTenantModel:
         embed = self.tables.get(self.embed_name)
         if embed is None:
             h = self.model.model.embed_tokens(batch.token_ids)
-            if self.config.model_type == "gemma2":  # Gemma 3's embedding module scales itself
-                h = h * self.embed_scale.to(h.dtype)
+            if self.decoder_embed_scale is not None:  # Gemma 3's embedding module scales itself
+                h = h * self.decoder_embed_scale.to(h.dtype)
         else:
             h = embed[table_rows, batch.token_ids]
             h = h if self.embed_scale is None else h * self.embed_scale.to(h.dtype)

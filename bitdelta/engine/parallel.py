@@ -19,6 +19,7 @@ for a delta given in memory), install their shard, and compute the same steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -180,8 +181,8 @@ def follow(model, kv, read) -> None:
         if message[0] is None:
             return
         installs, batch = message[0]
-        for slot, delta in installs:
-            model.install(slot, read(delta) if not hasattr(delta, "signs") else delta)
+        for slot, delta in installs:  # a delta's folder, or a delta given in memory
+            model.install(slot, read(delta) if isinstance(delta, Path) else delta)
         model.forward(batch, kv)
 
 
@@ -189,10 +190,7 @@ def expert_cuts(shapes: dict[str, tuple[int, int, int]], tp: TensorParallel) -> 
     """How each fused expert tensor of this rank's share ([E, N, K], `ExpertLayer.shapes`) was cut
     from one expert's full matrices: gate/up by rows of the intermediate width, down by its columns."""
     _, rows, hidden = shapes["gate_up_proj"]
-    intermediate = rows // 2 * tp.world
-    if (rows // 2) % BITS_PER_WORD:
-        raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: the experts' {intermediate} intermediate columns leave each rank "
-                                      f"{rows // 2}, not a multiple of 32")
+    intermediate = rows // 2 * tp.world  # load_share refused a width whose share is not a multiple of 32
     return {"gate_up_proj": Shard(0, tp.part(intermediate), (intermediate, hidden)),
             "down_proj": Shard(1, tp.part(intermediate), (hidden, intermediate))}
 

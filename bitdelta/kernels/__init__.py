@@ -71,20 +71,21 @@ def bitdelta_matmul(
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None. A quantized base
     (bitdelta.quant.QuantizedWeight) is read as stored by the GEMV path (int8) where that path takes
     the batch; otherwise it is dequantized for the call."""
-    if not isinstance(base_weight, torch.Tensor):
-        if on_triton(x):
-            from bitdelta.kernels.paths.gemv import run_quantized
-
-            y = run_quantized(x, base_weight, signs, scales, build_plan(slot_ids) if plan is None else plan, bias)
-            if y is not None:
-                return y
-        base_weight = base_weight.dequantize(x.dtype)
     if not on_triton(x):
+        if not isinstance(base_weight, torch.Tensor):
+            base_weight = base_weight.dequantize(x.dtype)
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
     from bitdelta.kernels.paths import split_threshold
 
     if plan is None:
         plan = build_plan(slot_ids)
+    if not isinstance(base_weight, torch.Tensor):
+        from bitdelta.kernels.paths.gemv import run_quantized
+
+        y = run_quantized(x, base_weight, signs, scales, plan, bias)
+        if y is not None:
+            return y
+        base_weight = base_weight.dequantize(x.dtype)
     long_rows = split_threshold(plan)
     if long_rows is None:
         return _dispatch(x, base_weight, signs, scales, plan, bias)

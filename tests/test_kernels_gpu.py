@@ -200,9 +200,9 @@ def test_dispatcher_merges_long_prefill_segments_once(slots, shuffle, with_bias,
     merged_slots = []
     merge_weight = merged_gemm_triton.merge_weight
 
-    def counting_merge(base_weight, signs, scales, slot, tiles, out=None):
+    def counting_merge(base_weight, signs, scales, slot, tiles, out=None, dtype=None):
         merged_slots.append(slot)
-        return merge_weight(base_weight, signs, scales, slot, tiles, out=out)
+        return merge_weight(base_weight, signs, scales, slot, tiles, out=out, dtype=dtype)
 
     monkeypatch.setattr(merged_gemm_triton, "merge_weight", counting_merge)
     per_slot = 2 * MERGED_GEMM_MIN_ROWS + 3

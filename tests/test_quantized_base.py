@@ -175,29 +175,79 @@ def test_info_says_which_quantized_base_a_delta_needs(quantized_deltas):
     assert json.loads(out)["base_quant"]["recipe"] == "int8"
 
 
+# a batch for each kernel path: (rows, slot ids, the path `choose` gives them)
+PATH_BATCHES = [
+    ("one row (GEMV)", [0], "GEMV"),
+    ("two rows of two slots (GEMV)", [0, 1], "GEMV"),
+    ("no delta rows (DENSE)", [-1] * 6, "DENSE"),
+    ("16 rows of one slot and base rows (MERGED_TILES)", [0] * 16 + [-1] * 3, "MERGED_TILES"),
+    ("a prompt of 200 rows (MERGED_TILES, prefill tiles)", [1] * 200, "MERGED_TILES"),
+    ("24 rows of three slots (BITMMA, or DOT without Gluon)", [0, 1, 2] * 8, "BITMMA"),
+    ("two prompts of 520 rows and base rows (MERGED_GEMM)", [0] * 520 + [2] * 520 + [-1] * 5, "MERGED_GEMM"),
+]
+
+
 @needs_triton_interpreter
-def test_the_gemv_reads_an_int8_base_as_stored_in_the_triton_interpreter():
-    """Decode rows over an int8 base: the gemv dequantizes each tile in registers (w = stored *
-    row scale) and adds the rows' deltas, as the reference does over the dequantized base
-    (one and two rows, two slots, a K tail; fp16 activations: half an ulp, x3)."""
+def test_every_triton_path_reads_an_int8_base_as_stored_in_the_interpreter():
+    """Each Triton path over an int8 base in the CPU interpreter (GEMV, MERGED_TILES with K split,
+    DOT, MERGED_GEMM, DENSE: all but BITMMA, which is Gluon): tiles widened and scaled by their rows'
+    scales in registers, as the reference computes over the dequantized base (fp16 activations, a K
+    tail, bias: half an ulp, x3). Without the row scales the error would be ~100x the weights'."""
     code = """
 import torch
 from bitdelta.kernels import reference
 from bitdelta.kernels.grouping import build_plan
-from bitdelta.kernels.paths.gemv import run_quantized
+from bitdelta.kernels.paths import GemvTiles, KernelPath, MergedGemmTiles, MergedTiles, Tiles, run_path
 from bitdelta.quant import quantize
-for m, n, k in [(1, 40, 300), (2, 64, 520)]:
-    x = torch.randn(m, k).half()
-    weight = quantize(torch.randn(n, k) * 0.05, "int8")
-    signs = torch.randint(-(2**31), 2**31 - 1, (2, n, (k + 31) // 32), dtype=torch.int32)
-    scales = torch.rand(2, n) * 0.02 + 0.002
-    slot_ids = torch.tensor([0, 1][:m])
-    out = run_quantized(x, weight, signs, scales, build_plan(slot_ids), None)
-    ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, None)
+n, k = 48, 1000
+weight = quantize(torch.randn(n, k) * 0.05, "int8")
+signs = torch.randint(-(2**31), 2**31 - 1, (3, n, (k + 31) // 32), dtype=torch.int32)
+signs[..., -1] &= (1 << (k % 32)) - 1
+scales, bias = torch.rand(3, n) * 0.02 + 0.002, torch.randn(n).half()
+cases = [(KernelPath.GEMV, GemvTiles(2, 8, 512, 2, 1), [0, 1]),
+         (KernelPath.DENSE, None, [-1] * 5),
+         (KernelPath.MERGED_TILES, MergedTiles(8, 16, 64, 4, 1, split_k=3), [0] * 5 + [-1] * 2 + [2]),
+         (KernelPath.DOT, Tiles(8, 16, 64, 4, 1), [0, 1, 2, -1, 1]),
+         (KernelPath.MERGED_GEMM, MergedGemmTiles(32, 256, 4), [0] * 3 + [-1] * 2)]
+for path, tiles, ids in cases:
+    slot_ids = torch.tensor(ids)
+    x = torch.randn(len(ids), k).half()
+    out = torch.full((len(ids), n), float("nan")).half()
+    run_path(path, tiles, x, weight, signs, scales, build_plan(slot_ids), bias, out=out)
+    ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, bias)
     print(((out.float() - ref).norm() / ref.norm()).item())
 """
     errors = run_in_triton_interpreter(code).split()
-    assert len(errors) == 2 and all(float(e) < 1e-3 for e in errors), errors
+    assert len(errors) == 5 and all(float(e) < 1e-3 for e in errors), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", ["int8", "fp8"])
+@pytest.mark.parametrize("batch", PATH_BATCHES, ids=[b[0] for b in PATH_BATCHES])
+def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
+    """bitdelta_matmul over an int8 or fp8 base on the GPU, a batch for each path, into NaN-filled
+    rows: each row equals the reference over the dequantized base (bf16: one rounding of each merged
+    weight and of the output, ~2^-8 relative; bound 1e-2)."""
+    from bitdelta.kernels import bitdelta_matmul, gluon_available, reference
+    from bitdelta.kernels.grouping import build_plan
+    from bitdelta.kernels.paths import plan_choice
+
+    _, ids, expected_path = batch
+    n, k = 384, 1000
+    weight = quantize(torch.randn(n, k) * 0.05, recipe).to("cuda")
+    signs = torch.randint(-(2**31), 2**31 - 1, (3, n, (k + 31) // 32), dtype=torch.int32, device="cuda")
+    scales = torch.rand(3, n, device="cuda") * 0.02 + 0.002
+    bias = torch.randn(n, device="cuda").bfloat16()
+    slot_ids = torch.tensor(ids, device="cuda")
+    x = torch.randn(len(ids), k, device="cuda").bfloat16()
+    plan = build_plan(slot_ids)
+    if expected_path != "BITMMA" or gluon_available():
+        assert plan_choice(plan, n, k).path.name == expected_path
+    out = bitdelta_matmul(x, weight, signs, scales, slot_ids, bias, plan=plan)
+    ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, bias.float())
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-2
 
 
 @pytest.mark.gpu

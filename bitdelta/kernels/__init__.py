@@ -25,6 +25,7 @@ import functools
 import torch
 
 from bitdelta.kernels import reference
+from bitdelta.kernels.base_product import reads_as_stored
 from bitdelta.kernels.grouping import SlotPlan, build_plan, split_plan
 
 __all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "gluon_available", "on_triton", "sm_count", "triton_available"]
@@ -69,8 +70,8 @@ def bitdelta_matmul(
 ) -> torch.Tensor:
     """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None. A quantized base
-    (bitdelta.quant.QuantizedWeight) is read as stored by the GEMV path (int8) where that path takes
-    the batch; otherwise it is dequantized for the call."""
+    (bitdelta.quant.QuantizedWeight) is read as stored where its recipe has row scales (int8, fp8:
+    `base_product.py`), else dequantized for the call."""
     if not on_triton(x):
         if not isinstance(base_weight, torch.Tensor):
             base_weight = base_weight.dequantize(x.dtype)
@@ -79,12 +80,7 @@ def bitdelta_matmul(
 
     if plan is None:
         plan = build_plan(slot_ids)
-    if not isinstance(base_weight, torch.Tensor):
-        from bitdelta.kernels.paths.gemv import run_quantized
-
-        y = run_quantized(x, base_weight, signs, scales, plan, bias)
-        if y is not None:
-            return y
+    if not isinstance(base_weight, torch.Tensor) and not reads_as_stored(base_weight):
         base_weight = base_weight.dequantize(x.dtype)
     long_rows = split_threshold(plan)
     if long_rows is None:

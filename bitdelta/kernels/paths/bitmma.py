@@ -1,4 +1,4 @@
-"""BITMMA: several distinct deltas, up to BITMMA_MAX_ROWS rows a slot: cuBLAS's base product in fp32,
+"""BITMMA: several distinct deltas, up to BITMMA_MAX_ROWS rows a slot: the base product in fp32 (`base_product`),
 then the Gluon tensor-core delta kernel (`bitmma_gluon.py`) adds each tile's delta, its slot's bits
 expanded straight into mma operands; tiles of one row take the int8 variant.
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitdelta.kernels.base_product import base_product
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import BITMMA_MAX_ROWS, Problem, Tiles
 
@@ -78,9 +79,9 @@ def _tile_rows(plan: SlotPlan) -> int:
     return min((8, 16, 32, 64), key=lambda rows: (work(rows), rows))
 
 
-def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
         bias: torch.Tensor | None, tiles: BitmmaTiles, y: torch.Tensor) -> torch.Tensor:
     from bitdelta.kernels.paths.bitmma_gluon import bitmma_delta  # Gluon: imported only on this path
 
-    ws = torch.mm(x, base_weight.t(), out_dtype=torch.float32)  # cuBLAS, fp32 out: one rounding
+    ws = base_product(x, base_weight)  # fp32: one rounding
     return bitmma_delta(x, ws, bias, signs, scales, plan, tiles, y)

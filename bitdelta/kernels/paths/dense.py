@@ -1,9 +1,11 @@
-"""DENSE: a batch with no delta rows is exactly the base layer, `F.linear` (cuBLAS)."""
+"""DENSE: a batch with no delta rows is exactly the base layer: `F.linear` (cuBLAS), or the stored
+product over a quantized base (`base_product`)."""
 
 from __future__ import annotations
 
 import torch
 
+from bitdelta.kernels.base_product import base_product
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import Problem
 
@@ -16,7 +18,7 @@ def tiles(problem: Problem) -> None:
     return None
 
 
-def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
         bias: torch.Tensor | None, tiles: None, out: torch.Tensor | None) -> torch.Tensor:
-    dense = torch.nn.functional.linear(x, base_weight, bias)
+    dense = base_product(x, base_weight, x.dtype, bias)
     return dense if out is None else out.copy_(dense)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from bitdelta.kernels.base_product import stored
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import Problem, Tiles, next_pow2
 
 MAX_ROWS = 4
-READ_AS_STORED = ("int8",)  # quantized bases the gemv reads without dequantizing first
 
 
 @dataclass(frozen=True)
@@ -60,26 +60,11 @@ def tiles(problem: Problem) -> GemvTiles | None:
     return GemvTiles(rows=next_pow2(m), block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
-def run_quantized(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
-                  bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The gemv over an int8 base (one scale per row, bitdelta.quant), reading it as stored; None
-    where the gemv does not take this batch or this recipe (the caller dequantizes instead). The
-    kernel takes fp8 as well, but fp8 loads have only run on the CPU interpreter's stand-in so far:
-    it waits for a GPU check."""
-    n, k = base_weight.shape
-    chosen = tiles(Problem(plan, n, k)) if base_weight.recipe in READ_AS_STORED else None
-    if chosen is None:
-        return None
-    from bitdelta.kernels.paths.gemv_triton import gemv
-
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    return gemv(x, base_weight.data, signs, scales, plan, bias, chosen, y, weight_scale=base_weight.scale.reshape(-1))
-
-
-def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
         bias: torch.Tensor | None, tiles: GemvTiles, y: torch.Tensor) -> torch.Tensor:
     if x.shape[0] > tiles.rows:
         raise ValueError(f"the gemv takes the whole batch in one program: {x.shape[0]} rows > rows={tiles.rows}")
     from bitdelta.kernels.paths.gemv_triton import gemv
 
-    return gemv(x, base_weight, signs, scales, plan, bias, tiles, y)
+    values, row_scale = stored(base_weight)
+    return gemv(x, values, signs, scales, plan, bias, tiles, y, weight_scale=row_scale)

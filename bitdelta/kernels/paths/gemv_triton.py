@@ -139,7 +139,7 @@ def gemv(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales
     """`weight_scale` [N] fp32: `base_weight` is a quantized base's stored values (int8 or fp8)."""
     m, k = x.shape
     n = base_weight.shape[0]
-    weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
+    weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()  # benchmarks pass views
     fast(_gemv_kernel)[(triton.cdiv(n, tiles.block_n),)](
         x, weight, weight_scale if weight_scale is not None else scales, bias if bias is not None else y, signs, scales, y,
         plan.order, row_slots(plan),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitdelta.kernels.base_product import base_product
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import Problem, next_pow2
 
@@ -43,15 +44,15 @@ def tiles(problem: Problem) -> MergedGemmTiles:
     return MergedGemmTiles(block_n=32, block_k=256, num_warps=4)
 
 
-def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
         bias: torch.Tensor | None, tiles: MergedGemmTiles, y: torch.Tensor) -> torch.Tensor:
     """y = x @ W'[slot].T + bias segment by segment, W' merged once per slot per call (one scratch
-    matrix, reused); slot -1 rows take the base weight itself. Each segment's product is written into
+    matrix, reused); slot -1 rows take the base weight itself (a quantized one: `base_product`). Each segment's product is written into
     its slice of y; rows not already grouped by slot are gathered into slot order first and
     scattered back at the end."""
     from bitdelta.kernels.paths import merged_gemm_triton
 
-    if base_weight.stride(1) != 1:  # once, not per slot
+    if isinstance(base_weight, torch.Tensor) and base_weight.stride(1) != 1:  # once, not per slot
         base_weight = base_weight.contiguous()
     order = None if plan.in_order else plan.order.long()
     x_sorted = x if plan.in_order else x.index_select(0, order)
@@ -59,17 +60,20 @@ def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales:
     scratch = None
     start = 0
     for slot, count in zip(plan.host_slots, plan.counts):
+        rows = slice(start, start + count)
+        start += count
+        if slot < 0 and not isinstance(base_weight, torch.Tensor):
+            y_sorted[rows] = base_product(x_sorted[rows], base_weight, x.dtype, bias)
+            continue
         if slot < 0:
             weight = base_weight
         else:
-            scratch = merged_gemm_triton.merge_weight(base_weight, signs, scales, slot, tiles, out=scratch)
+            scratch = merged_gemm_triton.merge_weight(base_weight, signs, scales, slot, tiles, out=scratch, dtype=x.dtype)
             weight = scratch
-        rows = slice(start, start + count)
         if bias is None:
             torch.mm(x_sorted[rows], weight.t(), out=y_sorted[rows])
         else:
             torch.addmm(bias, x_sorted[rows], weight.t(), out=y_sorted[rows])
-        start += count
     if not plan.in_order:
         y.index_copy_(0, order, y_sorted)
     return y

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from bitdelta.kernels.base_product import stored
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import Problem, Tiles, next_pow2, programs
 
@@ -96,13 +97,13 @@ def _with_split_k(tiles: MergedTiles, count: int, problem: Problem) -> MergedTil
     return replace(tiles, split_k=4 if tiles.rows <= 2 else 2)
 
 
-def run(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
         bias: torch.Tensor | None, tiles: MergedTiles, y: torch.Tensor) -> torch.Tensor:
     from bitdelta.kernels.paths.segment_triton import segment_product
 
-    weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()
-    return segment_product(x, weight, y, bias, signs, scales, plan, tiles, y, merge=True,
-                           transposed=tiles.transposed, split_k=tiles.split_k)
+    values, row_scale = stored(base_weight)
+    return segment_product(x, values, y, bias, signs, scales, plan, tiles, y, merge=True,
+                           transposed=tiles.transposed, split_k=tiles.split_k, weight_scale=row_scale)
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}

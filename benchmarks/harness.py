@@ -27,10 +27,11 @@ from bitdelta.kernels import bitdelta_matmul, gluon_available, reference, sm_cou
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.paths import Choice, plan_choice, run_path, split_threshold
 from bitdelta.pack import unpack_signs
+from bitdelta.quant import quantize
 
 __all__ = ["DECODE_SHAPES", "DTYPE", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan", "dispatched_choice", "graph_us",
            "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "run_choice", "slot_ids_for", "sm_count",
-           "split_threshold", "tiles_of", "time_checked"]
+           "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
@@ -106,12 +107,22 @@ def run_choice(choice: Choice, d: dict, plan: SlotPlan, out: torch.Tensor | None
     return run_path(choice.path, choice.tiles, d["x"], d["w"], d["signs"], d["scales"], plan, None, out)
 
 
+def weight_bytes(n: int, k: int, recipe: str | None) -> int:
+    """Bytes of an [N, K] base weight in bf16, or stored by a `bitdelta.quant` recipe (values and scales)."""
+    if recipe is None:
+        return n * k * 2
+    if recipe == "int4":
+        return n * k // 2 + n * -(-k // 128) * 4
+    return n * k + n * 4
+
+
 class Problem:
     """R buffer sets of one case: `counts[s]` rows for delta slot s (in slot order unless
-    `shuffled`). `Problem.decode(k, n, batch, distinct)`: every row its own delta, or one shared."""
+    `shuffled`), the base in bf16 or quantized by `recipe` (bitdelta.quant). `Problem.decode(k, n,
+    batch, distinct)`: every row its own delta, or one shared."""
 
-    def __init__(self, k: int, n: int, counts: list[int], shuffled: bool = False):
-        self.k, self.n, self.counts = k, n, list(counts)
+    def __init__(self, k: int, n: int, counts: list[int], shuffled: bool = False, recipe: str | None = None):
+        self.k, self.n, self.counts, self.recipe = k, n, list(counts), recipe
         self.batch, self.num_slots = sum(counts), len(counts)
         self.kw = (k + 31) // 32
         slot_ids = slot_ids_for(counts, shuffled)
@@ -124,14 +135,15 @@ class Problem:
         self.ref = None
 
     @classmethod
-    def decode(cls, k: int, n: int, batch: int, distinct: bool) -> Problem:
-        return cls(k, n, [1] * batch if distinct else [batch])
+    def decode(cls, k: int, n: int, batch: int, distinct: bool, recipe: str | None = None) -> Problem:
+        return cls(k, n, [1] * batch if distinct else [batch], recipe=recipe)
 
     def _make_set(self) -> dict:
         k, n, s = self.k, self.n, self.num_slots
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(DTYPE)
         return {
             "x": torch.randn(self.batch, k, device="cuda", dtype=DTYPE),
-            "w": (torch.randn(n, k, device="cuda") * 0.02).to(DTYPE),
+            "w": w if self.recipe is None else quantize(w, self.recipe),
             "signs": torch.randint(-(2**31), 2**31 - 1, (s, n, self.kw), dtype=torch.int32, device="cuda"),
             "scales": torch.rand(s, n, device="cuda") * 1e-3,
         }
@@ -143,7 +155,7 @@ class Problem:
     def floor_bytes(self) -> int:
         """Base once + each distinct delta's bits once + scales + x read + y written."""
         n, k, s, b = self.n, self.k, self.num_slots, self.batch
-        return n * k * 2 + s * n * self.kw * 4 + s * n * 4 + b * k * 2 + b * n * 2
+        return weight_bytes(n, k, self.recipe) + s * n * self.kw * 4 + s * n * 4 + b * k * 2 + b * n * 2
 
     def dispatched_choice(self) -> Choice:
         return dispatched_choice(self.n, self.k, self.plan)
@@ -161,7 +173,8 @@ class Problem:
         """||out - ref|| / ||ref|| on the first buffer set against the fp32 reference (inf if not finite)."""
         d = self.sets[0]
         if self.ref is None:
-            self.ref = reference.bitdelta_matmul(d["x"].float(), d["w"], d["signs"], d["scales"], self.slot_ids, None)
+            w = d["w"] if self.recipe is None else d["w"].dequantize()
+            self.ref = reference.bitdelta_matmul(d["x"].float(), w, d["signs"], d["scales"], self.slot_ids, None)
         if choice is None:
             out = bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan)
         else:
@@ -178,7 +191,8 @@ class Problem:
         out = torch.empty(programs, dtype=torch.int32, device="cuda")
 
         def call(d: dict) -> None:
-            a = d["w"].view(torch.int32).reshape(-1) if base else out[:0]
+            w = d["w"] if self.recipe is None else d["w"].data  # a quantized base's values (its scales: N words)
+            a = w.view(torch.int32).reshape(-1) if base else out[:0]
             b = d["signs"].reshape(-1)
             _stream_kernel[(programs,)](a, a.numel(), b, b.numel(), out, BLOCK=STREAM_WORDS, num_warps=warps)
 
@@ -189,6 +203,14 @@ class Problem:
         weight bytes goes in this harness."""
         sms = sm_count(torch.cuda.current_device())
         return min(self.stream_us(per_sm * sms, warps, base) for per_sm, warps in STREAM_GRIDS)
+
+    def base_only_us(self) -> float:
+        """The public entry point with every row on the base: the DENSE path (cuBLAS over a bf16 base,
+        the stored product over an int8/fp8 one, dequantize and cuBLAS over int4)."""
+        base_rows = torch.full_like(self.slot_ids, -1)
+        plan = build_plan(base_rows)
+        return graph_us([lambda d=d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], base_rows, plan=plan)
+                         for d in self.sets])
 
     # ---- baselines
     def base_us(self) -> float:

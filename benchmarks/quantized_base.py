@@ -1,0 +1,119 @@
+"""Decode over a quantized base: the multi-tenant delta matmul over an int8 / fp8 / int4 base against the bf16 base (CUDA).
+
+    python -m benchmarks.quantized_base [--formats bf16,int8,fp8,int4] [--batches 1,4,16,32,64] [--out benchmarks/results]
+
+For the Llama-2-7B/70B linear shapes at each batch, with every row its own delta and with one
+delta shared, and for each base format: our entry point with the deltas, base only (every row on
+the base: cuBLAS over bf16, the stored product over int8/fp8, dequantize + cuBLAS over int4), the
+byte floor of the case (its base in its own format, each distinct delta's bits once, x and y) and
+a kernel that only reads the same weight bytes. All formats of a case are measured side by side in
+one run, so the ratios to the bf16 base hold. Writes quantized_base.json and quantized_base.md to
+--out. Timing: `benchmarks/harness.py` (CUDA graphs over rotating buffer sets, cold L2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from benchmarks.harness import DECODE_SHAPES, DTYPE, Problem, measure_ceilings
+from benchmarks.report import write_report
+
+BASE_ONLY_GOAL = 0.6  # int8/fp8 base-only decode time over the bf16 base's
+FLOOR_GOAL = 1.3  # every multi-tenant case over a pure read of its bytes
+
+
+def measure_case(k: int, n: int, batch: int, distinct: bool, recipe: str | None, bandwidth: float) -> dict:
+    p = Problem.decode(k, n, batch, distinct, recipe=recipe)
+    row = {"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared", "base": recipe or "bf16",
+           "path": p.dispatched_choice().path.name, "error": p.relative_error(), "floor_us": p.bytes / bandwidth * 1e6,
+           "ours_us": p.ours_us(), "base_only_us": p.base_only_us(), "read_us": p.read_us()}
+    row["ours_over_read"] = row["ours_us"] / row["read_us"]
+    del p
+    torch.cuda.empty_cache()
+    return row
+
+
+def suite(formats: list[str], batches: list[int], bandwidth: float) -> list[dict]:
+    rows = []
+    for k, n in DECODE_SHAPES:
+        for distinct in (True, False):
+            for batch in batches:
+                case = [measure_case(k, n, batch, distinct, None if f == "bf16" else f, bandwidth) for f in formats]
+                bf16 = next((r for r in case if r["base"] == "bf16"), None)
+                for r in case:
+                    if bf16 is not None:
+                        r["ours_over_bf16"] = r["ours_us"] / bf16["ours_us"]
+                        r["base_only_over_bf16"] = r["base_only_us"] / bf16["base_only_us"]
+                    print(_fmt(r), flush=True)
+                rows += case
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    return (f"{r['K']:>5}x{r['N']:<5} {r['deltas']:>8} b={r['batch']:<3} {r['base']:>4} {r['path']:<12} "
+            f"ours={r['ours_us']:7.1f} base-only={r['base_only_us']:7.1f} read={r['read_us']:7.1f} "
+            f"ours/read={r['ours_over_read']:5.2f} ours/bf16={r.get('ours_over_bf16', float('nan')):5.2f} "
+            f"base-only/bf16={r.get('base_only_over_bf16', float('nan')):5.2f} err={r['error']:.1e}")
+
+
+def goals(rows: list[dict]) -> dict:
+    formats = {r["base"] for r in rows}
+    out = {}
+    for recipe in sorted(formats - {"bf16"}):
+        mine = [r for r in rows if r["base"] == recipe]
+        base_only = [r for r in mine if r["deltas"] == "distinct" and "base_only_over_bf16" in r]
+        out[recipe] = {
+            f"base-only decode within {BASE_ONLY_GOAL}x of bf16": f"{sum(r['base_only_over_bf16'] <= BASE_ONLY_GOAL for r in base_only)}/{len(base_only)}",
+            "max base-only/bf16": max((r["base_only_over_bf16"] for r in base_only), default=None),
+            f"multi-tenant within {FLOOR_GOAL}x of a pure read": f"{sum(r['ours_over_read'] <= FLOOR_GOAL for r in mine)}/{len(mine)}",
+            "max ours/read": max(r["ours_over_read"] for r in mine),
+            "median ours/bf16 ours": statistics.median(r["ours_over_bf16"] for r in mine) if "bf16" in formats else None,
+        }
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Decode over a quantized base ({result['device']})", "",
+             "`python -m benchmarks.quantized_base`. Shapes K x N; times in microseconds (median, CUDA graph, cold L2);"
+             " every format of a case measured side by side. ours: the entry point with the case's deltas; base only:"
+             " every row on the base; read: a kernel that only reads the case's weight bytes in that format (the"
+             " floor as measured); floor: those bytes over the copy bandwidth "
+             f"({result['ceilings']['copy_bandwidth_GBps']:.0f} GB/s). /bf16: over the same case on the bf16 base.", "",
+             "| shape | deltas | batch | base | path | ours | base only | read | floor | ours/read | ours/bf16 | base only/bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["decode"]:
+        lines.append(f"| {r['K']}x{r['N']} | {r['deltas']} | {r['batch']} | {r['base']} | {r['path']} | {r['ours_us']:.1f} | "
+                     f"{r['base_only_us']:.1f} | {r['read_us']:.1f} | {r['floor_us']:.1f} | {r['ours_over_read']:.2f} | "
+                     f"{r.get('ours_over_bf16', float('nan')):.2f} | {r.get('base_only_over_bf16', float('nan')):.2f} |")
+    lines += ["", "## Goals (issue 23)", ""]
+    for recipe, goal in result["goals"].items():
+        lines.append(f"- {recipe}: " + "; ".join(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}"
+                                                 for key, value in goal.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default="bf16,int8,fp8,int4")
+    parser.add_argument("--batches", default="1,4,16,32,64")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    torch.manual_seed(int(time.time()))
+    started = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "dtype": str(DTYPE), "shape_convention": "K x N (in x out features)", "ceilings": measure_ceilings()}
+    formats = args.formats.split(",")
+    result["decode"] = suite(formats, [int(b) for b in args.batches.split(",")], result["ceilings"]["copy_bandwidth_GBps"] * 1e9)
+    result["goals"] = goals(result["decode"])
+    result["seconds"] = time.time() - started
+    write_report(args.out, "quantized_base", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

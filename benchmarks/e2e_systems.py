@@ -266,6 +266,7 @@ class LoraSlots:
         self.current = LoraGroups(0, 0)
         self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight name -> (A [S, r, K], B [S, N, r])
         self.bytes = 0
+        self._generator = torch.Generator(model.device).manual_seed(0)  # the same adapters every run
         self._names = {id(linear): name for name, linear in model.linears.items()}
         stacked = [*model.qkv, *model.gate_up]
         in_stacks = {id(part) for stack in stacked for part in stack.parts}
@@ -287,7 +288,7 @@ class LoraSlots:
         model.route = routed
 
     def _adapter(self, *shape: int) -> torch.Tensor:
-        tensor = torch.empty(self.slots, *shape, dtype=self.model.dtype, device=self.model.device).normal_(0, 0.02)
+        tensor = torch.empty(self.slots, *shape, dtype=self.model.dtype, device=self.model.device).normal_(0, 0.02, generator=self._generator)
         self.bytes += tensor.numel() * tensor.element_size()
         return tensor
 

@@ -254,8 +254,8 @@ def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_on_a_gpu_in_bf16_a_quantized_base_and_its_delta_give_the_merged_logits(llama_pair, quantized_deltas, recipe):
-    """The engine over a quantized base on the GPU (int8 through the GEMV as stored at one row, the
-    others dequantized), decode steps as CUDA graphs: each row's logits near its merged model's."""
+    """The engine over a quantized base on the GPU (int8 and fp8 read as stored, int4 dequantized),
+    decode steps as CUDA graphs: each row's logits near its merged model's."""
     from bitdelta.apply import quantized_base_model
     from bitdelta.engine import Engine, EngineConfig, SamplingParams
 
@@ -267,8 +267,9 @@ def test_on_a_gpu_in_bf16_a_quantized_base_and_its_delta_give_the_merged_logits(
         steps = []
         engine.model.forward = lambda batch, kv, forward=type(engine.model).forward.__get__(engine.model): steps.append(forward(batch, kv)) or steps[-1]
         engine.generate([(name, prompt, SamplingParams(max_tokens=4, temperature=0)) for name in names])
-        models = {"ft": bitdelta.load(base, quantized_deltas[recipe], dtype="bfloat16", device="cuda"),
-                  names[-1]: quantized_base_model(base, recipe, torch.bfloat16).cuda()}
+        models = {"ft": bitdelta.load(base, quantized_deltas[recipe], dtype="bfloat16", device="cuda")}
+        if len(names) > 1:
+            models[names[1]] = quantized_base_model(base, recipe, torch.bfloat16).cuda()
         for row, name in enumerate(names):
             with torch.no_grad():
                 expected = models[name](torch.tensor([prompt], device="cuda")).logits[0, -1].float()

@@ -415,3 +415,52 @@ def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkey
     monkeypatch.setattr(knobs.runtime, "debug", True)  # a debug binary is another binary: Triton's path compiles it
     _check(_run(x, w, signs, scales, slot_ids, bias, choice), x, w, signs, scales, slot_ids, bias)
     assert len(calls) == before + 1
+
+
+@pytest.mark.parametrize("base", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("pairs,experts", [(64, 16), (1200, 8)], ids=["decode pairs", "prompt pairs"])
+def test_grouped_experts_match_the_reference(base, pairs, experts):
+    """expert_matmul in one launch over random (expert, slot) pairs, base-only pairs among them: each
+    pair equals the reference over its own expert and slot (bf16 output: bound 1e-2 relative a row)."""
+    from bitdelta.kernels.experts import expert_matmul, grouped
+    from bitdelta.quant import quantize
+
+    slots, n, k = 5, 160, 1000
+    dense = torch.randn(experts, n, k, device="cuda") * 0.05
+    weights = dense.bfloat16() if base == "bf16" else quantize(dense.reshape(experts * n, k), base)
+    reference_weights = dense.bfloat16().float() if base == "bf16" else weights.dequantize().view(experts, n, k)
+    signs = torch.randint(-(2**31), 2**31 - 1, (experts, slots, n, (k + 31) // 32), dtype=torch.int32, device="cuda")
+    scales = torch.rand(experts, slots, n, device="cuda") * 0.02 + 0.002
+    pair_experts = torch.randint(0, experts - 1, (pairs,), device="cuda")  # the last expert gets no pair
+    pair_slots = torch.randint(-1, slots, (pairs,), device="cuda")
+    x = torch.randn(pairs, k, device="cuda").bfloat16()
+    assert grouped(x, weights)
+    out = expert_matmul(x, weights, signs, scales, pair_experts, pair_slots)
+    ref = reference.expert_matmul(x.float(), reference_weights, signs, scales, pair_experts, pair_slots)
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-2
+
+
+def test_grouped_experts_replay_in_a_cuda_graph_on_new_routing():
+    """The experts' product captured once replays with new inputs and new routing: nothing in it was
+    read on the host at capture."""
+    from bitdelta.kernels.experts import expert_matmul
+
+    experts, slots, n, k, pairs = 8, 3, 96, 512, 48
+    weights = (torch.randn(experts, n, k, device="cuda") * 0.05).bfloat16()
+    signs = torch.randint(-(2**31), 2**31 - 1, (experts, slots, n, k // 32), dtype=torch.int32, device="cuda")
+    scales = torch.rand(experts, slots, n, device="cuda") * 0.02
+    x = torch.randn(pairs, k, device="cuda").bfloat16()
+    pair_experts = torch.randint(0, experts, (pairs,), device="cuda")
+    pair_slots = torch.randint(-1, slots, (pairs,), device="cuda")
+    expert_matmul(x, weights, signs, scales, pair_experts, pair_slots)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = expert_matmul(x, weights, signs, scales, pair_experts, pair_slots)
+    x.copy_(torch.randn_like(x))
+    pair_experts.copy_(torch.randint(0, experts, (pairs,), device="cuda"))
+    pair_slots.copy_(torch.randint(-1, slots, (pairs,), device="cuda"))
+    graph.replay()
+    ref = reference.expert_matmul(x.float(), weights.float(), signs, scales, pair_experts, pair_slots)
+    assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-2

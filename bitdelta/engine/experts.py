@@ -5,10 +5,11 @@ transformers' MoE blocks hold a layer's experts fused (`experts.gate_up_proj` [E
 `bitdelta.model_names`. Each MoE layer keeps per-slot expert deltas beside the base experts, laid
 out [E, S, N, K/32] so that one expert's deltas of every slot are one contiguous [S, N, K/32]
 block, the layout `bitdelta_matmul` reads. A step routes each row with its own fine-tune's router
-(softmax, top-k, renormalised as the family does), groups the (row, expert) pairs by expert, and
-computes each expert once over its rows: its base matrix is read once, and `bitdelta_matmul`
-groups those rows by delta slot, so each distinct delta of the expert is read once too. The
-grouping reads the routing on the host, so MoE steps run eagerly (no CUDA graphs).
+(softmax, top-k, renormalised as the family does) and computes every (row, expert) pair with
+`kernels.experts.expert_matmul`: on a GPU one launch for the gate/up products and one for the down
+products, the pairs grouped by expert and delta slot on the device, so each routed expert's base
+matrix and each distinct delta of it are read once and nothing waits on the host (the step can be
+a CUDA graph); the CPU and a 4-bit base take a per-expert loop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitdelta.kernels import bitdelta_matmul
+from bitdelta.kernels.experts import expert_matmul, grouped
 from bitdelta.model_names import FUSED_EXPERTS
 from bitdelta.pack import packed_words
 from bitdelta.quant import quantize
@@ -51,17 +52,15 @@ class ExpertLayer:
     def num_experts(self) -> int:
         return self.router.shape[0]
 
+    def graphable(self, device: torch.device) -> bool:
+        """Whether this block's step can be a CUDA graph: its experts in one launch each, no collective."""
+        probe = torch.empty(0, 1, dtype=self.router.dtype, device=device)
+        return self.cuts is None and all(grouped(probe, weight) for weight in self.weights.values())
+
     def quantize(self, recipe: str) -> None:
         """Hold the base experts quantized by `recipe`, row by row (bitdelta.quant): [E * N, K] each."""
         for name, (count, n, k) in self.shapes.items():
             self.weights[name] = quantize(self.weights[name].detach().reshape(count * n, k), recipe)
-
-    def _base(self, name: str, expert: int):
-        weight = self.weights[name]
-        if isinstance(weight, torch.Tensor):
-            return weight[expert]
-        rows = self.shapes[name][1]
-        return weight.rows(slice(expert * rows, (expert + 1) * rows))
 
     def install(self, slot: int, fused: str, expert: int, rows: slice, signs: torch.Tensor, scales: torch.Tensor) -> None:
         """One expert matrix of a delta (the full matrix's signs and row scales, cut to this rank's
@@ -78,32 +77,21 @@ class ExpertLayer:
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """The block's output [T, H] for rows `x` [T, H] of fine-tunes `slots` [T] (-1 = base),
-        given each row's router logits [T, E] (computed with its own fine-tune's router)."""
+        given each row's router logits [T, E] (computed with its own fine-tune's router). Pair
+        p = t * top_k + j is row t's j-th expert."""
         probabilities = torch.softmax(router_logits.float(), dim=-1)
         weights, chosen = torch.topk(probabilities, self.top_k, dim=-1)
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        pair_expert = chosen.flatten()
-        pair_row = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        order = torch.sort(pair_expert, stable=True).indices
-        counts = torch.bincount(pair_expert, minlength=self.num_experts).tolist()  # host sync (and each expert's slot grouping)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            rows = pair_row[pairs]
-            y = self._expert(expert, x.index_select(0, rows), slots.index_select(0, rows))
-            out.index_add_(0, rows, y.float() * weights.flatten()[pairs, None])
+        pair_experts = chosen.flatten()
+        pair_slots = slots.repeat_interleave(self.top_k)
+        inputs = x.repeat_interleave(self.top_k, dim=0)
+        gate, up = self._product("gate_up_proj", inputs, pair_experts, pair_slots).chunk(2, dim=-1)
+        y = self._product("down_proj", self.activation(gate) * up, pair_experts, pair_slots)
+        out = (y.view(x.shape[0], self.top_k, -1).float() * weights[..., None]).sum(dim=1)
         if self.cuts is not None:  # each rank summed its share of the down products
             torch.distributed.all_reduce(out)
         return out.to(x.dtype)
 
-    def _expert(self, expert: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        def product(name: str, inputs: torch.Tensor) -> torch.Tensor:
-            return bitdelta_matmul(inputs, self._base(name, expert), self.signs[name][expert], self.scales[name][expert], slots)
-
-        gate, up = product("gate_up_proj", x).chunk(2, dim=-1)
-        return product("down_proj", self.activation(gate) * up)
+    def _product(self, name: str, inputs: torch.Tensor, pair_experts: torch.Tensor, pair_slots: torch.Tensor) -> torch.Tensor:
+        return expert_matmul(inputs, self.weights[name], self.signs[name], self.scales[name], pair_experts, pair_slots)

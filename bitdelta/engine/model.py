@@ -142,9 +142,9 @@ class MultiTenantModel:
 
     @property
     def graphable(self) -> bool:
-        """Whether a decode step can be a CUDA graph: not with MoE blocks, whose grouping of rows by
-        expert is read on the host."""
-        return not self.experts
+        """Whether a decode step can be a CUDA graph: with MoE blocks, only where each computes its
+        experts in one launch (ExpertLayer.graphable)."""
+        return all(layer.graphable(self.device) for layer in self.experts.values())
 
     def model_name(self, name: str) -> str:
         """The model's name for checkpoint tensor `name` (Mixtral's `block_sparse_moe` is `mlp` in the model)."""
@@ -329,16 +329,15 @@ class MultiTenantModel:
         return experts.forward(x, slots, self._per_row_product(x, self.router_names[index], table_rows))
 
     def _per_row_product(self, x: torch.Tensor, name: str, table_rows: torch.Tensor) -> torch.Tensor:
-        """x @ W.T with each row's own fine-tune's version of the small matrix `name` (a router):
-        rows grouped by table entry, since gathering a matrix per row would copy it per row."""
+        """x @ W.T with each row's own fine-tune's version of the small matrix `name` (a router): one
+        product against every table entry, each row keeping its own entry's columns. It reads each
+        entry once, as grouping the rows by entry would, without reading the grouping on the host."""
         table = self.tables.get(name)
         if table is None:
             return x @ self.base_tensors[name].T
-        out = torch.empty(x.shape[0], table.shape[1], dtype=x.dtype, device=x.device)
-        for entry in torch.unique(table_rows).tolist():
-            rows = (table_rows == entry).nonzero(as_tuple=True)[0]
-            out[rows] = x[rows] @ table[entry].T
-        return out
+        entries, width, _ = table.shape
+        products = (x @ table.flatten(0, 1).T).view(x.shape[0], entries, width)
+        return products[torch.arange(x.shape[0], device=x.device), table_rows]
 
     def _gated_activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if getattr(self.config, "hidden_act", None) == "silu":  # the Llama family's SwiGLU: one kernel on a GPU

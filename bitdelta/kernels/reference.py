@@ -50,3 +50,15 @@ def bitdelta_matmul(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def expert_matmul(x: torch.Tensor, base_weights: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
+                  pair_experts: torch.Tensor, pair_slots: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-experts pairs: y [P, N] in x's dtype, y_p = x_p @ W[e_p].T + scale[e_p, t_p] * (x_p @
+    sign[e_p, t_p].T) for x [P, K], base_weights [E, N, K], signs [E, S, N, ceil(K/32)], scales [E, S, N]
+    and each pair's expert e_p and delta slot t_p (-1 = base only)."""
+    y = torch.empty(x.shape[0], base_weights.shape[1], dtype=x.dtype, device=x.device)
+    for expert in torch.unique(pair_experts).tolist():
+        pairs = (pair_experts == expert).nonzero(as_tuple=True)[0]
+        y[pairs] = bitdelta_matmul(x[pairs], base_weights[expert], signs[expert], scales[expert], pair_slots[pairs])
+    return y

@@ -1,0 +1,90 @@
+"""The grouped experts kernel (GPU only; imported lazily by `experts.py`): a program per (expert,
+column block) walks the expert's (slot) segments of pairs, each in tiles of ROWS pairs over all of
+K, with the merged weights built in registers as the segment kernel's merged form builds them."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitdelta.kernels.base_product import stored
+from bitdelta.kernels.launch import fast
+from bitdelta.kernels.signs_triton import merge_tile
+
+
+@triton.jit
+def _experts_kernel(
+    x_ptr, w_ptr, w_scale_ptr, signs_ptr, scales_ptr, y_ptr, order_ptr, starts_ptr, sizes_ptr,
+    N, K, KW, SLOTS,
+    stride_xm, stride_we, stride_wn, stride_se, stride_ss, stride_sn, stride_ce, stride_cs, stride_ym,
+    W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w_rows = w_ptr + expert.to(tl.int64) * stride_we + cols[:, None].to(tl.int64) * stride_wn
+    if W_SCALED:  # a quantized base read as stored: w = stored value * its row's scale
+        w_scale = tl.load(w_scale_ptr + expert * N + cols, mask=col_mask, other=0.0)[:, None]
+    for segment in range(expert * (SLOTS + 1), (expert + 1) * (SLOTS + 1)):  # slot -1 (base only), then 0..S-1
+        size = tl.load(sizes_ptr + segment)
+        if size > 0:
+            first = tl.load(starts_ptr + segment)
+            slot = segment - expert * (SLOTS + 1) - 1
+            has_delta = slot >= 0
+            delta = expert.to(tl.int64) * stride_se + tl.maximum(slot, 0).to(tl.int64) * stride_ss
+            sign_rows = signs_ptr + delta + cols[:, None] * stride_sn
+            merge_scale = tl.load(scales_ptr + expert * stride_ce + tl.maximum(slot, 0) * stride_cs + cols,
+                                  mask=col_mask & has_delta, other=0.0)
+            for tile in range(first, first + size, ROWS):
+                r = tile + tl.arange(0, ROWS)
+                row_mask = r < first + size
+                rows = tl.load(order_ptr + r, mask=row_mask, other=0).to(tl.int64)
+                acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = (ks < K) | EVEN_K
+                    # zero activations past K neutralise the padding bits (0 -> -1) of the last word
+                    xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                                 mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    wk = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                    if W_SCALED:
+                        wk = wk.to(tl.float32) * w_scale
+                    kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                    words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :],
+                                    other=0)
+                    acc += tl.dot(xk, tl.trans(merge_tile(wk, merge_scale, words, xk.dtype)))
+                tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                         mask=row_mask[:, None] & col_mask[None, :])
+
+
+def expert_tiles(pairs: int, experts: int) -> tuple[int, int, int, int, int]:
+    """(rows, block_n, block_k, num_warps, num_stages): 16-pair tiles while a segment holds a few pairs
+    (decode), 64 once experts average more than 64 pairs (prompts)."""
+    rows = 64 if pairs > 64 * experts else 16
+    return rows, 32, 128, 4, 3
+
+
+def grouped_expert_matmul(x: torch.Tensor, base_weights, signs: torch.Tensor, scales: torch.Tensor,
+                          order: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """y [P, N] for the pairs sorted by (expert, slot): `order` the pairs in that order, `starts` and
+    `sizes` [E * (S + 1)] each segment's first position in `order` and its pair count."""
+    x = x.contiguous()
+    count, slots, n, kw = signs.shape
+    k = x.shape[1]
+    values, row_scale = stored(base_weights)  # [E, N, K], or a quantized base's [E * N, K] and [E * N]
+    values = values.reshape(count, n, k)
+    signs, scales = signs.contiguous(), scales.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return y
+    rows, block_n, block_k, warps, stages = expert_tiles(x.shape[0], count)
+    fast(_experts_kernel)[(count, triton.cdiv(n, block_n))](
+        x, values, row_scale if row_scale is not None else scales, signs, scales, y, order, starts, sizes,
+        n, k, kw, slots,
+        x.stride(0), values.stride(0), values.stride(1), signs.stride(0), signs.stride(1), signs.stride(2),
+        scales.stride(0), scales.stride(1), y.stride(0),
+        W_SCALED=row_scale is not None, EVEN_K=k % block_k == 0, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
+    )
+    return y

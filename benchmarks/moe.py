@@ -110,9 +110,11 @@ def random_deltas(engine: Engine, count: int) -> list[SlotWeights]:
 
 
 class StepRecorder(EngineObserver):
-    """Decode step times, and the routing of each MoE layer in decode steps."""
+    """Decode step times (while `timing`), and the routing of each MoE layer in eagerly run decode
+    steps (a replayed CUDA graph runs no Python)."""
 
     def __init__(self, engine: Engine):
+        self.timing = True
         self.steps: list[float] = []
         self.routes: list[list[tuple[int, int]]] = []  # per decode step, per layer: (distinct experts, distinct (expert, slot) pairs)
         self._pending: list[tuple[int, int]] = []
@@ -127,6 +129,8 @@ class StepRecorder(EngineObserver):
 
     def _recording(self, forward, top_k: int):
         def recorded(x, slots, router_logits):
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return forward(x, slots, router_logits)
             chosen = torch.topk(router_logits.float(), top_k, dim=-1).indices
             pairs = chosen * (slots.max().item() + 2) + (slots[:, None] + 1)
             self._pending.append((chosen.unique().numel(), pairs.unique().numel()))
@@ -138,7 +142,7 @@ class StepRecorder(EngineObserver):
         step, timed when the step before was a decode step too (no prefill work in the interval)."""
         now = time.perf_counter()
         decoding = prefill_tokens == 0 and decode_tokens > 0
-        if self._last is not None and self._decode and decoding:
+        if self.timing and self._last is not None and self._decode and decoding:
             self.steps.append(now - self._last)
         if decoding and self._pending:
             self.routes.append(self._pending)
@@ -154,6 +158,10 @@ def decode(engine: Engine, models: list[str], prompt: int, generate: int, vocab:
     recorder = StepRecorder(engine)
     engine.observer = recorder
     engine.generate([(model, ids, SamplingParams(max_tokens=generate, temperature=0)) for model, ids in zip(models, prompts)])
+    recorder.timing = False  # the routing of decode steps, run eagerly (untimed)
+    graphs, engine.graphs = engine.graphs, None
+    engine.generate([(model, ids, SamplingParams(max_tokens=8, temperature=0)) for model, ids in zip(models, prompts)])
+    engine.graphs = graphs
     engine.observer = EngineObserver()
     recorder.detach()
     return statistics.median(recorder.steps), recorder

@@ -110,8 +110,8 @@ def test_a_moe_delta_is_several_times_smaller_than_its_finetune(recent_pairs, re
 @pytest.mark.parametrize("family,scale", [("qwen3_moe", "matrix"), ("mixtral", "row"), ("gpt_oss", "matrix")])
 def test_distilling_a_moe_delta_trains_every_scale_experts_included(recent_pairs, recent_deltas, family, scale, tmp_path):
     """Per-expert checkpoint matrices (Qwen3-MoE; Mixtral with row scales) and stacked 3-D experts
-    (gpt-oss) train their scales like the linears; signs stay bit for bit, and the held-out logit
-    error falls."""
+    (gpt-oss) train their scales like the linears (an expert when calibration routes to it); signs
+    stay bit for bit, and the held-out logit error falls."""
     from bitdelta.distill import DistillConfig, distill
 
     base_dir, ft_dir = recent_pairs[family]
@@ -122,10 +122,15 @@ def test_distilling_a_moe_delta_trains_every_scale_experts_included(recent_pairs
     after = DeltaReader(delta)
     assert any(".experts." in name for name in after.config.compressed)
     assert record["distilled_scales"] == len(after.config.compressed)
+    trained = {name: not torch.equal(after.binary_delta(name).scale, scales[name]) for name in after.config.compressed}
     for name in after.config.compressed:
-        assert not torch.equal(after.binary_delta(name).scale, scales[name]), name
         assert after.binary_delta(name).scale.shape == scales[name].shape
         assert torch.equal(after.binary_delta(name).signs, signs[name])
+    # every linear trains; an expert trains when a calibration token is routed to it (nearly all, with
+    # 8 x 32 tokens; per-expert checkpoint matrices each count, stacked ones train as one tensor)
+    assert all(changed for name, changed in trained.items() if ".experts" not in name)
+    experts = [changed for name, changed in trained.items() if ".experts" in name]
+    assert sum(experts) >= 0.75 * len(experts), f"{sum(experts)} of {len(experts)} expert scales trained"
     assert record["heldout_after"]["logit_mse"] < record["heldout_before"]["logit_mse"]
 
 

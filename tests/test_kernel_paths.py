@@ -279,7 +279,7 @@ def test_the_choice_needs_no_triton():
 def test_grouped_experts_kernel_in_the_triton_interpreter():
     """The grouped experts kernel on the CPU under TRITON_INTERPRET=1 against the reference: pairs of
     several experts and slots (base-only pairs, an expert no pair routes to, a segment longer than a
-    tile, a K tail), over an fp16 base and an int8 base read as stored (half an ulp, x3)."""
+    tile, a K tail), over an fp16 base and int8 and int4 bases read as stored (half an ulp, x3)."""
     code = """
 import torch
 from bitdelta.kernels import reference
@@ -298,14 +298,14 @@ keys = pair_experts * (slots + 1) + pair_slots + 1
 sizes = torch.bincount(keys, minlength=experts * (slots + 1)).int()
 starts = (torch.cumsum(sizes, 0) - sizes).int()
 order = torch.argsort(keys, stable=True).int()
-quantized = quantize(base.reshape(experts * n, k), "int8")
-for weights, dense in ((base.half(), base.half()), (quantized, quantized.dequantize().view(experts, n, k))):
+stored = [quantize(base.reshape(experts * n, k), recipe) for recipe in ("int8", "int4")]
+for weights, dense in [(base.half(), base.half())] + [(q, q.dequantize().view(experts, n, k)) for q in stored]:
     out = grouped_expert_matmul(x, weights, signs, scales, order, starts, sizes)
     ref = reference.expert_matmul(x.float(), dense.float(), signs, scales, pair_experts, pair_slots)
     print(((out.float() - ref).norm() / ref.norm()).item())
 """
     errors = run_in_triton_interpreter(code).split()
-    assert len(errors) == 2 and all(float(e) < 1e-3 for e in errors), errors
+    assert len(errors) == 3 and all(float(e) < 1e-3 for e in errors), errors
 
 
 def test_experts_loop_on_the_cpu_matches_the_reference():

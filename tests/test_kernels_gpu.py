@@ -417,7 +417,7 @@ def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkey
     assert len(calls) == before + 1
 
 
-@pytest.mark.parametrize("base", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("base", ["bf16", "int8", "fp8", "int4"])
 @pytest.mark.parametrize("pairs,experts", [(64, 16), (1200, 8)], ids=["decode pairs", "prompt pairs"])
 def test_grouped_experts_match_the_reference(base, pairs, experts):
     """expert_matmul in one launch over random (expert, slot) pairs, base-only pairs among them: each

@@ -188,11 +188,13 @@ PATH_BATCHES = [
 
 
 @needs_triton_interpreter
-def test_every_triton_path_reads_an_int8_base_as_stored_in_the_interpreter():
-    """Each Triton path over an int8 base in the CPU interpreter (GEMV, MERGED_TILES with K split,
-    DOT, MERGED_GEMM, DENSE: all but BITMMA, which is Gluon): tiles widened and scaled by their rows'
-    scales in registers, as the reference computes over the dequantized base (fp16 activations, a K
-    tail, bias: half an ulp, x3). Without the row scales the error would be ~100x the weights'."""
+@pytest.mark.parametrize("recipe", ["int8", "int4"])  # the interpreter has no fp8: GPU tests only
+def test_every_triton_path_reads_a_quantized_base_as_stored_in_the_interpreter(recipe):
+    """Each Triton path over an int8 or int4 base in the CPU interpreter (GEMV, MERGED_TILES with K
+    split, DOT, MERGED_GEMM, DENSE: all but BITMMA, which is Gluon): tiles dequantized in registers
+    (row scales; int4 nibbles and group scales), as the reference computes over the dequantized base
+    (fp16 activations, a K tail inside a group, bias: half an ulp, x3). A scale or nibble misread
+    would cost whole units of the weights."""
     code = """
 import torch
 from bitdelta.kernels import reference
@@ -200,7 +202,7 @@ from bitdelta.kernels.grouping import build_plan
 from bitdelta.kernels.paths import GemvTiles, KernelPath, MergedGemmTiles, MergedTiles, Tiles, run_path
 from bitdelta.quant import quantize
 n, k = 48, 1000
-weight = quantize(torch.randn(n, k) * 0.05, "int8")
+weight = quantize(torch.randn(n, k) * 0.05, "RECIPE")
 signs = torch.randint(-(2**31), 2**31 - 1, (3, n, (k + 31) // 32), dtype=torch.int32)
 signs[..., -1] &= (1 << (k % 32)) - 1
 scales, bias = torch.rand(3, n) * 0.02 + 0.002, torch.randn(n).half()
@@ -217,18 +219,18 @@ for path, tiles, ids in cases:
     ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, bias)
     print(((out.float() - ref).norm() / ref.norm()).item())
 """
-    errors = run_in_triton_interpreter(code).split()
+    errors = run_in_triton_interpreter(code.replace("RECIPE", recipe)).split()
     assert len(errors) == 5 and all(float(e) < 1e-3 for e in errors), errors
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recipe", ["int8", "fp8"])
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("batch", PATH_BATCHES, ids=[b[0] for b in PATH_BATCHES])
 def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
-    """bitdelta_matmul over an int8 or fp8 base on the GPU, a batch for each path, into NaN-filled
-    rows: each row equals the reference over the dequantized base (bf16: one rounding of each merged
-    weight and of the output, ~2^-8 relative; bound 1e-2)."""
+    """bitdelta_matmul over an int8, fp8 or int4 base on the GPU, a batch for each path: each row
+    equals the reference over the dequantized base (bf16: one rounding of each merged weight and of
+    the output, ~2^-8 relative; bound 1e-2)."""
     from bitdelta.kernels import bitdelta_matmul, gluon_available, reference
     from bitdelta.kernels.grouping import build_plan
     from bitdelta.kernels.paths import plan_choice

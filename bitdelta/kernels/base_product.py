@@ -1,30 +1,52 @@
-"""The base's share of a product, x @ W.T, for a plain or a quantized base weight.
+"""The base weight as the kernels read it (`stored`), and the base's share of a product, x @ W.T.
 
-A base quantized with one scale per output row (int8 or fp8, `bitdelta.quant`) is read as stored:
-each kernel path widens its tiles to the activations' dtype in registers (int8 and fp8 e4m3 values
-are exact in fp16/bf16) and applies the row scales in fp32, since (x @ Q.T) * s = x @ (Q * s).T
-when s scales output columns. A 4-bit base (scales per group along K) is dequantized for the call.
-The paths that add a delta to cuBLAS's fp32 base product (DOT, BITMMA) and the base-only path
-(DENSE) take it from `base_product`: cuBLAS for a plain base, `base_product_triton` for a stored one.
+A quantized base (`bitdelta.quant`) is read as stored by every kernel path and dequantized in
+registers (`base_tiles_triton.base_tile`): int8 and fp8 values times their row's scale, int4
+nibbles times their group's. The paths that add a delta to the base's fp32 product (DOT, BITMMA)
+and the base-only path (DENSE) take it from `base_product`: cuBLAS for a plain base, a Triton
+product over the stored tiles (`base_product_triton.py`) for a quantized one; with row scales that
+product scales its fp32 accumulator once, since (x @ Q.T) * s = x @ (Q * s).T when s scales output
+columns.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-READ_AS_STORED = ("int8", "fp8")  # recipes whose stored values every kernel path reads directly
+PLAIN, ROW_SCALED, GROUP_SCALED = 0, 1, 2  # base_tiles_triton's forms
+_FORMS = {"int8": ROW_SCALED, "fp8": ROW_SCALED, "int4": GROUP_SCALED}
+
+
+@dataclass(frozen=True)
+class StoredBase:
+    """A base weight as a kernel reads it: values [N, K] (int4: uint8 [N, K/2] padded to whole groups),
+    row-major; fp32 scales, [N] (ROW_SCALED) or [N, groups] (GROUP_SCALED), None for PLAIN."""
+
+    values: torch.Tensor
+    scale: torch.Tensor | None
+    form: int
+
+    @property
+    def scale_stride(self) -> int:
+        """The scales' row stride (0 where there are none)."""
+        if self.scale is None:
+            return 0
+        return 1 if self.scale.ndim == 1 else self.scale.stride(0)
 
 
 def reads_as_stored(base_weight) -> bool:
     """A quantized base weight (bitdelta.quant.QuantizedWeight) that the kernel paths read as stored."""
-    return not isinstance(base_weight, torch.Tensor) and base_weight.recipe in READ_AS_STORED
+    return not isinstance(base_weight, torch.Tensor) and base_weight.recipe in _FORMS
 
 
-def stored(base_weight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(values [N, K] row-major, fp32 row scales [N] or None for a plain base)."""
+def stored(base_weight) -> StoredBase:
     if isinstance(base_weight, torch.Tensor):
-        return (base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()), None
-    return base_weight.data.contiguous(), base_weight.scale.reshape(-1).contiguous()
+        return StoredBase(base_weight if base_weight.stride(-1) == 1 else base_weight.contiguous(), None, PLAIN)
+    form = _FORMS[base_weight.recipe]
+    scale = base_weight.scale.reshape(-1) if form == ROW_SCALED else base_weight.scale
+    return StoredBase(base_weight.data.contiguous(), scale.contiguous(), form)
 
 
 def base_product(x: torch.Tensor, base_weight, out_dtype: torch.dtype = torch.float32,
@@ -35,7 +57,6 @@ def base_product(x: torch.Tensor, base_weight, out_dtype: torch.dtype = torch.fl
             return torch.nn.functional.linear(x, base_weight, bias)
         y = torch.mm(x, base_weight.t(), out_dtype=out_dtype)  # cuBLAS
         return y if bias is None else y.add_(bias)
-    from bitdelta.kernels.base_product_triton import scaled_product
+    from bitdelta.kernels.base_product_triton import stored_product
 
-    values, row_scale = stored(base_weight)
-    return scaled_product(x, values, row_scale, bias, out_dtype)
+    return stored_product(x, stored(base_weight), bias, out_dtype)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import stored
+from bitdelta.kernels.base_tiles_triton import base_tile
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.signs_triton import merge_tile
 
@@ -17,15 +18,15 @@ from bitdelta.kernels.signs_triton import merge_tile
 def _experts_kernel(
     x_ptr, w_ptr, w_scale_ptr, signs_ptr, scales_ptr, y_ptr, order_ptr, starts_ptr, sizes_ptr,
     N, K, KW, SLOTS,
-    stride_xm, stride_we, stride_wn, stride_se, stride_ss, stride_sn, stride_ce, stride_cs, stride_ym,
-    W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_xm, stride_we, stride_wn, stride_w_scale, stride_se, stride_ss, stride_sn, stride_ce, stride_cs, stride_ym,
+    FORM: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     expert = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w_rows = w_ptr + expert.to(tl.int64) * stride_we + cols[:, None].to(tl.int64) * stride_wn
-    if W_SCALED:  # a quantized base read as stored: w = stored value * its row's scale
-        w_scale = tl.load(w_scale_ptr + expert * N + cols, mask=col_mask, other=0.0)[:, None]
+    cols64 = cols.to(tl.int64)
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
+    w_scale_expert = w_scale_ptr + expert.to(tl.int64) * N * stride_w_scale  # a quantized base's rows are E x N
     for segment in range(expert * (SLOTS + 1), (expert + 1) * (SLOTS + 1)):  # slot -1 (base only), then 0..S-1
         size = tl.load(sizes_ptr + segment)
         if size > 0:
@@ -47,9 +48,7 @@ def _experts_kernel(
                     # zero activations past K neutralise the padding bits (0 -> -1) of the last word
                     xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                                  mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    wk = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                    if W_SCALED:
-                        wk = wk.to(tl.float32) * w_scale
+                    wk = base_tile(w_expert, w_scale_expert, cols64, col_mask, ks, k_mask, stride_wn, stride_w_scale, FORM)
                     kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
                     words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :],
                                     other=0)
@@ -72,19 +71,19 @@ def grouped_expert_matmul(x: torch.Tensor, base_weights, signs: torch.Tensor, sc
     x = x.contiguous()
     count, slots, n, kw = signs.shape
     k = x.shape[1]
-    values, row_scale = stored(base_weights)  # [E, N, K], or a quantized base's [E * N, K] and [E * N]
-    values = values.reshape(count, n, k)
+    base = stored(base_weights)  # [E, N, K], or a quantized base's [E * N, K'] and its scales
+    values = base.values.reshape(count, n, -1)
     signs, scales = signs.contiguous(), scales.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return y
     rows, block_n, block_k, warps, stages = expert_tiles(x.shape[0], count)
     fast(_experts_kernel)[(count, triton.cdiv(n, block_n))](
-        x, values, row_scale if row_scale is not None else scales, signs, scales, y, order, starts, sizes,
+        x, values, base.scale if base.scale is not None else scales, signs, scales, y, order, starts, sizes,
         n, k, kw, slots,
-        x.stride(0), values.stride(0), values.stride(1), signs.stride(0), signs.stride(1), signs.stride(2),
+        x.stride(0), values.stride(0), values.stride(1), base.scale_stride, signs.stride(0), signs.stride(1), signs.stride(2),
         scales.stride(0), scales.stride(1), y.stride(0),
-        W_SCALED=row_scale is not None, EVEN_K=k % block_k == 0, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        FORM=base.form, EVEN_K=k % block_k == 0, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
     return y

@@ -27,4 +27,4 @@ def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor,
     from bitdelta.kernels.paths.segment_triton import segment_product
 
     ws = base_product(x, base_weight)  # fp32: one rounding
-    return segment_product(x, x, ws, bias, signs, scales, plan, tiles, y, merge=False)
+    return segment_product(x, None, ws, bias, signs, scales, plan, tiles, y, merge=False)

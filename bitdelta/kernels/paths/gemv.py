@@ -66,5 +66,4 @@ def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"the gemv takes the whole batch in one program: {x.shape[0]} rows > rows={tiles.rows}")
     from bitdelta.kernels.paths.gemv_triton import gemv
 
-    values, row_scale = stored(base_weight)
-    return gemv(x, values, signs, scales, plan, bias, tiles, y, weight_scale=row_scale)
+    return gemv(x, stored(base_weight), signs, scales, plan, bias, tiles, y)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitdelta.kernels.base_product import StoredBase
+from bitdelta.kernels.base_tiles_triton import base_tile
 from bitdelta.kernels.grouping import SlotPlan, row_slots
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.gemv import GemvTiles
@@ -44,8 +46,8 @@ def _gemv_row(acc, w, x_row, sg, sc, has, live, k0, koff, xmask, wmask, col_mask
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, order_ptr, rslot_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, SAME_SLOT: tl.constexpr, W_SCALED: tl.constexpr,
+    stride_xm, stride_wn, stride_w_scale, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, SAME_SLOT: tl.constexpr, FORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Decode of a few rows (the whole batch, M <= ROWS <= 4, in one program): base and delta in one
@@ -59,8 +61,8 @@ def _gemv_kernel(
     tiles only): a 4-D [rows, ...] tile made Triton spread the 8 weights over lanes (shuffles).
     Narrow column blocks give N/BLOCK_N programs, enough to keep every SM streaming.
 
-    W_SCALED: the base is a quantized one (int8 or fp8 e4m3, bitdelta.quant) with a scale per row,
-    read as stored (half the bytes of fp16) and dequantized in registers: w = stored * scale.
+    FORM: the base as stored (`base_tiles_triton`): a quantized one is read in its own bytes (1/2 or
+    ~1/4 of fp16) and dequantized in registers.
     """
     G: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,7 +72,7 @@ def _gemv_kernel(
     kk = tl.arange(0, BLOCK_K)
     # W and x are loaded as 2-D [.., BLOCK_K] tiles (K the fastest axis across lanes: each warp
     # reads 512 contiguous bytes of a row) and reshaped to [.., G, 8] in registers.
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    cols64 = cols.to(tl.int64)
     koff = (g * 8)[None, :, None] + e[None, None, :]  # [1, G, 8]
     word_off = (g // 4)[None, :]  # [1, G]: 4 groups of 8 weights share a word
     shift = ((g % 4) * 8)[None, :]
@@ -93,16 +95,12 @@ def _gemv_kernel(
                                                           col_mask)
         acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    if W_SCALED:
-        w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)[:, None, None]
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         kmask = ((k0 + kk) < K) | EVEN_K
         xmask = ((k0 + koff) < K) | EVEN_K
         wmask = (((k0 + g * 8) < K) | EVEN_K)[None, :]
-        w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        w = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, k0 + kk, kmask, stride_wn, stride_w_scale, FORM)
         w = tl.reshape(w, (BLOCK_N, G, 8)).to(tl.float32)
-        if W_SCALED:
-            w = w * w_scale
         if SAME_SLOT:
             words = tl.load(sg0 + word_off + k0 // 32, mask=has0 & col_mask[:, None] & wmask, other=0)
             bits = ((words >> shift)[:, :, None] & bitmask) != 0
@@ -134,19 +132,19 @@ def _gemv_kernel(
 
 
 
-def gemv(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
-         bias: torch.Tensor | None, tiles: GemvTiles, y: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`weight_scale` [N] fp32: `base_weight` is a quantized base's stored values (int8 or fp8)."""
+def gemv(x: torch.Tensor, base: StoredBase, signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan,
+         bias: torch.Tensor | None, tiles: GemvTiles, y: torch.Tensor) -> torch.Tensor:
+    """y = the gemv over `base`, the base weight as stored (`base_product.stored`)."""
     m, k = x.shape
-    n = base_weight.shape[0]
-    weight = base_weight if base_weight.stride(1) == 1 else base_weight.contiguous()  # benchmarks pass views
+    n = base.values.shape[0]
     fast(_gemv_kernel)[(triton.cdiv(n, tiles.block_n),)](
-        x, weight, weight_scale if weight_scale is not None else scales, bias if bias is not None else y, signs, scales, y,
-        plan.order, row_slots(plan),
+        x, base.values, base.scale if base.scale is not None else scales, bias if bias is not None else y, signs, scales,
+        y, plan.order, row_slots(plan),
         m, n, k,
-        x.stride(0), weight.stride(0), signs.stride(0), signs.stride(1), scales.stride(0), y.stride(0),
+        x.stride(0), base.values.stride(0), base.scale_stride, signs.stride(0), signs.stride(1), scales.stride(0),
+        y.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0, ROWS=tiles.rows,
-        SAME_SLOT=len(plan.host_slots) == 1, W_SCALED=weight_scale is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        SAME_SLOT=len(plan.host_slots) == 1, FORM=base.form, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
     )
     return y

@@ -101,9 +101,8 @@ def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor,
         bias: torch.Tensor | None, tiles: MergedTiles, y: torch.Tensor) -> torch.Tensor:
     from bitdelta.kernels.paths.segment_triton import segment_product
 
-    values, row_scale = stored(base_weight)
-    return segment_product(x, values, y, bias, signs, scales, plan, tiles, y, merge=True,
-                           transposed=tiles.transposed, split_k=tiles.split_k, weight_scale=row_scale)
+    return segment_product(x, stored(base_weight), y, bias, signs, scales, plan, tiles, y, merge=True,
+                           transposed=tiles.transposed, split_k=tiles.split_k)
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}

@@ -5,8 +5,8 @@ program walks K once (with SPLIT_K, one of that many ranges of K):
 
     MERGE:   acc += x_tile @ merged[cols].T, merged = dtype(W + scale * sign) built in registers
              (the very weights `bitdelta merge` writes: one tensor-core product instead of a base
-             and a sign product, for one extra rounding of each weight; W_SCALED: W is a quantized
-             base's stored values times their row scales, widened in registers); TRANSPOSED computes
+             and a sign product, for one extra rounding of each weight; W is read as stored, a
+             quantized base dequantized in registers: `base_tiles_triton.py`); TRANSPOSED computes
              acc^T = merged @ x_tile^T, so the merged tile is wgmma's A operand straight from
              registers (as the B operand Triton stages it through shared memory and waits on
              every product). With SPLIT_K, each program writes an fp32 partial and the last of a
@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitdelta.kernels.base_product import PLAIN, StoredBase
+from bitdelta.kernels.base_tiles_triton import base_tile
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.merged_tiles import split_counters
@@ -50,8 +52,8 @@ def _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS: tl.constexpr, BLOCK_N: tl.con
 def _segment_kernel(
     x_ptr, w_ptr, w_scale_ptr, ws_ptr, bias_ptr, signs_ptr, scales_ptr, y_ptr, tiles_ptr, order_ptr, partials_ptr,
     counters_ptr, N, K, KW,
-    stride_xm, stride_wn, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym, stride_ps,
-    HAS_BIAS: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr, W_SCALED: tl.constexpr,
+    stride_xm, stride_wn, stride_w_scale, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym, stride_ps,
+    HAS_BIAS: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr, FORM: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
@@ -66,8 +68,6 @@ def _segment_kernel(
     if MERGE:  # zero for a base-only tile: its merged weights are the base's, bit for bit
         merge_scale = tl.load(scales_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sc_s + cols,
                               mask=col_mask & has_delta, other=0.0)
-        if W_SCALED:  # a quantized base read as stored: w = stored value * its row's scale
-            w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)[:, None]
     k_first, k_end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_first, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -76,10 +76,7 @@ def _segment_kernel(
         xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if MERGE:
-            wk = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :],
-                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if W_SCALED:
-                wk = wk.to(tl.float32) * w_scale
+            wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, ks, k_mask, stride_wn, stride_w_scale, FORM)
         # No branch on slot >= 0 here: loads under a branch are not software-pipelined. A base-only
         # tile reads no bits (masked) and discards its delta product.
         kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -155,13 +152,13 @@ def _delta_scale(scales_ptr, slot, cols, col_mask, stride_sc_s):
     return tl.load(scales_ptr + slot.to(tl.int64) * stride_sc_s + cols, mask=col_mask, other=0.0)
 
 
-def segment_product(x: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+def segment_product(x: torch.Tensor, weight: StoredBase | None, ws: torch.Tensor, bias: torch.Tensor | None,
                     signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan, tiles: Tiles, y: torch.Tensor,
-                    merge: bool, transposed: bool = False, split_k: int = 1,
-                    weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = the segment kernel's result: merged (`weight`: the row-major base, or a quantized base's
-    stored values with `weight_scale` [N] fp32) or on the fp32 base product `ws`; the unused one of the
-    two may be any tensor. K is split only in the merged form."""
+                    merge: bool, transposed: bool = False, split_k: int = 1) -> torch.Tensor:
+    """y = the segment kernel's result: merged (`weight`: the base as stored, `base_product.stored`) or
+    on the fp32 base product `ws` (weight None; ws unused in the merged form: any tensor). K is split
+    only in the merged form."""
+    base = weight if merge else StoredBase(x, None, PLAIN)  # unread without merge
     m, k = x.shape
     n = y.shape[1]
     table = segment_tiles(plan, tiles.rows)
@@ -174,11 +171,11 @@ def segment_product(x: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor, bia
     else:
         partials = counters = y  # unused
     fast(_segment_kernel)[grid](
-        x, weight, weight_scale if weight_scale is not None else scales, ws, bias if bias is not None else y, signs, scales, y, table, plan.order, partials, counters,
+        x, base.values, base.scale if base.scale is not None else scales, ws, bias if bias is not None else y, signs, scales, y, table, plan.order, partials, counters,
         n, k, signs.shape[-1],
-        x.stride(0), weight.stride(0), ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
+        x.stride(0), base.values.stride(0), base.scale_stride, ws.stride(0), signs.stride(0), signs.stride(1), scales.stride(0),
         y.stride(0), m * n,
-        HAS_BIAS=bias is not None, MERGE=merge, EVEN_K=k % tiles.block_k == 0, W_SCALED=weight_scale is not None,
+        HAS_BIAS=bias is not None, MERGE=merge, EVEN_K=k % tiles.block_k == 0, FORM=base.form,
         ROWS=tiles.rows,
         TRANSPOSED=transposed, SPLIT_K=split_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -2,6 +2,7 @@
 
     python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64] [--busy 0]
                              [--prompt 128] [--generate 128] [--base-quant int8,fp8,int4] [--out benchmarks/results]
+    python -m benchmarks.e2e --shape llama2-70b --systems '' --base-quant int4 --tenants 1,8 --zipf 0 --profile-tenants 0
 
 A Llama-2-7B-shaped base in fp16 with random weights, built on the GPU (speed does not depend on
 the values), and N fine-tunes; a batch of B = N requests, one per fine-tune, each a 128-token
@@ -35,7 +36,10 @@ latency per token (median and p99 of the per-step time of decode steps), decode 
 run times fewer decode steps than 128 when a step takes long (`steps` in the table); its per-step
 cost is constant across the generation. A torch.profiler trace of bitdelta's decode
 at N = 32 says where the step's time goes. Writes e2e.json, e2e.md, e2e.png and e2e_profile.txt
-to --out (default benchmarks/results); `--report-only` rewrites e2e.md and e2e.png from e2e.json.
+to --out (default benchmarks/results); `--report-only` rewrites e2e.md and e2e.png from e2e.json. Another
+--shape writes e2e_<shape>.*; `llama2-70b` (138 GB in fp16) is built with one layer's fp16 weights
+shared by all 80 layers and measures only the runs over a quantized base, which the engine holds
+per layer (a 70B base on one GPU beside its deltas).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.e2e_models import SHAPES, GiB, Setup, llama_config, model_bytes, random_weights, zipf_tenants
+from benchmarks.e2e_models import SHAPES, SHARED_LAYERS, GiB, Setup, llama_config, model_bytes, random_weights, zipf_tenants
 from benchmarks.e2e_systems import profile_decode, reset_peak, run_base, run_bitdelta, run_lora, run_naive
 from bitdelta.quant import RECIPES
 
@@ -65,8 +69,14 @@ def systems_of(row: dict) -> list[str]:
     return [k for k in ("naive", *loras, "bitdelta-eager", "base-eager", "bitdelta", "base", *quantized) if k in row]
 
 
+def stem(shape: str) -> str:
+    """The result files' name: e2e.* for the Llama-2-7B shape, e2e_<shape>.* for another."""
+    return "e2e" if shape == "llama2-7b" else f"e2e_{shape}"
+
+
 def markdown(result: dict) -> str:
     setup = result["setup"]
+    name = stem(setup["shape"])
     lines = [
         f"# End-to-end multi-tenant decoding ({setup['shape']}, {setup['dtype']}, {result['device']})",
         "",
@@ -108,8 +118,8 @@ def markdown(result: dict) -> str:
         lines += ["", "Measured in separate calls, the systems of one call side by side: "
                   + "; ".join(f"{call} on {device}: N = {'; '.join(rows)}" for (call, device), rows in sorted(measured.items())) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
-    lines += ["", "![memory and decode latency against N](e2e.png)", "",
-              "Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): e2e_profile.txt; read in README.md."]
+    lines += ["", f"![memory and decode latency against N]({name}.png)", "",
+              f"Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): {name}_profile.txt; read in README.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +164,8 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["label"].isdigit()]  # N fine-tunes, one request each
     figure, (memory, latency) = plt.subplots(1, 2, figsize=(11, 4))
     loras = sorted({k for r in rows for k in r if k.startswith("lora-r")}, key=lambda k: int(k.removeprefix("lora-r")))
-    for system, style in (("naive", "o-"), *((lora, "^-") for lora in loras), ("bitdelta", "s-"), ("base", "k--")):
+    quantized = [(f"{system}-{recipe}", style) for recipe in RECIPES for system, style in (("bitdelta", "s:"), ("base", "k:"))]
+    for system, style in (("naive", "o-"), *((lora, "^-") for lora in loras), ("bitdelta", "s-"), ("base", "k--"), *quantized):
         points = [(r["n"], r[system]) for r in rows if system in r and "error" not in r[system]]
         if not points:
             continue
@@ -176,8 +187,9 @@ def plot(result: dict, path: Path) -> None:
 def write(result: dict, folder: Path) -> None:
     result["goals"] = goals(result)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "e2e.md").write_text(markdown(result))
+    name = stem(result["setup"]["shape"])
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(markdown(result))
 
 
 def main() -> None:
@@ -202,18 +214,22 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite e2e.md and e2e.png from --out's e2e.json, measuring nothing")
     parser.add_argument("--append", action="store_true", help="keep the rows of --out's e2e.json that this run does not measure (a run split over calls)")
     args = parser.parse_args()
+    name = stem(args.shape)
     if args.report_only:
-        result = json.loads((args.out / "e2e.json").read_text())
+        result = json.loads((args.out / f"{name}.json").read_text())
         write(result, args.out)
-        plot(result, args.out / "e2e.png")
+        plot(result, args.out / f"{name}.png")
         return
+    systems = set(filter(None, args.systems.split(",")))
+    if args.shape in SHARED_LAYERS and systems:
+        parser.error(f"--shape {args.shape} shares one layer's fp16 weights across its layers (they would not fit): "
+                     "only --base-quant runs measure it; pass --systems '' --base-quant int8,fp8,int4")
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     device = torch.device(args.device)
     setup = Setup(args.shape, args.prompt, args.generate, device, torch.float16 if device.type == "cuda" else torch.float32)
     config = llama_config(args.shape)
-    weights = random_weights(config, device, setup.dtype)
-    systems = set(args.systems.split(","))
+    weights = random_weights(config, device, setup.dtype, shared_layers=args.shape in SHARED_LAYERS)
     result = {
         "command": f"{REPRODUCE} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "device")),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -222,7 +238,8 @@ def main() -> None:
         "model_gib": model_bytes(weights) / GiB,
         "rows": [],
     }
-    earlier = json.loads((args.out / "e2e.json").read_text()) if args.append and (args.out / "e2e.json").is_file() else None
+    earlier_file = args.out / f"{name}.json"
+    earlier = json.loads(earlier_file.read_text()) if args.append and earlier_file.is_file() else None
     cases = [(str(n), n, list(range(n))) for n in map(int, args.tenants.split(","))]
     if args.zipf:
         cases.append(("zipf", args.zipf, zipf_tenants(args.zipf, args.zipf)))
@@ -267,10 +284,10 @@ def main() -> None:
         reset_peak(device)
         write(result, args.out)  # after every row: a run cut short keeps what it measured
     print(markdown(result))
-    plot(result, args.out / "e2e.png")
+    plot(result, args.out / f"{name}.png")
     if args.profile_tenants and "bitdelta" in systems:
         report = [profile_decode(setup, config, weights, args.profile_tenants, graphs) for graphs in (False, True)]
-        (args.out / "e2e_profile.txt").write_text("\n\n".join(report))
+        (args.out / f"{name}_profile.txt").write_text("\n\n".join(report))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ random weights built on the device, random 1-bit deltas, prompts, Zipf-distribut
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,16 @@ import torch
 from bitdelta.engine import Engine
 from bitdelta.engine.model import SlotWeights
 
-SHAPES = {  # hidden, intermediate, layers, heads, vocab
-    "llama2-7b": (4096, 11008, 32, 32, 32000),
-    "tiny": (256, 688, 2, 4, 1024),
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama2-70b": (8192, 28672, 80, 64, 8, 32000),
+    "tiny": (256, 688, 2, 4, 4, 1024),
+    "tiny-shared": (256, 688, 2, 4, 2, 1024),
 }
+# Shapes whose fp16 weights do not fit a GPU: every decoder layer's weights are views of the first
+# layer's, so the benchmark can build them; only runs over a quantized base (which the engine holds
+# per layer, a copy each) measure anything real on them.
+SHARED_LAYERS = {"llama2-70b", "tiny-shared"}
 DISTINCT_DELTAS = 8
 GiB = 2**30
 
@@ -38,15 +45,16 @@ class Setup:
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    hidden, intermediate, layers, heads, vocab = SHAPES[shape]
+    hidden, intermediate, layers, heads, kv_heads, vocab = SHAPES[shape]
     return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
+                       num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def random_weights(config, device: torch.device, dtype: torch.dtype, shared_layers: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter of the model: N(0, 0.02) matrices, unit norms. The linears the engine stacks
     (q/k/v, gate/up: `STACKED`) are consecutive row blocks of one tensor, so it stacks them without a
-    copy (the benchmark keeps these weights for every system it runs)."""
+    copy (the benchmark keeps these weights for every system it runs). `shared_layers`: every
+    decoder layer's tensors are the first layer's (`SHARED_LAYERS`)."""
     from transformers import LlamaForCausalLM
 
     from bitdelta.engine.linears import STACKED
@@ -55,7 +63,7 @@ def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str
         shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
     generator = torch.Generator(device).manual_seed(0)
     weights = {}
-    for layer in range(config.num_hidden_layers):
+    for layer in range(1 if shared_layers else config.num_hidden_layers):
         for block, parts in STACKED:
             names = [f"model.layers.{layer}.{block}.{part}.weight" for part in parts]
             rows = [shapes[name][0] for name in names]
@@ -64,7 +72,10 @@ def random_weights(config, device: torch.device, dtype: torch.dtype) -> dict[str
     for name, shape in shapes.items():
         if name in weights:
             continue
-        if len(shape) == 1:
+        first_layer = re.sub(r"^model\.layers\.\d+\.", "model.layers.0.", name)
+        if shared_layers and first_layer in weights:
+            weights[name] = weights[first_layer]
+        elif len(shape) == 1:
             weights[name] = torch.ones(shape, dtype=dtype, device=device)
         else:
             weights[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
@@ -113,7 +124,7 @@ def serve_random_deltas(engine: Engine, tenants: list[int]) -> None:
 
 
 def prompts(setup: Setup, count: int) -> list[list[int]]:
-    vocab = SHAPES[setup.shape][4]
+    vocab = SHAPES[setup.shape][-1]
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, vocab, (count, setup.prompt), generator=generator).tolist()
 

@@ -80,7 +80,8 @@ def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: 
 def without_own_copy(result: dict, engine: Engine, weights: dict[str, torch.Tensor]) -> dict:
     """A quantized-base run's memory less the fp16 linears the benchmark itself keeps for the other
     systems (the engine holds them quantized and no longer reads them)."""
-    kept = sum(weights[name].nbytes for name in engine.model.linears) / GiB
+    storages = {weights[name].untyped_storage().data_ptr(): weights[name].untyped_storage().nbytes() for name in engine.model.linears}
+    kept = sum(storages.values()) / GiB  # views of one tensor (stacked parts, shared layers) counted once
     if not result["memory_gib"]:  # not measured (on a CPU)
         return result
     return result | {"memory_gib": result["memory_gib"] - kept, "memory_note": f"peak less the benchmark's fp16 linears ({kept:.1f} GiB)"}

@@ -154,3 +154,23 @@ def test_batched_lora_in_bf16_replays_in_a_cuda_graph(slot_ids):
     graph.replay()
     want = per_row(*(t.float() for t in (fresh, weight, a, b)), slot_ids)
     assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_a_shape_too_large_for_fp16_shares_one_layers_weights_and_its_quantized_run_counts_them_once():
+    """benchmarks/e2e.py's 70B path on a tiny shape: every layer's fp16 tensors are the first layer's,
+    the engine over an int8 base holds a quantized copy per layer, and the run's memory figure leaves
+    out the shared fp16 storage once (not once per layer)."""
+    from benchmarks import e2e_models, e2e_systems
+
+    config = e2e_models.llama_config("tiny-shared")
+    setup = e2e_models.Setup("tiny-shared", prompt=8, generate=2, device=torch.device("cpu"), dtype=torch.float32)
+    weights = e2e_models.random_weights(config, setup.device, setup.dtype, shared_layers=True)
+    for name in [n for n in weights if n.startswith("model.layers.1.")]:
+        assert weights[name].data_ptr() == weights[name.replace("layers.1.", "layers.0.")].data_ptr(), name
+    engine = e2e_systems.build_engine(setup, config, weights, slots=1, batch=1, graphs=False, base_quant="int8")
+    stacks = [stack.weight.data for stack in engine.model.gate_up]
+    assert stacks[0].data_ptr() != stacks[1].data_ptr() and torch.equal(stacks[0], stacks[1])  # a copy per layer
+    result = e2e_systems.without_own_copy({"memory_gib": 1.0}, engine, weights)
+    shared = sum(weights[f"model.layers.0.{part}.weight"].nbytes for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert result["memory_gib"] == pytest.approx(1.0 - shared / e2e_models.GiB)

@@ -46,6 +46,10 @@ class QueueFullError(BitDeltaError):
     """The waiting queue is at --max-queue (HTTP 429)."""
 
 
+class EngineFailedError(BitDeltaError):
+    """The engine can serve nothing more (a tensor-parallel rank exited): HTTP 503 until it is restarted."""
+
+
 class OutputWriteError(BitDeltaError):
     """The output could not be written: the disk is full, a folder is not writable, a file is in the way."""
 

@@ -77,6 +77,36 @@ def test_moe_experts_split_like_an_mlp_and_each_row_gets_its_finetunes_own(tmp_p
             engine.stop()
 
 
+def test_a_rank_that_exits_fails_the_engine_in_one_line_and_it_refuses_what_comes_after(llama_pair):
+    """A follower killed while serving: the next step fails its requests with an error naming the
+    rank, without running each alone; later requests are refused with the same error; the serving
+    thread ends (so /health answers 503); stop() ends the group without waiting on the dead rank."""
+    from bitdelta.engine import EngineFailedError
+
+    engine = Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", max_batch=2, tensor_parallel=2))
+    try:
+        base = engine.store.names()[0]
+        prompt = engine.store.get(base).tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_tokens=3, temperature=0)
+        assert engine.generate([(base, prompt, params)])[0][-1].finish_reason == "length"
+        engine.start()
+        follower = engine._ranks[0]
+        follower.kill()
+        follower.join()
+        finished = []
+        engine.submit(base, prompt, params, finished.append)
+        engine.submit(base, prompt, params, finished.append)
+        engine._thread.join(timeout=60)
+        assert not engine.running
+        assert [out.finish_reason for out in finished] == ["error", "error"]
+        assert all(f"tensor-parallel rank 1 exited (exit code {follower.exitcode})" in out.error for out in finished)
+        with pytest.raises(EngineFailedError, match="rank 1 exited .* restart the server"):
+            engine.submit(base, prompt, params, finished.append)
+    finally:
+        engine.stop()
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def split_engine(llama_pair, deltas):
     engine = Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", max_batch=6, tensor_parallel=2))

@@ -8,11 +8,11 @@
 on first use, so importing the package for `EngineConfig` (the serve command's defaults) is free.
 """
 
-from bitdelta.errors import InvalidRequestError, QueueFullError, UnknownModelError
+from bitdelta.errors import EngineFailedError, InvalidRequestError, QueueFullError, UnknownModelError
 
 from .config import EngineConfig
 
-__all__ = ["Engine", "EngineConfig", "EngineObserver", "InvalidRequestError", "Output", "QueueFullError", "SamplingParams", "UnknownModelError"]
+__all__ = ["Engine", "EngineConfig", "EngineFailedError", "EngineObserver", "InvalidRequestError", "Output", "QueueFullError", "SamplingParams", "UnknownModelError"]
 _LAZY = {"Engine": ".engine", "EngineObserver": ".engine", "Output": ".engine", "SamplingParams": ".sampling"}
 
 

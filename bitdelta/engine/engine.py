@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bitdelta.device import DTYPES, resolve_device
-from bitdelta.errors import BitDeltaError, InvalidRequestError, QueueFullError
+from bitdelta.errors import BitDeltaError, EngineFailedError, InvalidRequestError, QueueFullError
 from bitdelta.quant import quantized_fingerprint
 
 from .config import EngineConfig
@@ -152,8 +152,9 @@ class Engine:
         self.graphs = (DecodeGraphs(self.model, self.kv, config.max_batch)
                        if config.cuda_graphs and self.model.device.type == "cuda" and self.model.graphable and tp is None else None)
         if tp is not None and tp.rank == 0:
-            self.model = Leader(self.model)  # every step and install broadcast to the other ranks first
+            self.model = Leader(self.model, self._ranks)  # every step and install broadcast to the other ranks first
         self._wakeup = threading.Condition()
+        self.failure: EngineFailedError | None = None  # set once the engine can serve nothing more
         self.store = DeltaStore(self.model, base_name, base_dir, fingerprint, config.max_cpu_deltas, self._notify, base_quant)
         self._inbox: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
@@ -167,6 +168,8 @@ class Engine:
     # ---- any thread ---------------------------------------------------------------------------
     def submit(self, model: str, prompt: list[int], params: SamplingParams, emit: Callable[[Output], None]) -> int:
         """Queue a request; `emit` is called (from the engine thread) with each Output. Returns its id."""
+        if self.failure is not None:
+            raise self.failure
         entry = self.store.get(model)
         self._check(prompt, params, entry)
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
@@ -220,7 +223,7 @@ class Engine:
         if isinstance(self.model, Leader):
             self.model.stop()
             if self._ranks:
-                stop_ranks(self._ranks)
+                (abort_ranks if self.model.failed else stop_ranks)(self._ranks)
         self.store.close()
 
     def follow(self) -> None:
@@ -244,6 +247,19 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 for sequence in self._running + self._waiting:
                     self._finish(sequence, "error", error="internal error in the engine step")
+            if self.failure is not None:  # nothing can be served any more: the thread ends (`running` is False)
+                return
+
+    def _fail(self, error: EngineFailedError) -> None:
+        """Fail every request, now and later, with `error`; the engine thread then ends (`running` is
+        False, so /health answers 503 and a supervisor restarts the server)."""
+        log.error("%s", error)
+        with self._wakeup:
+            self.failure = error
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        for sequence in self._running + self._waiting:
+            self._finish(sequence, "error", error=str(error))
 
     def _runnable(self) -> bool:
         """Whether a step can make progress (otherwise the loop sleeps until notified)."""
@@ -319,6 +335,9 @@ class Engine:
         try:
             batch = self._build_batch(chunks)
             logits = self.model.forward(batch, self.kv) if self.graphs is None else self.graphs.forward(batch)
+        except EngineFailedError as error:  # not one request's failure: every request's
+            self._fail(error)
+            return
         except Exception:
             if len(chunks) > 1:
                 log.warning("a step of %d sequences failed; running each alone to find the cause", len(chunks), exc_info=True)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bitdelta.errors import IncompatibleModelsError
+from bitdelta.errors import EngineFailedError, IncompatibleModelsError
 from bitdelta.pack import BITS_PER_WORD
 
 # by the matrix's name in the checkpoint (an expert's too: Mixtral calls gate, down and up w1, w2 and w3)
@@ -143,29 +143,48 @@ class AllReduced(nn.Module):
 
 class Leader:
     """Rank 0's model: every step is broadcast to the other ranks before it runs, with the deltas
-    installed since the last step (their folder where they came from one)."""
+    installed since the last step (their folder where they came from one). A step that finds
+    another rank's process gone, or fails while one is, raises EngineFailedError: the other ranks'
+    shares cannot be rebuilt here, so the engine stops serving rather than failing every request."""
 
     active: Leader | None = None  # the process group serves one engine: a second would talk to the first one's ranks
 
-    def __init__(self, model):
+    def __init__(self, model, ranks: list):
         if Leader.active is not None:
             raise IncompatibleModelsError("a tensor-parallel engine is already running in this process; stop it before starting another")
         Leader.active = self
-        self.model = model
+        self.model, self.ranks = model, ranks  # ranks: the processes of ranks 1..N-1 where this engine started them
         self._installs: list[tuple[int, object]] = []
+        self.failed = False
 
     def install(self, slot: int, weights) -> None:
         self.model.install(slot, weights)
         self._installs.append((slot, weights.source or weights))
 
     def forward(self, batch, kv) -> torch.Tensor:
+        self._check_ranks()
         message = [(self._installs, batch)]
         self._installs = []
-        dist.broadcast_object_list(message, src=0)
-        return self.model.forward(batch, kv)
+        try:
+            dist.broadcast_object_list(message, src=0)
+            return self.model.forward(batch, kv)
+        except Exception:
+            for process in self.ranks:  # a peer that died mid-step: say so rather than show the collective's error
+                process.join(timeout=1)
+            self._check_ranks()
+            raise
+
+    def _check_ranks(self) -> None:
+        lost = [(rank, process.exitcode) for rank, process in enumerate(self.ranks, start=1) if not process.is_alive()]
+        if lost:
+            self.failed = True
+            rank, code = lost[0]
+            raise EngineFailedError(f"tensor-parallel rank {rank} exited (exit code {code}); this engine cannot go on without "
+                                    "its share of the model: restart the server")
 
     def stop(self) -> None:
-        dist.broadcast_object_list([None], src=0)
+        if not self.failed:
+            dist.broadcast_object_list([None], src=0)
         Leader.active = None
 
     def __getattr__(self, attribute: str):

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from bitdelta.engine import InvalidRequestError, Output, QueueFullError, SamplingParams, UnknownModelError
+from bitdelta.engine import EngineFailedError, InvalidRequestError, Output, QueueFullError, SamplingParams, UnknownModelError
 from bitdelta.engine.store import redacted
 from bitdelta.errors import BitDeltaError
 
@@ -39,7 +39,7 @@ log = logging.getLogger("bitdelta.server")
 POLL_SECONDS = 0.2
 # BitDeltaError subclasses a request can cause, as HTTP statuses; any other one is the server's (500)
 STATUS = {UnknownModelError: (404, "model_not_found"), InvalidRequestError: (400, None), QueueFullError: (429, "queue_full"),
-          Unavailable: (503, "unavailable")}
+          Unavailable: (503, "unavailable"), EngineFailedError: (503, "unavailable")}
 
 
 def create_app(backend: Backend, metrics: Metrics, settings: ServerSettings = ServerSettings()) -> FastAPI:

@@ -77,6 +77,39 @@ def test_moe_experts_split_like_an_mlp_and_each_row_gets_its_finetunes_own(tmp_p
             engine.stop()
 
 
+def test_phi3_fused_linears_split_by_their_parts_and_each_row_gets_its_finetunes_own(tmp_path_factory, tmp_path):
+    """Phi-3's fused q/k/v and gate/up on two ranks: each rank holds its rows of every part (its q, k
+    and v heads; its gate and up columns), their sign rows and scales cut alike; the fine-tune and the
+    base in one batch, each as alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitdelta import tiny
+
+    base, finetuned = tiny.make_pair(tmp_path_factory.mktemp("phi3"), tiny.TinySpec(family="phi3"))
+    delta = bitdelta.compress(base, finetuned, tmp_path / "phi3", scale="row", progress=False)
+    config = AutoConfig.from_pretrained(base)
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2))
+    try:
+        engine.store.register("ft", delta, load_now=True)
+        qkv = engine.model.linears["model.layers.0.self_attn.qkv_proj.weight"]
+        head_dim = config.hidden_size // config.num_attention_heads
+        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        assert [(part.start, part.stop) for part in qkv.shard.parts] == [(0, q // 2), (q, q + kv // 2), (q + kv, q + kv + kv // 2)]
+        assert qkv.weight.shape[0] == (q + 2 * kv) // 2
+        prompt = engine.store.get("ft").tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+        names = ["ft", engine.store.names()[0]]
+        outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
+        models = [bitdelta.load(base, delta, dtype="float32"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
+        answers = []
+        for model, events in zip(models, outputs):
+            alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+            answers.append([token for event in events for token in event.token_ids])
+            assert answers[-1] == alone
+        assert answers[0] != answers[1]  # the fine-tune answers otherwise than the base: the test is not vacuous
+    finally:
+        engine.stop()
+
+
 def test_a_rank_that_exits_fails_the_engine_in_one_line_and_it_refuses_what_comes_after(llama_pair):
     """A follower killed while serving: the next step fails its requests with an error naming the
     rank, without running each alone; later requests are refused with the same error; the serving

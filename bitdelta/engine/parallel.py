@@ -2,7 +2,7 @@
 `torch.distributed` (NCCL on GPUs, gloo on the CPU).
 
 Each rank holds a share of every block linear: q/k/v and gate/up split by output rows (their sign
-rows, per-row scales and biases with them), o and down split by input columns (packed sign words
+rows, per-row scales and biases with them; a fused q/k/v or gate/up, Phi-3's, by each part's rows), o and down split by input columns (packed sign words
 split on 32-column boundaries, scales replicated), with one all-reduce after each row-parallel
 product. Attention heads and the KV cache split with q/k/v; an MoE layer's experts split like an
 MLP (gate/up rows, down columns of every expert, the router whole, one all-reduce after the block). Embeddings, norms, lm_head and the
@@ -30,10 +30,10 @@ from bitdelta.pack import BITS_PER_WORD
 
 # by the matrix's name in the checkpoint (an expert's too: Mixtral calls gate, down and up w1, w2 and w3)
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # split by output rows
+FUSED_COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")  # Phi-3's stacks: each part split by its output rows
 ROW_PARALLEL = ("o_proj", "down_proj", "w2")  # split by input columns, all-reduced
 # families whose layers need more than the split above
-UNSPLIT = {"olmo2": "normalises whole query/key projections, which would need the ranks' shares together",
-           "phi3": "computes q/k/v and gate/up as fused linears, which split by their parts"}
+UNSPLIT = {"olmo2": "normalises whole query/key projections, which would need the ranks' shares together"}
 
 
 @dataclass(frozen=True)
@@ -55,22 +55,28 @@ class TensorParallel:
 
 @dataclass(frozen=True)
 class Shard:
-    """A linear's share on one rank: output rows (`dim` 0) or input columns (`dim` 1) `part` of a
-    matrix of `full_shape`. Full-size delta tensors are cut to it on install."""
+    """A linear's share on one rank: output rows (`dim` 0) or input columns (`dim` 1) of a matrix of
+    `full_shape`. Rows may be several ranges, one in each part of a fused linear (Phi-3's q/k/v),
+    held in that order; columns are one range. Full-size delta tensors are cut to it on install."""
 
     dim: int
-    part: slice
+    parts: tuple[slice, ...]
     full_shape: tuple[int, int]
 
     def signs(self, words: torch.Tensor) -> torch.Tensor:
         """[..., N, Kw] packed signs of the full matrix -> this rank's."""
         if self.dim == 0:
-            return words[..., self.part, :]
-        return words[..., self.part.start // BITS_PER_WORD : self.part.stop // BITS_PER_WORD]
+            return self._rows_of(words, -2)
+        [part] = self.parts
+        return words[..., part.start // BITS_PER_WORD : part.stop // BITS_PER_WORD]
 
     def rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """A per-output-row tensor [..., N] (scales, a bias) of the full matrix -> this rank's."""
-        return tensor[..., self.part] if self.dim == 0 else tensor
+        return self._rows_of(tensor, -1) if self.dim == 0 else tensor
+
+    def _rows_of(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        pieces = [tensor.narrow(dim, part.start, part.stop - part.start) for part in self.parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
@@ -90,14 +96,18 @@ def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
     for width in ("intermediate_size", "moe_intermediate_size"):  # an MoE layer's experts split like an MLP
         if getattr(config, width, None):
             setattr(share, width, getattr(config, width) // tp.world)
+    fused = _fused_widths(config, share.head_dim)
     cuts, state = {}, {}
     for name, meta in checkpoint.tensors.items():
-        cut = _cut(name, tuple(meta.shape), tp)
+        cut = _cut(name, tuple(meta.shape), tp, fused)
         if cut is None:
             state[name] = checkpoint.mapped(name).to(dtype)
+        elif cut.dim == 0:
+            cuts[name] = cut
+            state[name] = torch.cat([checkpoint.part(name, part) for part in cut.parts]).to(dtype)
         else:
             cuts[name] = cut
-            state[name] = checkpoint.part(name, *((cut.part,) if cut.dim == 0 else (slice(None), cut.part))).to(dtype)
+            state[name] = checkpoint.part(name, slice(None), cut.parts[0]).to(dtype)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=share, state_dict=state, dtype=dtype)
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     for name, cut in cuts.items():  # experts' matrices sit in fused tensors: ExpertLayer keeps their cuts (expert_cuts)
@@ -106,25 +116,35 @@ def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _cut(name: str, shape: tuple[int, ...], tp: TensorParallel) -> Shard | None:
+def _fused_widths(config, head_dim: int) -> dict[str, tuple[int, ...]]:
+    """The output rows of each part of a fused linear (Phi-3's q/k/v and gate/up), by its role."""
+    kv = config.num_key_value_heads * head_dim
+    return {"qkv_proj": (config.num_attention_heads * head_dim, kv, kv),
+            "gate_up_proj": (getattr(config, "intermediate_size", 0),) * 2}
+
+
+def _cut(name: str, shape: tuple[int, ...], tp: TensorParallel, fused: dict[str, tuple[int, ...]]) -> Shard | None:
     """How a checkpoint tensor splits over the ranks: a block linear's weight (or a column-parallel
     one's bias) by its role; None for what every rank holds whole."""
     parts = name.split(".")
     if len(parts) < 3 or parts[-1] not in ("weight", "bias") or ".layers." not in name:
         return None
     role, kind = parts[-2], parts[-1]
-    if role in COLUMN_PARALLEL:
-        n = shape[0]
-        if n % tp.world:
-            raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} has {n} output rows, not a multiple of {tp.world}")
-        return Shard(0, tp.part(n), shape)
+    if role in COLUMN_PARALLEL or role in FUSED_COLUMN_PARALLEL:
+        widths = fused[role] if role in FUSED_COLUMN_PARALLEL else (shape[0],)
+        if sum(widths) != shape[0] or any(width % tp.world for width in widths):
+            raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} has {shape[0]} output rows, which do not split "
+                                          f"into {tp.world} equal shares{' of each part' if len(widths) > 1 else ''}")
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        return Shard(0, tuple(slice(start + tp.part(width).start, start + tp.part(width).stop)
+                              for start, width in zip(starts, widths)), shape)
     if role in ROW_PARALLEL:
         if kind == "bias":
             raise IncompatibleModelsError(f"--tensor-parallel: {name} is a bias of a row-parallel linear, which is not supported yet")
         k = shape[1]
         if k % (tp.world * BITS_PER_WORD):
             raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} reads {k} inputs; each rank's share must be a multiple of 32")
-        return Shard(1, tp.part(k), shape)
+        return Shard(1, (tp.part(k),), shape)
     return None
 
 
@@ -210,8 +230,8 @@ def expert_cuts(shapes: dict[str, tuple[int, int, int]], tp: TensorParallel) -> 
     from one expert's full matrices: gate/up by rows of the intermediate width, down by its columns."""
     _, rows, hidden = shapes["gate_up_proj"]
     intermediate = rows // 2 * tp.world  # load_share refused a width whose share is not a multiple of 32
-    return {"gate_up_proj": Shard(0, tp.part(intermediate), (intermediate, hidden)),
-            "down_proj": Shard(1, tp.part(intermediate), (hidden, intermediate))}
+    return {"gate_up_proj": Shard(0, (tp.part(intermediate),), (intermediate, hidden)),
+            "down_proj": Shard(1, (tp.part(intermediate),), (hidden, intermediate))}
 
 
 def check_split(model_config: dict, world: int) -> None:

@@ -309,7 +309,7 @@ for weights, dense in [(base.half(), base.half())] + [(q, q.dequantize().view(ex
 
 
 def test_experts_loop_on_the_cpu_matches_the_reference():
-    """The per-expert loop (the CPU's and a 4-bit base's path) gives each pair its own expert and slot."""
+    """The per-expert loop (the CPU's path) gives each pair its own expert and slot."""
     from bitdelta.kernels.experts import expert_matmul
 
     experts, slots, n, k = 5, 2, 24, 70
@@ -323,3 +323,46 @@ def test_experts_loop_on_the_cpu_matches_the_reference():
         e, s = pair_experts[p].item(), pair_slots[p].item()
         weight = base[e] if s < 0 else reference.merged_weight(base[e], signs[e], scales[e], s)
         assert torch.allclose(out[p], weight @ x[p], atol=1e-5, rtol=1e-5)
+
+
+# the pointer arguments' element types by name (the rest of each signature: i32 scalars, constexprs)
+_POINTER_TYPES = {"signs_ptr": "*i32", "order_ptr": "*i32", "rslot_ptr": "*i32", "tiles_ptr": "*i32", "counters_ptr": "*i32",
+                  "starts_ptr": "*i32", "sizes_ptr": "*i32", "x_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+
+
+@pytest.mark.parametrize("form,stored", [(0, "*bf16"), (1, "*i8"), (1, "*fp8e4nv"), (2, "*u8")],
+                         ids=["bf16 base", "int8 base", "fp8 base", "int4 base"])
+def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
+    """Each kernel that reads base tiles (GEMV, segment, merge, experts, stored product), compiled for
+    sm_90 on the CPU in each base form: the interpreter runs code the compiler rejects (a branch's
+    return type where another returns early, say), so the interpreter tests alone would not catch it."""
+    triton = pytest.importorskip("triton")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bitdelta.kernels import base_product_triton, experts_triton
+    from bitdelta.kernels.paths import gemv_triton, merged_gemm_triton, segment_triton
+
+    kernels = [
+        (gemv_triton._gemv_kernel, dict(HAS_BIAS=True, EVEN_K=False, ROWS=4, SAME_SLOT=False, BLOCK_N=8, BLOCK_K=512, NUM_STAGES=2)),
+        (segment_triton._segment_kernel, dict(HAS_BIAS=True, MERGE=True, EVEN_K=False, ROWS=16, BLOCK_N=64, BLOCK_K=64,
+                                              TRANSPOSED=True, SPLIT_K=2)),
+        (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256)),
+        (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128)),
+        (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)),
+    ]
+    for kernel, constants in kernels:
+        constants = dict(constants, FORM=form)
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name == "w_ptr":
+                signature[name] = stored
+            elif name.endswith("_ptr"):
+                signature[name] = _POINTER_TYPES.get(name, "*fp32")
+            else:
+                signature[name] = "i32"
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))

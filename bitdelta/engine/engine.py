@@ -169,12 +169,14 @@ class Engine:
     def submit(self, model: str, prompt: list[int], params: SamplingParams, emit: Callable[[Output], None]) -> int:
         """Queue a request; `emit` is called (from the engine thread) with each Output. Returns its id."""
         if self.failure is not None:
-            raise self.failure
+            raise EngineFailedError(str(self.failure))
         entry = self.store.get(model)
         self._check(prompt, params, entry)
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         sequence = Sequence(next(self._ids), entry, list(prompt), params, emit, TextStream(entry.tokenizer, params.stop), generator)
         with self._wakeup:
+            if self.failure is not None:  # failed since the check above: `_fail` has emptied the inbox for good
+                raise EngineFailedError(str(self.failure))
             if len(self._inbox) + len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the server has {self.config.max_queue} requests waiting (--max-queue); retry later")
             self._inbox.append(sequence)
@@ -342,6 +344,8 @@ class Engine:
             if len(chunks) > 1:
                 log.warning("a step of %d sequences failed; running each alone to find the cause", len(chunks), exc_info=True)
                 for chunk in chunks:
+                    if self.failure is not None:  # `_fail` ended every request
+                        return
                     self._run([chunk])
             else:
                 log.exception("request %d (%s) failed in its forward pass", chunks[0].sequence.id, chunks[0].sequence.entry.name)

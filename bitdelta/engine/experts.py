@@ -9,7 +9,7 @@ block, the layout `bitdelta_matmul` reads. A step routes each row with its own f
 `kernels.experts.expert_matmul`: on a GPU one launch for the gate/up products and one for the down
 products, the pairs grouped by expert and delta slot on the device, so each routed expert's base
 matrix and each distinct delta of it are read once and nothing waits on the host (the step can be
-a CUDA graph); the CPU and a 4-bit base take a per-expert loop.
+a CUDA graph); the CPU takes a per-expert loop.
 """
 
 from __future__ import annotations

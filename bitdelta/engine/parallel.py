@@ -18,6 +18,7 @@ for a delta given in memory), install their shard, and compute the same steps.
 
 from __future__ import annotations
 
+import multiprocessing.connection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,9 @@ class Leader:
             dist.broadcast_object_list(message, src=0)
             return self.model.forward(batch, kv)
         except Exception:
-            for process in self.ranks:  # a peer that died mid-step: say so rather than show the collective's error
-                process.join(timeout=1)
+            # a peer that died mid-step: say so rather than show the collective's error (a second at most)
+            if self.ranks:
+                multiprocessing.connection.wait([process.sentinel for process in self.ranks], timeout=1)
             self._check_ranks()
             raise
 

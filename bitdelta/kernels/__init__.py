@@ -70,8 +70,8 @@ def bitdelta_matmul(
 ) -> torch.Tensor:
     """y [M, N] in x's dtype for x [M, K], base_weight [N, K], signs int32 [S, N, ceil(K/32)],
     scales fp32 [S, N], slot_ids int [M] (-1 = base only), bias [N] or None. A quantized base
-    (bitdelta.quant.QuantizedWeight) is read as stored where its recipe has row scales (int8, fp8:
-    `base_product.py`), else dequantized for the call."""
+    (bitdelta.quant.QuantizedWeight) is read as stored (`base_product.reads_as_stored`), else
+    dequantized for the call."""
     if not on_triton(x):
         if not isinstance(base_weight, torch.Tensor):
             base_weight = base_weight.dequantize(x.dtype)

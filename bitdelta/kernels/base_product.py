@@ -11,6 +11,7 @@ columns.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,16 @@ class StoredBase:
 
 
 def reads_as_stored(base_weight) -> bool:
-    """A quantized base weight (bitdelta.quant.QuantizedWeight) that the kernel paths read as stored."""
-    return not isinstance(base_weight, torch.Tensor) and base_weight.recipe in _FORMS
+    """A quantized base weight (bitdelta.quant.QuantizedWeight) that the kernel paths read as stored:
+    every recipe, but fp8 only where the GPU has e4m3 loads (Ada, Hopper and later)."""
+    if isinstance(base_weight, torch.Tensor) or base_weight.recipe not in _FORMS:
+        return False
+    return base_weight.recipe != "fp8" or not base_weight.data.is_cuda or _has_fp8(base_weight.data.device.index)
+
+
+@functools.cache
+def _has_fp8(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def stored(base_weight) -> StoredBase:

@@ -12,8 +12,8 @@ expert's segments, each over all of K with the merged weights W + scale * sign b
 its first segment and from L2 by the others, and each segment reads its slot's bits once: one read
 of every routed expert's base and of every distinct (expert, delta) pair a step. Experts no pair
 routes to exit at once. Nothing depends on the host, so a decode step with MoE blocks replays as a
-CUDA graph. A 4-bit base (scales per group along K) and the CPU take the per-expert loop
-(`bitdelta_matmul` once per routed expert, the rows grouped on the host).
+CUDA graph. The CPU, and a quantized base the kernels do not read as stored, take the per-expert
+loop (`bitdelta_matmul` once per routed expert, the rows grouped on the host).
 """
 
 from __future__ import annotations

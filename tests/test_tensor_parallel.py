@@ -77,37 +77,66 @@ def test_moe_experts_split_like_an_mlp_and_each_row_gets_its_finetunes_own(tmp_p
             engine.stop()
 
 
+def _split_family_serves_as_merged(base, delta, check_shares) -> None:
+    """A tensor-parallel engine of two gloo ranks over `base` with `delta` as "ft": the fine-tune and the
+    base in one batch, each row's logits those of its merged model alone (fp32; the ranks' partial sums
+    add in another order: 1e-4); then `check_shares(engine)`."""
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2))
+    try:
+        engine.store.register("ft", delta, load_now=True)
+        prompt = engine.store.get("ft").tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+        steps = []
+        engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
+        engine.generate([(name, prompt, SamplingParams(max_tokens=4, temperature=0)) for name in ("ft", engine.store.names()[0])])
+        models = [bitdelta.load(base, delta, dtype="float32"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
+        expected = []
+        for row, model in enumerate(models):
+            with torch.no_grad():
+                expected.append(model(torch.tensor([prompt])).logits[0, -1])
+            assert (steps[0][row] - expected[row]).norm() / expected[row].norm() < 1e-4
+        assert (expected[0] - expected[1]).norm() / expected[1].norm() > 1e-2  # the fine-tune differs: the test is not vacuous
+        check_shares(engine)
+    finally:
+        engine.stop()
+
+
 def test_phi3_fused_linears_split_by_their_parts_and_each_row_gets_its_finetunes_own(tmp_path_factory, tmp_path):
     """Phi-3's fused q/k/v and gate/up on two ranks: each rank holds its rows of every part (its q, k
-    and v heads; its gate and up columns), their sign rows and scales cut alike; the fine-tune and the
-    base in one batch, each as alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    and v heads; its gate and up columns), their sign rows and row scales cut alike."""
+    from transformers import AutoConfig
 
     from bitdelta import tiny
 
     base, finetuned = tiny.make_pair(tmp_path_factory.mktemp("phi3"), tiny.TinySpec(family="phi3"))
-    delta = bitdelta.compress(base, finetuned, tmp_path / "phi3", scale="row", progress=False)
     config = AutoConfig.from_pretrained(base)
-    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2))
-    try:
-        engine.store.register("ft", delta, load_now=True)
+    head_dim = config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+
+    def check_shares(engine):
         qkv = engine.model.linears["model.layers.0.self_attn.qkv_proj.weight"]
-        head_dim = config.hidden_size // config.num_attention_heads
-        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
         assert [(part.start, part.stop) for part in qkv.shard.parts] == [(0, q // 2), (q, q + kv // 2), (q + kv, q + kv + kv // 2)]
         assert qkv.weight.shape[0] == (q + 2 * kv) // 2
-        prompt = engine.store.get("ft").tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
-        names = ["ft", engine.store.names()[0]]
-        outputs = engine.generate([(name, prompt, SamplingParams(max_tokens=8, temperature=0)) for name in names])
-        models = [bitdelta.load(base, delta, dtype="float32"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
-        answers = []
-        for model, events in zip(models, outputs):
-            alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-            answers.append([token for event in events for token in event.token_ids])
-            assert answers[-1] == alone
-        assert answers[0] != answers[1]  # the fine-tune answers otherwise than the base: the test is not vacuous
-    finally:
-        engine.stop()
+
+    _split_family_serves_as_merged(base, bitdelta.compress(base, finetuned, tmp_path / "phi3", scale="row", progress=False), check_shares)
+
+
+def test_olmo2_norms_over_whole_projections_split_with_them_and_each_row_gets_its_finetunes_own(tmp_path_factory, tmp_path):
+    """OLMo 2's query and key norms span all heads: each rank holds the norm weights of its heads (and
+    of the fine-tune's changed norms) and the shares' sums of squares are all-reduced."""
+    from bitdelta import tiny
+
+    base, finetuned = tiny.make_pair(tmp_path_factory.mktemp("olmo2"), tiny.TinySpec(family="olmo2"))
+    delta = bitdelta.compress(base, finetuned, tmp_path / "olmo2", progress=False)
+
+    def check_shares(engine):
+        name = "model.layers.0.self_attn.q_norm.weight"
+        full = engine.model.split_norms[name].full_shape[0]
+        assert engine.model.base_tensors[name].shape[0] == full // 2 == engine.model.q_heads * engine.model.head_dim
+        assert name in engine.model.tables and engine.model.tables[name].shape[1] == full // 2  # the fine-tune's own norm, cut
+
+    _split_family_serves_as_merged(base, delta, check_shares)
 
 
 def test_a_rank_that_exits_fails_the_engine_in_one_line_and_it_refuses_what_comes_after(llama_pair):

@@ -120,6 +120,9 @@ class MultiTenantModel:
         self.router_names = {index: f"model.layers.{index}.mlp.gate.weight" for index in self.experts}
         params = dict(model.named_parameters())
         self.base_tensors = {n: params[n] for n in {self.embed_name, self.head_name, *self.norm_names, *self.router_names.values()}}
+        # with tensor parallelism, the norms held as this rank's share (OLMo 2's over whole q and k projections)
+        self.split_norms = {f"{name}.weight": module.shard for name, module in model.named_modules()
+                            if getattr(module, "shard", None) is not None and f"{name}.weight" in self.base_tensors}
         # fused expert tensor name -> (its layer, the tensor's name in the layer's ExpertLayer)
         self.fused_experts = {f"model.layers.{index}.mlp.experts.{name}": (layer, name)
                               for index, layer in self.experts.items() for name in layer.weights}
@@ -190,6 +193,8 @@ class MultiTenantModel:
     def base_shape(self, name: str) -> tuple[int, ...]:
         if name in self.linears:
             return full_shape(self.linears[name])
+        if name in self.split_norms:
+            return self.split_norms[name].full_shape
         tensor = self.base_tensors.get(name)
         return tuple(tensor.shape) if tensor is not None else full_shape(self.bias_names[name])[:1]
 
@@ -215,7 +220,10 @@ class MultiTenantModel:
                 own = linear.bias if own is None else own if shard is None else shard.rows(own)
                 linear.slot_bias[slot].copy_(own, non_blocking=True)
         for name, table in self.tables.items():
-            table[slot].copy_(weights.dense.get(name, self.base_tensors[name]), non_blocking=True)
+            own = weights.dense.get(name)
+            if own is not None and name in self.split_norms:
+                own = self.split_norms[name].rows(own)
+            table[slot].copy_(self.base_tensors[name] if own is None else own, non_blocking=True)
 
     def _ensure_table(self, name: str) -> None:
         if name in self.bias_names:
@@ -316,10 +324,24 @@ class MultiTenantModel:
     def _qk_norm(self, heads: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
         """RMSNorm of queries or keys [T, heads, head_dim], per head or over all heads (the norm's
         width says which), with each row's own fine-tune's weight."""
+        if name in self.split_norms:
+            return self._split_norm(heads, norm, name, table_rows)
         width = norm.weight.numel()
         pieces = heads[0].numel() // width  # a row's norms: its heads, or one
         _, normed = self._add_norm(heads.reshape(-1, width), None, norm, name, table_rows.repeat_interleave(pieces))
         return normed.view(heads.shape)
+
+    def _split_norm(self, heads: torch.Tensor, norm: nn.Module, name: str, table_rows: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over all of a projection's heads when this rank holds a share of them (OLMo 2 under
+        tensor parallelism): the shares' sums of squares all-reduced, then this rank's columns scaled."""
+        x = heads.reshape(heads.shape[0], -1).float()
+        squares = x.square().sum(dim=-1, keepdim=True)
+        torch.distributed.all_reduce(squares)
+        table = self.tables.get(name)
+        weight = norm.weight if table is None else table[table_rows]
+        eps = getattr(norm, "variance_epsilon", None) or norm.eps
+        normed = x * torch.rsqrt(squares / self.split_norms[name].full_shape[0] + eps)
+        return (weight.float() * normed).to(heads.dtype).view(heads.shape)
 
     def _mlp(self, index: int, mlp: nn.Module, x: torch.Tensor, slots: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
         """The block's gated MLP, or its mixture of experts routed by each row's own router."""

@@ -4,7 +4,8 @@
 Each rank holds a share of every block linear: q/k/v and gate/up split by output rows (their sign
 rows, per-row scales and biases with them; a fused q/k/v or gate/up, Phi-3's, by each part's rows), o and down split by input columns (packed sign words
 split on 32-column boundaries, scales replicated), with one all-reduce after each row-parallel
-product. Attention heads and the KV cache split with q/k/v; an MoE layer's experts split like an
+product. Attention heads and the KV cache split with q/k/v (and OLMo 2's norms over whole q and k
+projections, their sums of squares all-reduced); an MoE layer's experts split like an
 MLP (gate/up rows, down columns of every expert, the router whole, one all-reduce after the block). Embeddings, norms, lm_head and the
 per-slot tables of lossless tensors are replicated, so every rank ends a step with the same logits.
 Each rank builds only its share (`load_share`): the checkpoint's model with heads and MLP width
@@ -33,8 +34,7 @@ from bitdelta.pack import BITS_PER_WORD
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # split by output rows
 FUSED_COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")  # Phi-3's stacks: each part split by its output rows
 ROW_PARALLEL = ("o_proj", "down_proj", "w2")  # split by input columns, all-reduced
-# families whose layers need more than the split above
-UNSPLIT = {"olmo2": "normalises whole query/key projections, which would need the ranks' shares together"}
+WHOLE_PROJECTION_NORMS = ("q_norm", "k_norm")  # OLMo 2's, over all heads: split with q and k (Qwen3's per-head ones stay whole)
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,10 @@ def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
     for width in ("intermediate_size", "moe_intermediate_size"):  # an MoE layer's experts split like an MLP
         if getattr(config, width, None):
             setattr(share, width, getattr(config, width) // tp.world)
-    fused = _fused_widths(config, share.head_dim)
+    widths = _widths(config, share.head_dim)
     cuts, state = {}, {}
     for name, meta in checkpoint.tensors.items():
-        cut = _cut(name, tuple(meta.shape), tp, fused)
+        cut = _cut(name, tuple(meta.shape), tp, widths)
         if cut is None:
             state[name] = checkpoint.mapped(name).to(dtype)
         elif cut.dim == 0:
@@ -110,29 +110,33 @@ def load_share(checkpoint, tp: TensorParallel, dtype: torch.dtype) -> nn.Module:
             cuts[name] = cut
             state[name] = checkpoint.part(name, slice(None), cut.parts[0]).to(dtype)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=share, state_dict=state, dtype=dtype)
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    modules = dict(model.named_modules())
     for name, cut in cuts.items():  # experts' matrices sit in fused tensors: ExpertLayer keeps their cuts (expert_cuts)
-        if name.removesuffix(".weight") in linears and name.endswith(".weight"):
-            linears[name.removesuffix(".weight")].shard = cut
+        if name.removesuffix(".weight") in modules and name.endswith(".weight"):
+            modules[name.removesuffix(".weight")].shard = cut  # a linear's, or a whole-projection norm's
     return model
 
 
-def _fused_widths(config, head_dim: int) -> dict[str, tuple[int, ...]]:
-    """The output rows of each part of a fused linear (Phi-3's q/k/v and gate/up), by its role."""
-    kv = config.num_key_value_heads * head_dim
-    return {"qkv_proj": (config.num_attention_heads * head_dim, kv, kv),
-            "gate_up_proj": (getattr(config, "intermediate_size", 0),) * 2}
+def _widths(config, head_dim: int) -> dict[str, tuple[int, ...]]:
+    """By role: the output rows of each part of a fused linear (Phi-3's q/k/v and gate/up), and the
+    width of the queries and keys a whole-projection norm spans."""
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {"qkv_proj": (q, kv, kv), "gate_up_proj": (getattr(config, "intermediate_size", 0),) * 2,
+            "q_norm": (q,), "k_norm": (kv,)}
 
 
-def _cut(name: str, shape: tuple[int, ...], tp: TensorParallel, fused: dict[str, tuple[int, ...]]) -> Shard | None:
+def _cut(name: str, shape: tuple[int, ...], tp: TensorParallel, widths: dict[str, tuple[int, ...]]) -> Shard | None:
     """How a checkpoint tensor splits over the ranks: a block linear's weight (or a column-parallel
-    one's bias) by its role; None for what every rank holds whole."""
+    one's bias) by its role, a norm over a whole q or k projection with its rows; None for what
+    every rank holds whole."""
     parts = name.split(".")
     if len(parts) < 3 or parts[-1] not in ("weight", "bias") or ".layers." not in name:
         return None
     role, kind = parts[-2], parts[-1]
+    if role in WHOLE_PROJECTION_NORMS and shape == widths[role]:
+        return Shard(0, (tp.part(shape[0]),), shape)
     if role in COLUMN_PARALLEL or role in FUSED_COLUMN_PARALLEL:
-        widths = fused[role] if role in FUSED_COLUMN_PARALLEL else (shape[0],)
+        widths = widths[role] if role in FUSED_COLUMN_PARALLEL else (shape[0],)
         if sum(widths) != shape[0] or any(width % tp.world for width in widths):
             raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} has {shape[0]} output rows, which do not split "
                                           f"into {tp.world} equal shares{' of each part' if len(widths) > 1 else ''}")
@@ -238,9 +242,6 @@ def expert_cuts(shapes: dict[str, tuple[int, int, int]], tp: TensorParallel) -> 
 
 def check_split(model_config: dict, world: int) -> None:
     """Refuse, in one line and before any rank starts, a model whose heads do not split over `world` ranks."""
-    model_type = model_config.get("model_type")
-    if model_type in UNSPLIT:
-        raise IncompatibleModelsError(f"--tensor-parallel {world}: {model_type} {UNSPLIT[model_type]}; not supported yet")
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size"):
         count = model_config.get(key)
         if count is not None and count % world:

@@ -351,13 +351,16 @@ class MultiTenantModel:
         return experts.forward(x, slots, self._per_row_product(x, self.router_names[index], table_rows))
 
     def _per_row_product(self, x: torch.Tensor, name: str, table_rows: torch.Tensor) -> torch.Tensor:
-        """x @ W.T with each row's own fine-tune's version of the small matrix `name` (a router): one
-        product against every table entry, each row keeping its own entry's columns. It reads each
-        entry once, as grouping the rows by entry would, without reading the grouping on the host."""
+        """x @ W.T with each row's own fine-tune's version of the small matrix `name` (a router), with
+        no read of the rows' entries on the host (a CUDA graph can hold it): with fewer rows than
+        table entries (decode), each row's own matrix gathered; else one product against every entry,
+        each row keeping its own entry's columns. Either reads at most min(rows, entries) matrices."""
         table = self.tables.get(name)
         if table is None:
             return x @ self.base_tensors[name].T
         entries, width, _ = table.shape
+        if x.shape[0] < entries:
+            return torch.bmm(table[table_rows], x[:, :, None])[:, :, 0]
         products = (x @ table.flatten(0, 1).T).view(x.shape[0], entries, width)
         return products[torch.arange(x.shape[0], device=x.device), table_rows]
 

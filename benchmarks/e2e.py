@@ -3,6 +3,7 @@
     python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64] [--busy 0]
                              [--prompt 128] [--generate 128] [--base-quant int8,fp8,int4] [--out benchmarks/results]
     python -m benchmarks.e2e --shape llama2-70b --systems '' --base-quant int4 --tenants 1,8 --zipf 0 --profile-tenants 0
+    python -m benchmarks.e2e --shape llama2-70b --tensor-parallel 4 --systems bitdelta --zipf 0 --profile-tenants 0
 
 A Llama-2-7B-shaped base in fp16 with random weights, built on the GPU (speed does not depend on
 the values), and N fine-tunes; a batch of B = N requests, one per fine-tune, each a 128-token
@@ -39,20 +40,27 @@ at N = 32 says where the step's time goes. Writes e2e.json, e2e.md, e2e.png and 
 to --out (default benchmarks/results); `--report-only` rewrites e2e.md and e2e.png from e2e.json. Another
 --shape writes e2e_<shape>.*; `llama2-70b` (138 GB in fp16) is built with one layer's fp16 weights
 shared by all 80 layers and measures only the runs over a quantized base, which the engine holds
-per layer (a 70B base on one GPU beside its deltas).
+per layer (a 70B base on one GPU beside its deltas). `--tensor-parallel N` serves bitdelta and base
+only from N ranks (one a GPU): the model is written to a checkpoint folder first (138 GB for 70B;
+`--checkpoint-dir`), each rank loads its share, and memory is rank 0's GPU; results as
+e2e_<shape>_tp<N>.*.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.e2e_models import SHAPES, SHARED_LAYERS, GiB, Setup, llama_config, model_bytes, random_weights, zipf_tenants
+from benchmarks.e2e_models import (SHAPES, SHARED_LAYERS, GiB, Setup, llama_config, model_bytes, random_weights, write_checkpoint,
+                                   zipf_tenants)
 from benchmarks.e2e_systems import profile_decode, reset_peak, run_base, run_bitdelta, run_lora, run_naive
 from bitdelta.quant import RECIPES
 
@@ -69,14 +77,16 @@ def systems_of(row: dict) -> list[str]:
     return [k for k in ("naive", *loras, "bitdelta-eager", "base-eager", "bitdelta", "base", *quantized) if k in row]
 
 
-def stem(shape: str) -> str:
-    """The result files' name: e2e.* for the Llama-2-7B shape, e2e_<shape>.* for another."""
-    return "e2e" if shape == "llama2-7b" else f"e2e_{shape}"
+def stem(shape: str, tensor_parallel: int = 1) -> str:
+    """The result files' name: e2e.* for the Llama-2-7B shape on one GPU, e2e_<shape>[_tp<N>].* otherwise."""
+    if shape == "llama2-7b" and tensor_parallel == 1:
+        return "e2e"
+    return f"e2e_{shape}" + (f"_tp{tensor_parallel}" if tensor_parallel > 1 else "")
 
 
 def markdown(result: dict) -> str:
     setup = result["setup"]
-    name = stem(setup["shape"])
+    name = stem(setup["shape"], setup.get("tensor_parallel", 1))
     lines = [
         f"# End-to-end multi-tenant decoding ({setup['shape']}, {setup['dtype']}, {result['device']})",
         "",
@@ -187,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
 def write(result: dict, folder: Path) -> None:
     result["goals"] = goals(result)
     folder.mkdir(parents=True, exist_ok=True)
-    name = stem(result["setup"]["shape"])
+    name = stem(result["setup"]["shape"], result["setup"].get("tensor_parallel", 1))
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{name}.md").write_text(markdown(result))
 
@@ -207,6 +217,10 @@ def main() -> None:
     parser.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)))
     parser.add_argument("--base-quant", default="", help="also bitdelta and base only over the base quantized by each of these "
                                                           "recipes (comma-separated: int8, fp8, int4), side by side")
+    parser.add_argument("--tensor-parallel", type=int, default=1,
+                        help="bitdelta and base only (and --base-quant) on N ranks, one a GPU: the model is written to "
+                             "--checkpoint-dir first, and each rank loads its share; memory is rank 0's GPU")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="--tensor-parallel: where the model is written (default: a temporary folder)")
     parser.add_argument("--max-seconds", type=float, default=6, help="naive: stop timing decode steps after this long (at least 2)")
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,28 +228,40 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite e2e.md and e2e.png from --out's e2e.json, measuring nothing")
     parser.add_argument("--append", action="store_true", help="keep the rows of --out's e2e.json that this run does not measure (a run split over calls)")
     args = parser.parse_args()
-    name = stem(args.shape)
+    name = stem(args.shape, args.tensor_parallel)
     if args.report_only:
         result = json.loads((args.out / f"{name}.json").read_text())
         write(result, args.out)
         plot(result, args.out / f"{name}.png")
         return
     systems = set(filter(None, args.systems.split(",")))
-    if args.shape in SHARED_LAYERS and systems:
+    if args.tensor_parallel > 1 and systems - {"bitdelta"}:
+        parser.error(f"--tensor-parallel {args.tensor_parallel} measures bitdelta and base only (and --base-quant runs): pass --systems bitdelta")
+    if args.shape in SHARED_LAYERS and systems and args.tensor_parallel == 1:
         parser.error(f"--shape {args.shape} shares one layer's fp16 weights across its layers (they would not fit): "
                      "only --base-quant runs measure it; pass --systems '' --base-quant int8,fp8,int4")
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     device = torch.device(args.device)
-    setup = Setup(args.shape, args.prompt, args.generate, device, torch.float16 if device.type == "cuda" else torch.float32)
+    setup = Setup(args.shape, args.prompt, args.generate, device, torch.float16 if device.type == "cuda" else torch.float32,
+                  args.tensor_parallel)
     config = llama_config(args.shape)
-    weights = random_weights(config, device, setup.dtype, shared_layers=args.shape in SHARED_LAYERS)
+    weights = random_weights(config, device if args.tensor_parallel == 1 else torch.device("cpu"), setup.dtype,
+                             shared_layers=args.shape in SHARED_LAYERS)
+    model_gib = model_bytes(weights) / GiB
+    if args.tensor_parallel > 1:  # the ranks read their shares from files; the benchmark keeps no copy on a GPU
+        folder = args.checkpoint_dir
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="bitdelta-e2e-"))
+            atexit.register(shutil.rmtree, folder, True)
+        weights = write_checkpoint(config, weights, folder)
     result = {
         "command": f"{REPRODUCE} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "device")),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "setup": {"shape": args.shape, "prompt": args.prompt, "generate": args.generate, "dtype": str(setup.dtype).removeprefix("torch.")},
-        "model_gib": model_bytes(weights) / GiB,
+        "setup": {"shape": args.shape, "prompt": args.prompt, "generate": args.generate, "dtype": str(setup.dtype).removeprefix("torch."),
+                  "tensor_parallel": args.tensor_parallel},
+        "model_gib": model_gib,
         "rows": [],
     }
     earlier_file = args.out / f"{name}.json"
@@ -285,7 +311,7 @@ def main() -> None:
         write(result, args.out)  # after every row: a run cut short keeps what it measured
     print(markdown(result))
     plot(result, args.out / f"{name}.png")
-    if args.profile_tenants and "bitdelta" in systems:
+    if args.profile_tenants and "bitdelta" in systems and args.tensor_parallel == 1:
         report = [profile_decode(setup, config, weights, args.profile_tenants, graphs) for graphs in (False, True)]
         (args.out / f"{name}_profile.txt").write_text("\n\n".join(report))
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
 
 from bitdelta.engine import Engine
+from bitdelta.pack import packed_words
+from bitdelta.storage import ShardWriter
 from bitdelta.engine.model import SlotWeights
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
     "llama2-70b": (8192, 28672, 80, 64, 8, 32000),
-    "tiny": (256, 688, 2, 4, 4, 1024),
-    "tiny-shared": (256, 688, 2, 4, 2, 1024),
+    "tiny": (256, 768, 2, 4, 4, 1024),  # widths whose halves are whole 32-column words: --tensor-parallel 2 runs it
+    "tiny-shared": (256, 768, 2, 4, 2, 1024),
 }
 # Shapes whose fp16 weights do not fit a GPU: every decoder layer's weights are views of the first
 # layer's, so the benchmark can build them; only runs over a quantized base (which the engine holds
@@ -28,13 +31,15 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class Setup:
-    """One run's workload: the model shape, prompt and generated tokens a request, device and dtype."""
+    """One run's workload: the model shape, prompt and generated tokens a request, device and dtype,
+    and the ranks the engines split over (tensor parallel: one process a GPU)."""
 
     shape: str
     prompt: int
     generate: int
     device: torch.device
     dtype: torch.dtype
+    tensor_parallel: int = 1
 
     @property
     def kv_tokens(self) -> int:
@@ -82,6 +87,18 @@ def random_weights(config, device: torch.device, dtype: torch.dtype, shared_laye
     return weights
 
 
+def write_checkpoint(config, weights: dict[str, torch.Tensor], folder: Path) -> Path:
+    """The model as a checkpoint folder (config.json and safetensors shards, one tensor in memory at
+    a time): what tensor-parallel engines load their shares from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    writer = ShardWriter(folder, "model", 5 * GiB)
+    for name, tensor in weights.items():
+        writer.add(name, tensor.detach().cpu())
+    writer.finish()
+    return folder
+
+
 def model_over(config, weights: dict[str, torch.Tensor]):
     """A transformers model whose parameters are `weights` (shared, not copied)."""
     from transformers import LlamaForCausalLM
@@ -117,7 +134,8 @@ def random_deltas(count: int, shapes: tuple[tuple[str, tuple[int, ...], tuple[in
 
 def serve_random_deltas(engine: Engine, tenants: list[int]) -> None:
     """Register fine-tune `ft{t}` for each tenant t, on DISTINCT_DELTAS random deltas round-robin."""
-    shapes = tuple((name, tuple(linear.signs.shape[1:]), tuple(linear.scales.shape[1:])) for name, linear in engine.model.linears.items())
+    # each linear's full shape: under tensor parallelism the engine cuts a delta to each rank's share
+    shapes = tuple((name, (n, packed_words(k)), (n,)) for name in engine.model.linears for n, k in [engine.model.base_shape(name)])
     deltas = random_deltas(DISTINCT_DELTAS, shapes, engine.model.device.type == "cuda")
     for index, tenant in enumerate(tenants):
         engine.store.add(f"ft{tenant}", deltas[index % len(deltas)])

@@ -7,6 +7,7 @@ import functools
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,18 +69,26 @@ def peak_memory(device: torch.device) -> int:
 
 # ---- bitdelta engine and base only --------------------------------------------------------------------
 def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: bool = True, base_quant: str | None = None) -> Engine:
+    """An engine over `weights` in memory, or over the checkpoint folder `weights` names (tensor
+    parallel: each rank loads its share from the files)."""
     blocks_per_sequence = -(-setup.kv_tokens // 16)
     engine_config = EngineConfig(
         max_batch=batch, max_gpu_deltas=max(1, slots), max_cpu_deltas=1, kv_block_size=16, kv_blocks=batch * blocks_per_sequence,
         prefill_chunk=batch * setup.prompt,  # every prompt in the first step: later steps are pure decode
-        cuda_graphs=graphs, base_quant=base_quant,
+        cuda_graphs=graphs, base_quant=base_quant, tensor_parallel=setup.tensor_parallel,
+        device=setup.device.type, dtype=str(setup.dtype).removeprefix("torch."),
     )
+    if isinstance(weights, Path):
+        return Engine(weights, engine_config, base_name="base")  # the name from_model gives it
     return Engine.from_model(model_over(config, weights), engine_config)
 
 
 def without_own_copy(result: dict, engine: Engine, weights: dict[str, torch.Tensor]) -> dict:
     """A quantized-base run's memory less the fp16 linears the benchmark itself keeps for the other
-    systems (the engine holds them quantized and no longer reads them)."""
+    systems (the engine holds them quantized and no longer reads them); none kept for an engine over
+    a checkpoint folder."""
+    if isinstance(weights, Path):
+        return result
     storages = {weights[name].untyped_storage().data_ptr(): weights[name].untyped_storage().nbytes() for name in engine.model.linears}
     kept = sum(storages.values()) / GiB  # views of one tensor (stacked parts, shared layers) counted once
     if not result["memory_gib"]:  # not measured (on a CPU)

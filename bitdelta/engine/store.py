@@ -116,7 +116,9 @@ class DeltaStore:
         self.model, self.base_fingerprint, self.base_quant = model, base_fingerprint, base_quant
         self.max_cpu = max_cpu_deltas
         self._lock = threading.RLock()
-        self._entries: dict[str, DeltaEntry] = {base_name: DeltaEntry(base_name, None, base_dir, is_base=True)}
+        # a base folder without tokenizer files (a benchmark's random model) serves token ids alone
+        tokenizer_dir = base_dir if base_dir is not None and any((base_dir / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")) else None
+        self._entries: dict[str, DeltaEntry] = {base_name: DeltaEntry(base_name, None, tokenizer_dir, is_base=True)}
         self._cpu: OrderedDict[int, DeltaEntry] = OrderedDict()  # id(entry) -> entry, LRU first
         self._slots: list[DeltaEntry | None] = [None] * model.max_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slots without users, LRU first

@@ -99,6 +99,38 @@ def write_checkpoint(config, weights: dict[str, torch.Tensor], folder: Path) -> 
     return folder
 
 
+def write_random_deltas(base_folder: Path, names: list[str], folder: Path) -> list[Path]:
+    """Random 1-bit deltas of the model in `base_folder` (one per-matrix scale each), written in the
+    delta format over that base as `folder`/<name>: what a server loads like any other."""
+    from bitdelta.checkpoint import Checkpoint
+    from bitdelta.fileformat import DeltaConfig, write_delta
+    from bitdelta.targets import block_linears
+
+    base = Checkpoint(base_folder)
+    linears = sorted(block_linears(base))
+    dtypes = {name: str(meta.dtype).removeprefix("torch.") for name, meta in base.tensors.items()}
+    written = []
+    for index, name in enumerate(names):
+        generator = torch.Generator().manual_seed(index)
+
+        def tensors():
+            for name in linears:
+                n, k = base.tensors[name].shape
+                words = torch.randint(0, 256, (n, packed_words(k) * 4), dtype=torch.uint8, generator=generator).view(torch.int32)
+                yield name + ".sign", words
+                yield name + ".scale", torch.rand(1, generator=generator) * 2e-3
+
+        def config(files, index=index):
+            return DeltaConfig(base_model=str(base_folder), base_fingerprint=base.fingerprint, finetuned_model=f"random-{index}",
+                               finetuned_fingerprint=f"random-{index}", model_type=base.config["model_type"],
+                               finetuned_dtype=next(iter(dtypes.values())), finetuned_bytes=sum(m.nbytes for m in base.tensors.values()),
+                               scale_granularity="matrix", compressed={name: list(base.tensors[name].shape) for name in linears},
+                               dense={}, removed=[], dtypes=dtypes, files=files)
+
+        written.append(write_delta(folder / name, tensors(), config, [base_folder / "config.json"], overwrite=True))
+    return written
+
+
 def model_over(config, weights: dict[str, torch.Tensor]):
     """A transformers model whose parameters are `weights` (shared, not copied)."""
     from transformers import LlamaForCausalLM

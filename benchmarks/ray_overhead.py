@@ -34,12 +34,14 @@ PROMPTS = ("The return value of", "def read_config(path):\n", "A module is", "Ra
 ENGINE = {"device": "cpu", "dtype": "float32", "max_batch": 16}
 
 
-def run_workload(url: str, models: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
+def run_workload(url: str, models: list[str], clients: int, per_client: int, max_tokens: int, prompts=PROMPTS) -> dict:
+    """`clients` threads each sending `per_client` greedy completions back to back, round-robin over
+    `models` and `prompts` (texts, or token id lists): generated tokens/s over the wall time, latencies."""
     def client(index: int) -> tuple[int, list[float]]:
         tokens, latencies = 0, []
         with httpx.Client(base_url=url, timeout=600) as http:
             for step in range(per_client):
-                body = {"model": models[(index + step) % len(models)], "prompt": PROMPTS[(index + step) % len(PROMPTS)],
+                body = {"model": models[(index + step) % len(models)], "prompt": prompts[(index + step) % len(prompts)],
                         "max_tokens": max_tokens, "temperature": 0}
                 start = time.perf_counter()
                 response = http.post("/v1/completions", json=body)

@@ -174,3 +174,24 @@ def test_a_shape_too_large_for_fp16_shares_one_layers_weights_and_its_quantized_
     shared = sum(weights[f"model.layers.0.{part}.weight"].nbytes for part in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     assert result["memory_gib"] == pytest.approx(1.0 - shared / e2e_models.GiB)
+
+
+def test_the_benchmarks_random_deltas_are_real_deltas_over_their_written_base(tmp_path):
+    """The replica and tensor-parallel benchmarks' models on disk: a random checkpoint folder and random
+    deltas in the delta format over it, which an engine loads by folder and serves, each changing the
+    answers its own way."""
+    from benchmarks import e2e_models
+    from bitdelta.checkpoint import Checkpoint
+    from bitdelta.engine import Engine, EngineConfig, SamplingParams
+    from bitdelta.fileformat import DeltaReader
+
+    config = e2e_models.llama_config("tiny")
+    base = e2e_models.write_checkpoint(config, e2e_models.random_weights(config, torch.device("cpu"), torch.float32), tmp_path / "base")
+    deltas = e2e_models.write_random_deltas(base, ["a", "b"], tmp_path / "deltas")
+    DeltaReader(deltas[0]).check_base(Checkpoint(base).fingerprint, "base")
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32"), base_name="base")
+    for name, folder in zip(("a", "b"), deltas):
+        engine.store.register(name, folder, load_now=True)
+    outputs = engine.generate([(name, [1, 2, 3, 4], SamplingParams(max_tokens=6, temperature=0)) for name in ("a", "b", "base")])
+    answers = [tuple(token for event in events for token in event.token_ids) for events in outputs]
+    assert len(set(answers)) == 3 and all(len(answer) == 6 for answer in answers)

@@ -286,7 +286,7 @@ from bitdelta.kernels import reference
 from bitdelta.kernels.experts import expert_matmul
 from bitdelta.kernels.experts_triton import grouped_expert_matmul
 from bitdelta.quant import quantize
-experts, slots, n, k = 4, 3, 40, 300
+experts, slots, n, k = 5, 3, 40, 300  # expert 4: no pair
 signs = torch.randint(-(2**31), 2**31 - 1, (experts, slots, n, (k + 31) // 32), dtype=torch.int32)
 signs[..., -1] &= (1 << (k % 32)) - 1
 scales = torch.rand(experts, slots, n) * 0.02 + 0.002
@@ -350,7 +350,7 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
         (segment_triton._segment_kernel, dict(HAS_BIAS=True, MERGE=True, EVEN_K=False, ROWS=16, BLOCK_N=64, BLOCK_K=64,
                                               TRANSPOSED=True, SPLIT_K=2)),
         (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256)),
-        (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128)),
+        (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8)),
         (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)),
     ]
     for kernel, constants in kernels:

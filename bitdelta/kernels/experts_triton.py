@@ -20,41 +20,56 @@ def _experts_kernel(
     N, K, KW, SLOTS,
     stride_xm, stride_we, stride_wn, stride_w_scale, stride_se, stride_ss, stride_sn, stride_ce, stride_cs, stride_ym,
     FORM: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SEGMENTS: tl.constexpr,
 ):
     expert = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    cols64 = cols.to(tl.int64)
     w_expert = w_ptr + expert.to(tl.int64) * stride_we
     w_scale_expert = w_scale_ptr + expert.to(tl.int64) * N * stride_w_scale  # a quantized base's rows are E x N
-    for segment in range(expert * (SLOTS + 1), (expert + 1) * (SLOTS + 1)):  # slot -1 (base only), then 0..S-1
-        size = tl.load(sizes_ptr + segment)
-        if size > 0:
-            first = tl.load(starts_ptr + segment)
-            slot = segment - expert * (SLOTS + 1) - 1
-            has_delta = slot >= 0
-            delta = expert.to(tl.int64) * stride_se + tl.maximum(slot, 0).to(tl.int64) * stride_ss
-            sign_rows = signs_ptr + delta + cols[:, None] * stride_sn
-            merge_scale = tl.load(scales_ptr + expert * stride_ce + tl.maximum(slot, 0) * stride_cs + cols,
-                                  mask=col_mask & has_delta, other=0.0)
-            for tile in range(first, first + size, ROWS):
-                r = tile + tl.arange(0, ROWS)
-                row_mask = r < first + size
-                rows = tl.load(order_ptr + r, mask=row_mask, other=0).to(tl.int64)
-                acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = (ks < K) | EVEN_K
-                    # zero activations past K neutralise the padding bits (0 -> -1) of the last word
-                    xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                                 mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    wk = base_tile(w_expert, w_scale_expert, cols64, col_mask, ks, k_mask, stride_wn, stride_w_scale, FORM)
-                    kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                    words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :],
-                                    other=0)
-                    acc += tl.dot(xk, tl.trans(merge_tile(wk, merge_scale, words, xk.dtype)))
-                tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                         mask=row_mask[:, None] & col_mask[None, :])
+    # the expert's segment sizes and starts in one load each (slot -1, base only, then 0..S-1): an expert
+    # no pair routes to (most of them, in decode) exits after it, and the walk reads no memory to skip
+    # an empty segment
+    segments = tl.arange(0, SEGMENTS)
+    in_expert = segments < SLOTS + 1
+    sizes = tl.load(sizes_ptr + expert * (SLOTS + 1) + segments, mask=in_expert, other=0)
+    if tl.sum(sizes, axis=0) > 0:
+        starts = tl.load(starts_ptr + expert * (SLOTS + 1) + segments, mask=in_expert, other=0)
+        for segment in range(0, SLOTS + 1):
+            size = tl.sum(tl.where(segments == segment, sizes, 0), axis=0)
+            if size > 0:
+                first = tl.sum(tl.where(segments == segment, starts, 0), axis=0)
+                slot = segment - 1
+                has_delta = slot >= 0
+                delta = expert.to(tl.int64) * stride_se + tl.maximum(slot, 0).to(tl.int64) * stride_ss
+                merge_scale = tl.load(scales_ptr + expert * stride_ce + tl.maximum(slot, 0) * stride_cs + cols,
+                                      mask=col_mask & has_delta, other=0.0)
+                for tile in range(first, first + size, ROWS):
+                    _pair_tile(x_ptr, w_expert, w_scale_expert, signs_ptr + delta + cols[:, None] * stride_sn, y_ptr, order_ptr,
+                               tile, first + size, cols, col_mask, merge_scale, has_delta, K, KW, stride_xm, stride_wn,
+                               stride_w_scale, stride_ym, FORM, EVEN_K, ROWS, BLOCK_K)
+
+
+@triton.jit
+def _pair_tile(x_ptr, w_ptr, w_scale_ptr, sign_rows, y_ptr, order_ptr, tile, end, cols, col_mask, merge_scale, has_delta,
+               K, KW, stride_xm, stride_wn, stride_w_scale, stride_ym,
+               FORM: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Up to ROWS pairs of one segment (sorted positions tile..end) by the program's columns, over all of K."""
+    r = tile + tl.arange(0, ROWS)
+    row_mask = r < end
+    rows = tl.load(order_ptr + r, mask=row_mask, other=0).to(tl.int64)
+    acc = tl.zeros((ROWS, cols.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = (ks < K) | EVEN_K
+        # zero activations past K neutralise the padding bits (0 -> -1) of the last word
+        xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, ks, k_mask, stride_wn, stride_w_scale, FORM)
+        kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
+        acc += tl.dot(xk, tl.trans(merge_tile(wk, merge_scale, words, xk.dtype)))
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 def expert_tiles(pairs: int, experts: int) -> tuple[int, int, int, int, int]:
@@ -84,6 +99,7 @@ def grouped_expert_matmul(x: torch.Tensor, base_weights, signs: torch.Tensor, sc
         x.stride(0), values.stride(0), values.stride(1), base.scale_stride, signs.stride(0), signs.stride(1), signs.stride(2),
         scales.stride(0), scales.stride(1), y.stride(0),
         FORM=base.form, EVEN_K=k % block_k == 0, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        SEGMENTS=triton.next_power_of_2(slots + 1),
         num_warps=warps, num_stages=stages,
     )
     return y

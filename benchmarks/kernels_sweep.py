@@ -1,7 +1,7 @@
 """Re-check a dispatcher rule: the dispatched path against other tile parameters of the same path (CUDA).
 
     python -m benchmarks.kernels_sweep [--shapes 4096x4096,11008x4096] [--cases 1x1,64x1,1x32,...]
-                                       [--shuffle] [--out benchmarks/results]
+                                       [--shuffle] [--base-quant int8|fp8|int4] [--out benchmarks/results]
     python -m benchmarks.kernels_sweep --shapes 4096x4096 --cases 64x1 --launch-only   # the workload for ncu
 
 A case is the rows each delta slot has: `64x1` is 64 rows of 64 distinct deltas, `1x32` one delta
@@ -11,7 +11,9 @@ beside 63 decode rows. Per shape and case: the floor, cuBLAS's base product, the
 parameters (tile rows, BLOCK_N, BLOCK_K, warps, pipeline stages, transposed product, K split),
 each checked against the reference first and graph-timed side by side in one process
 (`benchmarks/harness.py`). A step the entry point splits in two is timed whole only: sweep each
-side as its own case. Writes kernels_sweep.json and kernels_sweep.md to --out.
+side as its own case. With --base-quant the base is held quantized (`bitdelta.quant`), read as stored by
+every variant, and "base" is the entry point with every row on the base. Writes kernels_sweep.json and
+kernels_sweep.md to --out.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from benchmarks.harness import (Choice, Problem, SlotPlan, build_plan, dispatche
                                 parse_counts, parse_shapes, precompile, run_choice, slot_ids_for, split_threshold, tiles_of,
                                 time_checked)
 from benchmarks.report import write_report
+from bitdelta.quant import RECIPES
 
 SHAPES = "4096x4096,11008x4096"
 # one row (GEMV); one delta at 16 and 64 rows (MERGED_TILES); all-distinct 16 and 64 rows (BITMMA,
@@ -102,10 +105,10 @@ def configs_for(k: int, n: int, plan: SlotPlan) -> dict[str, Choice | None]:
     return {"dispatched": None, **variants(dispatched_choice(n, k, plan), plan.max_rows)}
 
 
-def launch_only(shapes, cases, shuffle: bool) -> None:
+def launch_only(shapes, cases, shuffle: bool, recipe: str | None) -> None:
     """Run every variant twice, untimed: `ncu --kernel-name regex:... python -m benchmarks.kernels_sweep ... --launch-only`."""
     for (k, n), case in itertools.product(shapes, cases):
-        p = Problem(k, n, parse_counts(case), shuffle)
+        p = Problem(k, n, parse_counts(case), shuffle, recipe)
         d = p.sets[0]
         for choice in configs_for(k, n, p.plan).values():
             if choice is not None:
@@ -114,7 +117,7 @@ def launch_only(shapes, cases, shuffle: bool) -> None:
     torch.cuda.synchronize()
 
 
-def sweep(shapes, cases, shuffle: bool) -> dict:
+def sweep(shapes, cases, shuffle: bool, recipe: str | None) -> dict:
     started = time.time()
     precompile([(k, n, config) for (k, n), case in itertools.product(shapes, cases)
                 for config in configs_for(k, n, build_plan(slot_ids_for(parse_counts(case), shuffle).cuda())).values()
@@ -123,7 +126,7 @@ def sweep(shapes, cases, shuffle: bool) -> dict:
     bandwidth = ceilings["copy_bandwidth_GBps"] * 1e9
     rows = []
     for (k, n), case in itertools.product(shapes, cases):
-        p = Problem(k, n, parse_counts(case), shuffle)
+        p = Problem(k, n, parse_counts(case), shuffle, recipe)
         split = split_threshold(p.plan) is not None
         auto = None if split else p.dispatched_choice()
         times, errors = time_checked(p, configs_for(k, n, p.plan))
@@ -132,7 +135,8 @@ def sweep(shapes, cases, shuffle: bool) -> dict:
         rows.append({"K": k, "N": n, "case": case, "rows": p.batch, "deltas": p.num_slots, "split": split,
                      "path": "split: each side on its own path" if split else auto.path.name,
                      "dispatched": "-" if split else _name(auto), "tiles": None if split else tiles_of(auto),
-                     "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us(), "times_us": times, "errors": errors,
+                     "floor_us": p.bytes / bandwidth * 1e6, "base_us": p.base_us() if recipe is None else p.base_only_us(),
+                     "times_us": times, "errors": errors,
                      "best": best})
         r = rows[-1]
         print(f"{k}x{n} {case:<12} {r['path']:<12} floor {r['floor_us']:7.1f} base {r['base_us']:7.1f} "
@@ -141,7 +145,7 @@ def sweep(shapes, cases, shuffle: bool) -> dict:
         del p
         torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "ceilings": ceilings, "shuffled": shuffle, "rows": rows, "seconds": time.time() - started}
+            "ceilings": ceilings, "shuffled": shuffle, "base": recipe or "bf16", "rows": rows, "seconds": time.time() - started}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -168,15 +172,17 @@ def main() -> None:
     parser.add_argument("--cases", default=CASES, help="slots x rows a slot, comma-separated; '+' joins groups")
     parser.add_argument("--shuffle", action="store_true", help="rows in random order, not grouped by slot")
     parser.add_argument("--launch-only", action="store_true", help="run every variant twice untimed (for a profiler)")
+    parser.add_argument("--base-quant", choices=RECIPES, default=None, help="hold the base quantized by this recipe")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     shapes, cases = parse_shapes(args.shapes), args.cases.split(",")
     if args.launch_only:
-        launch_only(shapes, cases, args.shuffle)
+        launch_only(shapes, cases, args.shuffle, args.base_quant)
         return
-    result = sweep(shapes, cases, args.shuffle)
+    result = sweep(shapes, cases, args.shuffle, args.base_quant)
     command = "python -m benchmarks.kernels_sweep" + (f" --shapes {args.shapes}" if args.shapes != SHAPES else "") + \
-        (f" --cases {args.cases}" if args.cases != CASES else "") + (" --shuffle" if args.shuffle else "")
+        (f" --cases {args.cases}" if args.cases != CASES else "") + (" --shuffle" if args.shuffle else "") + \
+        (f" --base-quant {args.base_quant}" if args.base_quant else "")
     result["command"] = command
     write_report(args.out, "kernels_sweep", result, markdown(result, command))
 

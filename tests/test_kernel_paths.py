@@ -351,7 +351,10 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
                                               TRANSPOSED=True, SPLIT_K=2)),
         (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256)),
         (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8)),
-        (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256)),
+        (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
+                                                          TRANSPOSED=False)),
+        (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256,
+                                                          TRANSPOSED=True)),
     ]
     for kernel, constants in kernels:
         constants = dict(constants, FORM=form)

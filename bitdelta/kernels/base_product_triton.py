@@ -19,13 +19,16 @@ from bitdelta.kernels.paths.problem import next_pow2
 @triton.jit
 def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_ws,
                            stride_om, FORM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
     cols64 = cols.to(tl.int64)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TRANSPOSED:  # acc_t[cols, rows] += w . x^T: the dequantized tile is the mma's register operand
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = (ks < K) | EVEN_K
@@ -34,7 +37,12 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K
             wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, ks, k_mask, stride_wn, stride_ws, PLAIN)
         else:
             wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, ks, k_mask, stride_wn, stride_ws, FORM)
-        acc += tl.dot(xk, tl.trans(wk.to(xk.dtype)))
+        if TRANSPOSED:
+            acc_t += tl.dot(wk.to(xk.dtype), tl.trans(xk))
+        else:
+            acc += tl.dot(xk, tl.trans(wk.to(xk.dtype)))
+    if TRANSPOSED:
+        acc = tl.trans(acc_t)
     if FORM == ROW_SCALED:
         acc *= tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -43,14 +51,16 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def product_tiles(m: int, n: int) -> tuple[int, int, int, int, int]:
-    """(block_m, block_n, block_k, num_warps, num_stages): decode batches (up to 64 rows) take one row
-    block, column blocks narrow enough to give every SM a program, and long K steps (the product is
-    a read of W); prompts take square tensor-core tiles."""
+def product_tiles(m: int, n: int) -> tuple[int, int, int, int, int, bool]:
+    """(block_m, block_n, block_k, num_warps, num_stages, transposed): decode batches (up to 64 rows)
+    take one row block, column blocks narrow enough to give every SM a program, and long K steps (the
+    product is a read of W); past 16 rows the product is transposed, the dequantized tile then being
+    the tensor cores' register operand instead of staged through shared memory after its conversion
+    (as the merged tiles, docs/kernels.md). Prompts take square tensor-core tiles."""
     if m > 64:
-        return 128, 128, 64, 8, 3
+        return 128, 128, 64, 8, 3, True
     block_n = 64 if triton.cdiv(n, 64) >= 132 else 32
-    return max(16, next_pow2(m)), block_n, 256, 4, 3
+    return max(16, next_pow2(m)), block_n, 256, 4, 3, m > 16
 
 
 def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -61,11 +71,12 @@ def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None,
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, warps, stages = product_tiles(m, n)
+    block_m, block_n, block_k, warps, stages, transposed = product_tiles(m, n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     fast(_stored_product_kernel)[grid](
         x, base.values, base.scale, bias if bias is not None else out, out, m, n, k, x.stride(0),
         base.values.stride(0), base.scale_stride, out.stride(0), FORM=base.form, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        EVEN_K=k % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, TRANSPOSED=transposed,
+        num_warps=warps, num_stages=stages,
     )
     return out

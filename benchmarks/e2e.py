@@ -3,7 +3,7 @@
     python -m benchmarks.e2e [--shape llama2-7b] [--tenants 1,2,4,8,16,32,64] [--zipf 64] [--busy 0]
                              [--prompt 128] [--generate 128] [--base-quant int8,fp8,int4] [--out benchmarks/results]
     python -m benchmarks.e2e --shape llama2-70b --systems '' --base-quant int4 --tenants 1,8 --zipf 0 --profile-tenants 0
-    python -m benchmarks.e2e --shape llama2-70b --tensor-parallel 4 --systems bitdelta --zipf 0 --profile-tenants 0
+    python -m benchmarks.e2e --shape llama2-70b --tensor-parallel 4 --systems bitdelta --tenants 1,2,4,8 --zipf 0 --profile-tenants 0
 
 A Llama-2-7B-shaped base in fp16 with random weights, built on the GPU (speed does not depend on
 the values), and N fine-tunes; a batch of B = N requests, one per fine-tune, each a 128-token
@@ -86,14 +86,17 @@ def stem(shape: str, tensor_parallel: int = 1) -> str:
 
 def markdown(result: dict) -> str:
     setup = result["setup"]
-    name = stem(setup["shape"], setup.get("tensor_parallel", 1))
+    tp = setup.get("tensor_parallel", 1)
+    name = stem(setup["shape"], tp)
+    split = (f" Tensor parallel over {tp} GPUs: memory is rank 0's GPU (each rank holds 1/{tp} of the model, the deltas and the KV"
+             " cache); decode steps run eagerly (no CUDA graphs under tensor parallelism yet).") if tp > 1 else ""
     lines = [
-        f"# End-to-end multi-tenant decoding ({setup['shape']}, {setup['dtype']}, {result['device']})",
+        f"# End-to-end multi-tenant decoding ({setup['shape']}, {setup['dtype']}, {result['device']}{f', TP {tp}' if tp > 1 else ''})",
         "",
         f"`{REPRODUCE}` — B = N requests, one per fine-tune (Zipf row: B = 64 over 64 fine-tunes), {setup['prompt']}-token prompts, "
         f"{setup['generate']} generated tokens, greedy. Decode ms = per-step time of decode steps (median / p99); decode tok/s = B / median step; "
         "e2e tok/s = generated tokens / wall time incl. prefill; TTFT = median over requests. Memory = peak GPU memory allocated. "
-        f"Model: {result['model_gib']:.2f} GiB fp16" + (f"; one delta {result['delta_gib_each']:.3f} GiB (1/{result['model_gib'] / result['delta_gib_each']:.1f} of the model)." if "delta_gib_each" in result else "."),
+        f"Model: {result['model_gib']:.2f} GiB fp16" + (f"; one delta {result['delta_gib_each']:.3f} GiB (1/{result['model_gib'] / result['delta_gib_each']:.1f} of the model)." if result.get("delta_gib_each") else ".") + split,
         "",
         "| N | system | memory GiB | TTFT ms | decode ms median | p99 | decode tok/s | e2e tok/s | steps timed | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -128,15 +131,16 @@ def markdown(result: dict) -> str:
         lines += ["", "Measured in separate calls, the systems of one call side by side: "
                   + "; ".join(f"{call} on {device}: N = {'; '.join(rows)}" for (call, device), rows in sorted(measured.items())) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
-    lines += ["", f"![memory and decode latency against N]({name}.png)", "",
-              f"Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): {name}_profile.txt; read in README.md."]
+    lines += ["", f"![memory and decode latency against N]({name}.png)"]
+    if setup.get("tensor_parallel", 1) == 1:
+        lines += ["", f"Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): {name}_profile.txt; read in README.md."]
     return "\n".join(lines) + "\n"
 
 
 def goals(result: dict) -> list[str]:
     row = next((r for r in result["rows"] if r["label"] == "32"), None)
-    if row is None or "bitdelta" not in row:
-        return ["N = 32 was not run"]
+    if row is None or any("error" in row.get(system, {"error": "not run"}) for system in ("bitdelta", "base")):
+        return ["N = 32 was not run (or ran out of memory)"]
     bd, base, naive = row["bitdelta"], row["base"], row.get("naive")
     out = []
     if naive and "error" not in naive:
@@ -220,7 +224,8 @@ def main() -> None:
     parser.add_argument("--tensor-parallel", type=int, default=1,
                         help="bitdelta and base only (and --base-quant) on N ranks, one a GPU: the model is written to "
                              "--checkpoint-dir first, and each rank loads its share; memory is rank 0's GPU")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="--tensor-parallel: where the model is written (default: a temporary folder)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="--tensor-parallel: where the model (base/) and random deltas (random-deltas/) are written (default: a temporary folder)")
     parser.add_argument("--max-seconds", type=float, default=6, help="naive: stop timing decode steps after this long (at least 2)")
     parser.add_argument("--profile-tenants", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -254,7 +259,7 @@ def main() -> None:
         if folder is None:
             folder = Path(tempfile.mkdtemp(prefix="bitdelta-e2e-"))
             atexit.register(shutil.rmtree, folder, True)
-        weights = write_checkpoint(config, weights, folder)
+        weights = write_checkpoint(config, weights, folder / "base")  # random deltas go beside it (serve_random_deltas)
     result = {
         "command": f"{REPRODUCE} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "device")),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -286,22 +291,21 @@ def main() -> None:
         runs = [("naive", functools.partial(run_naive, max_seconds=args.max_seconds))] if "naive" in systems else []
         if "lora" in systems:
             runs += [(f"lora-r{rank}", functools.partial(run_lora, rank=int(rank))) for rank in args.lora_ranks.split(",")]
+        if "bitdelta" in systems:
+            runs += [("bitdelta", run_bitdelta), ("base", run_base)]
+        for recipe in filter(None, args.base_quant.split(",")):
+            runs += [(f"bitdelta-{recipe}", functools.partial(run_bitdelta, base_quant=recipe)),
+                     (f"base-{recipe}", functools.partial(run_base, base_quant=recipe))]
+        if "eager" in systems:  # the same engine issuing every kernel from Python
+            runs += [("bitdelta-eager", functools.partial(run_bitdelta, graphs=False)), ("base-eager", functools.partial(run_base, graphs=False))]
         for system, run in runs:
             try:
                 row[system] = run(setup, config, weights, tenants_of_requests)
             except torch.OutOfMemoryError as error:
                 row[system] = {"error": f"out of GPU memory ({str(error).splitlines()[0][:80]})"}
             reset_peak(device)
-        if "bitdelta" in systems:
-            row["bitdelta"] = run_bitdelta(setup, config, weights, tenants_of_requests)
-            row["base"] = run_base(setup, config, weights, tenants_of_requests)
-            result["delta_gib_each"] = row["bitdelta"]["delta_gib"] / row["distinct"]
-        for recipe in filter(None, args.base_quant.split(",")):
-            row[f"bitdelta-{recipe}"] = run_bitdelta(setup, config, weights, tenants_of_requests, base_quant=recipe)
-            row[f"base-{recipe}"] = run_base(setup, config, weights, tenants_of_requests, base_quant=recipe)
-        if "eager" in systems:  # the same engine issuing every kernel from Python
-            row["bitdelta-eager"] = run_bitdelta(setup, config, weights, tenants_of_requests, graphs=False)
-            row["base-eager"] = run_base(setup, config, weights, tenants_of_requests, graphs=False)
+        if "error" not in row.get("bitdelta", {"error": None}):  # one whole delta (each rank holds 1/N of it)
+            result["delta_gib_each"] = row["bitdelta"]["delta_gib"] * args.tensor_parallel / row["distinct"]
         for system in systems_of(row):
             row[system].setdefault("call", started)
         result["rows"].append(row)

@@ -99,14 +99,17 @@ def write_checkpoint(config, weights: dict[str, torch.Tensor], folder: Path) -> 
     return folder
 
 
-def write_random_deltas(base_folder: Path, names: list[str], folder: Path) -> list[Path]:
+def write_random_deltas(base_folder: Path, names: list[str], folder: Path, base_quant: str | None = None) -> list[Path]:
     """Random 1-bit deltas of the model in `base_folder` (one per-matrix scale each), written in the
-    delta format over that base as `folder`/<name>: what a server loads like any other."""
+    delta format over that base (quantized by `base_quant`) as `folder`/<name>: what a server loads
+    like any other."""
+    from bitdelta.apply import quantized_view
     from bitdelta.checkpoint import Checkpoint
     from bitdelta.fileformat import DeltaConfig, write_delta
     from bitdelta.targets import block_linears
 
     base = Checkpoint(base_folder)
+    identity = None if base_quant is None else quantized_view(base, base_quant).identity
     linears = sorted(block_linears(base))
     dtypes = {name: str(meta.dtype).removeprefix("torch.") for name, meta in base.tensors.items()}
     written = []
@@ -125,7 +128,7 @@ def write_random_deltas(base_folder: Path, names: list[str], folder: Path) -> li
                                finetuned_fingerprint=f"random-{index}", model_type=base.config["model_type"],
                                finetuned_dtype=next(iter(dtypes.values())), finetuned_bytes=sum(m.nbytes for m in base.tensors.values()),
                                scale_granularity="matrix", compressed={name: list(base.tensors[name].shape) for name in linears},
-                               dense={}, removed=[], dtypes=dtypes, files=files)
+                               dense={}, removed=[], dtypes=dtypes, files=files, base_quant=identity)
 
         written.append(write_delta(folder / name, tensors(), config, [base_folder / "config.json"], overwrite=True))
     return written
@@ -164,13 +167,28 @@ def random_deltas(count: int, shapes: tuple[tuple[str, tuple[int, ...], tuple[in
     return deltas
 
 
-def serve_random_deltas(engine: Engine, tenants: list[int]) -> None:
-    """Register fine-tune `ft{t}` for each tenant t, on DISTINCT_DELTAS random deltas round-robin."""
-    # each linear's full shape: under tensor parallelism the engine cuts a delta to each rank's share
-    shapes = tuple((name, (n, packed_words(k)), (n,)) for name in engine.model.linears for n, k in [engine.model.base_shape(name)])
+def serve_random_deltas(engine: Engine, tenants: list[int], base_folder: Path | None = None, base_quant: str | None = None) -> None:
+    """Register fine-tune `ft{t}` for each tenant t, on DISTINCT_DELTAS random deltas round-robin: in
+    memory, or, for an engine over the checkpoint `base_folder` (tensor parallel), as delta folders
+    beside it (each rank then reads its own share from the files; a delta in memory would travel
+    whole to every rank), made for the base quantized by `base_quant`."""
+    if base_folder is not None:
+        folders = random_delta_folders(base_folder, base_quant)
+        for index, tenant in enumerate(tenants):
+            engine.store.register(f"ft{tenant}", folders[index % len(folders)])
+        return
+    shapes = tuple((name, tuple(linear.signs.shape[1:]), tuple(linear.scales.shape[1:])) for name, linear in engine.model.linears.items())
     deltas = random_deltas(DISTINCT_DELTAS, shapes, engine.model.device.type == "cuda")
     for index, tenant in enumerate(tenants):
         engine.store.add(f"ft{tenant}", deltas[index % len(deltas)])
+
+
+@functools.cache
+def random_delta_folders(base_folder: Path, base_quant: str | None) -> list[Path]:
+    """DISTINCT_DELTAS random deltas over the checkpoint `base_folder` (quantized by `base_quant`),
+    written once beside it."""
+    names = [f"delta-{index}" for index in range(DISTINCT_DELTAS)]
+    return write_random_deltas(base_folder, names, base_folder.parent / f"random-deltas-{base_quant or 'fp'}", base_quant)
 
 
 def prompts(setup: Setup, count: int) -> list[list[int]]:

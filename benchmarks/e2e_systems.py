@@ -79,7 +79,10 @@ def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: 
         device=setup.device.type, dtype=str(setup.dtype).removeprefix("torch."),
     )
     if isinstance(weights, Path):
-        return Engine(weights, engine_config, base_name="base")  # the name from_model gives it
+        engine = Engine(weights, engine_config, base_name="base")  # the name from_model gives it
+        # each rank moved its fp16 share to its GPU before quantizing it: memory counts from the built engine
+        reset_peak(setup.device)
+        return engine
     return Engine.from_model(model_over(config, weights), engine_config)
 
 
@@ -127,7 +130,7 @@ def run_bitdelta(setup: Setup, config, weights, tenants_of_requests: list[int], 
     distinct = sorted(set(tenants_of_requests))
     reset_peak(setup.device)
     engine = build_engine(setup, config, weights, slots=len(distinct), batch=len(tenants_of_requests), graphs=graphs, base_quant=base_quant)
-    serve_random_deltas(engine, distinct)
+    serve_random_deltas(engine, distinct, weights if isinstance(weights, Path) else None, base_quant)
     try:
         result = run_engine(engine, setup, [f"ft{t}" for t in tenants_of_requests])
     finally:

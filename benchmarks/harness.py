@@ -206,7 +206,7 @@ class Problem:
 
     def base_only_us(self) -> float:
         """The public entry point with every row on the base: the DENSE path (cuBLAS over a bf16 base,
-        the stored product over an int8/fp8 one, dequantize and cuBLAS over int4)."""
+        the stored product over a quantized one)."""
         base_rows = torch.full_like(self.slot_ids, -1)
         plan = build_plan(base_rows)
         return graph_us([lambda d=d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], base_rows, plan=plan)

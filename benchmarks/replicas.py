@@ -112,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bitdelta-replicas-") as folder:
         base, deltas, names = build_models(args.shape, args.finetunes, Path(folder))
         rows = []
-        for replicas in counts:
+        for replicas in sorted(set(counts) | {1}):  # one replica: what every efficiency is measured against
             row = {"replicas": replicas, **measure(base, deltas, names, replicas, args)}
             row["efficiency"] = row["tokens_per_s"] / (replicas * rows[0]["tokens_per_s"]) if rows else 1.0
             rows.append(row)

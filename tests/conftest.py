@@ -13,6 +13,23 @@ from bitdelta import tiny
 
 torch.set_num_threads(2)
 
+# the loggers `bitdelta serve` configures (server/cli.py logging_config)
+SERVER_LOGGERS = ("bitdelta", "uvicorn", "uvicorn.access", "uvicorn.error")
+
+
+@pytest.fixture(autouse=True)
+def _server_logging_restored():
+    """A test that runs `bitdelta serve` in-process (CliRunner) configures these loggers onto that
+    run's stderr, which is closed after it: later tests' servers would log to a closed stream."""
+    import logging
+
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in map(logging.getLogger, SERVER_LOGGERS)]
+    yield
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
 
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:

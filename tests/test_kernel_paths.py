@@ -283,7 +283,7 @@ def test_grouped_experts_kernel_in_the_triton_interpreter():
     code = """
 import torch
 from bitdelta.kernels import reference
-from bitdelta.kernels.experts import expert_matmul
+from bitdelta.kernels.experts import ExpertPairs
 from bitdelta.kernels.experts_triton import grouped_expert_matmul
 from bitdelta.quant import quantize
 experts, slots, n, k = 5, 3, 40, 300  # expert 4: no pair
@@ -294,13 +294,10 @@ pair_experts = torch.tensor([0, 2, 2, 0, 3, 2, 0] + [1] * 20)
 pair_slots = torch.tensor([0, 1, -1, 0, 2, 1, -1] + [2] * 20)
 x = torch.randn(len(pair_experts), k).half()
 base = torch.randn(experts, n, k) * 0.05
-keys = pair_experts * (slots + 1) + pair_slots + 1
-sizes = torch.bincount(keys, minlength=experts * (slots + 1)).int()
-starts = (torch.cumsum(sizes, 0) - sizes).int()
-order = torch.argsort(keys, stable=True).int()
+segments = ExpertPairs(pair_experts, pair_slots, experts, slots).segments
 stored = [quantize(base.reshape(experts * n, k), recipe) for recipe in ("int8", "int4")]
 for weights, dense in [(base.half(), base.half())] + [(q, q.dequantize().view(experts, n, k)) for q in stored]:
-    out = grouped_expert_matmul(x, weights, signs, scales, order, starts, sizes)
+    out = grouped_expert_matmul(x, weights, signs, scales, *segments)
     ref = reference.expert_matmul(x.float(), dense.float(), signs, scales, pair_experts, pair_slots)
     print(((out.float() - ref).norm() / ref.norm()).item())
 """
@@ -310,7 +307,7 @@ for weights, dense in [(base.half(), base.half())] + [(q, q.dequantize().view(ex
 
 def test_experts_loop_on_the_cpu_matches_the_reference():
     """The per-expert loop (the CPU's path) gives each pair its own expert and slot."""
-    from bitdelta.kernels.experts import expert_matmul
+    from bitdelta.kernels.experts import ExpertPairs, expert_matmul
 
     experts, slots, n, k = 5, 2, 24, 70
     signs = torch.randint(-(2**31), 2**31 - 1, (experts, slots, n, (k + 31) // 32), dtype=torch.int32)
@@ -318,7 +315,7 @@ def test_experts_loop_on_the_cpu_matches_the_reference():
     base = torch.randn(experts, n, k) * 0.05
     pair_experts, pair_slots = torch.randint(0, experts, (30,)), torch.randint(-1, slots, (30,))
     x = torch.randn(30, k)
-    out = expert_matmul(x, base, signs, scales, pair_experts, pair_slots)
+    out = expert_matmul(x, base, signs, scales, ExpertPairs(pair_experts, pair_slots, experts, slots))
     for p in range(30):  # pair by pair, from the merged weight of its own expert and slot
         e, s = pair_experts[p].item(), pair_slots[p].item()
         weight = base[e] if s < 0 else reference.merged_weight(base[e], signs[e], scales[e], s)

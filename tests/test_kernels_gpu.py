@@ -422,7 +422,7 @@ def test_fast_launch_skips_jit_run_once_compiled_and_honours_launch_hooks(monkey
 def test_grouped_experts_match_the_reference(base, pairs, experts):
     """expert_matmul in one launch over random (expert, slot) pairs, base-only pairs among them: each
     pair equals the reference over its own expert and slot (bf16 output: bound 1e-2 relative a row)."""
-    from bitdelta.kernels.experts import expert_matmul, grouped
+    from bitdelta.kernels.experts import ExpertPairs, expert_matmul, grouped
     from bitdelta.quant import quantize
 
     slots, n, k = 5, 160, 1000
@@ -435,7 +435,7 @@ def test_grouped_experts_match_the_reference(base, pairs, experts):
     pair_slots = torch.randint(-1, slots, (pairs,), device="cuda")
     x = torch.randn(pairs, k, device="cuda").bfloat16()
     assert grouped(x, weights)
-    out = expert_matmul(x, weights, signs, scales, pair_experts, pair_slots)
+    out = expert_matmul(x, weights, signs, scales, ExpertPairs(pair_experts, pair_slots, experts, slots))
     ref = reference.expert_matmul(x.float(), reference_weights, signs, scales, pair_experts, pair_slots)
     assert torch.isfinite(out).all()
     assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-2
@@ -444,7 +444,7 @@ def test_grouped_experts_match_the_reference(base, pairs, experts):
 def test_grouped_experts_replay_in_a_cuda_graph_on_new_routing():
     """The experts' product captured once replays with new inputs and new routing: nothing in it was
     read on the host at capture."""
-    from bitdelta.kernels.experts import expert_matmul
+    from bitdelta.kernels.experts import ExpertPairs, expert_matmul
 
     experts, slots, n, k, pairs = 8, 3, 96, 512, 48
     weights = (torch.randn(experts, n, k, device="cuda") * 0.05).bfloat16()
@@ -453,11 +453,11 @@ def test_grouped_experts_replay_in_a_cuda_graph_on_new_routing():
     x = torch.randn(pairs, k, device="cuda").bfloat16()
     pair_experts = torch.randint(0, experts, (pairs,), device="cuda")
     pair_slots = torch.randint(-1, slots, (pairs,), device="cuda")
-    expert_matmul(x, weights, signs, scales, pair_experts, pair_slots)  # compile outside the capture
+    expert_matmul(x, weights, signs, scales, ExpertPairs(pair_experts, pair_slots, experts, slots))  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = expert_matmul(x, weights, signs, scales, pair_experts, pair_slots)
+        out = expert_matmul(x, weights, signs, scales, ExpertPairs(pair_experts, pair_slots, experts, slots))
     x.copy_(torch.randn_like(x))
     pair_experts.copy_(torch.randint(0, experts, (pairs,), device="cuda"))
     pair_slots.copy_(torch.randint(-1, slots, (pairs,), device="cuda"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitdelta.kernels.experts import expert_matmul, grouped
+from bitdelta.kernels.experts import ExpertPairs, expert_matmul, grouped
 from bitdelta.model_names import FUSED_EXPERTS
 from bitdelta.pack import packed_words
 from bitdelta.quant import quantize
@@ -83,15 +83,15 @@ class ExpertLayer:
         weights, chosen = torch.topk(probabilities, self.top_k, dim=-1)
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        pair_experts = chosen.flatten()
-        pair_slots = slots.repeat_interleave(self.top_k)
+        pairs = ExpertPairs(chosen.flatten(), slots.repeat_interleave(self.top_k), self.num_experts,
+                            self.signs["down_proj"].shape[1])
         inputs = x.repeat_interleave(self.top_k, dim=0)
-        gate, up = self._product("gate_up_proj", inputs, pair_experts, pair_slots).chunk(2, dim=-1)
-        y = self._product("down_proj", self.activation(gate) * up, pair_experts, pair_slots)
+        gate, up = self._product("gate_up_proj", inputs, pairs).chunk(2, dim=-1)
+        y = self._product("down_proj", self.activation(gate) * up, pairs)
         out = (y.view(x.shape[0], self.top_k, -1).float() * weights[..., None]).sum(dim=1)
         if self.cuts is not None:  # each rank summed its share of the down products
             torch.distributed.all_reduce(out)
         return out.to(x.dtype)
 
-    def _product(self, name: str, inputs: torch.Tensor, pair_experts: torch.Tensor, pair_slots: torch.Tensor) -> torch.Tensor:
-        return expert_matmul(inputs, self.weights[name], self.signs[name], self.scales[name], pair_experts, pair_slots)
+    def _product(self, name: str, inputs: torch.Tensor, pairs: ExpertPairs) -> torch.Tensor:
+        return expert_matmul(inputs, self.weights[name], self.signs[name], self.scales[name], pairs)

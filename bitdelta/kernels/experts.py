@@ -18,6 +18,9 @@ loop (`bitdelta_matmul` once per routed expert, the rows grouped on the host).
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 from bitdelta.kernels import bitdelta_matmul, on_triton
@@ -29,30 +32,47 @@ def grouped(x: torch.Tensor, base_weights) -> bool:
     return on_triton(x) and (isinstance(base_weights, torch.Tensor) or reads_as_stored(base_weights))
 
 
-def expert_matmul(x: torch.Tensor, base_weights, signs: torch.Tensor, scales: torch.Tensor,
-                  pair_experts: torch.Tensor, pair_slots: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class ExpertPairs:
+    """A step's (row, expert) pairs: each pair's expert and delta slot (-1 = base only), of
+    `num_experts` experts and `num_slots` slots. A block's products share one, so the pairs are
+    grouped once a step."""
+
+    experts: torch.Tensor  # int [P]
+    slots: torch.Tensor  # int [P]
+    num_experts: int
+    num_slots: int
+
+    @functools.cached_property
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, starts, sizes), int32, built on the device: the pairs sorted by (expert, slot), and
+        each (expert, slot) segment's first position in that order and its pair count, [E * (S + 1)]
+        (an expert's slot -1 first)."""
+        keys = self.experts.long() * (self.num_slots + 1) + self.slots.long() + 1
+        sizes = torch.zeros(self.num_experts * (self.num_slots + 1), dtype=torch.int32, device=keys.device)
+        sizes.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+        starts = torch.cumsum(sizes, 0, dtype=torch.int32) - sizes
+        return torch.argsort(keys, stable=True).to(torch.int32), starts, sizes
+
+
+def expert_matmul(x: torch.Tensor, base_weights, signs: torch.Tensor, scales: torch.Tensor, pairs: ExpertPairs) -> torch.Tensor:
     """y [P, N] in x's dtype (`reference.expert_matmul`) for x [P, K]; base_weights [E, N, K], or a
     quantized base (bitdelta.quant.QuantizedWeight) holding the experts' rows as [E * N, K]; signs
-    int32 [E, S, N, ceil(K/32)], scales fp32 [E, S, N]; pair_experts and pair_slots int [P]."""
-    count, slots, n, _ = signs.shape
+    int32 [E, S, N, ceil(K/32)], scales fp32 [E, S, N]."""
+    n = signs.shape[2]
     if grouped(x, base_weights):
         from bitdelta.kernels.experts_triton import grouped_expert_matmul
 
-        keys = pair_experts.long() * (slots + 1) + pair_slots.long() + 1
-        sizes = torch.zeros(count * (slots + 1), dtype=torch.int32, device=x.device)
-        sizes.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-        starts = torch.cumsum(sizes, 0, dtype=torch.int32) - sizes
-        order = torch.argsort(keys, stable=True).to(torch.int32)
-        return grouped_expert_matmul(x, base_weights, signs, scales, order, starts, sizes)
+        return grouped_expert_matmul(x, base_weights, signs, scales, *pairs.segments)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    order = torch.sort(pair_experts, stable=True).indices
+    order = torch.sort(pairs.experts, stable=True).indices
     start = 0
-    for expert, size in enumerate(torch.bincount(pair_experts, minlength=count).tolist()):  # host sync
+    for expert, size in enumerate(torch.bincount(pairs.experts, minlength=pairs.num_experts).tolist()):  # host sync
         if size:
-            pairs = order[start : start + size]
+            rows = order[start : start + size]
             start += size
-            y[pairs] = bitdelta_matmul(x.index_select(0, pairs), _expert_base(base_weights, expert, n),
-                                       signs[expert], scales[expert], pair_slots.index_select(0, pairs))
+            y[rows] = bitdelta_matmul(x.index_select(0, rows), _expert_base(base_weights, expert, n),
+                                      signs[expert], scales[expert], pairs.slots.index_select(0, rows))
     return y
 
 

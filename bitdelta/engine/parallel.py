@@ -136,13 +136,16 @@ def _cut(name: str, shape: tuple[int, ...], tp: TensorParallel, widths: dict[str
     if role in WHOLE_PROJECTION_NORMS and shape == widths[role]:
         return Shard(0, (tp.part(shape[0]),), shape)
     if role in COLUMN_PARALLEL or role in FUSED_COLUMN_PARALLEL:
-        widths = widths[role] if role in FUSED_COLUMN_PARALLEL else (shape[0],)
-        if sum(widths) != shape[0] or any(width % tp.world for width in widths):
+        part_rows = widths[role] if role in FUSED_COLUMN_PARALLEL else (shape[0],)
+        if sum(part_rows) != shape[0] or any(rows % tp.world for rows in part_rows):
             raise IncompatibleModelsError(f"--tensor-parallel {tp.world}: {name} has {shape[0]} output rows, which do not split "
-                                          f"into {tp.world} equal shares{' of each part' if len(widths) > 1 else ''}")
-        starts = [sum(widths[:i]) for i in range(len(widths))]
-        return Shard(0, tuple(slice(start + tp.part(width).start, start + tp.part(width).stop)
-                              for start, width in zip(starts, widths)), shape)
+                                          f"into {tp.world} equal shares{' of each part' if len(part_rows) > 1 else ''}")
+        shares, start = [], 0
+        for rows in part_rows:  # this rank's rows of each part, at the part's offset in the fused matrix
+            share = tp.part(rows)
+            shares.append(slice(start + share.start, start + share.stop))
+            start += rows
+        return Shard(0, tuple(shares), shape)
     if role in ROW_PARALLEL:
         if kind == "bias":
             raise IncompatibleModelsError(f"--tensor-parallel: {name} is a bias of a row-parallel linear, which is not supported yet")

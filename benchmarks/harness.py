@@ -185,24 +185,24 @@ class Problem:
         return ((out.float() - self.ref).norm() / self.ref.norm()).item()
 
     # ---- what one pass over the bytes can do
-    def stream_us(self, programs: int, warps: int, base: bool = True) -> float:
-        """A kernel that only reads the case's weight bytes, the base's (unless base=False) and every
-        distinct delta's bits, summing them so the loads stay: `programs` programs stream in turn."""
+    def stream_us(self, programs: int, warps: int, deltas: bool = True) -> float:
+        """A kernel that only reads the case's weight bytes, the base's and every distinct delta's bits
+        (unless deltas=False), summing them so the loads stay: `programs` programs stream in turn."""
         out = torch.empty(programs, dtype=torch.int32, device="cuda")
 
         def call(d: dict) -> None:
             w = d["w"] if self.recipe is None else d["w"].data  # a quantized base's values (its scales: N words)
-            a = w.view(torch.int32).reshape(-1) if base else out[:0]
-            b = d["signs"].reshape(-1)
+            a = w.view(torch.int32).reshape(-1)
+            b = d["signs"].reshape(-1) if deltas else out[:0]
             _stream_kernel[(programs,)](a, a.numel(), b, b.numel(), out, BLOCK=STREAM_WORDS, num_warps=warps)
 
         return graph_us([lambda d=d: call(d) for d in self.sets])
 
-    def read_us(self, base: bool = True) -> float:
+    def read_us(self, deltas: bool = True) -> float:
         """The fastest `stream_us` over STREAM_GRIDS: how fast any single pass over the case's
         weight bytes goes in this harness."""
         sms = sm_count(torch.cuda.current_device())
-        return min(self.stream_us(per_sm * sms, warps, base) for per_sm, warps in STREAM_GRIDS)
+        return min(self.stream_us(per_sm * sms, warps, deltas) for per_sm, warps in STREAM_GRIDS)
 
     def base_only_us(self) -> float:
         """The public entry point with every row on the base: the DENSE path (cuBLAS over a bf16 base,

@@ -4,7 +4,7 @@
 
 For the Llama-2-7B/70B linear shapes at each batch, with every row its own delta and with one
 delta shared, and for each base format: our entry point with the deltas, base only (every row on
-the base: cuBLAS over bf16, the stored product over int8/fp8, dequantize + cuBLAS over int4), the
+the base: cuBLAS over bf16, the stored product over a quantized one), a pure read of the base's bytes alone, the
 byte floor of the case (its base in its own format, each distinct delta's bits once, x and y) and
 a kernel that only reads the same weight bytes. All formats of a case are measured side by side in
 one run, so the ratios to the bf16 base hold. Writes quantized_base.json and quantized_base.md to
@@ -34,10 +34,10 @@ def measure_case(k: int, n: int, batch: int, distinct: bool, recipe: str | None,
     p = Problem.decode(k, n, batch, distinct, recipe=recipe)
     key = (k, n, batch, recipe)
     if key not in base_only:
-        base_only[key] = p.base_only_us()
+        base_only[key] = p.base_only_us(), p.read_us(deltas=False)
     row = {"K": k, "N": n, "batch": batch, "deltas": "distinct" if distinct else "shared", "base": recipe or "bf16",
            "path": p.dispatched_choice().path.name, "error": p.relative_error(), "floor_us": p.bytes / bandwidth * 1e6,
-           "ours_us": p.ours_us(), "base_only_us": base_only[key], "read_us": p.read_us()}
+           "ours_us": p.ours_us(), "base_only_us": base_only[key][0], "base_read_us": base_only[key][1], "read_us": p.read_us()}
     row["ours_over_read"] = row["ours_us"] / row["read_us"]
     del p
     torch.cuda.empty_cache()
@@ -55,6 +55,7 @@ def suite(formats: list[str], batches: list[int], bandwidth: float) -> list[dict
                     if bf16 is not None:
                         r["ours_over_bf16"] = r["ours_us"] / bf16["ours_us"]
                         r["base_only_over_bf16"] = r["base_only_us"] / bf16["base_only_us"]
+                        r["base_read_over_bf16"] = r["base_read_us"] / bf16["base_only_us"]
                     print(_fmt(r), flush=True)
                 rows += case
     return rows
@@ -76,6 +77,9 @@ def goals(rows: list[dict]) -> dict:
         out[recipe] = {
             f"base-only decode within {BASE_ONLY_GOAL}x of bf16": f"{sum(r['base_only_over_bf16'] <= BASE_ONLY_GOAL for r in base_only)}/{len(base_only)}",
             "max base-only/bf16": max((r["base_only_over_bf16"] for r in base_only), default=None),
+            # the goal is out of reach where a pure read of the quantized base's bytes already takes longer
+            f"cases where a pure read of the base is within {BASE_ONLY_GOAL}x of bf16":
+                f"{sum(r['base_read_over_bf16'] <= BASE_ONLY_GOAL for r in base_only)}/{len(base_only)}",
             f"multi-tenant within {FLOOR_GOAL}x of a pure read": f"{sum(r['ours_over_read'] <= FLOOR_GOAL for r in mine)}/{len(mine)}",
             "max ours/read": max(r["ours_over_read"] for r in mine),
             "median ours/bf16 ours": statistics.median(r["ours_over_bf16"] for r in mine) if "bf16" in formats else None,
@@ -88,14 +92,17 @@ def markdown(result: dict) -> str:
              "`python -m benchmarks.quantized_base`. Shapes K x N; times in microseconds (median, CUDA graph, cold L2);"
              " every format of a case measured side by side. ours: the entry point with the case's deltas; base only:"
              " every row on the base; read: a kernel that only reads the case's weight bytes in that format (the"
-             " floor as measured); floor: those bytes over the copy bandwidth "
+             " floor as measured); base read: the same over the base's bytes alone (the floor of base only); floor:"
+             " the case's bytes over the copy bandwidth "
              f"({result['ceilings']['copy_bandwidth_GBps']:.0f} GB/s). /bf16: over the same case on the bf16 base.", "",
-             "| shape | deltas | batch | base | path | ours | base only | read | floor | ours/read | ours/bf16 | base only/bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | deltas | batch | base | path | ours | base only | base read | read | floor | ours/read | ours/bf16 |"
+             " base only/bf16 | base read/bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["decode"]:
         lines.append(f"| {r['K']}x{r['N']} | {r['deltas']} | {r['batch']} | {r['base']} | {r['path']} | {r['ours_us']:.1f} | "
-                     f"{r['base_only_us']:.1f} | {r['read_us']:.1f} | {r['floor_us']:.1f} | {r['ours_over_read']:.2f} | "
-                     f"{r.get('ours_over_bf16', float('nan')):.2f} | {r.get('base_only_over_bf16', float('nan')):.2f} |")
+                     f"{r['base_only_us']:.1f} | {r['base_read_us']:.1f} | {r['read_us']:.1f} | {r['floor_us']:.1f} | "
+                     f"{r['ours_over_read']:.2f} | {r.get('ours_over_bf16', float('nan')):.2f} | "
+                     f"{r.get('base_only_over_bf16', float('nan')):.2f} | {r.get('base_read_over_bf16', float('nan')):.2f} |")
     lines += ["", "## Goals (issue 23)", ""]
     for recipe, goal in result["goals"].items():
         lines.append(f"- {recipe}: " + "; ".join(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}"

@@ -1,6 +1,7 @@
 """Decode over a quantized base: the multi-tenant delta matmul over an int8 / fp8 / int4 base against the bf16 base (CUDA).
 
     python -m benchmarks.quantized_base [--formats bf16,int8,fp8,int4] [--batches 1,4,16,32,64] [--out benchmarks/results]
+    python -m benchmarks.quantized_base --product-tiles [--formats int8,fp8,int4] [--batches 1,16,32,64]
 
 For the Llama-2-7B/70B linear shapes at each batch, with every row its own delta and with one
 delta shared, and for each base format: our entry point with the deltas, base only (every row on
@@ -9,6 +10,11 @@ byte floor of the case (its base in its own format, each distinct delta's bits o
 a kernel that only reads the same weight bytes. All formats of a case are measured side by side in
 one run, so the ratios to the bf16 base hold. Writes quantized_base.json and quantized_base.md to
 --out. Timing: `benchmarks/harness.py` (CUDA graphs over rotating buffer sets, cold L2).
+
+--product-tiles re-checks the stored product's tile rule (`base_product_triton.product_tiles`, base
+only over a quantized base): per shape, format and batch, the dispatched tiles against other column
+widths, K steps, warps, stages and the transposed product, each checked against the reference
+first. Writes quantized_base_product_tiles.json and .md.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import DECODE_SHAPES, DTYPE, Problem, measure_ceilings
+from benchmarks.harness import DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, Problem, graph_us, measure_ceilings
 from benchmarks.report import write_report
+from bitdelta.kernels.base_product import stored
+from bitdelta.kernels.base_product_triton import ProductTiles, product_tiles, stored_product
+from bitdelta.kernels.paths.problem import next_pow2
 
 BASE_ONLY_GOAL = 0.6  # int8/fp8 base-only decode time over the bf16 base's
 FLOOR_GOAL = 1.3  # every multi-tenant case over a pure read of its bytes
+# the stored product's decode tiles re-checked by --product-tiles: (block_n, block_k, warps, stages), each also transposed
+PRODUCT_TILES = ((32, 256, 4, 3), (32, 128, 4, 4), (64, 256, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))
 
 
 def measure_case(k: int, n: int, batch: int, distinct: bool, recipe: str | None, bandwidth: float, base_only: dict) -> dict:
@@ -110,17 +121,71 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def product_tile_sweep(formats: list[str], batches: list[int]) -> list[dict]:
+    rows = []
+    for k, n in DECODE_SHAPES:
+        for recipe in formats:
+            for batch in batches:
+                p = Problem.decode(k, n, batch, True, recipe=recipe)
+                ref = p.sets[0]["x"].float() @ p.sets[0]["w"].dequantize().t()
+                dispatched = product_tiles(batch)
+                variants = {dispatched} | {ProductTiles(max(16, next_pow2(batch)), *tiles, transposed)
+                                           for tiles in PRODUCT_TILES for transposed in (False, True)}
+                times = {}
+                for tiles in variants:
+                    name = f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}{' T' if tiles.transposed else ''}"
+                    try:
+                        out = stored_product(p.sets[0]["x"], stored(p.sets[0]["w"]), None, DTYPE, tiles).float()
+                        ok = (out - ref).norm() / ref.norm() < MAX_RELATIVE_ERROR
+                        times[name] = graph_us([lambda d=d, t=tiles: stored_product(d["x"], stored(d["w"]), None, DTYPE, t)
+                                                for d in p.sets]) if ok else float("nan")
+                    except Exception as error:  # a tiling the GPU cannot launch (shared memory): reported, not fatal
+                        print(f"{name}: {type(error).__name__}: {error}"[:200], flush=True)
+                        times[name] = float("nan")
+                    if tiles == dispatched:
+                        dispatched_name = name
+                best = min((t, name) for name, t in times.items() if t == t)
+                rows.append({"K": k, "N": n, "base": recipe, "batch": batch, "dispatched": dispatched_name, "best": best[1],
+                             "dispatched_us": times[dispatched_name], "best_us": best[0], "times_us": times})
+                print(f"{k}x{n} {recipe} b={batch}: dispatched {dispatched_name} {times[dispatched_name]:.1f} best {best[1]} "
+                      f"{best[0]:.1f}", flush=True)
+                del p
+                torch.cuda.empty_cache()
+    return rows
+
+
+def product_tiles_markdown(result: dict) -> str:
+    ratios = [r["dispatched_us"] / r["best_us"] for r in result["rows"]]
+    lines = [f"# The stored product's tiles over a quantized base ({result['device']})", "",
+             "`python -m benchmarks.quantized_base --product-tiles`. Base only (every row on the base), shapes K x N, times"
+             " in microseconds (median, CUDA graph, cold L2): the tiles `product_tiles` dispatches against"
+             f" up to {len(PRODUCT_TILES) * 2} others (block_n x block_k, warps, stages, T: transposed), each checked against the"
+             f" reference first. Dispatched / best: mean {statistics.mean(ratios):.3f}, max {max(ratios):.2f}.", "",
+             "| shape | base | batch | dispatched | us | best | us | dispatched / best |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['K']}x{r['N']} | {r['base']} | {r['batch']} | {r['dispatched']} | {r['dispatched_us']:.1f} | "
+                     f"{r['best']} | {r['best_us']:.1f} | {r['dispatched_us'] / r['best_us']:.2f} |")
+    return "\n".join(lines + ["", "Every variant's time is in quantized_base_product_tiles.json (`times_us`).", ""])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="bf16,int8,fp8,int4")
     parser.add_argument("--batches", default="1,4,16,32,64")
+    parser.add_argument("--product-tiles", action="store_true", help="re-check the stored product's tile rule instead")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.manual_seed(int(time.time()))
     started = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "dtype": str(DTYPE), "shape_convention": "K x N (in x out features)", "ceilings": measure_ceilings()}
+              "dtype": str(DTYPE), "shape_convention": "K x N (in x out features)"}
     formats = args.formats.split(",")
+    if args.product_tiles:
+        result["rows"] = product_tile_sweep([f for f in formats if f != "bf16"], [int(b) for b in args.batches.split(",")])
+        result["seconds"] = time.time() - started
+        write_report(args.out, "quantized_base_product_tiles", result, product_tiles_markdown(result))
+        return
+    result["ceilings"] = measure_ceilings()
     result["decode"] = suite(formats, [int(b) for b in args.batches.split(",")], result["ceilings"]["copy_bandwidth_GBps"] * 1e9)
     result["goals"] = goals(result["decode"])
     result["seconds"] = time.time() - started

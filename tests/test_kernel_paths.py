@@ -327,12 +327,17 @@ _POINTER_TYPES = {"signs_ptr": "*i32", "order_ptr": "*i32", "rslot_ptr": "*i32",
                   "starts_ptr": "*i32", "sizes_ptr": "*i32", "x_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
 
 
+HOPPER_SHARED_MEMORY = 232448  # bytes a block may use on sm_90 (227 KiB)
+
+
 @pytest.mark.parametrize("form,stored", [(0, "*bf16"), (1, "*i8"), (1, "*fp8e4nv"), (2, "*u8")],
                          ids=["bf16 base", "int8 base", "fp8 base", "int4 base"])
 def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
     """Each kernel that reads base tiles (GEMV, segment, merge, experts, stored product), compiled for
     sm_90 on the CPU in each base form: the interpreter runs code the compiler rejects (a branch's
-    return type where another returns early, say), so the interpreter tests alone would not catch it."""
+    return type where another returns early, say), so the interpreter tests alone would not catch it.
+    The stored product compiles with the tiles it is dispatched with and must fit an SM's shared
+    memory, or its launch fails on the GPU."""
     triton = pytest.importorskip("triton")
     import inspect
 
@@ -343,17 +348,18 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
     from bitdelta.kernels.paths import gemv_triton, merged_gemm_triton, segment_triton
 
     kernels = [
-        (gemv_triton._gemv_kernel, dict(HAS_BIAS=True, EVEN_K=False, ROWS=4, SAME_SLOT=False, BLOCK_N=8, BLOCK_K=512, NUM_STAGES=2)),
+        (gemv_triton._gemv_kernel, dict(HAS_BIAS=True, EVEN_K=False, ROWS=4, SAME_SLOT=False, BLOCK_N=8, BLOCK_K=512, NUM_STAGES=2), {}),
         (segment_triton._segment_kernel, dict(HAS_BIAS=True, MERGE=True, EVEN_K=False, ROWS=16, BLOCK_N=64, BLOCK_K=64,
-                                              TRANSPOSED=True, SPLIT_K=2)),
-        (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256)),
-        (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8)),
-        (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
-                                                          TRANSPOSED=False)),
-        (base_product_triton._stored_product_kernel, dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256,
-                                                          TRANSPOSED=True)),
+                                              TRANSPOSED=True, SPLIT_K=2), {}),
+        (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256), {}),
+        (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8), {}),
     ]
-    for kernel, constants in kernels:
+    for m in (1, 64, 512):  # decode, the widest decode batch, a prompt: the stored product's tiles as dispatched
+        t = base_product_triton.product_tiles(m)
+        kernels.append((base_product_triton._stored_product_kernel,
+                        dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TRANSPOSED=t.transposed),
+                        dict(num_warps=t.num_warps, num_stages=t.num_stages)))
+    for kernel, constants, options in kernels:
         constants = dict(constants, FORM=form)
         signature = {}
         for name in inspect.signature(kernel.fn).parameters:
@@ -365,4 +371,8 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
                 signature[name] = _POINTER_TYPES.get(name, "*fp32")
             else:
                 signature[name] = "i32"
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+        # as the JIT specializes real launches: 16-byte aligned pointers, sizes and strides multiples of 16
+        aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "constexpr"}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (kernel.fn.__name__, constants, compiled.metadata.shared)

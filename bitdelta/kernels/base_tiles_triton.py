@@ -17,16 +17,27 @@ GROUP = tl.constexpr(128)
 def base_tile(w_ptr, scale_ptr, rows, row_mask, ks, k_mask, stride_w, stride_scale, FORM: tl.constexpr):
     """The base's [R, BK] tile at rows `rows` (int64 [R]) and columns `ks` [BK]: as stored (PLAIN), or
     dequantized in fp32 (ROW_SCALED, GROUP_SCALED); zero outside the masks."""
-    mask = row_mask[:, None] & k_mask[None, :]
     # one return at the end: the compiler types every branch, pruned or not (the interpreter does not)
     if FORM == GROUP_SCALED:
-        # each byte is loaded for both of its columns (the second load hits L1)
-        packed = tl.load(w_ptr + rows[:, None] * stride_w + (ks // 2)[None, :], mask=mask, other=0).to(tl.int32)
-        values = ((packed >> ((ks % 2) * 4)[None, :]) & 15) - 8
-        scale = tl.load(scale_ptr + rows[:, None] * stride_scale + (ks // GROUP)[None, :], mask=mask, other=0.0)
-        w = values.to(tl.float32) * scale
+        # each byte loaded once and split into its two columns (a byte per column would load it twice
+        # and gather; both spill at tensor-core tile sizes), the scale once per group of the tile's row
+        BK: tl.constexpr = ks.shape[0]
+        even_ks, _ = tl.split(tl.reshape(ks, (BK // 2, 2)))
+        even_mask, _ = tl.split(tl.reshape(k_mask, (BK // 2, 2)))
+        packed = tl.load(w_ptr + rows[:, None] * stride_w + (even_ks // 2)[None, :],
+                         mask=row_mask[:, None] & even_mask[None, :], other=0x88).to(tl.int32)  # 0x88: two zeros
+        values = tl.reshape(tl.join((packed & 15) - 8, (packed >> 4) - 8), (rows.shape[0], BK)).to(tl.float32)
+        if BK >= GROUP:  # whole groups: a [R, BK / GROUP] tile of scales
+            group_ks = tl.max(tl.reshape(ks, (BK // GROUP, GROUP)), axis=1)
+            group_mask = tl.max(tl.reshape(k_mask.to(tl.int32), (BK // GROUP, GROUP)), axis=1) > 0
+            scale = tl.load(scale_ptr + rows[:, None] * stride_scale + (group_ks // GROUP)[None, :],
+                            mask=row_mask[:, None] & group_mask[None, :], other=0.0)
+            w = tl.reshape(tl.reshape(values, (rows.shape[0], BK // GROUP, GROUP)) * scale[:, :, None], (rows.shape[0], BK))
+        else:  # the tile lies in one group
+            scale = tl.load(scale_ptr + rows * stride_scale + tl.max(ks, axis=0) // GROUP, mask=row_mask, other=0.0)
+            w = values * scale[:, None]
     else:
-        w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=mask, other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if FORM == ROW_SCALED:
             w = w.to(tl.float32) * tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)[:, None]
     return w

@@ -1,7 +1,7 @@
 """The product over a quantized base read as stored (GPU only; imported lazily by `base_product.py`):
-out = x @ W.T + bias with W's tiles dequantized in registers (`base_tiles_triton.base_tile`) and fed
-to the tensor cores in x's dtype; row scales (int8, fp8) multiply the fp32 accumulator once instead
-of every weight. A program per (row block, column block); row blocks vary fastest, so the programs
+out = x @ W.T + bias with W's stored values fed to the tensor cores in x's dtype and the scales
+applied to sums: row scales (int8, fp8) multiply the fp32 accumulator once, and an int4 base is
+summed a scale group at a time (`_nibble_product`). A program per (row block, column block); row blocks vary fastest, so the programs
 sharing a column block run together and W is read from DRAM about once."""
 
 from __future__ import annotations
@@ -13,9 +13,33 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import StoredBase
-from bitdelta.kernels.base_tiles_triton import PLAIN, ROW_SCALED, base_tile
+from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import next_pow2
+
+
+@triton.jit
+def _nibble_product(x_rows, row_mask, w_ptr, scale_ptr, cols, col_mask, k0, K, stride_w, stride_scale,
+                    EVEN_K: tl.constexpr, SPAN: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """x[:, k0:k0+SPAN] @ W[cols, k0:k0+SPAN].T over an int4 base, the span inside one scale group: x's
+    even and odd columns times the low and high nibbles (integers, exact in x's dtype), then the
+    group's scales. Nothing is interleaved and no weight is scaled one by one: the column order and
+    the scale move to x and the partial sums."""
+    evens = k0 + 2 * tl.arange(0, SPAN // 2)
+    even_mask = (evens < K) | EVEN_K
+    odd_mask = (evens + 1 < K) | EVEN_K
+    packed = tl.load(w_ptr + cols[:, None] * stride_w + (evens // 2)[None, :], mask=col_mask[:, None] & even_mask[None, :],
+                     other=0x88).to(tl.int32)  # 0x88: two zeros
+    x_even = tl.load(x_rows + evens[None, :], mask=row_mask[:, None] & even_mask[None, :], other=0.0)
+    x_odd = tl.load(x_rows + (evens + 1)[None, :], mask=row_mask[:, None] & odd_mask[None, :], other=0.0)
+    low = ((packed & 15) - 8).to(x_even.dtype)
+    high = ((packed >> 4) - 8).to(x_even.dtype)
+    scale = tl.load(scale_ptr + cols * stride_scale + k0 // GROUP, mask=col_mask & ((k0 < K) | EVEN_K), other=0.0)
+    if TRANSPOSED:
+        part = tl.dot(high, tl.trans(x_odd), tl.dot(low, tl.trans(x_even))) * scale[:, None]
+    else:
+        part = tl.dot(x_odd, tl.trans(high), tl.dot(x_even, tl.trans(low))) * scale[None, :]
+    return part
 
 
 @triton.jit
@@ -31,18 +55,25 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # int4: K steps within one scale group
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = (ks < K) | EVEN_K
-        xk = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if FORM == ROW_SCALED:  # the stored values as they are, the row scales after the sum
+        if FORM == GROUP_SCALED:
+            for g in tl.static_range(0, BLOCK_K, SPAN):
+                part = _nibble_product(x_rows, row_mask, w_ptr, w_scale_ptr, cols64, col_mask, k0 + g, K, stride_wn, stride_ws,
+                                       EVEN_K, SPAN, TRANSPOSED)
+                if TRANSPOSED:
+                    acc_t += part
+                else:
+                    acc += part
+        else:  # ROW_SCALED: the stored values as they are, the row scales after the sum
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = (ks < K) | EVEN_K
+            xk = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, ks, k_mask, stride_wn, stride_ws, PLAIN)
-        else:
-            wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, ks, k_mask, stride_wn, stride_ws, FORM)
-        if TRANSPOSED:
-            acc_t += tl.dot(wk.to(xk.dtype), tl.trans(xk))
-        else:
-            acc += tl.dot(xk, tl.trans(wk.to(xk.dtype)))
+            if TRANSPOSED:
+                acc_t += tl.dot(wk.to(xk.dtype), tl.trans(xk))
+            else:
+                acc += tl.dot(xk, tl.trans(wk.to(xk.dtype)))
     if TRANSPOSED:
         acc = tl.trans(acc_t)
     if FORM == ROW_SCALED:

@@ -192,7 +192,7 @@ PATH_BATCHES = [
 @pytest.mark.parametrize("recipe", ["int8", "int4"])  # the interpreter has no fp8: GPU tests only
 def test_every_triton_path_reads_a_quantized_base_as_stored_in_the_interpreter(recipe):
     """Each Triton path over an int8 or int4 base in the CPU interpreter (GEMV, MERGED_TILES with K
-    split, DOT, MERGED_GEMM, DENSE at 5, 20 and 70 rows: all but BITMMA, which is Gluon): tiles dequantized in registers
+    split and transposed, DOT, MERGED_GEMM, DENSE at 5, 20 and 70 rows: all but BITMMA, which is Gluon): tiles dequantized in registers
     (row scales; int4 nibbles and group scales), as the reference computes over the dequantized base
     (fp16 activations, a K tail inside a group, bias: half an ulp, x3). A scale or nibble misread
     would cost whole units of the weights."""
@@ -212,6 +212,7 @@ cases = [(KernelPath.GEMV, GemvTiles(2, 8, 512, 2, 1), [0, 1]),
          (KernelPath.DENSE, None, [-1] * 20),  # decode tiles past 16 rows: shorter K steps
          (KernelPath.DENSE, None, [-1] * 70),  # prompt tiles: transposed, K steps shorter than an int4 group
          (KernelPath.MERGED_TILES, MergedTiles(8, 16, 64, 4, 1, split_k=3), [0] * 5 + [-1] * 2 + [2]),
+         (KernelPath.MERGED_TILES, MergedTiles(16, 16, 256, 4, 1, transposed=True), [1] * 18 + [0] * 3),  # two groups a K step
          (KernelPath.DOT, Tiles(8, 16, 64, 4, 1), [0, 1, 2, -1, 1]),
          (KernelPath.MERGED_GEMM, MergedGemmTiles(32, 256, 4), [0] * 3 + [-1] * 2)]
 for path, tiles, ids in cases:
@@ -223,7 +224,7 @@ for path, tiles, ids in cases:
     print(((out.float() - ref).norm() / ref.norm()).item())
 """
     errors = run_in_triton_interpreter(code.replace("RECIPE", recipe)).split()
-    assert len(errors) == 7 and all(float(e) < 1e-3 for e in errors), errors
+    assert len(errors) == 8 and all(float(e) < 1e-3 for e in errors), errors
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import StoredBase
-from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile
+from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibbles, x_halves
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import next_pow2
 
@@ -22,19 +22,12 @@ from bitdelta.kernels.paths.problem import next_pow2
 def _nibble_product(x_rows, row_mask, w_ptr, scale_ptr, cols, col_mask, k0, K, stride_w, stride_scale,
                     EVEN_K: tl.constexpr, SPAN: tl.constexpr, TRANSPOSED: tl.constexpr):
     """x[:, k0:k0+SPAN] @ W[cols, k0:k0+SPAN].T over an int4 base, the span inside one scale group: x's
-    even and odd columns (split from its tile, loaded whole) times the low and high nibbles (integers,
-    exact in x's dtype), then the group's scales. The weights are neither interleaved nor scaled one by
-    one: the column order moves to x, a small tile, and the scale to the partial sums."""
-    evens = k0 + 2 * tl.arange(0, SPAN // 2)
-    even_mask = (evens < K) | EVEN_K
-    packed = tl.load(w_ptr + cols[:, None] * stride_w + (evens // 2)[None, :], mask=col_mask[:, None] & even_mask[None, :],
-                     other=0x88).to(tl.int32)  # 0x88: two zeros
-    ks = k0 + tl.arange(0, SPAN)
-    xk = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & ((ks < K) | EVEN_K)[None, :], other=0.0)
-    x_even, x_odd = tl.split(tl.reshape(xk, (xk.shape[0], SPAN // 2, 2)))
-    low = ((packed & 15) - 8).to(x_even.dtype)
-    high = ((packed >> 4) - 8).to(x_even.dtype)
-    scale = tl.load(scale_ptr + cols * stride_scale + k0 // GROUP, mask=col_mask & ((k0 < K) | EVEN_K), other=0.0)
+    even and odd columns times the low and high nibbles (integers, exact in x's dtype), then the
+    group's scales. The weights are neither interleaved nor scaled one by one: the column order moves
+    to x, a small tile, and the scale to the partial sums."""
+    x_even, x_odd = x_halves(x_rows, row_mask, k0, K, SPAN, EVEN_K)
+    low, high, scale = nibbles(w_ptr, scale_ptr, cols, col_mask, k0, K, stride_w, stride_scale, SPAN, EVEN_K)
+    low, high = low.to(x_even.dtype), high.to(x_even.dtype)
     if TRANSPOSED:
         part = tl.dot(high, tl.trans(x_odd), tl.dot(low, tl.trans(x_even))) * scale[:, None]
     else:

@@ -41,3 +41,25 @@ def base_tile(w_ptr, scale_ptr, rows, row_mask, ks, k_mask, stride_w, stride_sca
         if FORM == ROW_SCALED:
             w = w.to(tl.float32) * tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)[:, None]
     return w
+
+
+@triton.jit
+def nibbles(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, SPAN: tl.constexpr, EVEN_K: tl.constexpr):
+    """An int4 base's columns k0 .. k0 + SPAN at rows `rows`, the span inside one scale group, kept
+    apart: the even columns (low nibbles) and the odd ones (high nibbles) as int32 [R, SPAN / 2] in
+    -8..7 (zero outside the masks), and the group's scale of each row [R]. A kernel that splits x's
+    columns alike (`x_halves`) needs no interleave of the weights."""
+    evens = k0 + 2 * tl.arange(0, SPAN // 2)
+    mask = row_mask[:, None] & ((evens < K) | EVEN_K)[None, :]
+    packed = tl.load(w_ptr + rows[:, None] * stride_w + (evens // 2)[None, :], mask=mask, other=0x88).to(tl.int32)  # 0x88: two zeros
+    scale = tl.load(scale_ptr + rows * stride_scale + k0 // GROUP, mask=row_mask & ((k0 < K) | EVEN_K), other=0.0)
+    return (packed & 15) - 8, (packed >> 4) - 8, scale
+
+
+@triton.jit
+def x_halves(x_rows, row_mask, k0, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr):
+    """x's columns k0 .. k0 + SPAN (`x_rows`: each row's pointer [R, 1]) as its even and odd columns
+    [R, SPAN / 2]: loaded whole (the load stays one contiguous, pipelined read), split in registers."""
+    ks = k0 + tl.arange(0, SPAN)
+    xk = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & ((ks < K) | EVEN_K)[None, :], other=0.0)
+    return tl.split(tl.reshape(xk, (xk.shape[0], SPAN // 2, 2)))

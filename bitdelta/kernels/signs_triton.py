@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bitdelta.kernels.base_tiles_triton import nibbles
+
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
 _NEG_ONE_F16 = tl.constexpr(0xBC00)
@@ -15,8 +17,10 @@ _NEG_ONE_BF16 = tl.constexpr(0xBF80)
 
 
 @triton.jit
-def expand_signs(words, dtype: tl.constexpr):
-    """int32 words [BN, BKW] -> +-1 [BN, BKW * 32] of `dtype`; column 32w + j is bit j of word w.
+def expand_signs(words, dtype: tl.constexpr, FIRST: tl.constexpr = 0, STEP: tl.constexpr = 1):
+    """int32 words [BN, BKW] -> +-1 [BN, BKW * 32 / STEP] of `dtype`: bits FIRST, FIRST + STEP, ... of
+    each word (all of them by default: column 32w + j is bit j of word w; STEP 2 gives the even or
+    the odd columns).
 
     The bit index is the leading axis while expanding, so Triton keeps it in each thread's
     registers: every shift is then an immediate and no word is copied across lanes. The values
@@ -25,14 +29,15 @@ def expand_signs(words, dtype: tl.constexpr):
     """
     bn: tl.constexpr = words.shape[0]
     bkw: tl.constexpr = words.shape[1]
-    bit = (words[None, :, :] >> tl.arange(0, 32)[:, None, None]) & 1  # [32, BN, BKW]
+    bits: tl.constexpr = 32 // STEP
+    bit = (words[None, :, :] >> (FIRST + STEP * tl.arange(0, bits))[:, None, None]) & 1  # [bits, BN, BKW]
     if dtype == tl.float32:
         signs = ((bit << 31) ^ _NEG_ONE_F32).to(tl.float32, bitcast=True)
     elif dtype == tl.float16:
         signs = ((bit << 15) ^ _NEG_ONE_F16).to(tl.int16).to(tl.float16, bitcast=True)
     else:
         signs = ((bit << 15) ^ _NEG_ONE_BF16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tl.reshape(tl.permute(signs, (1, 2, 0)), (bn, bkw * 32))
+    return tl.reshape(tl.permute(signs, (1, 2, 0)), (bn, bkw * bits))
 
 
 @triton.jit
@@ -41,3 +46,19 @@ def merge_tile(w, scale, words, dtype: tl.constexpr):
     once, as `bitdelta merge` writes them (`reference.merged_weight`)."""
     return (w.to(tl.float32) + scale[:, None] * expand_signs(words, tl.float32)).to(dtype)
 
+
+
+@triton.jit
+def merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, col_mask, k0, K, KW, stride_wn,
+                   stride_w_scale, SPAN: tl.constexpr, EVEN_K: tl.constexpr, dtype: tl.constexpr):
+    """The merged weights of an int4 base's columns k0 .. k0 + SPAN (inside one scale group), the even
+    and the odd columns apart [BN, SPAN / 2] (`base_tiles_triton.nibbles`): dequantized nibble + scale *
+    sign in fp32, rounded once, the very weights `merge_tile` builds interleaved. `sign_rows`: each
+    column's row of packed bits [BN, 1]."""
+    low, high, group_scale = nibbles(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, k0, K, stride_wn, stride_w_scale,
+                                     SPAN, EVEN_K)
+    kw = k0 // 32 + tl.arange(0, SPAN // 32)
+    words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
+    even = low.to(tl.float32) * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 0, 2)
+    odd = high.to(tl.float32) * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 1, 2)
+    return even.to(dtype), odd.to(dtype)

@@ -338,8 +338,8 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
     sm_90 on the CPU in each base form: the interpreter runs code the compiler rejects (a branch's
     return type where another returns early, say), so the interpreter tests alone would not catch it.
     The stored product compiles with the tiles it is dispatched with and must fit an SM's shared
-    memory, or its launch fails on the GPU; the tensor-core kernels must not load the base a byte at
-    a time (an int4 base's bytes once were, at a quarter of the load width)."""
+    memory, or its launch fails on the GPU; no kernel may load the base a byte at a time (an int4
+    base's bytes once were, at a quarter of the load width)."""
     triton = pytest.importorskip("triton")
     import inspect
 
@@ -358,9 +358,6 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
         (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256), {}),
         (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8), {}),
     ]
-    # the tensor-core kernels read the base in vectors; GEMV and the merge kernel still load an int4
-    # base byte by byte (`base_tile`'s interleaved tile hides the bytes' contiguity from the compiler)
-    byte_loads_allowed = {gemv_triton._gemv_kernel, merged_gemm_triton._merge_kernel}
     for m in (1, 64, 512):  # decode, the widest decode batch, a prompt: the stored product's tiles as dispatched
         t = base_product_triton.product_tiles(m)
         kernels.append((base_product_triton._stored_product_kernel,
@@ -383,5 +380,4 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (kernel.fn.__name__, constants, compiled.metadata.shared)
-        if kernel not in byte_loads_allowed:
-            assert not re.search(r"ld\.global[.\w]*\.[usb]8\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)
+        assert not re.search(r"ld\.global[.\w]*\.[usb]8\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)

@@ -62,7 +62,7 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = (ks < K) | EVEN_K
             xk = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, ks, k_mask, stride_wn, stride_ws, PLAIN)
+            wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, k0, K, stride_wn, stride_ws, BLOCK_K, EVEN_K, PLAIN)
             if TRANSPOSED:
                 acc_t += tl.dot(wk.to(xk.dtype), tl.trans(xk))
             else:

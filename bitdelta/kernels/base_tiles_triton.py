@@ -14,28 +14,28 @@ GROUP = tl.constexpr(128)
 
 
 @triton.jit
-def base_tile(w_ptr, scale_ptr, rows, row_mask, ks, k_mask, stride_w, stride_scale, FORM: tl.constexpr):
-    """The base's [R, BK] tile at rows `rows` (int64 [R]) and columns `ks` [BK]: as stored (PLAIN), or
-    dequantized in fp32 (ROW_SCALED, GROUP_SCALED); zero outside the masks."""
+def base_tile(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, BK: tl.constexpr, EVEN_K: tl.constexpr,
+              FORM: tl.constexpr):
+    """The base's [R, BK] tile at rows `rows` (int64 [R]) and columns k0 .. k0 + BK (k0 a multiple of
+    BK; EVEN_K: K a multiple of BK, no column mask): as stored (PLAIN), or dequantized in fp32
+    (ROW_SCALED, GROUP_SCALED); zero outside the rows and K."""
+    ks = k0 + tl.arange(0, BK)
+    k_mask = (ks < K) | EVEN_K
     # one return at the end: the compiler types every branch, pruned or not (the interpreter does not)
     if FORM == GROUP_SCALED:
-        # each byte loaded once and split into its two columns (a byte per column would load it twice
-        # and gather; both spill at tensor-core tile sizes), the scale once per group of the tile's row
-        BK: tl.constexpr = ks.shape[0]
-        even_ks, _ = tl.split(tl.reshape(ks, (BK // 2, 2)))
-        even_mask, _ = tl.split(tl.reshape(k_mask, (BK // 2, 2)))
-        packed = tl.load(w_ptr + rows[:, None] * stride_w + (even_ks // 2)[None, :],
-                         mask=row_mask[:, None] & even_mask[None, :], other=0x88).to(tl.int32)  # 0x88: two zeros
-        values = tl.reshape(tl.join((packed & 15) - 8, (packed >> 4) - 8), (rows.shape[0], BK)).to(tl.float32)
-        if BK >= GROUP:  # whole groups: a [R, BK / GROUP] tile of scales
-            group_ks = tl.max(tl.reshape(ks, (BK // GROUP, GROUP)), axis=1)
-            group_mask = tl.max(tl.reshape(k_mask.to(tl.int32), (BK // GROUP, GROUP)), axis=1) > 0
-            scale = tl.load(scale_ptr + rows[:, None] * stride_scale + (group_ks // GROUP)[None, :],
-                            mask=row_mask[:, None] & group_mask[None, :], other=0.0)
-            w = tl.reshape(tl.reshape(values, (rows.shape[0], BK // GROUP, GROUP)) * scale[:, :, None], (rows.shape[0], BK))
-        else:  # the tile lies in one group
-            scale = tl.load(scale_ptr + rows * stride_scale + tl.max(ks, axis=0) // GROUP, mask=row_mask, other=0.0)
-            w = values * scale[:, None]
+        # eight columns a 32-bit word (nibble e of word w is column 8w + e, little-endian bytes, low
+        # nibble first): the words load as vectors and unpack with the nibble as the minor axis, as the
+        # sign bits do (`signs_triton.expand_signs`); each word takes its group's scale. Rows are stored
+        # padded to whole groups, so a word is there when its group starts below K.
+        kw = k0 // 8 + tl.arange(0, BK // 8)
+        word_mask = ((kw // (GROUP // 8)) * GROUP < K) | EVEN_K
+        words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_w // 4) + kw[None, :],
+                        mask=row_mask[:, None] & word_mask[None, :], other=-2004318072)  # 0x88888888: eight zeros
+        values = ((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15) - 8  # [R, BK / 8, 8]
+        scale = tl.load(scale_ptr + rows[:, None] * stride_scale + (kw // (GROUP // 8))[None, :],
+                        mask=row_mask[:, None] & word_mask[None, :], other=0.0)
+        w = tl.reshape(values.to(tl.float32) * scale[:, :, None], (rows.shape[0], BK))
+        w = tl.where(k_mask[None, :], w, 0.0)  # the padding's columns are zeros already: this is K's tail
     else:
         w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if FORM == ROW_SCALED:

@@ -72,7 +72,8 @@ def _pair_tile(x_ptr, w_ptr, w_scale_ptr, sign_rows, y_ptr, order_ptr, tile, end
             k_mask = (ks < K) | EVEN_K
             # zero activations past K neutralise the padding bits (0 -> -1) of the last word
             xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, ks, k_mask, stride_wn, stride_w_scale, FORM)
+            wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, k0, K, stride_wn, stride_w_scale, BLOCK_K, EVEN_K,
+                           FORM)
             kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
             acc += tl.dot(xk, tl.trans(merge_tile(wk, merge_scale, words, xk.dtype)))

@@ -69,7 +69,6 @@ def _gemv_kernel(
     col_mask = cols < N
     g = tl.arange(0, G)
     e = tl.arange(0, 8)
-    kk = tl.arange(0, BLOCK_K)
     # W and x are loaded as 2-D [.., BLOCK_K] tiles (K the fastest axis across lanes: each warp
     # reads 512 contiguous bytes of a row) and reshaped to [.., G, 8] in registers.
     cols64 = cols.to(tl.int64)
@@ -96,10 +95,9 @@ def _gemv_kernel(
         acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        kmask = ((k0 + kk) < K) | EVEN_K
         xmask = ((k0 + koff) < K) | EVEN_K
         wmask = (((k0 + g * 8) < K) | EVEN_K)[None, :]
-        w = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, k0 + kk, kmask, stride_wn, stride_w_scale, FORM)
+        w = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, k0, K, stride_wn, stride_w_scale, BLOCK_K, EVEN_K, FORM)
         w = tl.reshape(w, (BLOCK_N, G, 8)).to(tl.float32)
         if SAME_SLOT:
             words = tl.load(sg0 + word_off + k0 // 32, mask=has0 & col_mask[:, None] & wmask, other=0)

@@ -26,7 +26,8 @@ def _merge_kernel(w_ptr, w_scale_ptr, signs_ptr, scales_ptr, out_ptr, N, K, KW, 
     row_mask = rows < N
     mask = row_mask[:, None] & (ks < K)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    w = base_tile(w_ptr, w_scale_ptr, rows.to(tl.int64), row_mask, ks, ks < K, stride_wn, stride_w_scale, FORM)
+    w = base_tile(w_ptr, w_scale_ptr, rows.to(tl.int64), row_mask, tl.program_id(1) * BLOCK_K, K, stride_wn, stride_w_scale,
+                  BLOCK_K, False, FORM)
     words = tl.load(signs_ptr + rows64 * stride_sg_n + kw[None, :], mask=row_mask[:, None] & (kw < KW)[None, :],
                     other=0)
     scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0)

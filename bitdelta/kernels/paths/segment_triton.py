@@ -88,7 +88,8 @@ def _segment_kernel(
             xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             if MERGE:
-                wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, ks, k_mask, stride_wn, stride_w_scale, FORM)
+                wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, k0, K, stride_wn, stride_w_scale, BLOCK_K,
+                               EVEN_K, FORM)
             # No branch on slot >= 0 here: loads under a branch are not software-pipelined. A base-only
             # tile reads no bits (masked) and discards its delta product.
             kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)

@@ -48,14 +48,14 @@ def nibbles(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, SPA
     """An int4 base's columns k0 .. k0 + SPAN at rows `rows`, the span inside one scale group, kept
     apart: the even columns (low nibbles) and the odd ones (high nibbles) as int32 [R, SPAN / 2] in
     -8..7 (zero past the group's padding and outside the row mask), and the group's scale of each
-    row [R]. A kernel that splits x's
-    columns alike (`x_halves`) needs no interleave of the weights."""
+    row [R]. A kernel that splits x's columns alike (`x_halves`) needs no interleave of the weights."""
     # the whole group is stored (rows are padded to whole groups with zeros), so one scalar says
     # whether the span is there: the mask stays uniform and the bytes load as vectors
+    stored = (k0 < K) | EVEN_K
     byte = k0 // 2 + tl.arange(0, SPAN // 2)
-    mask = row_mask[:, None] & ((k0 < K) | EVEN_K)
-    packed = tl.load(w_ptr + rows[:, None] * stride_w + byte[None, :], mask=mask, other=0x88).to(tl.int32)  # 0x88: two zeros
-    scale = tl.load(scale_ptr + rows * stride_scale + k0 // GROUP, mask=row_mask & ((k0 < K) | EVEN_K), other=0.0)
+    packed = tl.load(w_ptr + rows[:, None] * stride_w + byte[None, :], mask=row_mask[:, None] & stored,
+                     other=0x88).to(tl.int32)  # 0x88: two zeros
+    scale = tl.load(scale_ptr + rows * stride_scale + k0 // GROUP, mask=row_mask & stored, other=0.0)
     return (packed & 15) - 8, (packed >> 4) - 8, scale
 
 

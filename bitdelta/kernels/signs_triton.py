@@ -47,7 +47,6 @@ def merge_tile(w, scale, words, dtype: tl.constexpr):
     return (w.to(tl.float32) + scale[:, None] * expand_signs(words, tl.float32)).to(dtype)
 
 
-
 @triton.jit
 def merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, col_mask, k0, K, KW, stride_wn,
                    stride_w_scale, SPAN: tl.constexpr, EVEN_K: tl.constexpr, dtype: tl.constexpr):

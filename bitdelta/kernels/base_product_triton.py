@@ -1,8 +1,9 @@
 """The product over a quantized base read as stored (GPU only; imported lazily by `base_product.py`):
 out = x @ W.T + bias with W's stored values fed to the tensor cores in x's dtype and the scales
 applied to sums: row scales (int8, fp8) multiply the fp32 accumulator once, and an int4 base is
-summed a scale group at a time (`_nibble_product`). A program per (row block, column block); row blocks vary fastest, so the programs
-sharing a column block run together and W is read from DRAM about once."""
+summed a scale group at a time (`_nibble_product`). A program per (row block, column block); row
+blocks vary fastest, so the programs sharing a column block run together and W is read from DRAM
+about once."""
 
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ def product_tiles(m: int) -> ProductTiles:
     """Decode batches (up to 64 rows) take one row block and narrow column blocks, so every SM gets
     programs, with long K steps up to 16 rows and shorter, deeper-pipelined ones past (the product is
     a read of W). Measured side by side on an H100 over int8 / fp8 / int4 bases and the Llama-2 7B and
-    70B shapes (`python -m benchmarks.quantized_base --product-tiles`), this rule is within a few
-    percent of the best of 13 tile choices on average, where wider columns or the transposed product
-    lost up to 1.7x. Prompts take square tensor-core tiles, transposed."""
+    70B shapes, this rule was within 3% of the best of 13 tilings on average (at most 1.2x), where wider
+    columns or the transposed product lost up to 1.7x (`python -m benchmarks.quantized_base
+    --product-tiles` re-checks it). Prompts take square tensor-core tiles, transposed."""
     if m > 64:
         return ProductTiles(128, 128, 64, 8, 3, True)
     if m <= 16:

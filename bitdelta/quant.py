@@ -74,8 +74,10 @@ def check_recipe(recipe: str) -> str:
     return recipe
 
 
-def quantize(weight: torch.Tensor, recipe: str) -> QuantizedWeight:
-    """Round-to-nearest `weight` [N, K] in fp32 arithmetic (deterministic on any device)."""
+def quantize(weight: torch.Tensor, recipe: str, row_absmax: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest `weight` [N, K] in fp32 arithmetic (deterministic on any device). int8 and fp8
+    scale each row by `row_absmax` [N, 1] where given: the whole row's, when `weight` holds a share of
+    its columns (tensor parallel), so the share quantizes as it does inside the whole matrix."""
     check_recipe(recipe)
     w = weight.detach().float()
     n, k = w.shape
@@ -85,7 +87,8 @@ def quantize(weight: torch.Tensor, recipe: str) -> QuantizedWeight:
         values = (padded / scale.unsqueeze(-1)).round().clamp(-8, 7).to(torch.int8).flatten(1) + 8
         pairs = values.to(torch.uint8).view(n, -1, 2)
         return QuantizedWeight(recipe, pairs[..., 0] | (pairs[..., 1] << 4), scale, (n, k))
-    scale = _scale(w.abs().amax(dim=1, keepdim=True), 127.0 if recipe == "int8" else _FP8_MAX)
+    amax = w.abs().amax(dim=1, keepdim=True) if row_absmax is None else row_absmax.to(w)
+    scale = _scale(amax, 127.0 if recipe == "int8" else _FP8_MAX)
     if recipe == "int8":
         return QuantizedWeight(recipe, (w / scale).round().clamp(-127, 127).to(torch.int8), scale, (n, k))
     return QuantizedWeight(recipe, (w / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale, (n, k))

@@ -21,6 +21,9 @@ def test_a_split_the_model_cannot_take_is_refused_before_any_rank_starts(pairs, 
         Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=3))
     with pytest.raises(IncompatibleModelsError, match="'gpt_neox' is not supported yet"):
         Engine(pairs["gpt_neox"][0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=2))
+    # o_proj's 64 inputs in shares of 32 would cut int4's 128-column groups: the base would quantize otherwise than whole
+    with pytest.raises(IncompatibleModelsError, match="--base-quant int4 --tensor-parallel 2: each rank would hold 32 of o_proj's 64 inputs"):
+        Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", tensor_parallel=2, base_quant="int4"))
     assert not torch.distributed.is_initialized()
 
 
@@ -77,13 +80,16 @@ def test_moe_experts_split_like_an_mlp_and_each_row_gets_its_finetunes_own(tmp_p
             engine.stop()
 
 
-def _split_family_serves_as_merged(base, delta, check_shares) -> None:
-    """A tensor-parallel engine of two gloo ranks over `base` with `delta` as "ft": the fine-tune and the
-    base in one batch, each row's logits those of its merged model alone (fp32; the ranks' partial sums
-    add in another order: 1e-4); then `check_shares(engine)`."""
+def _split_family_serves_as_merged(base, delta, check_shares, base_quant: str | None = None) -> None:
+    """A tensor-parallel engine of two gloo ranks over `base` (held quantized by `base_quant`) with
+    `delta` as "ft": the fine-tune and the base in one batch, each row's logits those of its merged
+    model alone (Q(base) + delta, and Q(base): every block linear quantized whole; fp32, the ranks'
+    partial sums add in another order: 1e-4); then `check_shares(engine)`."""
     from transformers import AutoModelForCausalLM
 
-    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2))
+    from bitdelta.quant import quantize
+
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2, base_quant=base_quant))
     try:
         engine.store.register("ft", delta, load_now=True)
         prompt = engine.store.get("ft").tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
@@ -91,6 +97,11 @@ def _split_family_serves_as_merged(base, delta, check_shares) -> None:
         engine.model.forward = lambda batch, kv, forward=engine.model.forward: steps.append(forward(batch, kv)) or steps[-1]
         engine.generate([(name, prompt, SamplingParams(max_tokens=4, temperature=0)) for name in ("ft", engine.store.names()[0])])
         models = [bitdelta.load(base, delta, dtype="float32"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
+        if base_quant is not None:
+            with torch.no_grad():
+                for name, parameter in models[1].named_parameters():
+                    if name in engine.model.linears:
+                        parameter.copy_(quantize(parameter, base_quant).dequantize())
         expected = []
         for row, model in enumerate(models):
             with torch.no_grad():
@@ -167,6 +178,20 @@ def test_a_rank_that_exits_fails_the_engine_in_one_line_and_it_refuses_what_come
     finally:
         engine.stop()
     assert not torch.distributed.is_initialized()
+
+
+def test_an_int8_base_splits_as_the_whole_matrices_quantize(llama_pair, tmp_path):
+    """An int8 base over two ranks: o_proj and down_proj hold half their inputs and scale each row by
+    the whole row's maximum (the ranks' all-reduced), so the fine-tune and the base served are the
+    ones `compress --base-quant int8` took the delta against. Quantizing each share on its own changes
+    most of those rows' scales: the logits would miss by far more than 1e-4."""
+    delta = bitdelta.compress(*llama_pair, tmp_path / "int8", base_quant="int8", progress=False)
+
+    def check_shares(engine):
+        down = engine.model.linears["model.layers.0.mlp.down_proj.weight"]
+        assert down.weight.recipe == "int8" and down.weight.shape[1] == down.shard.full_shape[1] // 2
+
+    _split_family_serves_as_merged(llama_pair[0], delta, check_shares, base_quant="int8")
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ class Engine:
         self._ranks = []
         if config.tensor_parallel > 1:
             check_model_type(checkpoint.config.get("model_type"))  # what can be refused is refused before any process starts
-            check_split(checkpoint.config, config.tensor_parallel)
+            check_split(checkpoint.config, config.tensor_parallel, config.base_quant)
             if not dist.is_initialized():
                 self._ranks = start_ranks(str(checkpoint.path), config)
         try:

@@ -20,7 +20,8 @@ from torch import nn
 from bitdelta.kernels.experts import ExpertPairs, expert_matmul, grouped
 from bitdelta.model_names import FUSED_EXPERTS
 from bitdelta.pack import packed_words
-from bitdelta.quant import quantize
+
+from .parallel import quantize_share
 
 
 def is_moe_block(module: nn.Module) -> bool:
@@ -58,9 +59,11 @@ class ExpertLayer:
         return self.cuts is None and all(grouped(probe, weight) for weight in self.weights.values())
 
     def quantize(self, recipe: str) -> None:
-        """Hold the base experts quantized by `recipe`, row by row (bitdelta.quant): [E * N, K] each."""
+        """Hold the base experts quantized by `recipe`, row by row (bitdelta.quant): [E * N, K] each, a
+        share of the inputs (tensor parallel) as inside the whole matrices."""
         for name, (count, n, k) in self.shapes.items():
-            self.weights[name] = quantize(self.weights[name].detach().reshape(count * n, k), recipe)
+            shard = None if self.cuts is None else self.cuts[name]
+            self.weights[name] = quantize_share(self.weights[name].detach().reshape(count * n, k), recipe, shard)
 
     def install(self, slot: int, fused: str, expert: int, rows: slice, signs: torch.Tensor, scales: torch.Tensor) -> None:
         """One expert matrix of a delta (the full matrix's signs and row scales, cut to this rank's

@@ -13,7 +13,7 @@ from bitdelta.nn import BitDeltaLinear, DeltaRouting, StackedBitDeltaLinears, re
 from bitdelta.pack import packed_words
 from bitdelta.quant import quantize
 
-from .parallel import AllReduced
+from .parallel import AllReduced, quantize_share
 
 # the linears of a layer computed as one product (they read the same input): q/k/v, then gate/up
 STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -57,8 +57,8 @@ def quantize_linears(linears: dict[str, BitDeltaLinear], stacks: list[StackedBit
             stacked.add(id(part))
             start += width
     for linear in linears.values():
-        if id(linear) not in stacked:
-            _set_weight(linear, quantize(linear.weight, recipe))
+        if id(linear) not in stacked:  # under tensor parallelism o_proj and down_proj hold a share of their inputs
+            _set_weight(linear, quantize_share(linear.weight, recipe, getattr(linear, "shard", None)))
 
 
 def full_shape(linear: nn.Module) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from torch import nn
 
 from bitdelta.errors import EngineFailedError, IncompatibleModelsError
 from bitdelta.pack import BITS_PER_WORD
+from bitdelta.quant import GROUP, QuantizedWeight, quantize
 
 # by the matrix's name in the checkpoint (an expert's too: Mixtral calls gate, down and up w1, w2 and w3)
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # split by output rows
@@ -243,13 +244,38 @@ def expert_cuts(shapes: dict[str, tuple[int, int, int]], tp: TensorParallel) -> 
             "down_proj": Shard(1, (tp.part(intermediate),), (hidden, intermediate))}
 
 
-def check_split(model_config: dict, world: int) -> None:
-    """Refuse, in one line and before any rank starts, a model whose heads do not split over `world` ranks."""
+def check_split(model_config: dict, world: int, base_quant: str | None = None) -> None:
+    """Refuse, in one line and before any rank starts, a model whose heads do not split over `world`
+    ranks, and an int4 base whose 128-column groups a rank's share of the inputs would cut (o_proj
+    and down_proj split their inputs: each share must be whole groups to quantize as the whole matrix)."""
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size"):
         count = model_config.get(key)
         if count is not None and count % world:
             raise IncompatibleModelsError(f"--tensor-parallel {world}: the model's {count} {key.removeprefix('num_').replace('_', ' ')} "
                                           f"do not split evenly over {world} ranks; use a divisor of {count}")
+    if base_quant != "int4":
+        return
+    heads = model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    inputs = {"o_proj": heads * head_dim, "down_proj": model_config.get("intermediate_size"),
+              "experts' down_proj": model_config.get("moe_intermediate_size")}
+    for name, width in inputs.items():
+        if width and width // world % GROUP:
+            raise IncompatibleModelsError(
+                f"--base-quant int4 --tensor-parallel {world}: each rank would hold {width // world} of {name}'s {width} inputs, "
+                f"not whole {GROUP}-column groups; use fewer ranks or --base-quant int8")
+
+
+def quantize_share(weight: torch.Tensor, recipe: str, shard: Shard | None) -> QuantizedWeight:
+    """A rank's share of a matrix quantized as it is inside the whole matrix (what `compress
+    --base-quant` took the delta against): a share of the columns takes each row's scale over the
+    whole row, the ranks' maxima all-reduced (int8, fp8; int4's groups lie inside a share,
+    `check_split`). Rows, and the whole matrix, quantize on their own."""
+    if shard is None or shard.dim == 0 or recipe == "int4":
+        return quantize(weight, recipe)
+    row_absmax = weight.detach().float().abs().amax(dim=1, keepdim=True)
+    dist.all_reduce(row_absmax, op=dist.ReduceOp.MAX)
+    return quantize(weight, recipe, row_absmax)
 
 
 def start_ranks(base: str, config) -> list:

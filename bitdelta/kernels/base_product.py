@@ -1,8 +1,8 @@
 """The base weight as the kernels read it (`stored`), and the base's share of a product, x @ W.T.
 
 A quantized base (`bitdelta.quant`) is read as stored by every kernel path and dequantized in
-registers (`base_tiles_triton.base_tile`): int8 and fp8 values times their row's scale, int4
-nibbles times their group's. The paths that add a delta to the base's fp32 product (DOT, BITMMA)
+registers (`base_tiles_triton.py`): int8 and fp8 values times their row's scale, int4 nibbles times
+their group's (the tensor-core kernels keep an int4 tile's even and odd columns apart). The paths that add a delta to the base's fp32 product (DOT, BITMMA)
 and the base-only path (DENSE) take it from `base_product`: cuBLAS for a plain base, a Triton
 product over the stored tiles (`base_product_triton.py`) for a quantized one; with row scales that
 product scales its fp32 accumulator once, since (x @ Q.T) * s = x @ (Q * s).T when s scales output

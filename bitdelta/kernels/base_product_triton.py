@@ -91,10 +91,11 @@ class ProductTiles:
 def product_tiles(m: int) -> ProductTiles:
     """Decode batches (up to 64 rows) take one row block and narrow column blocks, so every SM gets
     programs, with long K steps up to 16 rows and shorter, deeper-pipelined ones past (the product is
-    a read of W). Measured side by side on an H100 over int8 / fp8 / int4 bases and the Llama-2 7B and
-    70B shapes, this rule was within 3% of the best of 13 tilings on average (at most 1.2x), where wider
-    columns or the transposed product lost up to 1.7x (`python -m benchmarks.quantized_base
-    --product-tiles` re-checks it). Prompts take square tensor-core tiles, transposed."""
+    a read of W). Measured side by side on an H100 over int8 and fp8 bases (and int4 as it was read
+    before `_nibble_product`) on four Llama-2 7B/70B shapes, this rule was within 3% of the best of 13
+    tilings on average (at most 1.2x), where wider columns or the transposed product lost up to 1.7x
+    (`python -m benchmarks.quantized_base --product-tiles` re-checks it). Prompts take square
+    tensor-core tiles, transposed."""
     if m > 64:
         return ProductTiles(128, 128, 64, 8, 3, True)
     if m <= 16:

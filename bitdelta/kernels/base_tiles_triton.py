@@ -19,8 +19,6 @@ def base_tile(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, B
     """The base's [R, BK] tile at rows `rows` (int64 [R]) and columns k0 .. k0 + BK (k0 a multiple of
     BK; EVEN_K: K a multiple of BK, no column mask): as stored (PLAIN), or dequantized in fp32
     (ROW_SCALED, GROUP_SCALED); zero outside the rows and K."""
-    ks = k0 + tl.arange(0, BK)
-    k_mask = (ks < K) | EVEN_K
     # one return at the end: the compiler types every branch, pruned or not (the interpreter does not)
     if FORM == GROUP_SCALED:
         # eight columns a 32-bit word (nibble e of word w is column 8w + e, little-endian bytes, low
@@ -34,10 +32,10 @@ def base_tile(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, B
         values = ((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15) - 8  # [R, BK / 8, 8]
         scale = tl.load(scale_ptr + rows[:, None] * stride_scale + (kw // (GROUP // 8))[None, :],
                         mask=row_mask[:, None] & word_mask[None, :], other=0.0)
-        w = tl.reshape(values.to(tl.float32) * scale[:, :, None], (rows.shape[0], BK))
-        w = tl.where(k_mask[None, :], w, 0.0)  # the padding's columns are zeros already: this is K's tail
+        w = tl.reshape(values.to(tl.float32) * scale[:, :, None], (rows.shape[0], BK))  # past K: padding, zeros
     else:
-        w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        ks = k0 + tl.arange(0, BK)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=row_mask[:, None] & ((ks < K) | EVEN_K)[None, :], other=0.0)
         if FORM == ROW_SCALED:
             w = w.to(tl.float32) * tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)[:, None]
     return w

@@ -194,6 +194,27 @@ def test_an_int8_base_splits_as_the_whole_matrices_quantize(llama_pair, tmp_path
     _split_family_serves_as_merged(llama_pair[0], delta, check_shares, base_quant="int8")
 
 
+def test_an_int8_moe_base_quantizes_each_experts_share_as_inside_its_whole_matrix(tmp_path_factory):
+    """Qwen3-MoE over two ranks with an int8 base: rank 0's half of each expert's down_proj inputs holds
+    exactly the left half of the whole matrices' int8 values and the whole rows' scales."""
+    from bitdelta import tiny
+    from bitdelta.checkpoint import Checkpoint
+    from bitdelta.quant import quantize
+
+    base, _ = tiny.make_pair(tmp_path_factory.mktemp("moe-int8"), tiny.TinySpec(family="qwen3_moe"))
+    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=2, tensor_parallel=2, base_quant="int8"))
+    try:
+        layer = engine.model.experts[0]
+        count, n, k = layer.shapes["down_proj"]
+        checkpoint = Checkpoint(base)
+        full = torch.stack([checkpoint.mapped(f"model.layers.0.mlp.experts.{e}.down_proj.weight").float() for e in range(count)])
+        assert full.shape[-1] == 2 * k  # this rank holds half of the inputs
+        whole, share = quantize(full.reshape(count * n, -1), "int8"), layer.weights["down_proj"]
+        assert torch.equal(share.scale, whole.scale) and torch.equal(share.data, whole.data[:, :k])
+    finally:
+        engine.stop()
+
+
 @pytest.fixture(scope="module")
 def split_engine(llama_pair, deltas):
     engine = Engine(llama_pair[0], EngineConfig(device="cpu", dtype="float32", max_batch=6, tensor_parallel=2))

@@ -34,7 +34,7 @@ from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .kvcache import BlockTable, PagedKVCache
 from .model import MultiTenantModel, StepBatch, check_model_type
-from .parallel import Leader, TensorParallel, abort_ranks, check_split, expert_cuts, follow, load_share, start_ranks, stop_ranks
+from .parallel import Leader, TensorParallel, abort_ranks, check_split, follow, load_share, start_ranks, stop_ranks
 from .sampling import SamplingParams, TextStream, is_greedy, sample
 from .store import DeltaEntry, DeltaStore, read_weights
 
@@ -141,9 +141,7 @@ class Engine:
     def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str) -> None:
         self.config, self.observer = config, observer or EngineObserver()
         tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
-        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant)
-        for layer in self.model.experts.values() if tp is not None else ():
-            layer.cuts = expert_cuts(layer.shapes, tp)
+        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant, tp)
         base_quant = None if config.base_quant is None else {
             "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.quantized_names(base_dir))}
         self.context = self.model.context

@@ -42,6 +42,7 @@ from .linears import full_shape, quantize_linears, swap_linears
 from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
+from .parallel import TensorParallel, expert_cuts
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 QK_NORMS = ("q_norm", "k_norm")  # RMSNorms of the queries and keys before RoPE: per head (Qwen3) or whole (OLMo 2)
@@ -79,7 +80,7 @@ class SlotWeights:
 
 
 class MultiTenantModel:
-    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None):
+    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None, tp: TensorParallel | None = None):
         _check_supported(model.config)
         self.model, self.config, self.max_slots, self.base_quant = model, model.config, max_slots, base_quant
         self.param = next(model.parameters())
@@ -93,6 +94,8 @@ class MultiTenantModel:
         self.checkpoint_names = CheckpointNames(self.config.model_type)
         self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
                         for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
+        for layer in self.experts.values() if tp is not None else ():  # before quantizing: a share quantizes by its cut
+            layer.cuts = expert_cuts(layer.shapes, tp)
         # the decoder blocks' linears with delta slots; q/k/v and gate/up stacked (not an MoE block's experts)
         self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, self.experts.keys())
         if base_quant is not None:

@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import stored
-from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, base_tile, x_halves
+from bitdelta.kernels.base_tiles_triton import GROUP_SCALED, base_tile
 from bitdelta.kernels.launch import fast
-from bitdelta.kernels.signs_triton import merge_tile, merged_nibbles
+from bitdelta.kernels.signs_triton import merge_tile, merged_nibble_dots
 
 
 @triton.jit
@@ -59,14 +59,10 @@ def _pair_tile(x_ptr, w_ptr, w_scale_ptr, sign_rows, y_ptr, order_ptr, tile, end
     row_mask = r < end
     rows = tl.load(order_ptr + r, mask=row_mask, other=0).to(tl.int64)
     acc = tl.zeros((ROWS, cols.shape[0]), dtype=tl.float32)
-    SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # int4: steps within one scale group
     for k0 in range(0, K, BLOCK_K):
         if FORM == GROUP_SCALED:  # int4: even and odd columns apart, a scale group at a time
-            for g in tl.static_range(0, BLOCK_K, SPAN):
-                x_even, x_odd = x_halves(x_ptr + rows[:, None] * stride_xm, row_mask, k0 + g, K, SPAN, EVEN_K)
-                even, odd = merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, col_mask, k0 + g, K, KW,
-                                           stride_wn, stride_w_scale, SPAN, EVEN_K, x_even.dtype)
-                acc = tl.dot(x_odd, tl.trans(odd), tl.dot(x_even, tl.trans(even), acc))
+            acc = merged_nibble_dots(acc, x_ptr + rows[:, None] * stride_xm, row_mask, w_ptr, w_scale_ptr, sign_rows, has_delta,
+                                     merge_scale, cols, col_mask, k0, K, KW, stride_wn, stride_w_scale, BLOCK_K, EVEN_K, False)
         else:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = (ks < K) | EVEN_K

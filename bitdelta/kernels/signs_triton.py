@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bitdelta.kernels.base_tiles_triton import nibbles
+from bitdelta.kernels.base_tiles_triton import GROUP, nibbles, x_halves
 
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
@@ -61,3 +61,21 @@ def merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, 
     even = low.to(tl.float32) * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 0, 2)
     odd = high.to(tl.float32) * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 1, 2)
     return even.to(dtype), odd.to(dtype)
+
+
+@triton.jit
+def merged_nibble_dots(acc, x_rows, row_mask, w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, col_mask, k0, K, KW,
+                       stride_wn, stride_w_scale, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """acc += x[:, k0:k0+BLOCK_K] @ merged[cols, k0:k0+BLOCK_K].T over an int4 base (acc^T += ... when
+    TRANSPOSED), a scale group (or the part of one BLOCK_K spans) at a time: x's even and odd columns
+    (`x_halves`) against the even and odd columns' merged weights (`merged_nibbles`), two dots."""
+    SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
+    for g in tl.static_range(0, BLOCK_K, SPAN):
+        x_even, x_odd = x_halves(x_rows, row_mask, k0 + g, K, SPAN, EVEN_K)
+        even, odd = merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, col_mask, k0 + g, K, KW,
+                                   stride_wn, stride_w_scale, SPAN, EVEN_K, x_even.dtype)
+        if TRANSPOSED:
+            acc = tl.dot(odd, tl.trans(x_odd), tl.dot(even, tl.trans(x_even), acc))
+        else:
+            acc = tl.dot(x_odd, tl.trans(odd), tl.dot(x_even, tl.trans(even), acc))
+    return acc

@@ -25,12 +25,12 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import PLAIN, StoredBase
-from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, base_tile, x_halves
+from bitdelta.kernels.base_tiles_triton import GROUP_SCALED, base_tile
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.merged_tiles import split_counters
 from bitdelta.kernels.paths.problem import Tiles
-from bitdelta.kernels.signs_triton import expand_signs, merge_tile, merged_nibbles
+from bitdelta.kernels.signs_triton import expand_signs, merge_tile, merged_nibble_dots
 
 
 @triton.jit
@@ -69,18 +69,15 @@ def _segment_kernel(
         merge_scale = tl.load(scales_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sc_s + cols,
                               mask=col_mask & has_delta, other=0.0)
     k_first, k_end = _k_range(K, BLOCK_K, SPLIT_K)
-    SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # int4: steps within one scale group
     for k0 in range(k_first, k_end, BLOCK_K):
         if MERGE and FORM == GROUP_SCALED:  # int4: even and odd columns apart, a scale group at a time
-            for g in tl.static_range(0, BLOCK_K, SPAN):
-                x_even, x_odd = x_halves(x_ptr + rows[:, None] * stride_xm, row_mask, k0 + g, K, SPAN, EVEN_K)
-                merged_even, merged_odd = merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols,
-                                                         col_mask, k0 + g, K, KW, stride_wn, stride_w_scale, SPAN,
-                                                          EVEN_K, x_even.dtype)
-                if TRANSPOSED:
-                    acc_t = tl.dot(merged_odd, tl.trans(x_odd), tl.dot(merged_even, tl.trans(x_even), acc_t))
-                else:
-                    acc_base = tl.dot(x_odd, tl.trans(merged_odd), tl.dot(x_even, tl.trans(merged_even), acc_base))
+            x_rows = x_ptr + rows[:, None] * stride_xm
+            if TRANSPOSED:
+                acc_t = merged_nibble_dots(acc_t, x_rows, row_mask, w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols,
+                                           col_mask, k0, K, KW, stride_wn, stride_w_scale, BLOCK_K, EVEN_K, True)
+            else:
+                acc_base = merged_nibble_dots(acc_base, x_rows, row_mask, w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale,
+                                              cols, col_mask, k0, K, KW, stride_wn, stride_w_scale, BLOCK_K, EVEN_K, False)
         else:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = (ks < K) | EVEN_K  # EVEN_K: no tail, and no per-element K compares

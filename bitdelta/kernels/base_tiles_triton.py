@@ -26,12 +26,12 @@ def base_tile(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, B
         # sign bits do (`signs_triton.expand_signs`); each word takes its group's scale. Rows are stored
         # padded to whole groups, so a word is there when its group starts below K.
         kw = k0 // 8 + tl.arange(0, BK // 8)
-        word_mask = ((kw // (GROUP // 8)) * GROUP < K) | EVEN_K
+        group = kw // (GROUP // 8)
+        word_mask = row_mask[:, None] & ((group * GROUP < K) | EVEN_K)[None, :]
         words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_w // 4) + kw[None, :],
-                        mask=row_mask[:, None] & word_mask[None, :], other=-2004318072)  # 0x88888888: eight zeros
+                        mask=word_mask, other=-2004318072)  # 0x88888888: eight zeros
         values = ((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15) - 8  # [R, BK / 8, 8]
-        scale = tl.load(scale_ptr + rows[:, None] * stride_scale + (kw // (GROUP // 8))[None, :],
-                        mask=row_mask[:, None] & word_mask[None, :], other=0.0)
+        scale = tl.load(scale_ptr + rows[:, None] * stride_scale + group[None, :], mask=word_mask, other=0.0)
         w = tl.reshape(values.to(tl.float32) * scale[:, :, None], (rows.shape[0], BK))  # past K: padding, zeros
     else:
         ks = k0 + tl.arange(0, BK)

@@ -84,7 +84,8 @@ def stem(shape: str, tensor_parallel: int = 1) -> str:
     return f"e2e_{shape}" + (f"_tp{tensor_parallel}" if tensor_parallel > 1 else "")
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, profile: str | None = None) -> str:
+    """The results table; `profile`: the profile file's name, where one was written."""
     setup = result["setup"]
     tp = setup.get("tensor_parallel", 1)
     name = stem(setup["shape"], tp)
@@ -132,8 +133,8 @@ def markdown(result: dict) -> str:
                   + "; ".join(f"{call} on {device}: N = {'; '.join(rows)}" for (call, device), rows in sorted(measured.items())) + "."]
     lines += ["", "## Against the goals", ""] + [f"- {line}" for line in result["goals"]]
     lines += ["", f"![memory and decode latency against N]({name}.png)"]
-    if setup.get("tensor_parallel", 1) == 1:
-        lines += ["", f"Where a step's time goes (bitdelta at N = 32, eager and with CUDA graphs): {name}_profile.txt; read in README.md."]
+    if profile:
+        lines += ["", f"Where a step's time goes (bitdelta, eager and with CUDA graphs): {profile}; read in README.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +204,8 @@ def write(result: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = stem(result["setup"]["shape"], result["setup"].get("tensor_parallel", 1))
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / f"{name}.md").write_text(markdown(result))
+    profile = f"{name}_profile.txt"
+    (folder / f"{name}.md").write_text(markdown(result, profile if (folder / profile).exists() else None))
 
 
 def main() -> None:
@@ -313,11 +315,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         reset_peak(device)
         write(result, args.out)  # after every row: a run cut short keeps what it measured
-    print(markdown(result))
     plot(result, args.out / f"{name}.png")
     if args.profile_tenants and "bitdelta" in systems and args.tensor_parallel == 1:
-        report = [profile_decode(setup, config, weights, args.profile_tenants, graphs) for graphs in (False, True)]
+        report = [f"bitdelta at N = {args.profile_tenants}"]
+        report += [profile_decode(setup, config, weights, args.profile_tenants, graphs) for graphs in (False, True)]
         (args.out / f"{name}_profile.txt").write_text("\n\n".join(report))
+        write(result, args.out)  # the table now names the profile
+    print((args.out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

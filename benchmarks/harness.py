@@ -24,6 +24,7 @@ import triton.language as tl
 
 from benchmarks.lora_baseline import lora_groups, lora_linear
 from bitdelta.kernels import bitdelta_matmul, gluon_available, reference, sm_count
+from bitdelta.kernels.base_product import FORMS, PLAIN
 from bitdelta.kernels.grouping import SlotPlan, build_plan
 from bitdelta.kernels.paths import Choice, plan_choice, run_path, split_threshold
 from bitdelta.pack import unpack_signs
@@ -92,9 +93,11 @@ def slot_ids_for(counts: list[int], shuffled: bool = False) -> torch.Tensor:
     return slot_ids[torch.randperm(slot_ids.numel())] if shuffled else slot_ids
 
 
-def dispatched_choice(n: int, k: int, plan: SlotPlan) -> Choice:
-    """The path and tiles the entry point runs on this device for a batch it does not split."""
-    return plan_choice(plan, n, k, gluon_available(), sm_count(torch.cuda.current_device()))
+def dispatched_choice(n: int, k: int, plan: SlotPlan, recipe: str | None = None) -> Choice:
+    """The path and tiles the entry point runs on this device for a batch it does not split, over a
+    bf16 base or one quantized by `recipe`."""
+    base_form = PLAIN if recipe is None else FORMS[recipe]
+    return plan_choice(plan, n, k, gluon_available(), sm_count(torch.cuda.current_device()), base_form)
 
 
 def tiles_of(choice: Choice) -> dict | None:
@@ -158,7 +161,7 @@ class Problem:
         return weight_bytes(n, k, self.recipe) + s * n * self.kw * 4 + s * n * 4 + b * k * 2 + b * n * 2
 
     def dispatched_choice(self) -> Choice:
-        return dispatched_choice(self.n, self.k, self.plan)
+        return dispatched_choice(self.n, self.k, self.plan, self.recipe)
 
     # ---- ours
     def ours_us(self, choice: Choice | None = None) -> float:

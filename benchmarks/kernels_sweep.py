@@ -98,11 +98,11 @@ def variants(auto: Choice, max_rows: int) -> dict[str, Choice]:
     return out
 
 
-def configs_for(k: int, n: int, plan: SlotPlan) -> dict[str, Choice | None]:
+def configs_for(k: int, n: int, plan: SlotPlan, recipe: str | None) -> dict[str, Choice | None]:
     """The entry point ("dispatched": None) and, unless it splits the step, its path's variants."""
     if split_threshold(plan) is not None:
         return {"dispatched": None}
-    return {"dispatched": None, **variants(dispatched_choice(n, k, plan), plan.max_rows)}
+    return {"dispatched": None, **variants(dispatched_choice(n, k, plan, recipe), plan.max_rows)}
 
 
 def launch_only(shapes, cases, shuffle: bool, recipe: str | None) -> None:
@@ -110,7 +110,7 @@ def launch_only(shapes, cases, shuffle: bool, recipe: str | None) -> None:
     for (k, n), case in itertools.product(shapes, cases):
         p = Problem(k, n, parse_counts(case), shuffle, recipe)
         d = p.sets[0]
-        for choice in configs_for(k, n, p.plan).values():
+        for choice in configs_for(k, n, p.plan, recipe).values():
             if choice is not None:
                 for _ in range(2):
                     run_choice(choice, d, p.plan)
@@ -120,7 +120,7 @@ def launch_only(shapes, cases, shuffle: bool, recipe: str | None) -> None:
 def sweep(shapes, cases, shuffle: bool, recipe: str | None) -> dict:
     started = time.time()
     precompile([(k, n, config) for (k, n), case in itertools.product(shapes, cases)
-                for config in configs_for(k, n, build_plan(slot_ids_for(parse_counts(case), shuffle).cuda())).values()
+                for config in configs_for(k, n, build_plan(slot_ids_for(parse_counts(case), shuffle).cuda()), recipe).values()
                 if config is not None])
     ceilings = measure_ceilings()
     bandwidth = ceilings["copy_bandwidth_GBps"] * 1e9
@@ -129,7 +129,7 @@ def sweep(shapes, cases, shuffle: bool, recipe: str | None) -> dict:
         p = Problem(k, n, parse_counts(case), shuffle, recipe)
         split = split_threshold(p.plan) is not None
         auto = None if split else p.dispatched_choice()
-        times, errors = time_checked(p, configs_for(k, n, p.plan))
+        times, errors = time_checked(p, configs_for(k, n, p.plan, recipe))
         timed = {name: t for name, t in times.items() if t == t}
         best = min(timed, key=timed.get) if timed else None
         rows.append({"K": k, "N": n, "case": case, "rows": p.batch, "deltas": p.num_slots, "split": split,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bitdelta.kernels import reference
+from bitdelta.kernels.base_product import GROUP_SCALED, PLAIN, ROW_SCALED, form_of
 from bitdelta.kernels.grouping import build_plan
 from bitdelta.kernels.paths import (BitmmaTiles, Choice, GemvTiles, KernelPath, MergedGemmTiles, MergedTiles,
                                     Problem, Tiles, choose, plan_choice, run_path, split_threshold)
@@ -159,6 +160,27 @@ def test_few_rows_take_the_gemv_where_it_is_fastest():
     assert _choice(4096, torch.tensor([0, 1]), k=11008).path is not GEMV
     assert _choice(8192, torch.arange(3), k=8192).path is not GEMV
     assert _choice(4096, torch.arange(GEMV_MAX_ROWS + 1)).path is not GEMV
+
+
+def test_over_an_int4_base_wide_layers_leave_the_gemv():
+    def choice(n: int, slot_ids: torch.Tensor, base_form: int) -> Choice:
+        return choose(Problem(build_plan(slot_ids), n, 8192, base_form=base_form))
+
+    for n, slot_ids in ((28672, _one_delta(1)), (11008, _one_delta(1)), (28672, _one_delta(3))):
+        assert choice(n, slot_ids, PLAIN).path is GEMV and choice(n, slot_ids, ROW_SCALED).path is GEMV
+        assert choice(n, slot_ids, GROUP_SCALED).path is MERGED_TILES
+    assert choice(8192, _one_delta(1), GROUP_SCALED).path is GEMV  # narrow enough: the gemv stays
+
+
+def test_the_entry_point_chooses_by_the_base_it_is_given():
+    from bitdelta.quant import quantize
+
+    w = torch.randn(11008, 64)
+    assert form_of(w) == PLAIN
+    assert form_of(quantize(w, "int8")) == ROW_SCALED and form_of(quantize(w, "int4")) == GROUP_SCALED
+    plan = build_plan(_one_delta(1))
+    assert plan_choice(plan, 11008, 4096).path is GEMV
+    assert plan_choice(plan, 11008, 4096, base_form=GROUP_SCALED).path is MERGED_TILES  # not the plain base's memo
 
 
 def test_plan_choice_is_built_once_per_plan_and_shape():

@@ -25,7 +25,7 @@ import functools
 import torch
 
 from bitdelta.kernels import reference
-from bitdelta.kernels.base_product import reads_as_stored
+from bitdelta.kernels.base_product import form_of, reads_as_stored
 from bitdelta.kernels.grouping import SlotPlan, build_plan, split_plan
 
 __all__ = ["SlotPlan", "bitdelta_matmul", "build_plan", "gluon_available", "on_triton", "sm_count", "triton_available"]
@@ -102,7 +102,7 @@ def _dispatch(x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, s
     from bitdelta.kernels.paths import plan_choice, run_path
 
     n, k = base_weight.shape
-    path, tiles = plan_choice(plan, n, k, gluon_available(), sm_count(x.device.index))
+    path, tiles = plan_choice(plan, n, k, gluon_available(), sm_count(x.device.index), form_of(base_weight))
     return run_path(path, tiles, x, base_weight, signs, scales, plan, bias, out)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 PLAIN, ROW_SCALED, GROUP_SCALED = 0, 1, 2  # base_tiles_triton's forms
-_FORMS = {"int8": ROW_SCALED, "fp8": ROW_SCALED, "int4": GROUP_SCALED}
+FORMS = {"int8": ROW_SCALED, "fp8": ROW_SCALED, "int4": GROUP_SCALED}
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class StoredBase:
 def reads_as_stored(base_weight) -> bool:
     """A quantized base weight (bitdelta.quant.QuantizedWeight) that the kernel paths read as stored:
     every recipe, but fp8 only where the GPU has e4m3 loads (Ada, Hopper and later)."""
-    if isinstance(base_weight, torch.Tensor) or base_weight.recipe not in _FORMS:
+    if isinstance(base_weight, torch.Tensor) or base_weight.recipe not in FORMS:
         return False
     return base_weight.recipe != "fp8" or not base_weight.data.is_cuda or _has_fp8(base_weight.data.device.index)
 
@@ -50,10 +50,15 @@ def _has_fp8(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
+def form_of(base_weight) -> int:
+    """How the kernels read `base_weight`: PLAIN, ROW_SCALED or GROUP_SCALED."""
+    return PLAIN if isinstance(base_weight, torch.Tensor) else FORMS[base_weight.recipe]
+
+
 def stored(base_weight) -> StoredBase:
-    if isinstance(base_weight, torch.Tensor):
+    form = form_of(base_weight)
+    if form == PLAIN:
         return StoredBase(base_weight if base_weight.stride(-1) == 1 else base_weight.contiguous(), None, PLAIN)
-    form = _FORMS[base_weight.recipe]
     scale = base_weight.scale.reshape(-1) if form == ROW_SCALED else base_weight.scale
     return StoredBase(base_weight.data.contiguous(), scale.contiguous(), form)
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from bitdelta.kernels.base_product import PLAIN
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths import bitmma, dense, dot, gemv, merged_gemm, merged_tiles
 from bitdelta.kernels.paths.bitmma import BitmmaTiles
@@ -63,10 +64,10 @@ def choose(problem: Problem) -> Choice:
     raise AssertionError(f"no kernel path for {problem}")  # DOT takes whatever BITMMA cannot
 
 
-def plan_choice(plan: SlotPlan, n: int, k: int, gluon: bool = True, sms: int = H100_SMS) -> Choice:
+def plan_choice(plan: SlotPlan, n: int, k: int, gluon: bool = True, sms: int = H100_SMS, base_form: int = PLAIN) -> Choice:
     """`choose`, memoised on the plan: a step's plan serves every layer, which have a handful of
     shapes, and an eager step (prefill) would otherwise pay the choice in host time at every linear."""
-    return plan.cached(("path", n, k, gluon, sms), lambda: choose(Problem(plan, n, k, gluon, sms)))
+    return plan.cached(("path", n, k, gluon, sms, base_form), lambda: choose(Problem(plan, n, k, gluon, sms, base_form)))
 
 
 def split_threshold(plan: SlotPlan) -> int | None:

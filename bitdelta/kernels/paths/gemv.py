@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bitdelta.kernels.base_product import stored
+from bitdelta.kernels.base_product import GROUP_SCALED, stored
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import Problem, Tiles, next_pow2
 
 MAX_ROWS = 4
+INT4_MAX_N = 8192  # over an int4 base, wider layers go to the tensor-core paths
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ def tiles(problem: Problem) -> GemvTiles | None:
     plan, n, k = problem.plan, problem.n, problem.k
     m = plan.num_rows
     if not 1 <= m <= MAX_ROWS:
+        return None
+    if problem.base_form == GROUP_SCALED and n > INT4_MAX_N:
+        # unpacking nibbles on the CUDA cores costs more than the narrow column blocks gain on wide
+        # layers: 268 / 62 us at 1 row where MERGED_TILES takes 172 / 44 (8192x28672 / 4096x11008, H100)
         return None
     one_slot = len(plan.host_slots) == 1
     stages = 1

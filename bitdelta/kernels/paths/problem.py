@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bitdelta.kernels.base_product import PLAIN
 from bitdelta.kernels.grouping import SlotPlan
 
 H100_SMS = 132  # SMs of the H100 SXM the rules were measured on: the default device
@@ -20,13 +21,15 @@ DOT_MAX_ROWS = 16  # without Gluon, several deltas past this many rows a slot ar
 @dataclass(frozen=True)
 class Problem:
     """One product y = x @ W.T + delta for x [plan.num_rows, k] and W [n, k]: its shape, its rows
-    grouped by slot, whether this Triton has Gluon, and the SM count the programs are counted against."""
+    grouped by slot, whether this Triton has Gluon, the SM count the programs are counted against, and
+    how the base is stored (`base_product.form_of`)."""
 
     plan: SlotPlan
     n: int
     k: int
     gluon: bool = True
     sms: int = H100_SMS
+    base_form: int = PLAIN
 
     @property
     def few_deltas(self) -> bool:

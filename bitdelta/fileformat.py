@@ -216,6 +216,10 @@ def read_config(path: Path) -> DeltaConfig:
     for name in config.files:
         if not _is_own_file(Path(path), name):
             raise DeltaFormatError(f"{file} names weight file {name!r}, which is not a file name inside {path}; the delta is corrupted or forged, recreate it")
+    quant = config.base_quant
+    if quant is not None and not (isinstance(quant, dict) and all(isinstance(quant.get(key), str) for key in ("recipe", "fingerprint"))):
+        raise DeltaFormatError(f"{file} records its quantized base as {quant!r}, not {{\"recipe\": ..., \"fingerprint\": ...}}; "
+                               "the delta is corrupted, recreate it")
     return config
 
 

@@ -100,7 +100,7 @@ class StackedBitDeltaLinears(nn.Module):
         self.weight = _stack_rows([p.weight.detach() for p in parts])
         self.signs = torch.cat([p.signs for p in parts], dim=1)
         self.scales = torch.cat([p.scales for p in parts], dim=1)
-        self._biases = {(): self._static_bias(())}  # per set of parts with per-slot biases: the others' static ones
+        self.stack_biases()
         start = 0
         for part, width in zip(parts, self.widths):
             rows = slice(start, start + width)
@@ -108,6 +108,10 @@ class StackedBitDeltaLinears(nn.Module):
             part.signs = self.signs[:, rows]
             part.scales = self.scales[:, rows]
             start += width
+
+    def stack_biases(self) -> None:
+        """Stack the parts' static biases (again, after they changed dtype)."""
+        self._biases = {(): self._static_bias(())}  # per set of parts with per-slot biases: the others' static ones
 
     def _static_bias(self, slotted: tuple[int, ...]) -> torch.Tensor | None:
         """The stacked static biases, zero for the parts in `slotted` (they add their own per row)."""

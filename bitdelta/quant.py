@@ -29,6 +29,8 @@ import torch
 
 from bitdelta.errors import BitDeltaError
 
+ROW_BLOCK_ELEMENTS = 1 << 22  # QuantizedBase quantizes this many weights at a time (16 MB of fp32)
+
 RECIPES = ("int8", "fp8", "int4")
 GROUP = 128  # int4 group size along K
 _FP8_MAX = 448.0
@@ -118,7 +120,14 @@ class QuantizedBase:
         tensor = self.checkpoint.mapped(name)
         if name not in self.names:
             return tensor
-        return quantize(tensor.reshape(-1, tensor.shape[-1]), self.recipe).dequantize().reshape(tensor.shape)  # stacked experts: row by row
+        # a block of rows at a time (every recipe quantizes a row on its own; stacked experts too): the
+        # fp32 temporaries stay a block's, not the matrix's
+        rows = tensor.reshape(-1, tensor.shape[-1])
+        values = torch.empty(rows.shape, dtype=torch.float32)
+        step = max(1, ROW_BLOCK_ELEMENTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            values[start : start + step] = quantize(rows[start : start + step], self.recipe).dequantize()
+        return values.reshape(tensor.shape)
 
     def __getattr__(self, attribute: str):
         return getattr(self.checkpoint, attribute)

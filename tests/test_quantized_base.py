@@ -50,6 +50,20 @@ def test_an_unknown_recipe_is_refused_in_one_line(llama_pair, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_quantized_base_view_quantizes_a_block_of_rows_at_a_time_as_the_whole(llama_pair, recipe, monkeypatch):
+    import bitdelta.quant
+    from bitdelta.quant import QuantizedBase
+
+    checkpoint = Checkpoint(llama_pair[0])
+    names = sorted(block_linears(checkpoint))[:3]
+    whole = {name: quantize(checkpoint.mapped(name), recipe).dequantize() for name in names}
+    monkeypatch.setattr(bitdelta.quant, "ROW_BLOCK_ELEMENTS", 5 * checkpoint.tensors[names[0]].shape[1] + 1)  # 5-row blocks
+    view = QuantizedBase(checkpoint, recipe, names)
+    for name in names:
+        assert view.mapped(name).dtype == torch.float32 and torch.equal(view.mapped(name), whole[name])
+
+
 @pytest.fixture(scope="module")
 def quantized_deltas(llama_pair, tmp_path_factory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("quantized-deltas")
@@ -138,6 +152,77 @@ def test_the_engine_serves_a_quantized_base_and_its_deltas_as_merged(llama_pair,
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         assert [token for output in out for token in output.token_ids] == alone
     assert (steps[0][1] - unquantized).abs().max() > 1e-3  # the served base is the quantized one
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_served_in_another_dtype_the_engine_quantizes_the_checkpoints_own_values(llama_pair, recipe):
+    """An fp32 checkpoint served in bf16 (a GPU's default): the stored codes are those compress made from
+    the checkpoint's values, not from their bf16 rounding; everything left unquantized is bf16."""
+    from bitdelta.engine import Engine, EngineConfig
+
+    base = llama_pair[0]
+    engine = Engine(base, EngineConfig(device="cpu", dtype="bfloat16", max_batch=2, base_quant=recipe))
+    checkpoint = Checkpoint(base)
+    for name, linear in engine.model.linears.items():
+        expected = quantize(checkpoint.mapped(name).float(), recipe)
+        assert torch.equal(linear.weight.data.view(torch.uint8), expected.data.view(torch.uint8)), name
+        assert torch.equal(linear.weight.scale, expected.scale), name
+    assert {parameter.dtype for parameter in engine.model.model.parameters()} == {torch.bfloat16}
+    assert engine.model.dtype == torch.bfloat16
+
+
+def test_over_a_quantized_base_the_engine_moves_and_quantizes_one_layer_at_a_time(tmp_path, monkeypatch):
+    """A layer goes to the device only once the one before is quantized, so a base that fits only
+    quantized never stands whole in full precision there; an MoE block's full-precision experts go."""
+    from transformers import AutoModelForCausalLM
+
+    import bitdelta.engine.model as engine_model
+    from bitdelta import tiny
+    from bitdelta.engine.model import MultiTenantModel
+
+    base, _ = tiny.make_pair(tmp_path, tiny.TinySpec(family="qwen3_moe"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    events = []
+    for index, layer in enumerate(model.model.layers):
+        layer.to = lambda device, index=index, move=layer.to: events.append(("to", index)) or move(device)
+    quantize_linears = engine_model.quantize_linears
+    monkeypatch.setattr(engine_model, "quantize_linears", lambda linears, stacks, recipe: events.append(
+        ("quantize", {int(name.split(".")[2]) for name in linears})) or quantize_linears(linears, stacks, recipe))
+    served = MultiTenantModel(model, 2, "int8", device=torch.device("cpu"))
+    assert events == [event for index in range(len(model.model.layers)) for event in (("to", index), ("quantize", {index}))]
+    assert served.experts and not any(hasattr(layer.module, name) for layer in served.experts.values() for name in layer.weights)
+    assert not any("experts" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_cpu_path_multiplies_by_the_quantized_base_in_fp32(recipe):
+    """bf16 x over a quantized base on the CPU: the base is not rounded to bf16 before the fp32 product
+    (the GPU kernels dequantize in fp32 registers)."""
+    from bitdelta.kernels import bitdelta_matmul, reference
+
+    n, k = 64, 300
+    weight = quantize(torch.randn(n, k) * 0.05, recipe)
+    signs = torch.randint(-(2**31), 2**31 - 1, (2, n, (k + 31) // 32), dtype=torch.int32)
+    scales, x = torch.rand(2, n) * 0.02, torch.randn(8, k).bfloat16()
+    slot_ids = torch.tensor([0, 1, -1, 0, 1, -1, 0, 1])
+    expected = reference.bitdelta_matmul(x, weight.dequantize(torch.float32), signs, scales, slot_ids)
+    assert torch.equal(bitdelta_matmul(x, weight, signs, scales, slot_ids), expected)
+
+
+@pytest.mark.parametrize("record", [{"recipe": "int4"}, "int4", {"recipe": 4, "fingerprint": "f"}])
+def test_a_malformed_quantized_base_record_is_a_format_error(quantized_deltas, record, tmp_path):
+    import shutil
+
+    from bitdelta.errors import DeltaFormatError
+    from bitdelta.fileformat import CONFIG_FILE
+
+    delta = tmp_path / "delta"
+    shutil.copytree(quantized_deltas["int4"], delta)
+    config = json.loads((delta / CONFIG_FILE).read_text())
+    config["base_quant"] = record
+    (delta / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(DeltaFormatError, match="records its quantized base as .*; the delta is corrupted, recreate it"):
+        DeltaReader(delta)
 
 
 def test_a_delta_for_another_base_quantization_is_refused_clearly(llama_pair, llama_delta, quantized_deltas, tmp_path):

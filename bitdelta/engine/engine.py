@@ -118,11 +118,15 @@ class Engine:
                 device = torch.device("cuda", tp.rank)  # one GPU a rank
             # checkpoint.path is a local folder (a hub id was resolved by Checkpoint): nothing reaches the network from here on
             dtype = _dtype(config.dtype, device, checkpoint.path)
+            # a quantized base is quantized from the checkpoint's own values, as compress quantizes them,
+            # and the rest cast to the serving dtype after: rounding first would give other codes
+            load_dtype = _own_dtype(checkpoint) if config.base_quant else dtype
             if tp is not None:  # this rank's share alone, read from the files
-                hf_model = load_share(checkpoint, tp, dtype)
+                hf_model = load_share(checkpoint, tp, load_dtype)
             else:
-                hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype, local_files_only=True)
-            self._setup(hf_model.to(device), config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint)
+                hf_model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=load_dtype, local_files_only=True)
+            self._setup(hf_model, config, observer, base_name or _served_name(base), checkpoint.path, checkpoint.fingerprint,
+                        dtype, device)
         except BaseException:
             if self._ranks:  # the other ranks cannot go on without this one
                 abort_ranks(self._ranks)
@@ -138,10 +142,11 @@ class Engine:
         engine._setup(model, config, observer, name, None, "in-memory")
         return engine
 
-    def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str) -> None:
+    def _setup(self, hf_model: nn.Module, config: EngineConfig, observer: EngineObserver | None, base_name: str, base_dir: Path | None, fingerprint: str,
+               dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         self.config, self.observer = config, observer or EngineObserver()
         tp = TensorParallel.current(config.tensor_parallel) if config.tensor_parallel > 1 else None
-        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant, tp)
+        self.model = MultiTenantModel(hf_model.eval(), config.max_gpu_deltas, config.base_quant, tp, dtype, device)
         base_quant = None if config.base_quant is None else {
             "recipe": config.base_quant, "fingerprint": quantized_fingerprint(fingerprint, config.base_quant, self.model.quantized_names(base_dir))}
         self.context = self.model.context
@@ -440,6 +445,15 @@ def _dtype(name: str, device: torch.device, base_dir: Path) -> torch.dtype:
 
     own = getattr(AutoConfig.from_pretrained(base_dir, local_files_only=True), "dtype", None)
     return own if own in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _own_dtype(checkpoint) -> torch.dtype:
+    """The dtype most of the checkpoint's bytes are stored in."""
+    stored: dict[torch.dtype, int] = {}
+    for meta in checkpoint.tensors.values():
+        if meta.dtype.is_floating_point:
+            stored[meta.dtype] = stored.get(meta.dtype, 0) + meta.nbytes
+    return max(stored, key=stored.get, default=torch.float32)
 
 
 def _served_name(base: str | Path) -> str:

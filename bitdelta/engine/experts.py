@@ -35,7 +35,7 @@ class ExpertLayer:
     """One MoE block's base experts and router with per-slot 1-bit expert deltas."""
 
     def __init__(self, block: nn.Module, max_slots: int, normalize_top_k: bool):
-        experts = block.experts
+        experts = self.module = block.experts
         self.weights = {name: experts.get_parameter(name) for name in FUSED_EXPERTS}  # [E, N, K] each, or quantized
         self.shapes = {name: tuple(weight.shape) for name, weight in self.weights.items()}
         self.activation = experts.act_fn
@@ -64,6 +64,7 @@ class ExpertLayer:
         for name, (count, n, k) in self.shapes.items():
             shard = None if self.cuts is None else self.cuts[name]
             self.weights[name] = quantize_share(self.weights[name].detach().reshape(count * n, k), recipe, shard)
+            delattr(self.module, name)  # the full-precision experts go: the engine computes from `weights`
 
     def install(self, slot: int, fused: str, expert: int, rows: slice, signs: torch.Tensor, scales: torch.Tensor) -> None:
         """One expert matrix of a delta (the full matrix's signs and row scales, cut to this rank's

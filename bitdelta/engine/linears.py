@@ -4,8 +4,6 @@ weights optionally quantized (bitdelta.quant) and, with tensor parallelism, cut 
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import torch
 from torch import nn
 
@@ -20,29 +18,26 @@ STACKED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", 
 FUSED = {"self_attn": "qkv_proj", "mlp": "gate_up_proj"}  # Phi-3 keeps each of those stacks as one linear
 
 
-def swap_linears(model: nn.Module, max_slots: int, routing: DeltaRouting, moe_layers: Collection[int]
-                 ) -> tuple[dict[str, BitDeltaLinear], list[StackedBitDeltaLinears], list[StackedBitDeltaLinears | None]]:
-    """Every nn.Linear inside the decoder blocks (the tensors `compress` makes 1-bit) becomes a
+def swap_layer_linears(model: nn.Module, index: int, max_slots: int, routing: DeltaRouting, moe: bool
+                       ) -> tuple[dict[str, BitDeltaLinear], StackedBitDeltaLinears, StackedBitDeltaLinears | None]:
+    """Every nn.Linear inside decoder block `index` (the tensors `compress` makes 1-bit) becomes a
     BitDeltaLinear with `max_slots` empty slots, keyed by checkpoint weight name. A linear already
     cut to this rank's share (parallel.load_share) keeps its cut; a row-parallel one is wrapped
-    in an all-reduce in the model's tree. Each layer's q/k/v and gate/up are then stacked
-    (None for an MoE block's experts), one layer at a time, so the unstacked weights are freed
-    before the next layer's are copied. Returns (linears, q/k/v stacks, gate/up stacks)."""
-    linears, qkv, gate_up = {}, [], []
-    for index, layer in enumerate(model.model.layers):
-        for name, module in list(layer.named_modules(prefix=f"model.layers.{index}")):
-            if isinstance(module, nn.Linear):
-                n, k = module.weight.shape
-                signs = torch.zeros(max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
-                scales = torch.zeros(max_slots, n, device=module.weight.device)
-                linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, routing)
-                new.shard = getattr(module, "shard", None)
-                replace_linear(model, name, AllReduced(new) if new.shard is not None and new.shard.dim == 1 else new)
-        attention, mlp = (None if block == "mlp" and index in moe_layers else _stacked(layer.get_submodule(block), parts, FUSED[block])
-                          for block, parts in STACKED)
-        qkv.append(attention)
-        gate_up.append(mlp)
-    return linears, qkv, gate_up
+    in an all-reduce in the model's tree. The block's q/k/v and gate/up are then stacked (None for
+    an MoE block's experts). Returns (linears, q/k/v stack, gate/up stack)."""
+    layer = model.model.layers[index]
+    linears = {}
+    for name, module in list(layer.named_modules(prefix=f"model.layers.{index}")):
+        if isinstance(module, nn.Linear):
+            n, k = module.weight.shape
+            signs = torch.zeros(max_slots, n, packed_words(k), dtype=torch.int32, device=module.weight.device)
+            scales = torch.zeros(max_slots, n, device=module.weight.device)
+            linears[name + ".weight"] = new = BitDeltaLinear(module, signs, scales, routing)
+            new.shard = getattr(module, "shard", None)
+            replace_linear(model, name, AllReduced(new) if new.shard is not None and new.shard.dim == 1 else new)
+    attention, mlp = (None if block == "mlp" and moe else _stacked(layer.get_submodule(block), parts, FUSED[block])
+                      for block, parts in STACKED)
+    return linears, attention, mlp
 
 
 def quantize_linears(linears: dict[str, BitDeltaLinear], stacks: list[StackedBitDeltaLinears | None], recipe: str) -> None:

@@ -38,7 +38,7 @@ from bitdelta.model_names import CheckpointNames
 from bitdelta.nn import DeltaRouting
 
 from .experts import ExpertLayer, is_moe_block
-from .linears import full_shape, quantize_linears, swap_linears
+from .linears import full_shape, quantize_linears, swap_layer_linears
 from .ops.norm import add_rms_norm, silu_and_mul
 from .ops.paged_attention import QuerySplit, paged_attention, query_split
 from .ops.rotary import rotary_and_cache
@@ -80,7 +80,11 @@ class SlotWeights:
 
 
 class MultiTenantModel:
-    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None, tp: TensorParallel | None = None):
+    def __init__(self, model: nn.Module, max_slots: int, base_quant: str | None = None, tp: TensorParallel | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        """`device`: where the model goes, a layer at a time (None: where it is). `dtype`: the parameters
+        left unquantized are cast to it once the base is quantized (the model then comes in the
+        checkpoint's own dtype, so that the quantized base is the one compress made)."""
         _check_supported(model.config)
         self.model, self.config, self.max_slots, self.base_quant = model, model.config, max_slots, base_quant
         self.param = next(model.parameters())
@@ -92,16 +96,29 @@ class MultiTenantModel:
         self.q_heads, self.kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         self.routing = DeltaRouting()
         self.checkpoint_names = CheckpointNames(self.config.model_type)
-        self.experts = {index: ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
-                        for index, layer in enumerate(self.layers) if is_moe_block(layer.mlp)}
-        for layer in self.experts.values() if tp is not None else ():  # before quantizing: a share quantizes by its cut
-            layer.cuts = expert_cuts(layer.shapes, tp)
-        # the decoder blocks' linears with delta slots; q/k/v and gate/up stacked (not an MoE block's experts)
-        self.linears, self.qkv, self.gate_up = swap_linears(model, max_slots, self.routing, self.experts.keys())
-        if base_quant is not None:
-            quantize_linears(self.linears, [*self.qkv, *self.gate_up], base_quant)
-            for layer in self.experts.values():
-                layer.quantize(base_quant)
+        # a layer at a time, so that over a quantized base only one layer's full-precision weights are
+        # ever on `device` (the model can come in on the CPU): its linears get delta slots (q/k/v and
+        # gate/up stacked; not an MoE block's experts, which ExpertLayer holds), then it is quantized
+        self.experts, self.linears, self.qkv, self.gate_up = {}, {}, [], []
+        for index, layer in enumerate(self.layers):
+            if device is not None:
+                layer.to(device)
+            if is_moe_block(layer.mlp):
+                self.experts[index] = ExpertLayer(layer.mlp, max_slots, getattr(self.config, "norm_topk_prob", True))
+                if tp is not None:  # before quantizing: a share quantizes by its cut
+                    self.experts[index].cuts = expert_cuts(self.experts[index].shapes, tp)
+            linears, attention, mlp = swap_layer_linears(model, index, max_slots, self.routing, index in self.experts)
+            self.linears.update(linears)
+            self.qkv.append(attention)
+            self.gate_up.append(mlp)
+            if base_quant is not None:
+                quantize_linears(linears, [attention, mlp], base_quant)
+                if index in self.experts:
+                    self.experts[index].quantize(base_quant)
+        if device is not None:
+            model.to(device)  # the embeddings, final norm and head
+        if base_quant is not None and dtype is not None and dtype != self.param.dtype:
+            self._cast(dtype)
         self.embed_name = "model.embed_tokens.weight"
         self.head_name = self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
         self.qk_norms = all(hasattr(attn, norm) for norm in QK_NORMS)
@@ -166,6 +183,15 @@ class MultiTenantModel:
         if not 0 <= part.expert < layer.num_experts:
             return None
         return layer, fused, part.expert, part.rows(layer.shapes[fused][1])
+
+    def _cast(self, dtype: torch.dtype) -> None:
+        """Every floating parameter in `dtype`, in place (whoever holds a parameter sees it cast), and the
+        stacks' biases stacked again from them."""
+        for parameter in self.model.parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+        for stack in filter(None, [*self.qkv, *self.gate_up]):
+            stack.stack_biases()
 
     def quantized_names(self, base_dir: Path | None) -> set[str]:
         """The checkpoint names of what `base_quant` quantizes: the block linears and, read from the

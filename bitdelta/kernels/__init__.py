@@ -73,8 +73,8 @@ def bitdelta_matmul(
     (bitdelta.quant.QuantizedWeight) is read as stored (`base_product.reads_as_stored`), else
     dequantized for the call."""
     if not on_triton(x):
-        if not isinstance(base_weight, torch.Tensor):
-            base_weight = base_weight.dequantize(x.dtype)
+        if not isinstance(base_weight, torch.Tensor):  # fp32, as the kernels dequantize in registers
+            base_weight = base_weight.dequantize(torch.float32)
         return reference.bitdelta_matmul(x, base_weight, signs, scales, slot_ids, bias)
     from bitdelta.kernels.paths import split_threshold
 

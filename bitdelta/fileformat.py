@@ -151,12 +151,12 @@ class DeltaReader:
 
     def check_base(self, fingerprint: str, base_name: str, base_quant: dict | None = None) -> None:
         """Refuse a base other than the one this delta was made from, or quantized otherwise."""
-        check_base_identity(self.config, self.path, fingerprint, base_quant)
-        if fingerprint != self.config.base_fingerprint:
+        if fingerprint != self.config.base_fingerprint:  # first: with another base, the recipe is beside the point
             raise IncompatibleModelsError(
                 f"{self.path} was made from base {self.config.base_model!r}, but {base_name!r} has other weights "
                 f"(fingerprint {fingerprint} != {self.config.base_fingerprint}); pass the base it was made from"
             )
+        check_base_identity(self.config, self.path, fingerprint, base_quant)
 
     def small_files(self) -> list[Path]:
         """The fine-tune's config, tokenizer and chat template files that travel with the delta."""

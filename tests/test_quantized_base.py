@@ -239,6 +239,16 @@ def test_a_delta_for_another_base_quantization_is_refused_clearly(llama_pair, ll
         fp8.store.register("plain", llama_delta)
 
 
+def test_a_delta_for_another_base_and_recipe_names_the_base_first(quantized_deltas):
+    from bitdelta.engine.store import check_base
+
+    reader = DeltaReader(quantized_deltas["int8"])
+    with pytest.raises(IncompatibleModelsError, match="has other weights .*; pass the base it was made from"):
+        reader.check_base("0" * 32, "other-base", {"recipe": "fp8"})
+    with pytest.raises(IncompatibleModelsError, match="not the served base"):
+        check_base(reader.config, "0" * 32, reader.config.model_type, reader.path, {"recipe": "fp8"})
+
+
 def test_the_cli_compresses_over_a_quantized_base_and_refuses_an_unknown_recipe_in_one_line(llama_pair, tmp_path):
     from conftest import run_cli
 

@@ -340,9 +340,9 @@ def check_base(config: DeltaConfig, base_fingerprint: str, model_type: str, path
     """Refuse a delta made from another base (or for the base quantized otherwise than `base_quant`,
     see fileformat.check_base_identity), or one that changes the base's architecture: what can be
     told from its config alone, without the model (a Ray Serve catalog checks this much)."""
-    check_base_identity(config, path, base_fingerprint, base_quant)
-    if config.base_fingerprint != base_fingerprint:
+    if config.base_fingerprint != base_fingerprint:  # first: with another base, the recipe is beside the point
         raise IncompatibleModelsError(f"{path} was made from base {config.base_model!r}, not the served base (fingerprint {config.base_fingerprint} != {base_fingerprint})")
+    check_base_identity(config, path, base_fingerprint, base_quant)
     if config.model_type != model_type:
         raise IncompatibleModelsError(f"{path} is a {config.model_type} fine-tune; the served base is {model_type}")
     if config.removed:

@@ -80,7 +80,7 @@ def build_engine(setup: Setup, config, weights, slots: int, batch: int, graphs: 
     )
     if isinstance(weights, Path):
         engine = Engine(weights, engine_config, base_name="base")  # the name from_model gives it
-        # each rank moved its fp16 share to its GPU before quantizing it: memory counts from the built engine
+        # each rank moved its share to its GPU a layer at a time, quantizing each: memory counts from the built engine
         reset_peak(setup.device)
         return engine
     return Engine.from_model(model_over(config, weights), engine_config)

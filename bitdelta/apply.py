@@ -17,12 +17,11 @@ from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.nn import BitDeltaLinear, DeltaRouting, replace_linear
 from bitdelta.progress import tensor_progress
-from bitdelta.quant import QuantizedBase
+from bitdelta.quant import ROW_BLOCK_ELEMENTS, QuantizedBase
 from bitdelta.storage import ShardWriter, atomic_directory, refuse_existing
 from bitdelta.targets import default_targets
 
 DEFAULT_MERGE_SHARD_BYTES = 2 * 1024**3
-_ROW_BLOCK_ELEMENTS = 1 << 22  # 16 MB fp32 temporaries; 1M-element blocks took twice the CPU time on 2 busy cores
 
 
 def parse_dtype(dtype: str, reader: DeltaReader) -> torch.dtype:
@@ -88,7 +87,7 @@ def applied_delta(delta: BinaryDelta, base: torch.Tensor, dtype: torch.dtype) ->
         return merged
     n, k = delta.shape
     merged = torch.empty(n, k, dtype=dtype)
-    step = max(1, _ROW_BLOCK_ELEMENTS // k)
+    step = max(1, ROW_BLOCK_ELEMENTS // k)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         scale = delta.scale if delta.scale.numel() == 1 else delta.scale[rows]

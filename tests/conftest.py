@@ -84,6 +84,18 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+def quantize_in_place(model: torch.nn.Module, names, recipe: str) -> torch.nn.Module:
+    """`model` with its parameters named in `names` replaced by their quantized values (`recipe`,
+    dequantized): the base a delta made with `compress --base-quant` is applied to."""
+    from bitdelta.quant import quantize
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in names:
+                parameter.copy_(quantize(parameter, recipe).dequantize())
+    return model
+
+
 def within_an_ulp(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
     """Every element of `got` within an ulp of `dtype` of the fp32 `expected` (the spacing at 1, scaled by
     each element's magnitude, floored at 2^-6): what one or two roundings to `dtype` may cost."""

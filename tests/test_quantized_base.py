@@ -16,7 +16,7 @@ from bitdelta.errors import BitDeltaError, IncompatibleModelsError
 from bitdelta.fileformat import DeltaReader
 from bitdelta.quant import GROUP, RECIPES, quantize
 from bitdelta.targets import block_linears
-from conftest import needs_triton_interpreter, run_in_triton_interpreter
+from conftest import needs_triton_interpreter, quantize_in_place, run_in_triton_interpreter
 
 # relative RMS error of each recipe on Gaussian rows: int8 ~ 1/127 of the row's max (~4 sigma) /
 # sqrt(12); fp8 e4m3 a 3-bit mantissa (~2-3%); int4 1/7 of a group's max: bounds with 2x margin
@@ -133,11 +133,7 @@ def test_the_engine_serves_a_quantized_base_and_its_deltas_as_merged(llama_pair,
     engine.store.register("ft", quantized_deltas[recipe], load_now=True)
     merged = bitdelta.load(base, quantized_deltas[recipe], dtype="float32")
     plain_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    quantized_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in quantized_base.named_parameters():
-            if name in engine.model.linears:
-                parameter.copy_(quantize(parameter, recipe).dequantize())
+    quantized_base = quantize_in_place(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), engine.model.linears, recipe)
     prompt = engine.store.get("ft").tokenizer("def parse(self, text):\n", add_special_tokens=False)["input_ids"]
     names = ["ft", engine.store.names()[0]]
     steps = []

@@ -87,7 +87,7 @@ def _split_family_serves_as_merged(base, delta, check_shares, base_quant: str | 
     partial sums add in another order: 1e-4); then `check_shares(engine)`."""
     from transformers import AutoModelForCausalLM
 
-    from bitdelta.quant import quantize
+    from conftest import quantize_in_place
 
     engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=4, tensor_parallel=2, base_quant=base_quant))
     try:
@@ -98,10 +98,7 @@ def _split_family_serves_as_merged(base, delta, check_shares, base_quant: str | 
         engine.generate([(name, prompt, SamplingParams(max_tokens=4, temperature=0)) for name in ("ft", engine.store.names()[0])])
         models = [bitdelta.load(base, delta, dtype="float32"), AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)]
         if base_quant is not None:
-            with torch.no_grad():
-                for name, parameter in models[1].named_parameters():
-                    if name in engine.model.linears:
-                        parameter.copy_(quantize(parameter, base_quant).dequantize())
+            quantize_in_place(models[1], engine.model.linears, base_quant)
         expected = []
         for row, model in enumerate(models):
             with torch.no_grad():

@@ -13,8 +13,8 @@ one run, so the ratios to the bf16 base hold. Writes quantized_base.json and qua
 
 --product-tiles re-checks the stored product's tile rule (`base_product_triton.product_tiles`, base
 only over a quantized base): per shape, format and batch, the dispatched tiles against other column
-widths, K steps, warps, stages and the transposed product, each checked against the reference
-first. Writes quantized_base_product_tiles.json and .md.
+widths, K steps, warps, stages, K splits and the transposed product, each checked against the
+reference first. Writes quantized_base_product_tiles.json and .md.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ from bitdelta.kernels.paths.problem import next_pow2
 
 BASE_ONLY_GOAL = 0.6  # int8/fp8 base-only decode time over the bf16 base's
 FLOOR_GOAL = 1.3  # every multi-tenant case over a pure read of its bytes
-# the stored product's decode tiles re-checked by --product-tiles: (block_n, block_k, warps, stages), each also transposed
-PRODUCT_TILES = ((32, 256, 4, 3), (32, 128, 4, 4), (64, 256, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))
+# the stored product's decode tiles re-checked by --product-tiles: (block_n, block_k, warps, stages), each with K
+# split in SPLITS, and transposed where block_n fills a wgmma (64)
+PRODUCT_TILES = ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 256, 8, 3), (64, 128, 4, 3),
+                 (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3))
+SPLITS = (1, 2, 4)
 
 
 def measure_case(k: int, n: int, batch: int, distinct: bool, recipe: str | None, bandwidth: float, base_only: dict) -> dict:
@@ -129,11 +132,13 @@ def product_tile_sweep(formats: list[str], batches: list[int]) -> list[dict]:
                 p = Problem.decode(k, n, batch, False, recipe=recipe)  # base only: one slot's bits are enough
                 ref = p.sets[0]["x"].float() @ p.sets[0]["w"].dequantize().t()
                 dispatched = product_tiles(batch)
-                variants = {dispatched} | {ProductTiles(max(16, next_pow2(batch)), *tiles, transposed)
-                                           for tiles in PRODUCT_TILES for transposed in (False, True)}
+                block_m = max(16, next_pow2(batch))
+                variants = ({dispatched} | {ProductTiles(block_m, *tiles, False, split) for tiles in PRODUCT_TILES for split in SPLITS}
+                            | {ProductTiles(block_m, *tiles, True) for tiles in PRODUCT_TILES if tiles[0] >= 64})
                 times = {}
                 for tiles in variants:
-                    name = f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}{' T' if tiles.transposed else ''}"
+                    name = (f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}{' T' if tiles.transposed else ''}"
+                            f"{f' k{tiles.split_k}' if tiles.split_k > 1 else ''}")
                     try:
                         out = stored_product(p.sets[0]["x"], stored(p.sets[0]["w"]), None, DTYPE, tiles).float()
                         ok = (out - ref).norm() / ref.norm() < MAX_RELATIVE_ERROR
@@ -160,7 +165,8 @@ def product_tiles_markdown(result: dict) -> str:
     lines = [f"# The stored product's tiles over a quantized base ({result['device']})", "",
              "`python -m benchmarks.quantized_base --product-tiles`. Base only (every row on the base), shapes K x N, times"
              " in microseconds (median, CUDA graph, cold L2): the tiles `product_tiles` dispatches among"
-             f" {len(PRODUCT_TILES) * 2} tilings (block_n x block_k, warps, stages, T: transposed), each checked against the"
+             f" up to {max(len(r['times_us']) for r in result['rows'])} tilings (block_n x block_k, warps, stages, T: transposed, kS: K split in S),"
+             " each checked against the"
              f" reference first. Dispatched / best: mean {statistics.mean(timed):.3f}, max {max(timed):.2f} over the"
              f" {len(timed)} of {len(ratios)} cases where both ran.", "",
              "| shape | base | batch | dispatched | us | best | us | dispatched / best |", "|---|---|---|---|---|---|---|---|"]

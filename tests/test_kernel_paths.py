@@ -11,12 +11,11 @@ import sys
 import pytest
 import torch
 
-from bitdelta.kernels import reference
+from bitdelta.kernels import reference, split_k
 from bitdelta.kernels.base_product import GROUP_SCALED, PLAIN, ROW_SCALED, form_of
 from bitdelta.kernels.grouping import build_plan
 from bitdelta.kernels.paths import (BitmmaTiles, Choice, GemvTiles, KernelPath, MergedGemmTiles, MergedTiles,
                                     Problem, Tiles, choose, plan_choice, run_path, split_threshold)
-from bitdelta.kernels.paths import merged_tiles
 from bitdelta.kernels.paths.bitmma import ONE_ROW_MAX_K
 from bitdelta.kernels.paths.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from bitdelta.kernels.paths.merged_gemm import MIN_ROWS as MERGED_GEMM_MIN_ROWS
@@ -249,12 +248,12 @@ def test_split_counters_grow_without_freeing_the_buffer_graphs_hold():
     """A grown counter buffer replaces the old one for new calls, but the old one stays alive: a CUDA
     graph captured before the growth still holds its address."""
     device = torch.device("cpu")
-    first = merged_tiles.split_counters(device, 10)
+    first = split_k.split_counters(device, 10)
     assert first.numel() >= 10 and not first.any()
-    assert merged_tiles.split_counters(device, first.numel()) is first  # no growth: the same buffer
-    grown = merged_tiles.split_counters(device, first.numel() + 1)
+    assert split_k.split_counters(device, first.numel()) is first  # no growth: the same buffer
+    grown = split_k.split_counters(device, first.numel() + 1)
     assert grown.numel() > first.numel() and not grown.any()
-    assert any(kept is first for kept in merged_tiles._retired_counters)
+    assert any(kept is first for kept in split_k._retired_counters)
 
 
 @needs_triton_interpreter
@@ -267,7 +266,7 @@ import torch
 from bitdelta.kernels import reference
 from bitdelta.kernels.grouping import build_plan
 from bitdelta.kernels.paths import KernelPath, MergedTiles, run_path
-from bitdelta.kernels.paths.merged_tiles import split_counters
+from bitdelta.kernels.split_k import split_counters
 cases = [(5, 40, 300, KernelPath.MERGED_TILES, MergedTiles(8, 16, 64, 4, 1, split_k=3)),
          (16, 33, 1000, KernelPath.MERGED_TILES, MergedTiles(16, 16, 64, 4, 1, transposed=True, split_k=4))]
 for m, n, k, path, tiles in cases:
@@ -383,7 +382,8 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
     for m in (1, 64, 512):  # decode, the widest decode batch, a prompt: the stored product's tiles as dispatched
         t = base_product_triton.product_tiles(m)
         kernels.append((base_product_triton._stored_product_kernel,
-                        dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TRANSPOSED=t.transposed),
+                        dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TRANSPOSED=t.transposed,
+                             SPLIT_K=max(t.split_k, 2 if m == 1 else 1)),  # the split epilogue compiles too
                         dict(num_warps=t.num_warps, num_stages=t.num_stages)))
     for kernel, constants, options in kernels:
         constants = dict(constants, FORM=form)

@@ -283,7 +283,8 @@ PATH_BATCHES = [
 @pytest.mark.parametrize("recipe", ["int8", "int4"])  # the interpreter has no fp8: GPU tests only
 def test_every_triton_path_reads_a_quantized_base_as_stored_in_the_interpreter(recipe):
     """Each Triton path over an int8 or int4 base in the CPU interpreter (GEMV, MERGED_TILES with K
-    split and transposed, DOT, MERGED_GEMM, DENSE at 5, 20 and 70 rows: all but BITMMA, which is Gluon): tiles dequantized in registers
+    split and transposed, DOT, MERGED_GEMM, DENSE at 5, 20 and 70 rows, and the stored product with K
+    split, plain and transposed: all but BITMMA, which is Gluon): tiles dequantized in registers
     (row scales; int4 nibbles and group scales), as the reference computes over the dequantized base
     (fp16 activations, a K tail inside a group, bias: half an ulp, x3). A scale or nibble misread
     would cost whole units of the weights."""
@@ -313,9 +314,18 @@ for path, tiles, ids in cases:
     run_path(path, tiles, x, weight, signs, scales, build_plan(slot_ids), bias, out=out)
     ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, bias)
     print(((out.float() - ref).norm() / ref.norm()).item())
+from bitdelta.kernels.base_product import stored
+from bitdelta.kernels.base_product_triton import ProductTiles, stored_product
+from bitdelta.kernels.split_k import split_counters
+for m, tiles in [(6, ProductTiles(16, 16, 128, 4, 1, False, split_k=3)), (20, ProductTiles(32, 16, 64, 4, 1, True, split_k=4))]:
+    x = torch.randn(m, k).half()
+    ref = x.float() @ weight.dequantize().t() + bias.float()
+    print(((stored_product(x, stored(weight), bias, torch.float16, tiles).float() - ref).norm() / ref.norm()).item())
+print(int(split_counters(torch.device("cpu"), 1).abs().sum()))
 """
-    errors = run_in_triton_interpreter(code.replace("RECIPE", recipe)).split()
-    assert len(errors) == 8 and all(float(e) < 1e-3 for e in errors), errors
+    *errors, counters = run_in_triton_interpreter(code.replace("RECIPE", recipe)).split()
+    assert len(errors) == 10 and all(float(e) < 1e-3 for e in errors), errors
+    assert counters == "0"  # each split launch left its arrival counters at zero
 
 
 @pytest.mark.gpu

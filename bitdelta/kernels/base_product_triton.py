@@ -1,9 +1,9 @@
 """The product over a quantized base read as stored (GPU only; imported lazily by `base_product.py`):
 out = x @ W.T + bias with W's stored values fed to the tensor cores in x's dtype and the scales
 applied to sums: row scales (int8, fp8) multiply the fp32 accumulator once, and an int4 base is
-summed a scale group at a time (`_nibble_product`). A program per (row block, column block); row
-blocks vary fastest, so the programs sharing a column block run together and W is read from DRAM
-about once."""
+summed a scale group at a time (`_nibble_product`). A program per (row block, column block, range
+of K); row blocks vary fastest, so the programs sharing a column block run together and W is read
+from DRAM about once. K is split where the tiles alone would leave SMs idle (`split_k.py`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from bitdelta.kernels.base_product import StoredBase
 from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibbles, x_halves
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import next_pow2
+from bitdelta.kernels.split_k import split_counters
+from bitdelta.kernels.split_k_triton import k_range, sum_of_splits
 
 
 @triton.jit
@@ -37,9 +39,10 @@ def _nibble_product(x_rows, row_mask, w_ptr, scale_ptr, cols, col_mask, k0, K, s
 
 
 @triton.jit
-def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_ws,
-                           stride_om, FORM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_xm,
+                           stride_wn, stride_ws, stride_om, stride_ps, FORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           TRANSPOSED: tl.constexpr, SPLIT_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
@@ -50,7 +53,8 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # int4: K steps within one scale group
-    for k0 in range(0, K, BLOCK_K):
+    k_first, k_end = k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in range(k_first, k_end, BLOCK_K):
         if FORM == GROUP_SCALED:
             for g in tl.static_range(0, BLOCK_K, SPAN):
                 part = _nibble_product(x_rows, row_mask, w_ptr, w_scale_ptr, cols64, col_mask, k0 + g, K, stride_wn, stride_ws,
@@ -72,10 +76,20 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K
         acc = tl.trans(acc_t)
     if FORM == ROW_SCALED:
         acc *= tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SPLIT_K == 1:
+        _store_out(acc, bias_ptr, out_ptr, rows, cols, col_mask, stride_om, out_mask, HAS_BIAS)
+    else:
+        last, total = sum_of_splits(acc, partials_ptr, counters_ptr, rows, cols, N, stride_ps, out_mask, SPLIT_K)
+        if last:
+            _store_out(total, bias_ptr, out_ptr, rows, cols, col_mask, stride_om, out_mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(acc, bias_ptr, out_ptr, rows, cols, col_mask, stride_om, mask, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class ProductTiles:
     num_warps: int
     num_stages: int
     transposed: bool  # acc^T += W x^T: the dequantized tile is the mma's register operand
+    split_k: int = 1  # K cut into this many ranges of whole block_k steps, a program each (`split_k.py`)
 
 
 def product_tiles(m: int) -> ProductTiles:
@@ -114,11 +129,16 @@ def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None,
     if m == 0:
         return out
     t = tiles or product_tiles(m)
-    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))
+    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
+    if t.split_k > 1:
+        partials = torch.empty(t.split_k, m, n, dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, grid[0] * grid[1])
+    else:
+        partials = counters = out  # unused
     fast(_stored_product_kernel)[grid](
-        x, base.values, base.scale, bias if bias is not None else out, out, m, n, k, x.stride(0),
-        base.values.stride(0), base.scale_stride, out.stride(0), FORM=base.form, HAS_BIAS=bias is not None,
+        x, base.values, base.scale, bias if bias is not None else out, out, partials, counters, m, n, k, x.stride(0),
+        base.values.stride(0), base.scale_stride, out.stride(0), m * n, FORM=base.form, HAS_BIAS=bias is not None,
         EVEN_K=k % t.block_k == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TRANSPOSED=t.transposed,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        SPLIT_K=t.split_k, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

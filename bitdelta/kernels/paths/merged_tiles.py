@@ -103,27 +103,3 @@ def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor,
 
     return segment_product(x, stored(base_weight), y, bias, signs, scales, plan, tiles, y, merge=True,
                            transposed=tiles.transposed, split_k=tiles.split_k)
-
-
-_split_counters: dict[torch.device, torch.Tensor] = {}
-_retired_counters: list[torch.Tensor] = []
-
-
-def split_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least `count` zeroed int32 arrival counters of the split-K programs on `device`. Each launch
-    leaves them at zero again, so one buffer serves every call: no memset a call. Calls on one stream
-    (the engine's, and graph replays of it) take turns; two streams must not run split-K calls at once
-    (a counter left off zero would spoil every later call that uses it). Grown only outside CUDA-graph
-    capture (the engine's eager pass before each capture allocates it); a buffer that is outgrown is
-    kept, since graphs captured earlier and kernels still queued hold its address."""
-    counters = _split_counters.get(device)
-    if counters is None or counters.numel() < count:
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                if torch.cuda.is_current_stream_capturing():
-                    raise RuntimeError("split-K counters must be allocated before CUDA-graph capture: "
-                                       "run the call once eagerly first")
-        if counters is not None:
-            _retired_counters.append(counters)
-        counters = _split_counters[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return counters

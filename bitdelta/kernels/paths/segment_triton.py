@@ -28,9 +28,10 @@ from bitdelta.kernels.base_product import PLAIN, StoredBase
 from bitdelta.kernels.base_tiles_triton import GROUP_SCALED, base_tile
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
-from bitdelta.kernels.paths.merged_tiles import split_counters
 from bitdelta.kernels.paths.problem import Tiles
 from bitdelta.kernels.signs_triton import expand_signs, merge_tile, merged_nibble_dots
+from bitdelta.kernels.split_k import split_counters
+from bitdelta.kernels.split_k_triton import k_range, sum_of_splits
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _segment_kernel(
     if MERGE:  # zero for a base-only tile: its merged weights are the base's, bit for bit
         merge_scale = tl.load(scales_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_sc_s + cols,
                               mask=col_mask & has_delta, other=0.0)
-    k_first, k_end = _k_range(K, BLOCK_K, SPLIT_K)
+    k_first, k_end = k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_first, k_end, BLOCK_K):
         if MERGE and FORM == GROUP_SCALED:  # int4: even and odd columns apart, a scale group at a time
             x_rows = x_ptr + rows[:, None] * stride_xm
@@ -113,30 +114,10 @@ def _segment_kernel(
     else:
         # (merged form only) this program's share of K; the last of the tile's SPLIT_K programs to
         # arrive adds them up
-        partials = partials_ptr + rows[:, None] * N + cols[None, :]
-        stride_ps = stride_ps.to(tl.int64)  # splits x M x N may pass 2^31
-        tl.store(partials + tl.program_id(2) * stride_ps, acc_base, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            for split in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on arrival
-                total += tl.load(partials + split * stride_ps, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0)  # ready for the next launch
+        last, total = sum_of_splits(acc_base, partials_ptr, counters_ptr, rows, cols, N, stride_ps, out_mask, SPLIT_K)
+        if last:
             total = _add_bias(total, bias_ptr, cols, col_mask, HAS_BIAS)
             _store_y(total, y_ptr, rows, cols, stride_ym, out_mask)
-
-
-@triton.jit
-def _k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The K range of this program (grid axis 2 with split-K): whole BLOCK_K steps, the last range shorter."""
-    first = 0
-    end = K
-    if SPLIT_K > 1:
-        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        first = tl.program_id(2) * per_split
-        end = tl.minimum(K, first + per_split)
-    return first, end
 
 
 @triton.jit

@@ -324,7 +324,7 @@ SPLIT = Choice(MERGED_TILES, MergedTiles(rows=16, block_n=64, block_k=128, num_w
 def test_split_k_sums_in_split_order_and_leaves_its_counters_at_zero(dtype):
     """Split-K adds the partials in split order whatever order the programs finish in: two runs give
     the same bits. Each launch resets the arrival counters it used, so the next call starts from zero."""
-    from bitdelta.kernels.paths.merged_tiles import split_counters
+    from bitdelta.kernels.split_k import split_counters
 
     m, n, k = 24, 1000, 3000
     x, w, signs, scales, bias = _problem(m, n, k, 2, dtype)

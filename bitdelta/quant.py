@@ -29,7 +29,7 @@ import torch
 
 from bitdelta.errors import BitDeltaError
 
-# weights a row-block loop takes at a time (QuantizedBase.mapped, apply.applied_delta): 16 MB fp32 temporaries;
+# weights a row-block loop takes at a time (quantize, QuantizedBase.mapped, apply.applied_delta): 16 MB fp32 temporaries;
 # 1M-element blocks took twice the CPU time on 2 busy cores
 ROW_BLOCK_ELEMENTS = 1 << 22
 
@@ -81,8 +81,26 @@ def check_recipe(recipe: str) -> str:
 def quantize(weight: torch.Tensor, recipe: str, row_absmax: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest `weight` [N, K] in fp32 arithmetic (deterministic on any device). int8 and fp8
     scale each row by `row_absmax` [N, 1] where given: the whole row's, when `weight` holds a share of
-    its columns (tensor parallel), so the share quantizes as it does inside the whole matrix."""
+    its columns (tensor parallel), so the share quantizes as it does inside the whole matrix. Every
+    recipe quantizes a row on its own, so a block of rows at a time: the fp32 temporaries stay
+    ROW_BLOCK_ELEMENTS weights whatever the matrix (a 70B layer's are GBs whole)."""
     check_recipe(recipe)
+    n, k = weight.shape
+    step = max(1, ROW_BLOCK_ELEMENTS // k)
+    blocks = (_quantize_rows(weight[start : start + step], recipe, None if row_absmax is None else row_absmax[start : start + step])
+              for start in range(0, n, step))
+    first = next(blocks)
+    if first.shape[0] == n:
+        return first
+    data = torch.empty((n, *first.data.shape[1:]), dtype=first.data.dtype, device=first.data.device)
+    scale = torch.empty((n, *first.scale.shape[1:]), dtype=first.scale.dtype, device=first.scale.device)
+    data[:step], scale[:step] = first.data, first.scale
+    for start, block in zip(range(step, n, step), blocks):
+        data[start : start + step], scale[start : start + step] = block.data, block.scale
+    return QuantizedWeight(recipe, data, scale, (n, k))
+
+
+def _quantize_rows(weight: torch.Tensor, recipe: str, row_absmax: torch.Tensor | None) -> QuantizedWeight:
     w = weight.detach().float()
     n, k = w.shape
     if recipe == "int4":

@@ -7,16 +7,15 @@ from DRAM about once. K is split where the tiles alone would leave SMs idle (`sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from bitdelta.kernels.base_product import StoredBase
+from bitdelta.kernels.base_product import ProductTiles, StoredBase, product_tiles
 from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibbles, x_halves
+from bitdelta.kernels import sm_count
 from bitdelta.kernels.launch import fast
-from bitdelta.kernels.paths.problem import next_pow2
+from bitdelta.kernels.paths.problem import H100_SMS
 from bitdelta.kernels.split_k import split_counters
 from bitdelta.kernels.split_k_triton import k_range, sum_of_splits
 
@@ -92,43 +91,17 @@ def _store_out(acc, bias_ptr, out_ptr, rows, cols, col_mask, stride_om, mask, HA
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@dataclass(frozen=True)
-class ProductTiles:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    transposed: bool  # acc^T += W x^T: the dequantized tile is the mma's register operand
-    split_k: int = 1  # K cut into this many ranges of whole block_k steps, a program each (`split_k.py`)
-
-
-def product_tiles(m: int) -> ProductTiles:
-    """Decode batches (up to 64 rows) take one row block and narrow column blocks, so every SM gets
-    programs, with long K steps up to 16 rows and shorter, deeper-pipelined ones past (the product is
-    a read of W). Measured side by side on an H100 over int8 and fp8 bases (and int4 as it was read
-    before `_nibble_product`) on four Llama-2 7B/70B shapes, this rule was within 3% of the best of 13
-    tilings on average (at most 1.2x), where wider columns or the transposed product lost up to 1.7x
-    (`python -m benchmarks.quantized_base --product-tiles` re-checks it). Prompts take square
-    tensor-core tiles, transposed."""
-    if m > 64:
-        return ProductTiles(128, 128, 64, 8, 3, True)
-    if m <= 16:
-        return ProductTiles(16, 32, 256, 4, 3, False)
-    return ProductTiles(next_pow2(m), 32, 128, 4, 4, False)
-
-
 def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None, out_dtype: torch.dtype,
                    tiles: ProductTiles | None = None) -> torch.Tensor:
     """x @ W.T + bias in `out_dtype` for x [M, K] fp16/bf16 and a quantized base read as stored, on
-    `tiles` (default: `product_tiles(M)`)."""
+    `tiles` (default: `product_tiles`)."""
     x = x.contiguous()
     m, k = x.shape
     n = base.values.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    t = tiles or product_tiles(m)
+    t = tiles or product_tiles(m, n, sm_count(x.device.index) if x.is_cuda else H100_SMS)  # the interpreter: an H100's
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
     if t.split_k > 1:
         partials = torch.empty(t.split_k, m, n, dtype=torch.float32, device=x.device)

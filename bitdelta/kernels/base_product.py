@@ -6,7 +6,7 @@ their group's (the tensor-core kernels keep an int4 tile's even and odd columns 
 and the base-only path (DENSE) take it from `base_product`: cuBLAS for a plain base, a Triton
 product over the stored tiles (`base_product_triton.py`) for a quantized one; with row scales that
 product scales its fp32 accumulator once, since (x @ Q.T) * s = x @ (Q * s).T when s scales output
-columns.
+columns. Its tiles (`product_tiles`) are chosen here, in plain Python.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def product_tiles(m: int, n: int, sms: int) -> ProductTiles:
     read. Measured side by side on an H100 over an int8 base, Llama-2 7B/70B shapes at 1, 16 and 64
     rows (`python -m benchmarks.quantized_base --product-tiles`, quantized_base_product_tiles.md):
     within 1.12x of the best of 32 tilings everywhere (1.03x on average), where the rule before K splits
-    took up to 1.42x (1.17x). Prompts take square tensor-core tiles, transposed."""
+    took up to 1.42x (1.17x); 17-32 rows, not in that sweep, take the 16-row rule with 32-row blocks.
+    Prompts take square tensor-core tiles, transposed."""
     if m > 64:
         return ProductTiles(128, 128, 64, 8, 3, True)
     if m > 32:

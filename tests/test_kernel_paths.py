@@ -290,7 +290,7 @@ def test_the_stored_product_splits_k_where_its_column_blocks_leave_sms_idle():
     """The stored product's decode tiles (a quantized base's product) as the H100 sweep measured best:
     32 columns up to 32 rows with K cut in 4 on a 4096-wide layer (128 blocks for 132 SMs), in 2 at
     8192 wide, none at 11008; 128 columns past 32 rows, K cut in 4 at 4096 wide, 2 at 8192 and 11008,
-    none at 28672. Prompts are never split."""
+    none at 28672 (over int4 the 32-column blocks unsplit). Prompts are never split."""
     from bitdelta.kernels.base_product import ProductTiles, product_tiles
 
     for m in (1, 16):
@@ -300,6 +300,8 @@ def test_the_stored_product_splits_k_where_its_column_blocks_leave_sms_idle():
     assert product_tiles(64, 4096, 132) == ProductTiles(64, 128, 128, 8, 3, False, split_k=4)
     assert [product_tiles(40, n, 132).split_k for n in (8192, 11008, 28672)] == [2, 2, 1]
     assert product_tiles(65, 4096, 132) == ProductTiles(128, 128, 64, 8, 3, True)
+    assert product_tiles(64, 4096, 132, GROUP_SCALED) == ProductTiles(64, 32, 128, 4, 4, False)  # int4: narrow, unsplit
+    assert product_tiles(16, 4096, 132, GROUP_SCALED).split_k == 4
     assert product_tiles(1, 4096, 264).split_k == 4 and product_tiles(1, 8192, 264).split_k == 4  # twice the SMs
 
 
@@ -397,7 +399,7 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
         (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8), {}),
     ]
     for m in (1, 64, 512):  # decode, the widest decode batch, a prompt: the stored product's tiles as dispatched
-        t = base_product.product_tiles(m, 4096, 132)  # K split in 4 up to 64 rows
+        t = base_product.product_tiles(m, 4096, 132, form)  # K split in 4 up to 64 rows (int4: up to 32)
         kernels.append((base_product_triton._stored_product_kernel,
                         dict(HAS_BIAS=True, EVEN_K=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TRANSPOSED=t.transposed,
                              SPLIT_K=t.split_k), dict(num_warps=t.num_warps, num_stages=t.num_stages)))

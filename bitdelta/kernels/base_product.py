@@ -48,18 +48,22 @@ class ProductTiles:
     split_k: int = 1  # K cut into this many ranges of whole block_k steps, a program each (`split_k.py`)
 
 
-def product_tiles(m: int, n: int, sms: int) -> ProductTiles:
+def product_tiles(m: int, n: int, sms: int, form: int = ROW_SCALED) -> ProductTiles:
     """Decode batches (up to 64 rows) take one row block. Up to 32 rows: 32-column blocks, K steps of
-    128 four stages deep; past 32 rows every column block re-reads x from L2, so the blocks widen to
-    128 columns (8 warps). K is split in 4 or 2 where the column blocks alone would leave SMs without
-    enough work (`_split_for`): without it a 4096-wide layer at one row ran 128 programs, 1.4x its pure
-    read. Measured side by side on an H100 over an int8 base, Llama-2 7B/70B shapes at 1, 16 and 64
-    rows (`python -m benchmarks.quantized_base --product-tiles`, quantized_base_product_tiles.md):
-    within 1.12x of the best of 32 tilings everywhere (1.03x on average), where the rule before K splits
-    took up to 1.42x (1.17x); 17-32 rows, not in that sweep, take the 16-row rule with 32-row blocks.
-    Prompts take square tensor-core tiles, transposed."""
+    128 four stages deep; past 32 rows every column block re-reads x from L2, so over int8 and fp8 the
+    blocks widen to 128 columns (8 warps). K is split in 4 or 2 where the column blocks alone would
+    leave SMs without enough work (`_split_for`): without it a 4096-wide layer at one row ran 128
+    programs, 1.4x its pure read. Measured side by side on an H100 over an int8 base, Llama-2 7B/70B
+    shapes at 1, 16 and 64 rows (`python -m benchmarks.quantized_base --product-tiles`,
+    quantized_base_product_tiles.md): within 1.12x of the best of 32 tilings everywhere (1.03x on
+    average), where the rule before K splits took up to 1.42x (1.17x); 17-32 rows, not in that sweep,
+    take the 16-row rule with 32-row blocks. Over int4 (two dots a scale group) the wide blocks took
+    1.2-1.7x longer at 64 rows in quantized_base.md's run, so past 32 rows it keeps the 32-column
+    blocks unsplit it had before. Prompts take square tensor-core tiles, transposed."""
     if m > 64:
         return ProductTiles(128, 128, 64, 8, 3, True)
+    if m > 32 and form == GROUP_SCALED:
+        return ProductTiles(64, 32, 128, 4, 4, False)
     if m > 32:
         tiles, target = ProductTiles(64, 128, 128, 8, 3, False), 1.5 * sms
     else:

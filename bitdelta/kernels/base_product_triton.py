@@ -101,7 +101,7 @@ def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None,
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    t = tiles or product_tiles(m, n, sm_count(x.device.index) if x.is_cuda else H100_SMS)  # the interpreter: an H100's
+    t = tiles or product_tiles(m, n, sm_count(x.device.index) if x.is_cuda else H100_SMS, base.form)  # interpreter: an H100's
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
     if t.split_k > 1:
         partials = torch.empty(t.split_k, m, n, dtype=torch.float32, device=x.device)

@@ -86,6 +86,8 @@ def quantize(weight: torch.Tensor, recipe: str, row_absmax: torch.Tensor | None 
     ROW_BLOCK_ELEMENTS weights whatever the matrix (a 70B layer's are GBs whole)."""
     check_recipe(recipe)
     n, k = weight.shape
+    if n * k == 0:
+        return _quantize_rows(weight, recipe, row_absmax)
     step = max(1, ROW_BLOCK_ELEMENTS // k)
     blocks = (_quantize_rows(weight[start : start + step], recipe, None if row_absmax is None else row_absmax[start : start + step])
               for start in range(0, n, step))

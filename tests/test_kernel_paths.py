@@ -398,6 +398,9 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
         (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256), {}),
         (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8), {}),
     ]
+    kernels.append((base_product_triton._stored_product_kernel,  # one output element: the JIT makes M x N == 1 a constant
+                    dict(HAS_BIAS=False, EVEN_K=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, TRANSPOSED=False, SPLIT_K=4,
+                         stride_ps=1), dict(num_warps=4, num_stages=4)))
     for m in (1, 64, 512):  # decode, the widest decode batch, a prompt: the stored product's tiles as dispatched
         t = base_product.product_tiles(m, 4096, 132, form)  # K split in 4 up to 64 rows (int4: up to 32)
         kernels.append((base_product_triton._stored_product_kernel,

@@ -39,6 +39,23 @@ def test_each_recipe_rounds_to_nearest_within_its_precision_and_is_idempotent(re
     assert quantized.nbytes < fp16_bytes * (0.4 if recipe == "int4" else 0.55)  # int4 pads its last group
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_quantize_goes_a_block_of_rows_at_a_time_as_the_whole(recipe, monkeypatch):
+    """Bit for bit the whole matrix's codes and scales (every recipe quantizes a row on its own), with
+    a given row scale (a tensor-parallel share's) too; a matrix without rows stays one."""
+    import bitdelta.quant as quant
+
+    weight = torch.randn(50, 300) * 0.02
+    absmax = None if recipe == "int4" else weight.abs().amax(dim=1, keepdim=True) * 1.5  # the whole row's
+    whole = [quantize(weight, recipe), quantize(weight, recipe, absmax)]
+    monkeypatch.setattr(quant, "ROW_BLOCK_ELEMENTS", 7 * 300)  # 7 rows a block, the last one short
+    for expected, blocked in zip(whole, [quantize(weight, recipe), quantize(weight, recipe, absmax)]):
+        assert torch.equal(blocked.data.view(torch.uint8), expected.data.view(torch.uint8))
+        assert torch.equal(blocked.scale, expected.scale) and blocked.shape == expected.shape
+    if recipe != "int4":  # no rows (an int4 view needs some)
+        assert quantize(torch.zeros(0, 300), recipe).dequantize().shape == (0, 300)
+
+
 def test_int4_stores_two_values_a_byte_and_rows_slice_alike():
     weight = torch.randn(8, 2 * GROUP) * 0.02
     quantized = quantize(weight, "int4")

@@ -25,8 +25,8 @@ def sum_of_splits(acc, partials_ptr, counters_ptr, rows, cols, N, stride_ps, mas
     """Writes this program's fp32 partial `acc` of the tile (rows, cols) of an N-wide output and counts
     its arrival on the tile's counter (one per (axis 0, axis 1) program). Returns (last, total): whether
     it arrived last, and then the partials' sum in split order (zeros otherwise)."""
-    partials = partials_ptr + rows[:, None] * N + cols[None, :]
-    stride_ps = stride_ps.to(tl.int64)  # splits x M x N may pass 2^31
+    partials = partials_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    stride_ps = tl.cast(stride_ps, tl.int64)  # splits x M x N may pass 2^31; M x N == 1 comes in as a constant
     tl.store(partials + tl.program_id(2) * stride_ps, acc, mask=mask)
     tl.debug_barrier()  # every thread's partial is written before the arrival is counted
     counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)

@@ -86,19 +86,17 @@ def quantize(weight: torch.Tensor, recipe: str, row_absmax: torch.Tensor | None 
     ROW_BLOCK_ELEMENTS weights whatever the matrix (a 70B layer's are GBs whole)."""
     check_recipe(recipe)
     n, k = weight.shape
-    if n * k == 0:
+    step = max(1, ROW_BLOCK_ELEMENTS // max(k, 1))
+    if n <= step:
         return _quantize_rows(weight, recipe, row_absmax)
-    step = max(1, ROW_BLOCK_ELEMENTS // k)
-    blocks = (_quantize_rows(weight[start : start + step], recipe, None if row_absmax is None else row_absmax[start : start + step])
-              for start in range(0, n, step))
-    first = next(blocks)
-    if first.shape[0] == n:
-        return first
-    data = torch.empty((n, *first.data.shape[1:]), dtype=first.data.dtype, device=first.data.device)
-    scale = torch.empty((n, *first.scale.shape[1:]), dtype=first.scale.dtype, device=first.scale.device)
-    data[:step], scale[:step] = first.data, first.scale
-    for start, block in zip(range(step, n, step), blocks):
-        data[start : start + step], scale[start : start + step] = block.data, block.scale
+    data = scale = None
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        block = _quantize_rows(weight[rows], recipe, None if row_absmax is None else row_absmax[rows])
+        if data is None:  # the recipe's storage, for all n rows
+            data = block.data.new_empty((n, *block.data.shape[1:]))
+            scale = block.scale.new_empty((n, *block.scale.shape[1:]))
+        data[rows], scale[rows] = block.data, block.scale
     return QuantizedWeight(recipe, data, scale, (n, k))
 
 

@@ -30,8 +30,7 @@ def base_tile(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, B
         word_mask = row_mask[:, None] & ((group * GROUP < K) | EVEN_K)[None, :]
         words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_w // 4) + kw[None, :],
                         mask=word_mask, other=-2004318072)  # 0x88888888: eight zeros
-        nibble = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15  # [R, BK / 8, 8]
-        values = (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + nibble, less 2^23 + 8: as int8's
+        values = _offset_to_fp32((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15, 8)  # [R, BK / 8, 8]
         scale = tl.load(scale_ptr + rows[:, None] * stride_scale + group[None, :], mask=word_mask, other=0.0)
         w = tl.reshape(values * scale[:, :, None], (rows.shape[0], BK))  # past K: padding, zeros
     else:
@@ -39,11 +38,17 @@ def base_tile(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, B
         w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=row_mask[:, None] & ((ks < K) | EVEN_K)[None, :], other=0.0)
         if FORM == ROW_SCALED:
             if w.dtype == tl.int8:
-                # the bits of 2^23 + 128 + w as fp32, less 2^23 + 128: exact, on the integer and fp32 adders,
-                # where w.to(tl.float32) takes the conversion pipe (I2F: 16 a clock an SM on Hopper, fp32 adds 128)
-                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                w = _offset_to_fp32(w.to(tl.int32) + 128, 128)
             w = w.to(tl.float32) * tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)[:, None]
     return w
+
+
+@triton.jit
+def _offset_to_fp32(stored, OFFSET: tl.constexpr):
+    """stored - OFFSET in fp32 for integers `stored` in 0 .. 2^23: the bits of 2^23 + stored read as
+    fp32, less 2^23 + OFFSET (exact). An integer add and an fp32 add, where a conversion takes the
+    conversion pipe (I2F: 16 a clock an SM on Hopper, against 128 fp32 adds)."""
+    return (stored + 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
 
 @triton.jit

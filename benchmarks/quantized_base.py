@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, Problem, graph_us, measure_ceilings
+from benchmarks.harness import DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, Problem, graph_us, measure_ceilings, sm_count
 from benchmarks.report import write_report
 from bitdelta.kernels.base_product import FORMS, ProductTiles, product_tiles, stored
 from bitdelta.kernels.base_product_triton import stored_product
@@ -131,7 +131,7 @@ def product_tile_sweep(formats: list[str], batches: list[int]) -> list[dict]:
             for batch in batches:
                 p = Problem.decode(k, n, batch, False, recipe=recipe)  # base only: one slot's bits are enough
                 ref = p.sets[0]["x"].float() @ p.sets[0]["w"].dequantize().t()
-                dispatched = product_tiles(batch, n, torch.cuda.get_device_properties().multi_processor_count, FORMS[recipe])
+                dispatched = product_tiles(batch, n, sm_count(torch.cuda.current_device()), FORMS[recipe])
                 block_m = max(16, next_pow2(batch))
                 variants = ({dispatched} | {ProductTiles(block_m, *tiles, False, split) for tiles in PRODUCT_TILES for split in SPLITS}
                             | {ProductTiles(block_m, *tiles, True) for tiles in PRODUCT_TILES if tiles[0] >= 64})

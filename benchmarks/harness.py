@@ -26,7 +26,9 @@ from benchmarks.lora_baseline import lora_groups, lora_linear
 from bitdelta.kernels import bitdelta_matmul, gluon_available, reference, sm_count
 from bitdelta.kernels.base_product import FORMS, PLAIN
 from bitdelta.kernels.grouping import SlotPlan, build_plan
-from bitdelta.kernels.paths import Choice, plan_choice, run_path, split_threshold
+from bitdelta.kernels.paths import Choice, KernelPath, plan_choice, run_path, split_threshold
+from bitdelta.kernels.paths import Problem as PathProblem
+from bitdelta.kernels.paths import bitmma, gemv, merged_tiles
 from bitdelta.pack import unpack_signs
 from bitdelta.quant import quantize
 
@@ -162,6 +164,15 @@ class Problem:
 
     def dispatched_choice(self) -> Choice:
         return dispatched_choice(self.n, self.k, self.plan, self.recipe)
+
+    def candidate_choices(self) -> dict[str, Choice]:
+        """Every decode path that can serve this batch, whatever the dispatcher's priority, each with the
+        tiles its own rule gives: what a dispatch rule is checked against."""
+        problem = PathProblem(self.plan, self.n, self.k, gluon_available(), sm_count(torch.cuda.current_device()),
+                              PLAIN if self.recipe is None else FORMS[self.recipe])
+        modules = {KernelPath.GEMV: gemv, KernelPath.MERGED_TILES: merged_tiles, KernelPath.BITMMA: bitmma}
+        return {path.name: Choice(path, module.tiles(problem)) for path, module in modules.items()
+                if module.can_run(problem)}
 
     # ---- ours
     def ours_us(self, choice: Choice | None = None) -> float:

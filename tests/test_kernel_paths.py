@@ -166,9 +166,29 @@ def test_over_an_int4_base_wide_layers_leave_the_gemv():
         return choose(Problem(build_plan(slot_ids), n, 8192, base_form=base_form))
 
     for n, slot_ids in ((28672, _one_delta(1)), (11008, _one_delta(1)), (28672, _one_delta(3))):
-        assert choice(n, slot_ids, PLAIN).path is GEMV and choice(n, slot_ids, ROW_SCALED).path is GEMV
+        assert choice(n, slot_ids, PLAIN).path is GEMV
         assert choice(n, slot_ids, GROUP_SCALED).path is MERGED_TILES
+    assert choice(11008, _one_delta(1), ROW_SCALED).path is GEMV
     assert choice(8192, _one_delta(1), GROUP_SCALED).path is GEMV  # narrow enough: the gemv stays
+
+
+def test_over_an_int8_or_fp8_base_wide_layers_take_the_stored_product_and_the_delta_kernel():
+    def choice(n: int, slot_ids: torch.Tensor, base_form: int, gluon: bool = True) -> Choice:
+        return choose(Problem(build_plan(slot_ids), n, 8192, gluon, base_form=base_form))
+
+    for slot_ids in (_one_delta(1), _one_delta(4), _one_delta(16), torch.tensor([0, 0, 1, 1])):
+        assert choice(28672, slot_ids, ROW_SCALED).path is BITMMA
+        assert choice(28672, slot_ids, PLAIN).path in (GEMV, MERGED_TILES)  # the fused paths on a plain base
+        assert choice(11008, slot_ids, ROW_SCALED).path in (GEMV, MERGED_TILES)  # and on narrower layers
+        assert choice(28672, slot_ids, ROW_SCALED, gluon=False).path in (GEMV, MERGED_TILES)  # no Gluon delta kernel
+    assert choice(28672, _one_delta(64), ROW_SCALED).path is MERGED_TILES  # 64 rows: the merged tiles tie or win
+
+
+def test_one_row_over_a_quantized_narrow_layer_takes_merged_tiles_split():
+    for form in (ROW_SCALED, GROUP_SCALED):
+        chosen = choose(Problem(build_plan(_one_delta(1)), 4096, 4096, base_form=form))
+        assert chosen.path is MERGED_TILES and chosen.tiles.split_k == 4
+    assert choose(Problem(build_plan(_one_delta(1)), 4096, 4096)).path is GEMV  # the plain base keeps the gemv
 
 
 def test_the_entry_point_chooses_by_the_base_it_is_given():
@@ -424,8 +444,7 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
                                   target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (kernel.fn.__name__, constants, compiled.metadata.shared)
         assert not re.search(r"ld\.global[.\w]*\.[usb]8\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)
-        # int8 values, and int4 ones in base_tile (GEMV, the merge kernel), reach fp32 through a magic number's
-        # bits, not on the conversion pipe (I2F: 16 a clock an SM); the stored product feeds the tensor cores
-        if (stored == "*i8" and kernel is not base_product_triton._stored_product_kernel
-                or stored == "*u8" and kernel in (gemv_triton._gemv_kernel, merged_gemm_triton._merge_kernel)):
+        # int4 values in base_tile (GEMV, the merge kernel) reach fp32 through a magic number's bits, not on
+        # the conversion pipe (I2F: 16 a clock an SM)
+        if stored == "*u8" and kernel in (gemv_triton._gemv_kernel, merged_gemm_triton._merge_kernel):
             assert not re.search(r"cvt\.rn\.f32\.s(8|16|32)\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)

@@ -41,7 +41,7 @@ class MergedTiles(Tiles):
 
 
 def can_run(problem: Problem) -> bool:
-    return problem.few_deltas or problem.prefill
+    return problem.prefill or (problem.few_deltas and not problem.stored_product_first)
 
 
 def tiles(problem: Problem) -> MergedTiles:

@@ -166,13 +166,12 @@ class Problem:
         return dispatched_choice(self.n, self.k, self.plan, self.recipe)
 
     def candidate_choices(self) -> dict[str, Choice]:
-        """Every decode path that can serve this batch, whatever the dispatcher's priority, each with the
-        tiles its own rule gives: what a dispatch rule is checked against."""
-        problem = PathProblem(self.plan, self.n, self.k, gluon_available(), sm_count(torch.cuda.current_device()),
-                              PLAIN if self.recipe is None else FORMS[self.recipe])
+        """Every decode path that serves this batch over a plain base of its shape, whatever the
+        dispatcher's priority, on the tiles its rule gives there: what the rules over a quantized base
+        (which move cases between these paths) are checked against."""
+        plain = PathProblem(self.plan, self.n, self.k, gluon_available(), sm_count(torch.cuda.current_device()))
         modules = {KernelPath.GEMV: gemv, KernelPath.MERGED_TILES: merged_tiles, KernelPath.BITMMA: bitmma}
-        return {path.name: Choice(path, module.tiles(problem)) for path, module in modules.items()
-                if module.can_run(problem)}
+        return {path.name: Choice(path, module.tiles(plain)) for path, module in modules.items() if module.can_run(plain)}
 
     # ---- ours
     def ours_us(self, choice: Choice | None = None) -> float:

@@ -114,8 +114,8 @@ def markdown(result: dict) -> str:
              " floor as measured); base read: the same over the base's bytes alone (the floor of base only); floor:"
              " the case's bytes over the copy bandwidth "
              f"({result['ceilings']['copy_bandwidth_GBps']:.0f} GB/s). /bf16: over the same case on the bf16 base. each"
-             " path: over a quantized base, every decode path that can serve the case on its own tiles (what the"
-             " dispatch is checked against).", "",
+             " path: over a quantized base, every decode path a plain base's rules allow for the case, on the tiles"
+             " they give it (what the quantized bases' own rules are checked against).", "",
              "| shape | deltas | batch | base | path | ours | base only | base read | read | floor | ours/read | ours/bf16 |"
              " base only/bf16 | base read/bf16 | each path |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

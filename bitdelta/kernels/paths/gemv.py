@@ -49,7 +49,7 @@ def tiles(problem: Problem) -> GemvTiles | None:
     stages = 1
     if m == 1:
         # a narrow layer's long rows, or its rows over a quantized base: MERGED_TILES with K split fills more
-        # SMs (over the base as stored 1.15-1.29x faster on 4096x4096, quantized_base.md "each path")
+        # SMs (over the base as stored 1.14-1.29x faster on 4096x4096, quantized_base.md "each path")
         if n <= 4096 and (k > 8192 or problem.base_form != PLAIN):
             return None
         if k > 8192:  # long rows: deep K steps

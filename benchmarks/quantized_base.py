@@ -100,10 +100,15 @@ def goals(rows: list[dict]) -> dict:
             f"multi-tenant within {FLOOR_GOAL}x of a pure read": f"{sum(r['ours_over_read'] <= FLOOR_GOAL for r in mine)}/{len(mine)}",
             "max ours/read": max(r["ours_over_read"] for r in mine),
             f"multi-tenant within {FLOOR_GOAL}x of a pure read on the case's fastest path":
-                f"{sum(min(r['paths_us'].values(), default=r['ours_us']) <= FLOOR_GOAL * r['read_us'] for r in mine)}/{len(mine)}",
+                f"{sum(_fastest_us(r) <= FLOOR_GOAL * r['read_us'] for r in mine)}/{len(mine)}",
             "median ours/bf16 ours": statistics.median(r["ours_over_bf16"] for r in mine) if "bf16" in formats else None,
         }
     return out
+
+
+def _fastest_us(row: dict) -> float:
+    """The case's time on its fastest path: ours or any path timed beside it (NaN where a path failed its check)."""
+    return min(t for t in (row["ours_us"], *row.get("paths_us", {}).values()) if t == t)
 
 
 def markdown(result: dict) -> str:

@@ -182,6 +182,9 @@ def test_over_an_int8_or_fp8_base_wide_layers_take_the_stored_product_and_the_de
         assert choice(11008, slot_ids, ROW_SCALED).path in (GEMV, MERGED_TILES)  # and on narrower layers
         assert choice(28672, slot_ids, ROW_SCALED, gluon=False).path in (GEMV, MERGED_TILES)  # no Gluon delta kernel
     assert choice(28672, _one_delta(64), ROW_SCALED).path is MERGED_TILES  # 64 rows: the merged tiles tie or win
+    assert choice(28672, _one_delta(17), ROW_SCALED).path is MERGED_TILES  # past 16 rows a slot
+    assert choice(16384, _one_delta(4), ROW_SCALED).path is not BITMMA  # wider than 16384 only
+    assert choice(16385, _one_delta(4), ROW_SCALED).path is BITMMA
 
 
 def test_one_row_over_a_quantized_narrow_layer_takes_merged_tiles_split():

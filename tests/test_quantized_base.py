@@ -339,7 +339,7 @@ def test_info_says_which_quantized_base_a_delta_needs(quantized_deltas):
 
 # a batch for each kernel path: (rows, slot ids, the path `choose` gives them)
 PATH_BATCHES = [
-    ("one row (GEMV)", [0], "GEMV"),
+    ("one row (MERGED_TILES split; GEMV run as well)", [0], "MERGED_TILES"),
     ("two rows of two slots (GEMV)", [0, 1], "GEMV"),
     ("no delta rows (DENSE)", [-1] * 6, "DENSE"),
     ("40 rows, none with a delta (DENSE, the product transposed)", [-1] * 40, "DENSE"),
@@ -408,8 +408,9 @@ def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
     equals the reference over the dequantized base (bf16: one rounding of each merged weight and of
     the output, ~2^-8 relative; bound 1e-2)."""
     from bitdelta.kernels import bitdelta_matmul, gluon_available, reference
+    from bitdelta.kernels.base_product import form_of
     from bitdelta.kernels.grouping import build_plan
-    from bitdelta.kernels.paths import plan_choice
+    from bitdelta.kernels.paths import GemvTiles, KernelPath, plan_choice, run_path
 
     _, ids, expected_path = batch
     n, k = 384, 1000
@@ -421,11 +422,14 @@ def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
     x = torch.randn(len(ids), k, device="cuda").bfloat16()
     plan = build_plan(slot_ids)
     if expected_path != "BITMMA" or gluon_available():
-        assert plan_choice(plan, n, k).path.name == expected_path
-    out = bitdelta_matmul(x, weight, signs, scales, slot_ids, bias, plan=plan)
+        assert plan_choice(plan, n, k, base_form=form_of(weight)).path.name == expected_path
+    outs = [bitdelta_matmul(x, weight, signs, scales, slot_ids, bias, plan=plan)]
+    if len(ids) == 1:  # a quantized base's wider layers keep one row on the gemv: its one-row kernel too
+        outs.append(run_path(KernelPath.GEMV, GemvTiles(1, 8, 512, 2, 1), x, weight, signs, scales, plan, bias))
     ref = reference.bitdelta_matmul(x.float(), weight.dequantize(), signs, scales, slot_ids, bias.float())
-    assert torch.isfinite(out).all()
-    assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-2
+    for out in outs:
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-2
 
 
 @pytest.mark.gpu

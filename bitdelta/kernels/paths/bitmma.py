@@ -1,5 +1,6 @@
-"""BITMMA: several distinct deltas, up to BITMMA_MAX_ROWS rows a slot: the base product in fp32 (`base_product`),
-then the Gluon tensor-core delta kernel (`bitmma_gluon.py`) adds each tile's delta, its slot's bits
+"""BITMMA: several distinct deltas, up to BITMMA_MAX_ROWS rows a slot (over an int8/fp8 base also few deltas
+on wide layers: `Problem.stored_product_first`): the base product in fp32 (`base_product`), then the
+Gluon tensor-core delta kernel (`bitmma_gluon.py`) adds each tile's delta, its slot's bits
 expanded straight into mma operands; tiles of one row take the int8 variant.
 
 With many distinct deltas a merged pass would re-read the base for every slot; cuBLAS reads it once

@@ -12,7 +12,7 @@ from bitdelta.kernels.base_product import PLAIN, ROW_SCALED
 from bitdelta.kernels.grouping import SlotPlan
 
 H100_SMS = 132  # SMs of the H100 SXM the rules were measured on: the default device
-FEW_DELTAS = 2  # up to this many distinct deltas, one pass on merged weights beats cuBLAS + a delta pass
+FEW_DELTAS = 2  # up to this many distinct deltas, one pass on merged weights beats the base product + a delta pass
 FEW_DELTAS_DECODE_ROWS = 128  # with few deltas, decode tiles serve up to this many rows a slot
 BITMMA_MAX_ROWS = 64  # the tallest tile of the Gluon delta kernel: rows on the N side of its mmas
 DOT_MAX_ROWS = 16  # without Gluon, several deltas past this many rows a slot are prefill

@@ -1,6 +1,7 @@
 """Decode over a quantized base: the multi-tenant delta matmul over an int8 / fp8 / int4 base against the bf16 base (CUDA).
 
-    python -m benchmarks.quantized_base [--formats bf16,int8,fp8,int4] [--batches 1,4,16,32,64] [--out benchmarks/results]
+    python -m benchmarks.quantized_base [--formats bf16,int8,fp8,int4] [--batches 1,4,16,32,64] [--shapes 4096x4096,...]
+                                        [--out benchmarks/results]
     python -m benchmarks.quantized_base --product-tiles [--formats int8,fp8,int4] [--batches 1,16,32,64]
 
 For the Llama-2-7B/70B linear shapes at each batch, with every row its own delta and with one
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, Problem, graph_us, measure_ceilings, sm_count,
-                                time_checked)
+from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, Problem, graph_us, measure_ceilings, parse_shapes,
+                                sm_count, time_checked)
 from benchmarks.report import write_report
 from bitdelta.kernels.base_product import FORMS, ProductTiles, product_tiles, stored
 from bitdelta.kernels.base_product_triton import stored_product
@@ -61,9 +62,9 @@ def measure_case(k: int, n: int, batch: int, distinct: bool, recipe: str | None,
     return row
 
 
-def suite(formats: list[str], batches: list[int], bandwidth: float) -> list[dict]:
+def suite(shapes: list[tuple[int, int]], formats: list[str], batches: list[int], bandwidth: float) -> list[dict]:
     rows, base_only = [], {}
-    for k, n in DECODE_SHAPES:
+    for k, n in shapes:
         for distinct in (True, False):
             for batch in batches:
                 case = [measure_case(k, n, batch, distinct, None if f == "bf16" else f, bandwidth, base_only) for f in formats]
@@ -137,9 +138,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def product_tile_sweep(formats: list[str], batches: list[int]) -> list[dict]:
+def product_tile_sweep(shapes: list[tuple[int, int]], formats: list[str], batches: list[int]) -> list[dict]:
     rows = []
-    for k, n in DECODE_SHAPES:
+    for k, n in shapes:
         for recipe in formats:
             for batch in batches:
                 p = Problem.decode(k, n, batch, False, recipe=recipe)  # base only: one slot's bits are enough
@@ -192,6 +193,8 @@ def product_tiles_markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="bf16,int8,fp8,int4")
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in DECODE_SHAPES),
+                        help="K x N shapes; the engine stacks gate/up: 4096x22016 (7B), 8192x57344 (70B)")
     parser.add_argument("--batches", default="1,4,16,32,64")
     parser.add_argument("--product-tiles", action="store_true", help="re-check the stored product's tile rule instead")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -202,12 +205,14 @@ def main() -> None:
               "dtype": str(DTYPE), "shape_convention": "K x N (in x out features)"}
     formats = args.formats.split(",")
     if args.product_tiles:
-        result["rows"] = product_tile_sweep([f for f in formats if f != "bf16"], [int(b) for b in args.batches.split(",")])
+        result["rows"] = product_tile_sweep(parse_shapes(args.shapes), [f for f in formats if f != "bf16"],
+                                            [int(b) for b in args.batches.split(",")])
         result["seconds"] = time.time() - started
         write_report(args.out, "quantized_base_product_tiles", result, product_tiles_markdown(result))
         return
     result["ceilings"] = measure_ceilings()
-    result["decode"] = suite(formats, [int(b) for b in args.batches.split(",")], result["ceilings"]["copy_bandwidth_GBps"] * 1e9)
+    result["decode"] = suite(parse_shapes(args.shapes), formats, [int(b) for b in args.batches.split(",")],
+                             result["ceilings"]["copy_bandwidth_GBps"] * 1e9)
     result["goals"] = goals(result["decode"])
     result["seconds"] = time.time() - started
     write_report(args.out, "quantized_base", result, markdown(result))

@@ -67,6 +67,25 @@ def nibbles(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, SPA
 
 
 @triton.jit
+def biased_nibbles(w_ptr, scale_ptr, rows, row_mask, k0, K, stride_w, stride_scale, SPAN: tl.constexpr,
+                   EVEN_K: tl.constexpr, DTYPE: tl.constexpr):
+    """`nibbles`, each value made in DTYPE (bf16 or fp16) from its bits alone: BIAS + nibble, where BIAS
+    (128 in bf16, 1024 in fp16) has the nibble's bits free in its mantissa, so a mask and an or make
+    the value exactly, with no conversion; a caller takes (BIAS + 8) * sum(x) off the dot. Returns the
+    even and odd columns [R, SPAN / 2], the group's scale [R] and BIAS + 8."""
+    stored = (k0 < K) | EVEN_K
+    byte = k0 // 2 + tl.arange(0, SPAN // 2)
+    packed = tl.load(w_ptr + rows[:, None] * stride_w + byte[None, :], mask=row_mask[:, None] & stored,
+                     other=0x88).to(tl.int16)  # 0x88: two zeros (8 - 8)
+    scale = tl.load(scale_ptr + rows * stride_scale + k0 // GROUP, mask=row_mask & stored, other=0.0)
+    bias_bits: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
+    offset: tl.constexpr = 136.0 if DTYPE == tl.bfloat16 else 1032.0
+    low = ((packed & 15) | bias_bits).to(DTYPE, bitcast=True)
+    high = (((packed >> 4) & 15) | bias_bits).to(DTYPE, bitcast=True)
+    return low, high, scale, offset
+
+
+@triton.jit
 def x_halves(x_rows, row_mask, k0, K, SPAN: tl.constexpr, EVEN_K: tl.constexpr):
     """x's columns k0 .. k0 + SPAN (`x_rows`: each row's pointer [R, 1]) as its even and odd columns
     [R, SPAN / 2]: loaded whole (the load stays one contiguous, pipelined read), split in registers."""

@@ -447,7 +447,7 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
                                   target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (kernel.fn.__name__, constants, compiled.metadata.shared)
         assert not re.search(r"ld\.global[.\w]*\.[usb]8\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)
-        # int4 values in base_tile (GEMV, the merge kernel) reach fp32 through a magic number's bits, not on
-        # the conversion pipe (I2F: 16 a clock an SM)
-        if stored == "*u8" and kernel in (gemv_triton._gemv_kernel, merged_gemm_triton._merge_kernel):
-            assert not re.search(r"cvt\.rn\.f32\.s(8|16|32)\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)
+        # int4 values reach every kernel made from bits (`base_tile`, `nibble_values`), not on the conversion
+        # pipe (I2F: 16 a clock an SM)
+        if stored == "*u8":
+            assert not re.search(r"cvt\.rn\.(f32|f16|bf16)\.[su](8|16|32)\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)

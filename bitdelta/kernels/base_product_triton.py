@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import ProductTiles, StoredBase, product_tiles
-from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibbles, x_halves
+from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibble_values, x_halves
 from bitdelta.kernels import sm_count
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import H100_SMS
@@ -28,8 +28,8 @@ def _nibble_product(x_rows, row_mask, w_ptr, scale_ptr, cols, col_mask, k0, K, s
     group's scales. The weights are neither interleaved nor scaled one by one: the column order moves
     to x, a small tile, and the scale to the partial sums."""
     x_even, x_odd = x_halves(x_rows, row_mask, k0, K, SPAN, EVEN_K)
-    low, high, scale = nibbles(w_ptr, scale_ptr, cols, col_mask, k0, K, stride_w, stride_scale, SPAN, EVEN_K)
-    low, high = low.to(x_even.dtype), high.to(x_even.dtype)
+    low, high, scale = nibble_values(w_ptr, scale_ptr, cols, col_mask, k0, K, stride_w, stride_scale, SPAN, EVEN_K,
+                                     x_even.dtype)
     if TRANSPOSED:
         part = tl.dot(high, tl.trans(x_odd), tl.dot(low, tl.trans(x_even))) * scale[:, None]
     else:

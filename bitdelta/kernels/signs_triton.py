@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bitdelta.kernels.base_tiles_triton import GROUP, nibbles, x_halves
+from bitdelta.kernels.base_tiles_triton import GROUP, nibble_values, x_halves
 
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
@@ -51,15 +51,15 @@ def merge_tile(w, scale, words, dtype: tl.constexpr):
 def merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, col_mask, k0, K, KW, stride_wn,
                    stride_w_scale, SPAN: tl.constexpr, EVEN_K: tl.constexpr, dtype: tl.constexpr):
     """The merged weights of an int4 base's columns k0 .. k0 + SPAN (inside one scale group), the even
-    and the odd columns apart [BN, SPAN / 2] (`base_tiles_triton.nibbles`): dequantized nibble + scale *
+    and the odd columns apart [BN, SPAN / 2] (`base_tiles_triton.nibble_values`): dequantized nibble + scale *
     sign in fp32, rounded once, the very weights `merge_tile` builds interleaved. `sign_rows`: each
     column's row of packed bits [BN, 1]."""
-    low, high, group_scale = nibbles(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, k0, K, stride_wn, stride_w_scale,
-                                     SPAN, EVEN_K)
+    low, high, group_scale = nibble_values(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, k0, K, stride_wn,
+                                           stride_w_scale, SPAN, EVEN_K, tl.float32)
     kw = k0 // 32 + tl.arange(0, SPAN // 32)
     words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
-    even = low.to(tl.float32) * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 0, 2)
-    odd = high.to(tl.float32) * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 1, 2)
+    even = low * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 0, 2)
+    odd = high * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 1, 2)
     return even.to(dtype), odd.to(dtype)
 
 

@@ -162,17 +162,18 @@ def test_few_rows_take_the_gemv_where_it_is_fastest():
 
 
 def test_over_an_int4_base_wide_layers_leave_the_gemv():
-    def choice(n: int, slot_ids: torch.Tensor, base_form: int) -> Choice:
-        return choose(Problem(build_plan(slot_ids), n, 8192, base_form=base_form))
+    def choice(n: int, slot_ids: torch.Tensor, base_form: int, gluon: bool = True) -> Choice:
+        return choose(Problem(build_plan(slot_ids), n, 8192, gluon, base_form=base_form))
 
     for n, slot_ids in ((28672, _one_delta(1)), (11008, _one_delta(1)), (28672, _one_delta(3))):
         assert choice(n, slot_ids, PLAIN).path is GEMV
-        assert choice(n, slot_ids, GROUP_SCALED).path is MERGED_TILES
+        assert choice(n, slot_ids, GROUP_SCALED).path is BITMMA  # the stored product, then the delta kernel
+        assert choice(n, slot_ids, GROUP_SCALED, gluon=False).path is MERGED_TILES
     assert choice(11008, _one_delta(1), ROW_SCALED).path is GEMV
     assert choice(8192, _one_delta(1), GROUP_SCALED).path is GEMV  # narrow enough: the gemv stays
 
 
-def test_over_an_int8_or_fp8_base_wide_layers_take_the_stored_product_and_the_delta_kernel():
+def test_over_a_quantized_base_wide_layers_take_the_stored_product_and_the_delta_kernel():
     def choice(n: int, slot_ids: torch.Tensor, base_form: int, gluon: bool = True) -> Choice:
         return choose(Problem(build_plan(slot_ids), n, 8192, gluon, base_form=base_form))
 
@@ -185,6 +186,10 @@ def test_over_an_int8_or_fp8_base_wide_layers_take_the_stored_product_and_the_de
     assert choice(28672, _one_delta(17), ROW_SCALED).path is MERGED_TILES  # past 16 rows a slot
     assert choice(16384, _one_delta(4), ROW_SCALED).path is not BITMMA  # wider than 16384 only
     assert choice(16385, _one_delta(4), ROW_SCALED).path is BITMMA
+    # over int4, wider than 8192 (up to 16 rows a slot)
+    assert choice(8192, _one_delta(16), GROUP_SCALED).path is MERGED_TILES
+    assert choice(8193, _one_delta(16), GROUP_SCALED).path is BITMMA
+    assert choice(11008, _one_delta(64), GROUP_SCALED).path is MERGED_TILES
 
 
 def test_one_row_over_a_quantized_narrow_layer_takes_merged_tiles_split():
@@ -202,7 +207,7 @@ def test_the_entry_point_chooses_by_the_base_it_is_given():
     assert form_of(quantize(w, "int8")) == ROW_SCALED and form_of(quantize(w, "int4")) == GROUP_SCALED
     plan = build_plan(_one_delta(1))
     assert plan_choice(plan, 11008, 4096).path is GEMV
-    assert plan_choice(plan, 11008, 4096, base_form=GROUP_SCALED).path is MERGED_TILES  # not the plain base's memo
+    assert plan_choice(plan, 11008, 4096, base_form=GROUP_SCALED).path is BITMMA  # not the plain base's memo
 
 
 def test_plan_choice_is_built_once_per_plan_and_shape():

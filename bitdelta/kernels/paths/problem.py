@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitdelta.kernels.base_product import PLAIN, ROW_SCALED
+from bitdelta.kernels.base_product import GROUP_SCALED, PLAIN, ROW_SCALED
 from bitdelta.kernels.grouping import SlotPlan
 
 H100_SMS = 132  # SMs of the H100 SXM the rules were measured on: the default device
@@ -16,7 +16,8 @@ FEW_DELTAS = 2  # up to this many distinct deltas, one pass on merged weights be
 FEW_DELTAS_DECODE_ROWS = 128  # with few deltas, decode tiles serve up to this many rows a slot
 BITMMA_MAX_ROWS = 64  # the tallest tile of the Gluon delta kernel: rows on the N side of its mmas
 DOT_MAX_ROWS = 16  # without Gluon, several deltas past this many rows a slot are prefill
-STORED_PRODUCT_MIN_N = 16384  # over an int8/fp8 base, wider layers at up to 16 rows a slot: base product + delta kernel
+# over a quantized base, layers wider than this (by the base's form) at up to 16 rows a slot: base product + delta kernel
+STORED_PRODUCT_MIN_N = {ROW_SCALED: 16384, GROUP_SCALED: 8192}
 STORED_PRODUCT_MAX_ROWS = 16
 
 
@@ -39,12 +40,15 @@ class Problem:
 
     @property
     def stored_product_first(self) -> bool:
-        """Over an int8/fp8 base, decode of up to 16 rows a slot on a layer wider than 16384 columns goes to
-        BITMMA whatever the number of deltas: the stored product reads the base in its own bytes on tiles
-        tuned for it, then the delta kernel reads the bits, where the fused paths (GEMV, MERGED_TILES) build
-        and convert every merged weight per tile. 1.04-1.26x faster on 8192x28672 at 1, 4 and 16 rows of one
-        delta (quantized_base.md, "each path"); at 64 rows, or on narrower layers, the fused paths tie or win."""
-        return (self.gluon and self.base_form == ROW_SCALED and self.n > STORED_PRODUCT_MIN_N
+        """Over a quantized base, decode of up to 16 rows a slot on a wide layer (int8/fp8: over 16384
+        columns, int4: over 8192) goes to BITMMA whatever the number of deltas: the stored product reads
+        the base in its own bytes on tiles tuned for it, then the delta kernel reads the bits, where the
+        fused paths (GEMV, MERGED_TILES) build and convert every merged weight per tile. Over int8 1.04-1.26x
+        faster on 8192x28672 at 1, 4 and 16 rows of one delta; over int4 1.07-1.30x on 4096x11008 and
+        8192x28672 at 1 and 16 rows (quantized_base.md, "each path"); at 64 rows, or on narrower layers,
+        the fused paths tie or win."""
+        min_n = STORED_PRODUCT_MIN_N.get(self.base_form)
+        return (self.gluon and min_n is not None and self.n > min_n
                 and self.plan.max_rows <= STORED_PRODUCT_MAX_ROWS)
 
     @property

@@ -44,9 +44,9 @@ class Problem:
         columns, int4: over 8192) goes to BITMMA whatever the number of deltas: the stored product reads
         the base in its own bytes on tiles tuned for it, then the delta kernel reads the bits, where the
         fused paths (GEMV, MERGED_TILES) build and convert every merged weight per tile. Over int8 1.04-1.26x
-        faster on 8192x28672 at 1, 4 and 16 rows of one delta; over int4 1.07-1.30x on 4096x11008 and
-        8192x28672 at 1 and 16 rows (quantized_base.md, "each path"); at 64 rows, or on narrower layers,
-        the fused paths tie or win."""
+        faster on 8192x28672 at 1, 4 and 16 rows of one delta (quantized_base.md, "each path"); over int4
+        1.07-1.30x on 4096x11008 and 8192x28672 at 1 and 16 rows (the side-by-side run in docs/kernels.md;
+        4 rows untimed); at 64 rows, or on narrower layers, the fused paths tie or win."""
         min_n = STORED_PRODUCT_MIN_N.get(self.base_form)
         return (self.gluon and min_n is not None and self.n > min_n
                 and self.plan.max_rows <= STORED_PRODUCT_MAX_ROWS)

@@ -59,7 +59,8 @@ def product_tiles(m: int, n: int, sms: int, form: int = ROW_SCALED) -> ProductTi
     average), where the rule before K splits took up to 1.42x (1.17x); 17-32 rows, not in that sweep,
     take the 16-row rule with 32-row blocks. Over int4 (two dots a scale group) past 32 rows the blocks
     stay 32 columns wide, unsplit: 1.22-1.74x the bf16 time at 64 rows in quantized_base.md, where the
-    128-column blocks took 1.45-2.16x. Prompts take square tensor-core tiles, transposed."""
+    128-column blocks took 1.45-2.16x (both before the nibbles were made from bits, `nibble_values`: not
+    re-swept since). Prompts take square tensor-core tiles, transposed."""
     if m > 64:
         return ProductTiles(128, 128, 64, 8, 3, True)
     if m > 32 and form == GROUP_SCALED:

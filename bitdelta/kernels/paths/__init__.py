@@ -34,7 +34,7 @@ class KernelPath(Enum):
     DENSE = "dense"  # no delta rows: F.linear (cuBLAS)
     GEMV = "gemv"  # at most 4 rows: base and delta fused on the CUDA cores, whole batch per column block
     MERGED_TILES = "merged_tiles"  # one or two deltas (and prefill tiles): one pass on each tile's merged weights
-    BITMMA = "bitmma"  # several deltas (or a wide int8/fp8 base), <= 64 rows a slot: base product, then the Gluon delta kernel
+    BITMMA = "bitmma"  # several deltas (or a wide layer over a quantized base), <= 64 rows a slot: base product, then the Gluon delta kernel
     DOT = "dot"  # several deltas without Gluon: cuBLAS base, then the tl.dot delta kernel on expanded bits
     MERGED_GEMM = "merged_gemm"  # long prefill segments: each slot's merged weights written once, then cuBLAS
 

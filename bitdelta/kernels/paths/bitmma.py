@@ -1,4 +1,4 @@
-"""BITMMA: several distinct deltas, up to BITMMA_MAX_ROWS rows a slot (over an int8/fp8 base also few deltas
+"""BITMMA: several distinct deltas, up to BITMMA_MAX_ROWS rows a slot (over a quantized base also few deltas
 on wide layers: `Problem.stored_product_first`): the base product in fp32 (`base_product`), then the
 Gluon tensor-core delta kernel (`bitmma_gluon.py`) adds each tile's delta, its slot's bits
 expanded straight into mma operands; tiles of one row take the int8 variant.

@@ -27,8 +27,14 @@ BITMMA, DOT, GEMV = KernelPath.BITMMA, KernelPath.DOT, KernelPath.GEMV
 MERGED_TILES, MERGED_GEMM, DENSE = KernelPath.MERGED_TILES, KernelPath.MERGED_GEMM, KernelPath.DENSE
 
 
-def _choice(n: int, slot_ids: torch.Tensor, k: int = 4096, gluon: bool = True, sms: int = H100_SMS) -> Choice:
-    return choose(Problem(build_plan(slot_ids.long()), n, k, gluon, sms))
+def _choice(n: int, slot_ids: torch.Tensor, k: int = 4096, gluon: bool = True, sms: int = H100_SMS,
+            base_form: int = PLAIN) -> Choice:
+    return choose(Problem(build_plan(slot_ids.long()), n, k, gluon, sms, base_form))
+
+
+def _choice_over(n: int, slot_ids: torch.Tensor, base_form: int, gluon: bool = True) -> Choice:
+    """The choice on a layer of 8192 inputs over a base stored as `base_form`."""
+    return _choice(n, slot_ids, k=8192, gluon=gluon, base_form=base_form)
 
 
 def _one_delta(rows: int) -> torch.Tensor:
@@ -162,41 +168,35 @@ def test_few_rows_take_the_gemv_where_it_is_fastest():
 
 
 def test_over_an_int4_base_wide_layers_leave_the_gemv():
-    def choice(n: int, slot_ids: torch.Tensor, base_form: int, gluon: bool = True) -> Choice:
-        return choose(Problem(build_plan(slot_ids), n, 8192, gluon, base_form=base_form))
-
     for n, slot_ids in ((28672, _one_delta(1)), (11008, _one_delta(1)), (28672, _one_delta(3))):
-        assert choice(n, slot_ids, PLAIN).path is GEMV
-        assert choice(n, slot_ids, GROUP_SCALED).path is BITMMA  # the stored product, then the delta kernel
-        assert choice(n, slot_ids, GROUP_SCALED, gluon=False).path is MERGED_TILES
-    assert choice(11008, _one_delta(1), ROW_SCALED).path is GEMV
-    assert choice(8192, _one_delta(1), GROUP_SCALED).path is GEMV  # narrow enough: the gemv stays
+        assert _choice_over(n, slot_ids, PLAIN).path is GEMV
+        assert _choice_over(n, slot_ids, GROUP_SCALED).path is BITMMA  # the stored product, then the delta kernel
+        assert _choice_over(n, slot_ids, GROUP_SCALED, gluon=False).path is MERGED_TILES
+    assert _choice_over(11008, _one_delta(1), ROW_SCALED).path is GEMV
+    assert _choice_over(8192, _one_delta(1), GROUP_SCALED).path is GEMV  # narrow enough: the gemv stays
 
 
 def test_over_a_quantized_base_wide_layers_take_the_stored_product_and_the_delta_kernel():
-    def choice(n: int, slot_ids: torch.Tensor, base_form: int, gluon: bool = True) -> Choice:
-        return choose(Problem(build_plan(slot_ids), n, 8192, gluon, base_form=base_form))
-
     for slot_ids in (_one_delta(1), _one_delta(4), _one_delta(16), torch.tensor([0, 0, 1, 1])):
-        assert choice(28672, slot_ids, ROW_SCALED).path is BITMMA
-        assert choice(28672, slot_ids, PLAIN).path in (GEMV, MERGED_TILES)  # the fused paths on a plain base
-        assert choice(11008, slot_ids, ROW_SCALED).path in (GEMV, MERGED_TILES)  # and on narrower layers
-        assert choice(28672, slot_ids, ROW_SCALED, gluon=False).path in (GEMV, MERGED_TILES)  # no Gluon delta kernel
-    assert choice(28672, _one_delta(64), ROW_SCALED).path is MERGED_TILES  # 64 rows: the merged tiles tie or win
-    assert choice(28672, _one_delta(17), ROW_SCALED).path is MERGED_TILES  # past 16 rows a slot
-    assert choice(16384, _one_delta(4), ROW_SCALED).path is not BITMMA  # wider than 16384 only
-    assert choice(16385, _one_delta(4), ROW_SCALED).path is BITMMA
+        assert _choice_over(28672, slot_ids, ROW_SCALED).path is BITMMA
+        assert _choice_over(28672, slot_ids, PLAIN).path in (GEMV, MERGED_TILES)  # the fused paths on a plain base
+        assert _choice_over(11008, slot_ids, ROW_SCALED).path in (GEMV, MERGED_TILES)  # and on narrower layers
+        assert _choice_over(28672, slot_ids, ROW_SCALED, gluon=False).path in (GEMV, MERGED_TILES)  # no Gluon delta kernel
+    assert _choice_over(28672, _one_delta(64), ROW_SCALED).path is MERGED_TILES  # 64 rows: the merged tiles tie or win
+    assert _choice_over(28672, _one_delta(17), ROW_SCALED).path is MERGED_TILES  # past 16 rows a slot
+    assert _choice_over(16384, _one_delta(4), ROW_SCALED).path is not BITMMA  # wider than 16384 only
+    assert _choice_over(16385, _one_delta(4), ROW_SCALED).path is BITMMA
     # over int4, wider than 8192 (up to 16 rows a slot)
-    assert choice(8192, _one_delta(16), GROUP_SCALED).path is MERGED_TILES
-    assert choice(8193, _one_delta(16), GROUP_SCALED).path is BITMMA
-    assert choice(11008, _one_delta(64), GROUP_SCALED).path is MERGED_TILES
+    assert _choice_over(8192, _one_delta(16), GROUP_SCALED).path is MERGED_TILES
+    assert _choice_over(8193, _one_delta(16), GROUP_SCALED).path is BITMMA
+    assert _choice_over(11008, _one_delta(64), GROUP_SCALED).path is MERGED_TILES
 
 
 def test_one_row_over_a_quantized_narrow_layer_takes_merged_tiles_split():
     for form in (ROW_SCALED, GROUP_SCALED):
-        chosen = choose(Problem(build_plan(_one_delta(1)), 4096, 4096, base_form=form))
+        chosen = _choice(4096, _one_delta(1), base_form=form)
         assert chosen.path is MERGED_TILES and chosen.tiles.split_k == 4
-    assert choose(Problem(build_plan(_one_delta(1)), 4096, 4096)).path is GEMV  # the plain base keeps the gemv
+    assert _choice(4096, _one_delta(1)).path is GEMV  # the plain base keeps the gemv
 
 
 def test_the_entry_point_chooses_by_the_base_it_is_given():

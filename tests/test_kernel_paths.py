@@ -302,6 +302,7 @@ for m, n, k, path, tiles in cases:
     signs = torch.randint(-(2**31), 2**31 - 1, (3, n, (k + 31) // 32), dtype=torch.int32)
     signs[..., -1] &= (1 << (k % 32)) - 1 if k % 32 else -1
     scales, bias = torch.rand(3, n) * 0.02 + 0.002, torch.randn(n).half()
+    scales[1] *= -1  # distillation may turn scales negative
     slot_ids = torch.randint(-1, 3, (m,))
     out = torch.full((m, n), float("nan")).half()
     run_path(path, tiles, x, w, signs, scales, build_plan(slot_ids), bias, out=out)

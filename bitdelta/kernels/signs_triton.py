@@ -14,6 +14,7 @@ from bitdelta.kernels.base_tiles_triton import GROUP, nibble_values, x_halves
 _NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
 _NEG_ONE_F16 = tl.constexpr(0xBC00)
 _NEG_ONE_BF16 = tl.constexpr(0xBF80)
+_SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as int32
 
 
 @triton.jit
@@ -41,10 +42,25 @@ def expand_signs(words, dtype: tl.constexpr, FIRST: tl.constexpr = 0, STEP: tl.c
 
 
 @triton.jit
+def signed_scales(words, scale, FIRST: tl.constexpr = 0, STEP: tl.constexpr = 1):
+    """scale * sign(words) in fp32 [BN, BKW * 32 / STEP] for int32 words [BN, BKW] and scales [BN]
+    (bits as `expand_signs` takes them), exactly: each bit moved to the sign position and xor-ed
+    into -scale's bits, a shift and one three-input logic op a weight where expanding +-1 and
+    multiplying takes four."""
+    bn: tl.constexpr = words.shape[0]
+    bkw: tl.constexpr = words.shape[1]
+    bits: tl.constexpr = 32 // STEP
+    to_sign = 31 - (FIRST + STEP * tl.arange(0, bits))
+    negated = scale.to(tl.int32, bitcast=True) ^ _SIGN_BIT  # -scale (bit 0 keeps it)
+    signed = ((words[None, :, :] << to_sign[:, None, None]) & _SIGN_BIT) ^ negated[None, :, None]  # [bits, BN, BKW]
+    return tl.reshape(tl.permute(signed.to(tl.float32, bitcast=True), (1, 2, 0)), (bn, bkw * bits))
+
+
+@triton.jit
 def merge_tile(w, scale, words, dtype: tl.constexpr):
     """A tile's merged weights [BN, BK] in `dtype`: w + scale[:, None] * sign(words) in fp32, rounded
     once, as `bitdelta merge` writes them (`reference.merged_weight`)."""
-    return (w.to(tl.float32) + scale[:, None] * expand_signs(words, tl.float32)).to(dtype)
+    return (w.to(tl.float32) + signed_scales(words, scale)).to(dtype)
 
 
 @triton.jit
@@ -58,8 +74,8 @@ def merged_nibbles(w_ptr, w_scale_ptr, sign_rows, has_delta, merge_scale, cols, 
                                            stride_w_scale, SPAN, EVEN_K, tl.float32)
     kw = k0 // 32 + tl.arange(0, SPAN // 32)
     words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
-    even = low * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 0, 2)
-    odd = high * group_scale[:, None] + merge_scale[:, None] * expand_signs(words, tl.float32, 1, 2)
+    even = low * group_scale[:, None] + signed_scales(words, merge_scale, 0, 2)
+    odd = high * group_scale[:, None] + signed_scales(words, merge_scale, 1, 2)
     return even.to(dtype), odd.to(dtype)
 
 

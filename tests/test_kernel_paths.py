@@ -176,6 +176,30 @@ def test_over_an_int4_base_wide_layers_leave_the_gemv():
     assert _choice_over(8192, _one_delta(1), GROUP_SCALED).path is GEMV  # narrow enough: the gemv stays
 
 
+def test_over_an_int8_or_fp8_base_the_merged_tiles_take_deeper_k_steps_and_split_k_more():
+    """The merged tiles over a row-scaled base as its own sweep measured best (kernels_sweep
+    --base-quant int8, H100): 3-4 rows K steps of 256, three stages; 16 and 64 rows on layers of
+    8192+ columns 64 wide with K split in two where that makes at most four programs an SM (16 rows
+    transposed; 64 rows K steps of 64 on short rows). A plain base keeps its own tiles."""
+    def tiles(n: int, rows: int, k: int = 4096, base_form: int = ROW_SCALED) -> MergedTiles:
+        choice = _choice(n, _one_delta(rows), k=k, base_form=base_form)
+        assert choice.path is MERGED_TILES
+        return choice.tiles
+
+    assert tiles(8192, 4, k=8192) == MergedTiles(4, 32, 256, 4, 3)
+    assert tiles(4096, 4) == MergedTiles(4, 32, 256, 4, 3, split_k=2)  # 128 programs: the plain rule's split
+    assert tiles(4096, 8) == tiles(4096, 8, base_form=PLAIN)  # 5-8 rows: not swept
+    assert tiles(8192, 4, k=8192, base_form=PLAIN) == MergedTiles(4, 32, 128, 4, 4)
+    assert tiles(11008, 16) == MergedTiles(16, 64, 128, 4, 3, transposed=True, split_k=2)  # 172 programs
+    assert tiles(11008, 16, base_form=PLAIN) == MergedTiles(16, 32, 128, 4, 4)
+    assert tiles(4096, 16) == tiles(4096, 16, base_form=PLAIN)  # narrow layers: the plain tiles
+    assert tiles(11008, 64) == MergedTiles(64, 64, 64, 4, 4, split_k=2)
+    assert tiles(8192, 64, k=8192) == MergedTiles(64, 64, 128, 4, 3, split_k=2)
+    assert tiles(28672, 64, k=8192) == tiles(28672, 64, k=8192, base_form=PLAIN)  # 448 programs: the plain tiles
+    assert tiles(11008, 64, base_form=PLAIN).transposed
+    assert tiles(4096, 1) == MergedTiles(1, 32, 128, 2, 3, split_k=4)  # one row: the rule of a plain base
+
+
 def test_over_a_quantized_base_wide_layers_take_the_stored_product_and_the_delta_kernel():
     for slot_ids in (_one_delta(1), _one_delta(4), _one_delta(16), torch.tensor([0, 0, 1, 1])):
         assert _choice_over(28672, slot_ids, ROW_SCALED).path is BITMMA

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bitdelta.kernels.base_product import stored
+from bitdelta.kernels.base_product import ROW_SCALED, stored
 from bitdelta.kernels.grouping import SlotPlan
 from bitdelta.kernels.paths.problem import Problem, Tiles, next_pow2, programs
 
@@ -49,6 +49,10 @@ def tiles(problem: Problem) -> MergedTiles:
         return _prefill_tiles(problem)
     rows = next_pow2(problem.plan.max_rows)
     count = problem.plan.tile_count(rows)
+    if problem.base_form == ROW_SCALED:
+        row_scaled = _row_scaled_tiles(problem, rows, count)
+        if row_scaled is not None:
+            return row_scaled
     return _with_split_k(_decode_tiles(problem, rows, count), count, problem)
 
 
@@ -84,6 +88,26 @@ def _decode_tiles(problem: Problem, rows: int, count: int) -> MergedTiles:
         return merged(32, 256, stages=3)  # very wide layers: deeper K steps
     # one or two rows a tile: 2 warps, so more programs are resident; more rows: 4 warps, deeper pipeline
     return merged(32, 128, warps=2, stages=3) if rows <= 2 else merged(32, 128)
+
+
+def _row_scaled_tiles(problem: Problem, rows: int, count: int) -> MergedTiles | None:
+    """Over an int8/fp8 base, the tiles its own sweep found faster than a plain base's (kernels_sweep
+    --base-quant int8 on four 7B/70B shapes, H100); None elsewhere. Converting and scaling each weight
+    lengthens a K step, and a plain base's tiles leave two programs an SM, half the issue slots idle
+    on stalls (ncu), so 3-4 rows take K steps of 256, and 16 or 64 rows on layers of 8192+ columns
+    take 64-column tiles with K split in two wherever the column blocks number at most two an SM."""
+    n, k = problem.n, problem.k
+    if 2 < rows <= 4:
+        return _with_split_k(MergedTiles(rows, block_n=32, block_k=256, num_warps=4, num_stages=3), count, problem)
+    if rows == 16 and n >= 8192:
+        tiles = MergedTiles(rows, block_n=64, block_k=128, num_warps=4, num_stages=3, transposed=True, split_k=2)
+    elif rows == 64 and n >= 8192:
+        short = k <= 4096  # short rows: K steps of 64, one more stage
+        tiles = MergedTiles(rows, block_n=64, block_k=64 if short else 128, num_warps=4, num_stages=4 if short else 3,
+                            split_k=2)
+    else:
+        return None
+    return tiles if programs(count, n, tiles.block_n) <= 2 * problem.sms else None
 
 
 def _with_split_k(tiles: MergedTiles, count: int, problem: Problem) -> MergedTiles:

@@ -1,6 +1,7 @@
-"""Packed sign bits expanded inside Triton kernels: the one expansion the tl.dot paths and the merge
-kernel share (GPU only; imported lazily). The layout is `bitdelta.pack`'s: bit j of word w is
-column 32w + j, 1 meaning +1; `reference.merged_weight` defines the merged weights.
+"""Packed sign bits expanded inside Triton kernels (GPU only; imported lazily): to +-1 for the tl.dot
+delta product (`expand_signs`), to +-scale for the merged weights every Triton kernel builds
+(`signed_scales`, `merge_tile`). The layout is `bitdelta.pack`'s: bit j of word w is column 32w + j,
+1 meaning +1; `reference.merged_weight` defines the merged weights.
 """
 
 from __future__ import annotations
@@ -11,42 +12,38 @@ import triton.language as tl
 from bitdelta.kernels.base_tiles_triton import GROUP, nibble_values, x_halves
 
 # Bit patterns of -1.0: xor-ing in the packed bit (moved to the sign position) makes bit 1 -> +1.0.
-_NEG_ONE_F32 = tl.constexpr(-1082130432)  # 0xBF800000 as int32
 _NEG_ONE_F16 = tl.constexpr(0xBC00)
 _NEG_ONE_BF16 = tl.constexpr(0xBF80)
 _SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as int32
 
 
 @triton.jit
-def expand_signs(words, dtype: tl.constexpr, FIRST: tl.constexpr = 0, STEP: tl.constexpr = 1):
-    """int32 words [BN, BKW] -> +-1 [BN, BKW * 32 / STEP] of `dtype`: bits FIRST, FIRST + STEP, ... of
-    each word (all of them by default: column 32w + j is bit j of word w; STEP 2 gives the even or
-    the odd columns).
+def expand_signs(words, dtype: tl.constexpr):
+    """int32 words [BN, BKW] -> +-1 [BN, BKW * 32] of `dtype` (fp16 or bf16): column 32w + j is bit j
+    of word w.
 
     The bit index is the leading axis while expanding, so Triton keeps it in each thread's
-    registers: every shift is then an immediate and no word is copied across lanes. The values
-    are built as bit patterns (the bit xor-ed into the sign of -1.0), avoiding int-to-float
-    conversions: the expansion runs once per weight per tile, so its cost matters.
+    registers and no word is copied across lanes. The values are built as bit patterns (the bit
+    xor-ed into the sign of -1.0), avoiding int-to-float conversions: the expansion runs once per
+    weight per tile, so its cost matters.
     """
     bn: tl.constexpr = words.shape[0]
     bkw: tl.constexpr = words.shape[1]
-    bits: tl.constexpr = 32 // STEP
-    bit = (words[None, :, :] >> (FIRST + STEP * tl.arange(0, bits))[:, None, None]) & 1  # [bits, BN, BKW]
-    if dtype == tl.float32:
-        signs = ((bit << 31) ^ _NEG_ONE_F32).to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
+    bit = (words[None, :, :] >> tl.arange(0, 32)[:, None, None]) & 1  # [32, BN, BKW]
+    if dtype == tl.float16:
         signs = ((bit << 15) ^ _NEG_ONE_F16).to(tl.int16).to(tl.float16, bitcast=True)
     else:
         signs = ((bit << 15) ^ _NEG_ONE_BF16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tl.reshape(tl.permute(signs, (1, 2, 0)), (bn, bkw * bits))
+    return tl.reshape(tl.permute(signs, (1, 2, 0)), (bn, bkw * 32))
 
 
 @triton.jit
 def signed_scales(words, scale, FIRST: tl.constexpr = 0, STEP: tl.constexpr = 1):
-    """scale * sign(words) in fp32 [BN, BKW * 32 / STEP] for int32 words [BN, BKW] and scales [BN]
-    (bits as `expand_signs` takes them), exactly: each bit moved to the sign position and xor-ed
-    into -scale's bits, a shift and one three-input logic op a weight where expanding +-1 and
-    multiplying takes four."""
+    """scale * sign(words) in fp32 [BN, BKW * 32 / STEP] for int32 words [BN, BKW] and scales [BN]:
+    bits FIRST, FIRST + STEP, ... of each word (all of them by default: column 32w + j is bit j of
+    word w; STEP 2 gives the even or the odd columns), laid out as `expand_signs` lays them out.
+    Exact: each bit shifted to the sign position and xor-ed into -scale's bits, a shift and one
+    three-input logic op a weight where expanding +-1 and multiplying took four."""
     bn: tl.constexpr = words.shape[0]
     bkw: tl.constexpr = words.shape[1]
     bits: tl.constexpr = 32 // STEP

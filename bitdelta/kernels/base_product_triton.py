@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import ProductTiles, StoredBase, product_tiles
-from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibble_values, x_halves
+from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibble_values, stored_values, x_halves
 from bitdelta.kernels import sm_count
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import H100_SMS
@@ -67,10 +67,11 @@ def _stored_product_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial
             k_mask = (ks < K) | EVEN_K
             xk = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             wk = base_tile(w_ptr, w_scale_ptr, cols64, col_mask, k0, K, stride_wn, stride_ws, BLOCK_K, EVEN_K, PLAIN)
+            wk = stored_values(wk, xk.dtype)
             if TRANSPOSED:
-                acc_t += tl.dot(wk.to(xk.dtype), tl.trans(xk))
+                acc_t += tl.dot(wk, tl.trans(xk))
             else:
-                acc += tl.dot(xk, tl.trans(wk.to(xk.dtype)))
+                acc += tl.dot(xk, tl.trans(wk))
     if TRANSPOSED:
         acc = tl.trans(acc_t)
     if FORM == ROW_SCALED:

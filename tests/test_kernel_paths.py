@@ -178,7 +178,7 @@ def test_over_an_int4_base_wide_layers_leave_the_gemv():
 
 def test_over_an_int8_or_fp8_base_the_merged_tiles_take_deeper_k_steps_and_split_k_more():
     """The merged tiles over a row-scaled base as its own sweep measured best (kernels_sweep
-    --base-quant int8, H100): 3-4 rows K steps of 256, three stages; 16 and 64 rows on layers of
+    --base-quant int8 and fp8, H100): 3-8 rows K steps of 256, three stages; 16 and 64 rows on layers of
     8192+ columns 64 wide with K split in two where that makes at most four programs an SM (16 rows
     transposed; 64 rows K steps of 64 on short rows). A plain base keeps its own tiles."""
     def tiles(n: int, rows: int, k: int = 4096, base_form: int = ROW_SCALED) -> MergedTiles:
@@ -188,7 +188,9 @@ def test_over_an_int8_or_fp8_base_the_merged_tiles_take_deeper_k_steps_and_split
 
     assert tiles(8192, 4, k=8192) == MergedTiles(4, 32, 256, 4, 3)
     assert tiles(4096, 4) == MergedTiles(4, 32, 256, 4, 3, split_k=2)  # 128 programs: the plain rule's split
-    assert tiles(4096, 8) == tiles(4096, 8, base_form=PLAIN)  # 5-8 rows: not swept
+    assert tiles(4096, 8) == MergedTiles(8, 32, 256, 4, 3, split_k=2)
+    assert tiles(8192, 8, k=8192) == MergedTiles(8, 32, 256, 4, 3)
+    assert tiles(4096, 8, base_form=PLAIN) == MergedTiles(8, 32, 128, 4, 4, split_k=2)
     assert tiles(8192, 4, k=8192, base_form=PLAIN) == MergedTiles(4, 32, 128, 4, 4)
     assert tiles(11008, 16) == MergedTiles(16, 64, 128, 4, 3, transposed=True, split_k=2)  # 172 programs
     assert tiles(11008, 16, base_form=PLAIN) == MergedTiles(16, 32, 128, 4, 4)

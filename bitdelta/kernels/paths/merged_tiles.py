@@ -91,13 +91,13 @@ def _decode_tiles(problem: Problem, rows: int, count: int) -> MergedTiles:
 
 
 def _row_scaled_tiles(problem: Problem, rows: int, count: int) -> MergedTiles | None:
-    """Over an int8/fp8 base, the tiles its own sweep found faster than a plain base's (kernels_sweep
-    --base-quant int8 on four 7B/70B shapes, H100); None elsewhere. Converting and scaling each weight
-    lengthens a K step, and a plain base's tiles leave two programs an SM, half the issue slots idle
-    on stalls (ncu), so 3-4 rows take K steps of 256, and 16 or 64 rows on layers of 8192+ columns
+    """Over an int8/fp8 base, the tiles its own sweeps found faster than a plain base's (kernels_sweep
+    --base-quant int8 and fp8 on four 7B/70B shapes, H100); None elsewhere. Converting and scaling each
+    weight lengthens a K step, and a plain base's tiles leave two programs an SM, half the issue slots
+    idle on stalls (ncu), so 3-8 rows take K steps of 256, and 16 or 64 rows on layers of 8192+ columns
     take 64-column tiles with K split in two wherever the column blocks number at most two an SM."""
     n, k = problem.n, problem.k
-    if 2 < rows <= 4:
+    if 2 < rows <= 8:
         return _with_split_k(MergedTiles(rows, block_n=32, block_k=256, num_warps=4, num_stages=3), count, problem)
     if rows == 16 and n >= 8192:
         tiles = MergedTiles(rows, block_n=64, block_k=128, num_warps=4, num_stages=3, transposed=True, split_k=2)

@@ -1,10 +1,13 @@
 """GPU timing for the kernel benchmarks (`benchmarks.kernels`, `benchmarks.kernels_sweep`).
 
 A case is one linear (K x N: in x out features) and a batch whose rows belong to delta slots
-(`counts[s]` rows for slot s). `Problem` holds R buffer sets of it (inputs random, never zeros) and
-times a call as a CUDA graph of R calls over the R sets (launch gaps vanish, and no call finds
-another's weights in L2), replayed under triton.testing.do_bench (median; it flushes L2 before each
-replay). Beside our kernels it times the baselines: cuBLAS on the base alone, dequantize-then-matmul,
+(`counts[s]` rows for slot s). `Problem` holds R >= 2 buffer sets of it (inputs random, never zeros)
+and times a call as a CUDA graph cycling the R sets for at least MIN_GRAPH_CALLS calls (launch gaps
+vanish, and no call finds the weights it reads in L2), replayed under triton.testing.do_bench
+(median; it flushes L2 before each replay by writing a buffer, whose dirty lines the next call then
+writes back: a fixed cost of a replay, spread over its calls). Base-only calls and reads rotate their
+own sets, sized by the base's bytes (`base_sets`): the case's sets alone, few where its deltas are
+many, would leave the base in L2 from one call to the next. Beside our kernels it times the baselines: cuBLAS on the base alone, dequantize-then-matmul,
 a dense weight per tenant, batched LoRA (`lora_baseline.py`), and a kernel that only reads the
 case's weight bytes; `floor_bytes` is the model docs/kernels.md explains.
 
@@ -32,13 +35,14 @@ from bitdelta.kernels.paths import bitmma, gemv, merged_tiles
 from bitdelta.pack import unpack_signs
 from bitdelta.quant import quantize
 
-__all__ = ["DECODE_SHAPES", "DTYPE", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan", "dispatched_choice", "graph_us",
+__all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan", "dispatched_choice", "graph_us",
            "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "run_choice", "slot_ids_for", "sm_count",
-           "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
+           "rotation_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
 ROTATE_BYTES = 3 * L2_BYTES  # bytes a graph's calls touch, at least: each call sees a cold L2
+MIN_GRAPH_CALLS = 8  # calls a timed graph runs at least: a replay's fixed cost (~6-9 us on an H100) over 8
 DENSE_POOL_BYTES = 6 * 2**30  # memory for the dense-weight-per-tenant baseline
 DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]
 STREAM_WORDS = 4096  # int32 words a pure-read program takes per step: 16 KB
@@ -50,8 +54,10 @@ def bench_ms(fn, rep: int = 60) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
-def graph_us(calls: list) -> float:
-    """Median microseconds per call of a CUDA graph running `calls` back to back."""
+def graph_us(calls: list, min_calls: int = 1) -> float:
+    """Median microseconds per call of a CUDA graph running `calls` back to back, cycled to at least
+    `min_calls` calls (the caller's rotation must keep a cycled call's bytes out of L2)."""
+    calls = [calls[i % len(calls)] for i in range(max(min_calls, len(calls)))]
     for call in calls:  # compile, fill plan caches, settle the allocator outside capture
         call()
     torch.cuda.synchronize()
@@ -112,6 +118,12 @@ def run_choice(choice: Choice, d: dict, plan: SlotPlan, out: torch.Tensor | None
     return run_path(choice.path, choice.tiles, d["x"], d["w"], d["signs"], d["scales"], plan, None, out)
 
 
+def rotation_count(bytes_touched: int) -> int:
+    """Buffer sets a graph rotates so that a call's bytes have left L2 before it comes round again:
+    together at least ROTATE_BYTES, two at least, eight at most."""
+    return max(2, min(8, math.ceil(ROTATE_BYTES / bytes_touched)))
+
+
 def weight_bytes(n: int, k: int, recipe: str | None) -> int:
     """Bytes of an [N, K] base weight in bf16, or stored by a `bitdelta.quant` recipe (values and scales)."""
     if recipe is None:
@@ -135,8 +147,8 @@ class Problem:
         self.slot_ids = slot_ids.cuda()
         self.plan: SlotPlan = build_plan(self.slot_ids)
         self.bytes = self.floor_bytes()
-        self.reps = max(1, min(8, math.ceil(ROTATE_BYTES / self.bytes)))
-        self.sets = [self._make_set() for _ in range(self.reps)]
+        self.sets = [self._make_set() for _ in range(rotation_count(self.bytes))]
+        self._base_sets: list[dict] | None = None
         self.ref = None
 
     @classmethod
@@ -154,8 +166,23 @@ class Problem:
         }
 
     def _base_set(self) -> dict:
+        w = (torch.randn(self.n, self.k, device="cuda") * 0.02).to(DTYPE)
         return {"x": torch.randn(self.batch, self.k, device="cuda", dtype=DTYPE),
-                "w": (torch.randn(self.n, self.k, device="cuda") * 0.02).to(DTYPE)}
+                "w": w if self.recipe is None else quantize(w, self.recipe)}
+
+    @property
+    def base_sets(self) -> list[dict]:
+        """Sets whose x and base weight a base-only call or read rotates: the case's own, then more of
+        x and the base alone, as many as the base's bytes (not the case's) need."""
+        if self._base_sets is None:
+            base_bytes = weight_bytes(self.n, self.k, self.recipe) + self.batch * (self.k + self.n) * 2
+            count = rotation_count(base_bytes)
+            self._base_sets = self.sets[:count] + [self._base_set() for _ in range(count - len(self.sets))]
+        return self._base_sets
+
+    def _graph_us(self, call, sets: list) -> float:
+        """`call(d)` over the rotating `sets`, in one graph of at least MIN_GRAPH_CALLS calls."""
+        return graph_us([lambda d=d: call(d) for d in sets], MIN_GRAPH_CALLS)
 
     def floor_bytes(self) -> int:
         """Base once + each distinct delta's bits once + scales + x read + y written."""
@@ -178,9 +205,9 @@ class Problem:
         """The public entry point (choice None: the dispatcher's, splits included), or one path with
         explicit tiles."""
         if choice is None:
-            return graph_us([lambda d=d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan)
-                             for d in self.sets])
-        return graph_us([lambda d=d: run_choice(choice, d, self.plan) for d in self.sets])
+            return self._graph_us(lambda d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan),
+                                  self.sets)
+        return self._graph_us(lambda d: run_choice(choice, d, self.plan), self.sets)
 
     def relative_error(self, choice: Choice | None = None) -> float:
         """||out - ref|| / ||ref|| on the first buffer set against the fp32 reference (inf if not finite)."""
@@ -209,7 +236,7 @@ class Problem:
             b = d["signs"].reshape(-1) if deltas else out[:0]
             _stream_kernel[(programs,)](a, a.numel(), b, b.numel(), out, BLOCK=STREAM_WORDS, num_warps=warps)
 
-        return graph_us([lambda d=d: call(d) for d in self.sets])
+        return self._graph_us(call, self.sets if deltas else self.base_sets)
 
     def read_us(self, deltas: bool = True) -> float:
         """The fastest `stream_us` over STREAM_GRIDS: how fast any single pass over the case's
@@ -222,13 +249,13 @@ class Problem:
         the stored product over a quantized one)."""
         base_rows = torch.full_like(self.slot_ids, -1)
         plan = build_plan(base_rows)
-        return graph_us([lambda d=d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], base_rows, plan=plan)
-                         for d in self.sets])
+        signs, scales = self.sets[0]["signs"], self.sets[0]["scales"]  # not read: no row has a delta
+        return self._graph_us(lambda d: bitdelta_matmul(d["x"], d["w"], signs, scales, base_rows, plan=plan), self.base_sets)
 
     # ---- baselines
     def base_us(self) -> float:
         """cuBLAS on the base weight alone: no delta at all."""
-        return graph_us([lambda d=d: d["x"] @ d["w"].t() for d in self.sets])
+        return self._graph_us(lambda d: d["x"] @ d["w"].t(), self.base_sets)
 
     def _groups(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, its rows) for every slot with rows."""
@@ -262,18 +289,18 @@ class Problem:
             for t, rows in enumerate(groups):
                 y[rows] = d["x"][rows] @ pool[(r * len(groups) + t) % pool_size].t()
 
-        return graph_us([lambda r=r, d=d: call(r, d) for r, d in enumerate(self.sets)])
+        return graph_us([lambda r=r, d=d: call(r, d) for r, d in enumerate(self.sets)], MIN_GRAPH_CALLS)
 
     def lora_us(self, rank: int) -> float:
         """Batched LoRA: the base product, then every row's own rank-`rank` adapter (one adapter a
         delta slot) as two batched matmuls; adapters rotate with the buffer sets like the bits."""
         groups = lora_groups(self.host_slot_ids, self.num_slots, "cuda")
         adapter_bytes = self.num_slots * rank * (self.k + self.n) * 2
-        reps = max(1, min(8, math.ceil(ROTATE_BYTES / (self.n * self.k * 2 + adapter_bytes))))
+        reps = rotation_count(self.n * self.k * 2 + adapter_bytes)
         sets = [(self.sets[r] if r < len(self.sets) else self._base_set(),  # each call its own base weight too
                  (torch.randn(self.num_slots, rank, self.k, device="cuda") * 0.02).to(DTYPE),
                  (torch.randn(self.num_slots, self.n, rank, device="cuda") * 0.02).to(DTYPE)) for r in range(reps)]
-        return graph_us([lambda d=d, a=a, b=b: lora_linear(d["x"], d["w"], a, b, groups) for d, a, b in sets])
+        return graph_us([lambda d=d, a=a, b=b: lora_linear(d["x"], d["w"], a, b, groups) for d, a, b in sets], MIN_GRAPH_CALLS)
 
 
 def time_checked(p: Problem, configs: dict) -> tuple[dict, dict]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, Problem, graph_us, measure_ceilings, parse_shapes,
+from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, MIN_GRAPH_CALLS, Problem, graph_us, measure_ceilings, parse_shapes,
                                 sm_count, time_checked)
 from benchmarks.report import write_report
 from bitdelta.kernels.base_product import FORMS, ProductTiles, product_tiles, stored
@@ -157,7 +157,7 @@ def product_tile_sweep(shapes: list[tuple[int, int]], formats: list[str], batche
                         out = stored_product(p.sets[0]["x"], stored(p.sets[0]["w"]), None, DTYPE, tiles).float()
                         ok = (out - ref).norm() / ref.norm() < MAX_RELATIVE_ERROR
                         times[name] = graph_us([lambda d=d, t=tiles: stored_product(d["x"], stored(d["w"]), None, DTYPE, t)
-                                                for d in p.sets]) if ok else float("nan")
+                                                for d in p.base_sets], MIN_GRAPH_CALLS) if ok else float("nan")
                     except Exception as error:  # a tiling the GPU cannot launch (shared memory): reported, not fatal
                         print(f"{name}: {type(error).__name__}: {error}"[:200], flush=True)
                         times[name] = float("nan")

@@ -4,8 +4,8 @@ A case is one linear (K x N: in x out features) and a batch whose rows belong to
 (`counts[s]` rows for slot s). `Problem` holds R >= 2 buffer sets of it (inputs random, never zeros)
 and times a call as a CUDA graph cycling the R sets for at least MIN_GRAPH_CALLS calls (launch gaps
 vanish, and no call finds the weights it reads in L2), replayed under triton.testing.do_bench
-(median; it flushes L2 before each replay by writing a buffer, whose dirty lines the next call then
-writes back: a fixed cost of a replay, spread over its calls). Base-only calls and reads rotate their
+(median; it flushes L2 before each replay by writing a buffer, and a replay has a fixed cost, likely
+that buffer's dirty lines written back under the first call: spread over the graph's calls). Base-only calls and reads rotate their
 own sets, sized by the base's bytes (`base_sets`): the case's sets alone, few where its deltas are
 many, would leave the base in L2 from one call to the next. Beside our kernels it times the baselines: cuBLAS on the base alone, dequantize-then-matmul,
 a dense weight per tenant, batched LoRA (`lora_baseline.py`), and a kernel that only reads the
@@ -42,7 +42,7 @@ __all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "Sl
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
 ROTATE_BYTES = 3 * L2_BYTES  # bytes a graph's calls touch, at least: each call sees a cold L2
-MIN_GRAPH_CALLS = 8  # calls a timed graph runs at least: a replay's fixed cost (~6-9 us on an H100) over 8
+MIN_GRAPH_CALLS = 8  # calls a timed graph runs at least: a replay's fixed cost (~6-9 us on an H100, fitted from reads) over 8
 DENSE_POOL_BYTES = 6 * 2**30  # memory for the dense-weight-per-tenant baseline
 DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]
 STREAM_WORDS = 4096  # int32 words a pure-read program takes per step: 16 KB

@@ -5,9 +5,10 @@ A case is one linear (K x N: in x out features) and a batch whose rows belong to
 and times a call as a CUDA graph cycling the R sets for at least MIN_GRAPH_CALLS calls (launch gaps
 vanish, and no call finds the weights it reads in L2), replayed under triton.testing.do_bench
 (median; it flushes L2 before each replay by writing a buffer, and a replay has a fixed cost, likely
-that buffer's dirty lines written back under the first call: spread over the graph's calls). Base-only calls and reads rotate their
-own sets, sized by the base's bytes (`base_sets`): the case's sets alone, few where its deltas are
-many, would leave the base in L2 from one call to the next. Beside our kernels it times the baselines: cuBLAS on the base alone, dequantize-then-matmul,
+that buffer's dirty lines written back under the first call: spread over the graph's calls).
+Base-only calls and reads rotate their own sets, sized by the base's bytes (`base_sets`): the case's
+sets alone, few where its deltas are many, would leave the base in L2 from one call to the next.
+Beside our kernels it times the baselines: cuBLAS on the base alone, dequantize-then-matmul,
 a dense weight per tenant, batched LoRA (`lora_baseline.py`), and a kernel that only reads the
 case's weight bytes; `floor_bytes` is the model docs/kernels.md explains.
 
@@ -35,8 +36,8 @@ from bitdelta.kernels.paths import bitmma, gemv, merged_tiles
 from bitdelta.pack import unpack_signs
 from bitdelta.quant import quantize
 
-__all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan", "dispatched_choice", "graph_us",
-           "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "run_choice", "slot_ids_for", "sm_count",
+__all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan",
+           "dispatched_choice", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "run_choice", "slot_ids_for", "sm_count",
            "rotation_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
 
 DTYPE = torch.bfloat16

@@ -37,13 +37,13 @@ from bitdelta.pack import unpack_signs
 from bitdelta.quant import quantize
 
 __all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan",
-           "dispatched_choice", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "run_choice", "slot_ids_for", "sm_count",
-           "rotation_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
+           "dispatched_choice", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "rotation_count",
+           "run_choice", "slot_ids_for", "sm_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
 ROTATE_BYTES = 3 * L2_BYTES  # bytes a graph's calls touch, at least: each call sees a cold L2
-MIN_GRAPH_CALLS = 8  # calls a timed graph runs at least: a replay's fixed cost (~6-9 us on an H100, fitted from reads) over 8
+MIN_GRAPH_CALLS = 8  # calls a timed graph runs at least: a replay's fixed cost (~6-9 us on an H100, fitted) spread over 8
 DENSE_POOL_BYTES = 6 * 2**30  # memory for the dense-weight-per-tenant baseline
 DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672)]
 STREAM_WORDS = 4096  # int32 words a pure-read program takes per step: 16 KB
@@ -206,8 +206,8 @@ class Problem:
         """The public entry point (choice None: the dispatcher's, splits included), or one path with
         explicit tiles."""
         if choice is None:
-            return self._graph_us(lambda d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan),
-                                  self.sets)
+            return self._graph_us(
+                lambda d: bitdelta_matmul(d["x"], d["w"], d["signs"], d["scales"], self.slot_ids, plan=self.plan), self.sets)
         return self._graph_us(lambda d: run_choice(choice, d, self.plan), self.sets)
 
     def relative_error(self, choice: Choice | None = None) -> float:
@@ -251,7 +251,8 @@ class Problem:
         base_rows = torch.full_like(self.slot_ids, -1)
         plan = build_plan(base_rows)
         signs, scales = self.sets[0]["signs"], self.sets[0]["scales"]  # not read: no row has a delta
-        return self._graph_us(lambda d: bitdelta_matmul(d["x"], d["w"], signs, scales, base_rows, plan=plan), self.base_sets)
+        return self._graph_us(lambda d: bitdelta_matmul(d["x"], d["w"], signs, scales, base_rows, plan=plan),
+                              self.base_sets)
 
     # ---- baselines
     def base_us(self) -> float:
@@ -301,7 +302,8 @@ class Problem:
         sets = [(self.sets[r] if r < len(self.sets) else self._base_set(),  # each call its own base weight too
                  (torch.randn(self.num_slots, rank, self.k, device="cuda") * 0.02).to(DTYPE),
                  (torch.randn(self.num_slots, self.n, rank, device="cuda") * 0.02).to(DTYPE)) for r in range(reps)]
-        return graph_us([lambda d=d, a=a, b=b: lora_linear(d["x"], d["w"], a, b, groups) for d, a, b in sets], MIN_GRAPH_CALLS)
+        return graph_us([lambda d=d, a=a, b=b: lora_linear(d["x"], d["w"], a, b, groups) for d, a, b in sets],
+                        MIN_GRAPH_CALLS)
 
 
 def time_checked(p: Problem, configs: dict) -> tuple[dict, dict]:

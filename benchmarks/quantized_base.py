@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, MIN_GRAPH_CALLS, Problem, graph_us, measure_ceilings, parse_shapes,
-                                sm_count, time_checked)
+from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, MIN_GRAPH_CALLS, Problem, graph_us, measure_ceilings,
+                                parse_shapes, sm_count, time_checked)
 from benchmarks.report import write_report
 from bitdelta.kernels.base_product import FORMS, ProductTiles, product_tiles, stored
 from bitdelta.kernels.base_product_triton import stored_product

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from bitdelta.kernels.base_product import ProductTiles, StoredBase, product_tiles
-from bitdelta.kernels.base_tiles_triton import GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibble_values, stored_values, x_halves
+from bitdelta.kernels.base_tiles_triton import (GROUP, GROUP_SCALED, PLAIN, ROW_SCALED, base_tile, nibble_values, stored_values,
+                                               x_halves)
 from bitdelta.kernels import sm_count
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import H100_SMS

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.harness import DTYPE, MIN_GRAPH_CALLS, graph_us, rotation_count, weight_bytes
+from benchmarks.harness import DTYPE, MIN_GRAPH_CALLS, base_call_bytes, graph_us, rotation_count
 from benchmarks.report import write_report
 from bitdelta.kernels.base_product import base_product
 from bitdelta.quant import quantize
@@ -37,8 +37,8 @@ def measure(k: int, n: int, rows: int, recipe: str | None) -> dict:
         sets.append({"x": x, "w": w if recipe is None else quantize(w, recipe)})
     times = [graph_us([lambda d=d: base_product(d["x"], d["w"], DTYPE) for d in sets[:count]], calls)
              for count, calls in GRAPHS]
-    bytes_touched = weight_bytes(n, k, recipe) + rows * (k + n) * 2
-    return {"K": k, "N": n, "rows": rows, "base": recipe or "bf16", "harness_sets": rotation_count(bytes_touched),
+    return {"K": k, "N": n, "rows": rows, "base": recipe or "bf16",
+            "harness_sets": rotation_count(base_call_bytes(n, k, rows, recipe)),
             "times_us": {f"{count} sets x {calls} calls": us for (count, calls), us in zip(GRAPHS, times)},
             "fixed_cost_us": times[0] - times[-1]}
 

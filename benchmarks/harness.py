@@ -36,9 +36,9 @@ from bitdelta.kernels.paths import bitmma, gemv, merged_tiles
 from bitdelta.pack import unpack_signs
 from bitdelta.quant import quantize
 
-__all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "bench_ms", "build_plan",
-           "dispatched_choice", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "precompile", "rotation_count",
-           "run_choice", "slot_ids_for", "sm_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
+__all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "base_call_bytes", "bench_ms",
+           "build_plan", "dispatched_choice", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "precompile",
+           "rotation_count", "run_choice", "slot_ids_for", "sm_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
@@ -125,6 +125,11 @@ def rotation_count(bytes_touched: int) -> int:
     return max(2, min(8, math.ceil(ROTATE_BYTES / bytes_touched)))
 
 
+def base_call_bytes(n: int, k: int, rows: int, recipe: str | None) -> int:
+    """Bytes a base-only call touches: the base weight as stored, `rows` rows of x read and of y written."""
+    return weight_bytes(n, k, recipe) + rows * (k + n) * 2
+
+
 def weight_bytes(n: int, k: int, recipe: str | None) -> int:
     """Bytes of an [N, K] base weight in bf16, or stored by a `bitdelta.quant` recipe (values and scales)."""
     if recipe is None:
@@ -176,8 +181,7 @@ class Problem:
         """Sets whose x and base weight a base-only call or read rotates: the case's own, then more of
         x and the base alone, as many as the base's bytes (not the case's) need."""
         if self._base_sets is None:
-            base_bytes = weight_bytes(self.n, self.k, self.recipe) + self.batch * (self.k + self.n) * 2
-            count = rotation_count(base_bytes)
+            count = rotation_count(base_call_bytes(self.n, self.k, self.batch, self.recipe))
             self._base_sets = self.sets[:count] + [self._base_set() for _ in range(count - len(self.sets))]
         return self._base_sets
 

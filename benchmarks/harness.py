@@ -38,7 +38,8 @@ from bitdelta.quant import quantize
 
 __all__ = ["DECODE_SHAPES", "DTYPE", "MIN_GRAPH_CALLS", "Choice", "Problem", "SlotPlan", "base_call_bytes", "bench_ms",
            "build_plan", "dispatched_choice", "graph_us", "measure_ceilings", "parse_counts", "parse_shapes", "precompile",
-           "rotation_count", "run_choice", "slot_ids_for", "sm_count", "split_threshold", "tiles_of", "time_checked", "weight_bytes"]
+           "rotation_count", "run_choice", "slot_ids_for", "sm_count", "split_threshold", "tiles_of", "time_checked",
+           "weight_bytes"]
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20

@@ -327,11 +327,13 @@ def time_checked(p: Problem, configs: dict) -> tuple[dict, dict]:
 
 
 def _compile_job(job) -> str:
-    """Run one (K, N, choice) once on two distinct rows, so Triton's on-disk cache holds its binary."""
-    k, n, cfg = job
+    """Run one (K, N, choice, recipe) once on two distinct rows over a base in bf16 or quantized by
+    `recipe`, so Triton's on-disk cache holds its binary."""
+    k, n, cfg, recipe = job
     try:
         x = torch.randn(2, k, device="cuda", dtype=DTYPE)
         w = torch.randn(n, k, device="cuda", dtype=DTYPE)
+        w = w if recipe is None else quantize(w, recipe)
         signs = torch.randint(-(2**31), 2**31 - 1, (2, n, (k + 31) // 32), dtype=torch.int32, device="cuda")
         scales = torch.rand(2, n, device="cuda")
         run_choice(cfg, dict(x=x, w=w, signs=signs, scales=scales), build_plan(torch.arange(2, device="cuda")))
@@ -343,14 +345,14 @@ def _compile_job(job) -> str:
 
 def precompile(jobs: list, workers: int = 12) -> None:
     """Compile choices in parallel processes (Triton compiles serially in one process); jobs are
-    (K, N, choice), N only changing the grid."""
+    (K, N, choice, recipe: None for a bf16 base), N only changing the grid."""
     import multiprocessing as mp
 
     started = time.time()
     seen, unique = set(), []
     for job in jobs:
-        if (job[0], job[2]) not in seen:
-            seen.add((job[0], job[2]))
+        if (job[0], job[2], job[3]) not in seen:
+            seen.add((job[0], job[2], job[3]))
             unique.append(job)
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.map(_compile_job, unique, chunksize=1)

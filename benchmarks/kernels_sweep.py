@@ -123,7 +123,7 @@ def launch_only(shapes, cases, shuffle: bool, recipe: str | None) -> None:
 
 def sweep(shapes, cases, shuffle: bool, recipe: str | None) -> dict:
     started = time.time()
-    precompile([(k, n, config) for (k, n), case in itertools.product(shapes, cases)
+    precompile([(k, n, config, recipe) for (k, n), case in itertools.product(shapes, cases)
                 for config in configs_for(k, n, build_plan(slot_ids_for(parse_counts(case), shuffle).cuda()), recipe).values()
                 if config is not None])
     ceilings = measure_ceilings()

@@ -31,7 +31,6 @@ from benchmarks.harness import (Choice, Problem, SlotPlan, build_plan, dispatche
                                 parse_counts, parse_shapes, precompile, run_choice, slot_ids_for, split_threshold, tiles_of,
                                 time_checked)
 from benchmarks.report import write_report
-from bitdelta.kernels.base_product import FORMS, ROW_SCALED
 from bitdelta.quant import RECIPES
 
 SHAPES = "4096x4096,11008x4096"
@@ -62,21 +61,19 @@ MERGE_KERNEL_TILES = [dict(block_n=bn, block_k=bk, num_warps=warps)
 
 def _name(choice: Choice) -> str:
     tiles = choice.tiles
-    extra = ((" T" if getattr(tiles, "transposed", False) else "") + (f" k/{tiles.split_k}" if getattr(tiles, "split_k", 1) > 1 else "")
-             + (" 2dots" if getattr(tiles, "split_dots", False) else ""))
+    extra = (" T" if getattr(tiles, "transposed", False) else "") + (f" k/{tiles.split_k}" if getattr(tiles, "split_k", 1) > 1 else "")
     rows = f"r{tiles.rows} " if hasattr(tiles, "rows") else ""
     stages = f" s{tiles.num_stages}" if hasattr(tiles, "num_stages") else ""
     return f"{rows}{tiles.block_n}x{tiles.block_k} w{tiles.num_warps}{stages}{extra}"
 
 
-def variants(auto: Choice, max_rows: int, row_scaled: bool = False) -> dict[str, Choice]:
-    """The dispatched path with every other valid tiling (`auto`'s own excluded); over a row-scaled
-    (int8/fp8) base the merged tiles on one product and on two (`MergedTiles.split_dots`)."""
+def variants(auto: Choice, max_rows: int) -> dict[str, Choice]:
+    """The dispatched path with every other valid tiling (`auto`'s own excluded)."""
     path = auto.path.name
     if path == "GEMV":
         changes = GEMV_TILES
     elif path == "MERGED_TILES":
-        changes = [dict(change, split_dots=two) for change in MERGED_TILES for two in ((False, True) if row_scaled else (False,))]
+        changes = MERGED_TILES
     elif path == "BITMMA" and auto.tiles.rows == 1:
         changes = ONE_ROW_BITMMA_TILES
     elif path == "BITMMA":  # tiles of 8..64 rows: every height up to the largest slot's
@@ -105,8 +102,7 @@ def configs_for(k: int, n: int, plan: SlotPlan, recipe: str | None) -> dict[str,
     """The entry point ("dispatched": None) and, unless it splits the step, its path's variants."""
     if split_threshold(plan) is not None:
         return {"dispatched": None}
-    row_scaled = recipe is not None and FORMS[recipe] == ROW_SCALED
-    return {"dispatched": None, **variants(dispatched_choice(n, k, plan, recipe), plan.max_rows, row_scaled)}
+    return {"dispatched": None, **variants(dispatched_choice(n, k, plan, recipe), plan.max_rows)}
 
 
 def launch_only(shapes, cases, shuffle: bool, recipe: str | None) -> None:

@@ -446,10 +446,10 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
 
     kernels = [
         (gemv_triton._gemv_kernel, dict(HAS_BIAS=True, EVEN_K=False, ROWS=4, SAME_SLOT=False, BLOCK_N=8, BLOCK_K=512, NUM_STAGES=2), {}),
-        *[(segment_triton._segment_kernel, dict(HAS_BIAS=True, MERGE=True, EVEN_K=even_k, ROWS=rows, BLOCK_N=block_n,
-                                                BLOCK_K=block_k, TRANSPOSED=transposed, SPLIT_K=split_k, SPLIT_DOTS=split_dots), {})
-          for even_k, rows, block_n, block_k, transposed, split_k in ((False, 16, 64, 64, True, 2), (True, 4, 32, 256, False, 1))
-          for split_dots in ((False, True) if form == base_product.ROW_SCALED else (False,))],  # two products: row scales only
+        (segment_triton._segment_kernel, dict(HAS_BIAS=True, MERGE=True, EVEN_K=False, ROWS=16, BLOCK_N=64, BLOCK_K=64,
+                                              TRANSPOSED=True, SPLIT_K=2), {}),
+        (segment_triton._segment_kernel, dict(HAS_BIAS=True, MERGE=True, EVEN_K=True, ROWS=4, BLOCK_N=32, BLOCK_K=256,
+                                              TRANSPOSED=False, SPLIT_K=1), {}),
         (merged_gemm_triton._merge_kernel, dict(BLOCK_N=32, BLOCK_K=256), {}),
         (experts_triton._experts_kernel, dict(EVEN_K=False, ROWS=16, BLOCK_N=32, BLOCK_K=128, SEGMENTS=8), {}),
     ]

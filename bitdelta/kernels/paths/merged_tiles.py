@@ -27,13 +27,10 @@ PREFILL_ROWS = 128  # the tile height of prefill (the tallest tile)
 @dataclass(frozen=True)
 class MergedTiles(Tiles):
     """transposed: acc[cols, rows] += merged . x^T (tl.dot needs >= 16 rows a side); split_k: K cut into
-    this many ranges of whole block_k steps, one program each; split_dots (an int8/fp8 base only): the
-    base's stored values and the signs on two products, scaled after the sum, instead of one product
-    on merged weights built in fp32 (`segment_triton`)."""
+    this many ranges of whole block_k steps, one program each."""
 
     transposed: bool = False
     split_k: int = 1
-    split_dots: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,4 +126,4 @@ def run(x: torch.Tensor, base_weight, signs: torch.Tensor, scales: torch.Tensor,
     from bitdelta.kernels.paths.segment_triton import segment_product
 
     return segment_product(x, stored(base_weight), y, bias, signs, scales, plan, tiles, y, merge=True,
-                           transposed=tiles.transposed, split_k=tiles.split_k, split_dots=tiles.split_dots)
+                           transposed=tiles.transposed, split_k=tiles.split_k)

@@ -11,11 +11,6 @@ program walks K once (with SPLIT_K, one of that many ranges of K):
              registers (as the B operand Triton stages it through shared memory and waits on
              every product). With SPLIT_K, each program writes an fp32 partial and the last of a
              tile's programs to arrive adds them in split order and writes y.
-    SPLIT_DOTS (merged form over an int8/fp8 base): acc_base += x_tile @ Q[cols].T on the stored
-             values and acc_sign += x_tile @ sign[cols].T, each exact in x's dtype, then
-             acc = acc_base * row_scale + scale * acc_sign: two products and no conversion of a
-             weight to fp32 and back (I2F and F2F run on the conversion pipe, 16 a clock an SM),
-             and no rounding of the merged weights.
     else:    acc_sign += x_tile @ expand(bits[slot, cols]).T, then y = ws + bias + scale * acc_sign
              with ws the base product cuBLAS computed in fp32 (DOT).
 
@@ -29,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bitdelta.kernels import base_product
-from bitdelta.kernels.base_product import StoredBase
-from bitdelta.kernels.base_tiles_triton import GROUP_SCALED, PLAIN, base_tile, stored_values
+from bitdelta.kernels.base_product import PLAIN, StoredBase
+from bitdelta.kernels.base_tiles_triton import GROUP_SCALED, base_tile
 from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import Tiles
@@ -62,13 +56,11 @@ def _segment_kernel(
     stride_xm, stride_wn, stride_w_scale, stride_wsm, stride_sg_s, stride_sg_n, stride_sc_s, stride_ym, stride_ps,
     HAS_BIAS: tl.constexpr, MERGE: tl.constexpr, EVEN_K: tl.constexpr, FORM: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr, SPLIT_K: tl.constexpr,
-    SPLIT_DOTS: tl.constexpr,
 ):
     slot, rows, row_mask, cols, col_mask = _tile_rows_cols(tiles_ptr, order_ptr, N, ROWS, BLOCK_N)
 
     if TRANSPOSED:  # acc_t[cols, rows] += merged . x^T, merged being wgmma's register operand
         acc_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
-        acc_sign_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
     else:
         acc_base = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     acc_sign = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -93,22 +85,14 @@ def _segment_kernel(
             # Zero activations past K neutralise the padding bits (0 -> -1) of the last word.
             xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if MERGE:  # SPLIT_DOTS: the stored values, the row scales applied after the sum
+            if MERGE:
                 wk = base_tile(w_ptr, w_scale_ptr, cols.to(tl.int64), col_mask, k0, K, stride_wn, stride_w_scale, BLOCK_K,
-                               EVEN_K, PLAIN if SPLIT_DOTS else FORM)
+                               EVEN_K, FORM)
             # No branch on slot >= 0 here: loads under a branch are not software-pipelined. A base-only
             # tile reads no bits (masked) and discards its delta product.
             kw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             words = tl.load(sign_rows + kw[None, :], mask=has_delta & col_mask[:, None] & (kw < KW)[None, :], other=0)
-            if SPLIT_DOTS:
-                values, signs = stored_values(wk, xk.dtype), expand_signs(words, xk.dtype)
-                if TRANSPOSED:
-                    acc_t += tl.dot(values, tl.trans(xk))
-                    acc_sign_t += tl.dot(signs, tl.trans(xk))
-                else:
-                    acc_base += tl.dot(xk, tl.trans(values))
-                    acc_sign += tl.dot(xk, tl.trans(signs))
-            elif MERGE:
+            if MERGE:
                 merged = merge_tile(wk, merge_scale, words, xk.dtype)
                 if TRANSPOSED:
                     acc_t += tl.dot(merged, tl.trans(xk))
@@ -119,11 +103,6 @@ def _segment_kernel(
 
     if TRANSPOSED:
         acc_base = tl.trans(acc_t)
-        if SPLIT_DOTS:
-            acc_sign = tl.trans(acc_sign_t)
-    if SPLIT_DOTS:  # a base-only tile's merge_scale is zero
-        row_scale = tl.load(w_scale_ptr + cols * stride_w_scale, mask=col_mask, other=0.0)
-        acc_base = acc_base * row_scale[None, :] + merge_scale[None, :] * acc_sign
     out_mask = row_mask[:, None] & col_mask[None, :]
     if SPLIT_K == 1:  # the base (cuBLAS's, or this pass's), the bias, then the delta
         if not MERGE:
@@ -166,16 +145,13 @@ def _delta_scale(scales_ptr, slot, cols, col_mask, stride_sc_s):
 
 def segment_product(x: torch.Tensor, weight: StoredBase | None, ws: torch.Tensor, bias: torch.Tensor | None,
                     signs: torch.Tensor, scales: torch.Tensor, plan: SlotPlan, tiles: Tiles, y: torch.Tensor,
-                    merge: bool, transposed: bool = False, split_k: int = 1, split_dots: bool = False) -> torch.Tensor:
+                    merge: bool, transposed: bool = False, split_k: int = 1) -> torch.Tensor:
     """y = the segment kernel's result: merged (`weight`: the base as stored, `base_product.stored`) or
     on the fp32 base product `ws` (weight None; ws unused in the merged form: any tensor). K is split
-    only in the merged form; `split_dots` (merged form over a row-scaled base) takes the base's stored
-    values and the signs on two products."""
-    base = weight if merge else StoredBase(x, None, base_product.PLAIN)  # unread without merge
+    only in the merged form."""
+    base = weight if merge else StoredBase(x, None, PLAIN)  # unread without merge
     m, k = x.shape
     n = y.shape[1]
-    if split_dots and not (merge and base.form == base_product.ROW_SCALED):
-        raise ValueError("split_dots needs the merged form over an int8 or fp8 base")
     table = segment_tiles(plan, tiles.rows)
     grid = (table.shape[0], triton.cdiv(n, tiles.block_n), split_k)
     if split_k > 1:
@@ -192,7 +168,7 @@ def segment_product(x: torch.Tensor, weight: StoredBase | None, ws: torch.Tensor
         y.stride(0), m * n,
         HAS_BIAS=bias is not None, MERGE=merge, EVEN_K=k % tiles.block_k == 0, FORM=base.form,
         ROWS=tiles.rows,
-        TRANSPOSED=transposed, SPLIT_K=split_k, SPLIT_DOTS=split_dots, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        TRANSPOSED=transposed, SPLIT_K=split_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return y

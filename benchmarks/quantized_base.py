@@ -14,8 +14,9 @@ one run, so the ratios to the bf16 base hold. Writes quantized_base.json and qua
 
 --product-tiles re-checks the stored product's tile rule (`base_product_triton.product_tiles`, base
 only over a quantized base): per shape, format and batch, the dispatched tiles against other column
-widths, K steps, warps, stages, K splits and the transposed product, each checked against the
-reference first. Writes quantized_base_product_tiles.json and .md.
+widths, K steps, warps, stages, K splits and the transposed product, and over int8/fp8 up to 64 rows the
+Gluon product (`base_product_gluon`, not dispatched), each checked against the reference first. Writes
+quantized_base_product_tiles.json and .md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import triton
 from benchmarks.harness import (DECODE_SHAPES, DTYPE, MAX_RELATIVE_ERROR, MIN_GRAPH_CALLS, Problem, graph_us, measure_ceilings,
                                 parse_shapes, sm_count, time_checked)
 from benchmarks.report import write_report
-from bitdelta.kernels.base_product import FORMS, ProductTiles, product_tiles, stored
+from bitdelta.kernels.base_product import FORMS, ROW_SCALED, ProductTiles, product_tiles, stored
+from bitdelta.kernels.base_product_gluon import MAX_COLS
 from bitdelta.kernels.base_product_triton import stored_product
 from bitdelta.kernels.paths.problem import next_pow2
 
@@ -42,6 +44,8 @@ FLOOR_GOAL = 1.3  # every multi-tenant case over a pure read of its bytes
 PRODUCT_TILES = ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 256, 8, 3), (64, 128, 4, 3),
                  (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3))
 SPLITS = (1, 2, 4)
+# the Gluon product (`base_product_gluon`, int8/fp8, up to 64 rows): (block_n, block_k, warps), 16+ base rows a warp
+GLUON_PRODUCT_TILES = ((64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 4), (32, 64, 2))
 
 
 def measure_case(k: int, n: int, batch: int, distinct: bool, recipe: str | None, bandwidth: float, base_only: dict) -> dict:
@@ -149,10 +153,13 @@ def product_tile_sweep(shapes: list[tuple[int, int]], formats: list[str], batche
                 block_m = max(16, next_pow2(batch))
                 variants = ({dispatched} | {ProductTiles(block_m, *tiles, False, split) for tiles in PRODUCT_TILES for split in SPLITS}
                             | {ProductTiles(block_m, *tiles, True) for tiles in PRODUCT_TILES if tiles[0] >= 64})
+                if FORMS[recipe] == ROW_SCALED and batch <= MAX_COLS:
+                    variants |= {ProductTiles(max(8, next_pow2(batch)), bn, bk, warps, 1, False, gluon=True)
+                                 for bn, bk, warps in GLUON_PRODUCT_TILES}
                 times = {}
                 for tiles in variants:
                     name = (f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}{' T' if tiles.transposed else ''}"
-                            f"{f' k{tiles.split_k}' if tiles.split_k > 1 else ''}")
+                            f"{f' k{tiles.split_k}' if tiles.split_k > 1 else ''}{' gluon' if tiles.gluon else ''}")
                     try:
                         out = stored_product(p.sets[0]["x"], stored(p.sets[0]["w"]), None, DTYPE, tiles).float()
                         ok = (out - ref).norm() / ref.norm() < MAX_RELATIVE_ERROR

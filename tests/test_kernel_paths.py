@@ -486,3 +486,34 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
         # fp8 reaches bf16 through fp32 (`stored_values`), not an f16 -> bf16 cvt a value on the conversion pipe
         if stored == "*fp8e4nv":
             assert not re.search(r"cvt(\.rn)?\.bf16\.f16\b", compiled.asm["ptx"]), (kernel.fn.__name__, constants)
+
+
+@pytest.mark.parametrize("stored", ["*i8", "*fp8e4nv"])
+def test_the_gluon_stored_product_compiles_for_hopper_with_both_operands_straight_to_registers(stored):
+    """The Gluon product over an int8/fp8 base (`base_product_gluon`), compiled for sm_90 on the CPU at
+    tiles its sweep times: the loads' natural k order reaches the mma operands within each thread
+    (conversions asserted trivial at compile time; no shared memory, no shuffles), and both operands
+    load as vectors, the base never a byte at a time. Its numbers are checked on the GPU
+    (tests/test_quantized_base.py)."""
+    triton = pytest.importorskip("triton")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from bitdelta.kernels import base_product_gluon
+
+    kernel = base_product_gluon._stored_product_kernel
+    for block_n, block_k, cols, warps in ((64, 32, 64, 4), (128, 32, 32, 8), (32, 64, 16, 2)):
+        constants = dict(HAS_BIAS=True, BLOCK_N=block_n, BLOCK_K=block_k, COLS=cols)
+        signature = {name: "constexpr" if name in constants else stored if name == "w_ptr" else
+                     _POINTER_TYPES.get(name, "*fp32") if name.endswith("_ptr") else "i32"
+                     for name in inspect.signature(kernel.fn).parameters}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "constexpr"}
+        compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        ptx = compiled.asm["ptx"]
+        assert compiled.metadata.shared == 0 and "shfl" not in ptx, constants
+        assert not re.search(r"ld\.global[.\w]*\.[usb]8\b", ptx), constants  # (the bias loads b16 in the epilogue)
+        assert re.search(r"ld\.global[.\w]*\.v[24]\.b32", ptx), constants
+

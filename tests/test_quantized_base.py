@@ -434,6 +434,33 @@ def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", ["int8", "fp8"])
+def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
+    """The Gluon product (`base_product_gluon`, not dispatched; the product-tile sweep times it) on
+    fresh inputs: 5, 20 and 64 rows, K and N off its tiles (masked tails), bias, each tiling the sweep
+    runs; against x @ Q(W).T in fp32 (bf16 output: one rounding, ~2^-8 relative; bound 6e-3)."""
+    from bitdelta.kernels import gluon_available
+    from bitdelta.kernels.base_product import ProductTiles, stored
+    from bitdelta.kernels.base_product_triton import stored_product
+    from benchmarks.quantized_base import GLUON_PRODUCT_TILES
+
+    if not gluon_available():
+        pytest.skip("needs Triton with Gluon")
+    n, k = 200, 1000
+    weight = quantize(torch.randn(n, k) * 0.05, recipe).to("cuda")
+    bias = torch.randn(n, device="cuda").bfloat16()
+    for m in (5, 20, 64):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        ref = x.float() @ weight.dequantize().float().t() + bias.float()
+        for block_n, block_k, warps in GLUON_PRODUCT_TILES:
+            tiles = ProductTiles(max(8, 1 << (m - 1).bit_length()), block_n, block_k, warps, 1, False, gluon=True)
+            out = stored_product(x, stored(weight), bias, torch.bfloat16, tiles)
+            assert torch.isfinite(out).all()
+            assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-3, (m, tiles)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_on_a_gpu_in_bf16_a_quantized_base_and_its_delta_give_the_merged_logits(llama_pair, quantized_deltas, recipe):
     """The engine over a quantized base on the GPU (int8 and fp8 read as stored, int4 dequantized),

@@ -46,6 +46,7 @@ class ProductTiles:
     num_stages: int
     transposed: bool  # acc^T += W x^T: the dequantized tile is the mma's register operand
     split_k: int = 1  # K cut into this many ranges of whole block_k steps, a program each (`split_k.py`)
+    gluon: bool = False  # int8/fp8 only, up to 64 rows: `base_product_gluon` (not dispatched; timed by the sweep)
 
 
 def product_tiles(m: int, n: int, sms: int, form: int = ROW_SCALED) -> ProductTiles:

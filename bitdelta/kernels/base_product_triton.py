@@ -104,6 +104,10 @@ def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None,
     if m == 0:
         return out
     t = tiles or product_tiles(m, n, sm_count(x.device.index) if x.is_cuda else H100_SMS, base.form)  # interpreter: an H100's
+    if t.gluon:
+        from bitdelta.kernels.base_product_gluon import stored_product_gluon
+
+        return stored_product_gluon(x, base, bias, out, t)
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
     if t.split_k > 1:
         partials = torch.empty(t.split_k, m, n, dtype=torch.float32, device=x.device)

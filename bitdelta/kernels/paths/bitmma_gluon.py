@@ -70,7 +70,7 @@ ROW_MAX_CHUNK = gl.constexpr(4096)  # x elements a block reads per step of the r
 
 
 @gluon.constexpr_function
-def _remap(ll, move, shape):
+def remap_layout(ll, move, shape):
     """The distributed layout `ll` with every basis (the coordinate one register, lane or warp bit
     reaches) passed through `move`: the same data in the same registers, seen as a tensor of `shape`."""
     return gl.DistributedLinearLayout(
@@ -86,7 +86,7 @@ def _words_layout(a_ll):
         n, kk = basis
         return [n, kk // 32, kk % 32]
 
-    return _remap(a_ll, split, [a_ll.shape[0], a_ll.shape[1] // 32, 32])
+    return remap_layout(a_ll, split, [a_ll.shape[0], a_ll.shape[1] // 32, 32])
 
 
 @gluon.constexpr_function
@@ -102,7 +102,7 @@ def _words_layout_int8(a_ll):
         return [n, 2 * q + (s >> 2), 8 * p + 2 * (s & 3) + a]
 
     assert a_ll.shape[1] == 256, "the int8 word split is written for compute steps of 256"
-    return _remap(a_ll, split, [a_ll.shape[0], 8, 32])
+    return remap_layout(a_ll, split, [a_ll.shape[0], 8, 32])
 
 
 @gluon.constexpr_function
@@ -114,7 +114,7 @@ def _x_layout(b_ll):
         kk, c = basis
         return [4 * c + ((kk >> 1) & 3), (kk & 1) | ((kk >> 3) << 1)]
 
-    return _remap(b_ll, move, [4 * b_ll.shape[1], b_ll.shape[0] // 4])
+    return remap_layout(b_ll, move, [4 * b_ll.shape[1], b_ll.shape[0] // 4])
 
 
 @gluon.constexpr_function
@@ -127,7 +127,7 @@ def _x_digits_layout(b_ll):
         kk, c = basis
         return [4 * (c & 3) + ((kk >> 2) & 3), (kk & 3) | (((kk >> 4) & 1) << 2) | ((kk >> 5) << 3)]
 
-    return _remap(b_ll, move, [16, b_ll.shape[0] // 4])
+    return remap_layout(b_ll, move, [16, b_ll.shape[0] // 4])
 
 
 @gluon.constexpr_function
@@ -137,7 +137,7 @@ def _split_columns(b_ll):
         kk, c = basis
         return [kk, c >> 2, c & 3]
 
-    return _remap(b_ll, split, [b_ll.shape[0], 2, 4])
+    return remap_layout(b_ll, split, [b_ll.shape[0], 2, 4])
 
 
 @gluon.jit

@@ -154,8 +154,8 @@ def product_tile_sweep(shapes: list[tuple[int, int]], formats: list[str], batche
                 variants = ({dispatched} | {ProductTiles(block_m, *tiles, False, split) for tiles in PRODUCT_TILES for split in SPLITS}
                             | {ProductTiles(block_m, *tiles, True) for tiles in PRODUCT_TILES if tiles[0] >= 64})
                 if FORMS[recipe] == ROW_SCALED and batch <= MAX_COLS:
-                    variants |= {ProductTiles(max(8, next_pow2(batch)), bn, bk, warps, 1, False, gluon=True)
-                                 for bn, bk, warps in GLUON_PRODUCT_TILES}
+                    variants |= {ProductTiles(max(8, next_pow2(batch)), bn, bk, warps, 1, False, split, gluon=True)
+                                 for bn, bk, warps in GLUON_PRODUCT_TILES for split in SPLITS}
                 times = {}
                 for tiles in variants:
                     name = (f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}{' T' if tiles.transposed else ''}"

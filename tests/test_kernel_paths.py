@@ -492,7 +492,7 @@ def test_every_kernel_reading_the_base_compiles_for_hopper(form, stored):
 def test_the_gluon_stored_product_compiles_for_hopper_with_both_operands_straight_to_registers(stored):
     """The Gluon product over an int8/fp8 base (`base_product_gluon`), compiled for sm_90 on the CPU at
     tiles its sweep times: the loads' natural k order reaches the mma operands within each thread
-    (conversions asserted trivial at compile time; no shared memory, no shuffles), and both operands
+    (conversions asserted trivial at compile time; no shared memory, no shuffles), K split or not, and both operands
     load as vectors, the base never a byte at a time. Its numbers are checked on the GPU
     (tests/test_quantized_base.py)."""
     triton = pytest.importorskip("triton")
@@ -504,8 +504,8 @@ def test_the_gluon_stored_product_compiles_for_hopper_with_both_operands_straigh
     from bitdelta.kernels import base_product_gluon
 
     kernel = base_product_gluon._stored_product_kernel
-    for block_n, block_k, cols, warps in ((64, 32, 64, 4), (128, 32, 32, 8), (32, 64, 16, 2)):
-        constants = dict(HAS_BIAS=True, BLOCK_N=block_n, BLOCK_K=block_k, COLS=cols)
+    for block_n, block_k, cols, warps, splits in ((64, 32, 64, 4, 1), (128, 32, 32, 8, 2), (32, 64, 16, 2, 4)):
+        constants = dict(HAS_BIAS=True, BLOCK_N=block_n, BLOCK_K=block_k, COLS=cols, SPLIT_K=splits)
         signature = {name: "constexpr" if name in constants else stored if name == "w_ptr" else
                      _POINTER_TYPES.get(name, "*fp32") if name.endswith("_ptr") else "i32"
                      for name in inspect.signature(kernel.fn).parameters}
@@ -513,7 +513,26 @@ def test_the_gluon_stored_product_compiles_for_hopper_with_both_operands_straigh
         compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         ptx = compiled.asm["ptx"]
-        assert compiled.metadata.shared == 0 and "shfl" not in ptx, constants
+        # shared memory: none, but the split's arrival count broadcast to the program
+        assert compiled.metadata.shared <= (0 if splits == 1 else 16) and "shfl" not in ptx, constants
         assert not re.search(r"ld\.global[.\w]*\.[usb]8\b", ptx), constants  # (the bias loads b16 in the epilogue)
         assert re.search(r"ld\.global[.\w]*\.v[24]\.b32", ptx), constants
 
+
+
+def test_the_gluon_stored_product_refuses_tiles_it_cannot_run():
+    """Before any launch (so on the CPU): rows off 8..64 or not a power of two, fewer than 16 base rows a
+    warp, K steps that are not powers of two, a transposed tiling, and a base without row scales."""
+    pytest.importorskip("triton.experimental.gluon")
+    from bitdelta.kernels.base_product import ProductTiles, StoredBase
+    from bitdelta.kernels.base_product_gluon import stored_product_gluon
+
+    base = StoredBase(torch.zeros(64, 64, dtype=torch.int8), torch.ones(64), ROW_SCALED)
+    x, out = torch.zeros(4, 64), torch.zeros(4, 64)
+    for tiles in (ProductTiles(12, 64, 32, 4, 1, False), ProductTiles(128, 128, 32, 8, 1, False),
+                  ProductTiles(16, 32, 32, 4, 1, False), ProductTiles(16, 64, 48, 4, 1, False), ProductTiles(16, 64, 32, 4, 1, True)):
+        with pytest.raises(ValueError, match="Gluon product tiles take"):
+            stored_product_gluon(x, base, None, out, tiles)
+    with pytest.raises(ValueError, match="int8 or fp8 bases"):
+        stored_product_gluon(x, StoredBase(torch.zeros(64, 32, dtype=torch.uint8), torch.ones(64, 1), GROUP_SCALED), None, out,
+                             ProductTiles(16, 64, 32, 4, 1, False))

@@ -3,6 +3,7 @@ engine serving Q(base) + delta, with deltas made for another base quantization r
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -438,7 +439,7 @@ def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
 def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
     """The Gluon product (`base_product_gluon`, not dispatched; the product-tile sweep times it) on
     fresh inputs: 5, 20 and 64 rows, K and N off its tiles (masked tails), bias, each tiling the sweep
-    runs; against x @ Q(W).T in fp32 (bf16 output: one rounding, ~2^-8 relative; bound 6e-3)."""
+    runs, K whole and split in 3 (each launched twice); against x @ Q(W).T in fp32 (bf16 output: one rounding, ~2^-8 relative; bound 6e-3)."""
     from bitdelta.kernels import gluon_available
     from bitdelta.kernels.base_product import ProductTiles, stored
     from bitdelta.kernels.base_product_triton import stored_product
@@ -452,11 +453,12 @@ def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
     for m in (5, 20, 64):
         x = torch.randn(m, k, device="cuda").bfloat16()
         ref = x.float() @ weight.dequantize().float().t() + bias.float()
-        for block_n, block_k, warps in GLUON_PRODUCT_TILES:
-            tiles = ProductTiles(max(8, 1 << (m - 1).bit_length()), block_n, block_k, warps, 1, False, gluon=True)
-            out = stored_product(x, stored(weight), bias, torch.bfloat16, tiles)
-            assert torch.isfinite(out).all()
-            assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-3, (m, tiles)
+        for (block_n, block_k, warps), split_k in itertools.product(GLUON_PRODUCT_TILES, (1, 3)):
+            tiles = ProductTiles(max(8, 1 << (m - 1).bit_length()), block_n, block_k, warps, 1, False, split_k, gluon=True)
+            for _ in range(2):  # a split launch leaves its arrival counters at zero for the next
+                out = stored_product(x, stored(weight), bias, torch.bfloat16, tiles)
+                assert torch.isfinite(out).all()
+                assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-3, (m, tiles)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ m16n8k16 mmas and x's rows the N side (`COLS`); the reduction order of an mma is
 both operands follow it, so mma index kk = 16s + 8h + 2q + e of a K tile takes natural
 k = (BK/4) q + 4s + 2h + e, and each thread's A and B registers hold one contiguous run of BK/4
 values a row: vector loads, no shared memory, no permutation of x. Each program loads the next K
-tile of both operands while it multiplies the last. Not dispatched: `python -m benchmarks.quantized_base
+tile of both operands while it multiplies the last; K may be split over programs (a 4096 x 11008
+layer has only 688 warps' worth of 16 base rows). Not dispatched: `python -m benchmarks.quantized_base
 --product-tiles` times it beside the Triton tiles.
 """
 
@@ -23,6 +24,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from bitdelta.kernels.base_product import ROW_SCALED, ProductTiles, StoredBase
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.bitmma_gluon import remap_layout
+from bitdelta.kernels.split_k import split_counters
 
 MAX_COLS = 64  # x rows a program takes (the mma's N side)
 
@@ -81,10 +83,12 @@ def _values(w, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _stored_product_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
-                           HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, COLS: gl.constexpr):
-    """Program = (BLOCK_N base rows, COLS x rows): acc[n, m] += W[n, k] x[m, k] over K, then
-    out[m, n] = acc[n, m] * scale[n] + bias[n]."""
+def _stored_product_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partials_ptr, counters_ptr, M, N, K, stride_x,
+                           stride_w, stride_out, stride_ps, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+                           BLOCK_K: gl.constexpr, COLS: gl.constexpr, SPLIT_K: gl.constexpr):
+    """Program = (BLOCK_N base rows, COLS x rows, one of SPLIT_K ranges of K): acc[n, m] += W[n, k] x[m, k]
+    over its range, then out[m, n] = acc[n, m] * scale[n] + bias[n] (split: by the last program of the
+    tile to arrive, over the fp32 partials in split order, as `split_k_triton.sum_of_splits`)."""
     NW: gl.constexpr = gl.num_warps()
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -94,6 +98,12 @@ def _stored_product_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, 
     w_load: gl.constexpr = _k_runs_first(w_layout, 1)
     x_load: gl.constexpr = _k_runs_first(x_layout, 1)
 
+    k_first = 0
+    k_end = K
+    if SPLIT_K > 1:  # whole BLOCK_K steps a range, the last range shorter
+        per_split = gl.cdiv(gl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_first = gl.program_id(2) * per_split
+        k_end = gl.minimum(K, k_first + per_split)
     col0 = gl.program_id(0) * BLOCK_N
     row0 = gl.program_id(1) * COLS
     wn = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_load))
@@ -106,13 +116,13 @@ def _stored_product_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, 
     x_rows = (xm < M)[:, None]
 
     acc = gl.zeros([BLOCK_N, COLS], gl.float32, layout=mma)
-    w_next = gl.load(w_ptrs, mask=w_rows & (wk < K)[None, :], other=0.0)
-    x_next = gl.load(x_ptrs, mask=x_rows & (xk < K)[None, :], other=0.0)
-    for k0 in range(0, K, BLOCK_K):
+    w_next = gl.load(w_ptrs + k_first, mask=w_rows & ((k_first + wk) < k_end)[None, :], other=0.0)
+    x_next = gl.load(x_ptrs + k_first, mask=x_rows & ((k_first + xk) < k_end)[None, :], other=0.0)
+    for k0 in range(k_first, k_end, BLOCK_K):
         w_tile, x_tile = w_next, x_next
-        k1 = k0 + BLOCK_K  # the next tile's loads are in flight while this one multiplies (masked off past K)
-        w_next = gl.load(w_ptrs + k1, mask=w_rows & ((k1 + wk) < K)[None, :], other=0.0)
-        x_next = gl.load(x_ptrs + k1, mask=x_rows & ((k1 + xk) < K)[None, :], other=0.0)
+        k1 = k0 + BLOCK_K  # the next tile's loads are in flight while this one multiplies (masked off past the range)
+        w_next = gl.load(w_ptrs + k1, mask=w_rows & ((k1 + wk) < k_end)[None, :], other=0.0)
+        x_next = gl.load(x_ptrs + k1, mask=x_rows & ((k1 + xk) < k_end)[None, :], other=0.0)
         w_tile = gl.convert_layout(w_tile, w_layout)  # registers renamed within each thread
         x_tile = gl.convert_layout(x_tile, x_layout)
         a = _a_operand(_values(w_tile, x_tile.dtype), a_layout, BLOCK_N, BLOCK_K)
@@ -120,28 +130,58 @@ def _stored_product_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, 
 
     n = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     m = row0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, mma))
+    mask = (n < N)[:, None] & (m < M)[None, :]
+    if SPLIT_K == 1:
+        _store_out(acc, scale_ptr, bias_ptr, out_ptr, n, m, N, stride_out, mask, HAS_BIAS)
+    else:
+        partials = partials_ptr + m.to(gl.int64)[None, :] * N + n[:, None]
+        stride_ps = gl.cast(stride_ps, gl.int64)  # splits x M x N may pass 2^31
+        gl.store(partials + gl.program_id(2) * stride_ps, acc, mask=mask)
+        gl.thread_barrier()  # every thread's partial is written before the arrival is counted
+        counter = counters_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+        if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = gl.zeros([BLOCK_N, COLS], gl.float32, layout=mma)
+            for split in gl.static_range(SPLIT_K):  # in split order: the sum does not depend on arrival
+                total += gl.load(partials + split * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.atomic_xchg(counter, 0)  # ready for the next launch
+            _store_out(total, scale_ptr, bias_ptr, out_ptr, n, m, N, stride_out, mask, HAS_BIAS)
+
+
+@gluon.jit
+def _store_out(acc, scale_ptr, bias_ptr, out_ptr, n, m, N, stride_out, mask, HAS_BIAS: gl.constexpr):
+    """out[m, n] = acc[n, m] * scale[n] + bias[n]."""
     n_mask = n < N
     out = acc * gl.load(scale_ptr + n, mask=n_mask, other=0.0)[:, None]
     if HAS_BIAS:
         out += gl.load(bias_ptr + n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
-    gl.store(out_ptr + m.to(gl.int64)[None, :] * stride_out + n[:, None], out.to(out_ptr.dtype.element_ty),
-             mask=n_mask[:, None] & (m < M)[None, :])
+    gl.store(out_ptr + m.to(gl.int64)[None, :] * stride_out + n[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def stored_product_gluon(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None, out: torch.Tensor,
                          tiles: ProductTiles) -> torch.Tensor:
     """out = x @ W.T * scale + bias for x [M, K] fp16/bf16 and an int8/fp8 base as stored; programs of
-    tiles.block_n base rows by tiles.block_m (8..64) x rows."""
+    tiles.block_n base rows by tiles.block_m (8..64) x rows, K cut in tiles.split_k ranges."""
     if base.form != ROW_SCALED:
         raise ValueError("the Gluon stored product reads int8 or fp8 bases (row scales) only")
-    if not (8 <= tiles.block_m <= MAX_COLS and tiles.block_k % 16 == 0 and tiles.split_k == 1 and not tiles.transposed):
-        raise ValueError(f"Gluon product tiles take 8..{MAX_COLS} rows, K steps of 16s, no K split and no transpose")
+    if not (_power_of_two(tiles.block_m) and 8 <= tiles.block_m <= MAX_COLS and _power_of_two(tiles.block_k)
+            and tiles.block_k >= 16 and tiles.block_n % (16 * tiles.num_warps) == 0 and not tiles.transposed):
+        raise ValueError(f"Gluon product tiles take 8..{MAX_COLS} rows and K steps of 16+ (powers of two), 16 base rows "
+                         "a warp and no transpose")
     m, k = x.shape
     n = base.values.shape[0]
-    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, tiles.block_m))
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, tiles.block_m), tiles.split_k)
+    if tiles.split_k > 1:
+        partials = torch.empty(tiles.split_k, m, n, dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, grid[0] * grid[1])
+    else:
+        partials = counters = out  # unused
     fast(_stored_product_kernel)[grid](
-        x, base.values, base.scale, bias if bias is not None else out, out, m, n, k, x.stride(0), base.values.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, COLS=tiles.block_m,
-        num_warps=tiles.num_warps,
+        x, base.values, base.scale, bias if bias is not None else out, out, partials, counters, m, n, k, x.stride(0),
+        base.values.stride(0), out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, COLS=tiles.block_m, SPLIT_K=tiles.split_k, num_warps=tiles.num_warps,
     )
     return out
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0

@@ -522,17 +522,20 @@ def test_the_gluon_stored_product_compiles_for_hopper_with_both_operands_straigh
 
 def test_the_gluon_stored_product_refuses_tiles_it_cannot_run():
     """Before any launch (so on the CPU): rows off 8..64 or not a power of two, fewer than 16 base rows a
-    warp, K steps that are not powers of two, a transposed tiling, and a base without row scales."""
+    warp or a block that is not a power of two, K steps that are not powers of two, a transposed tiling,
+    fp32 activations, and a base without row scales."""
     pytest.importorskip("triton.experimental.gluon")
     from bitdelta.kernels.base_product import ProductTiles, StoredBase
     from bitdelta.kernels.base_product_gluon import stored_product_gluon
 
     base = StoredBase(torch.zeros(64, 64, dtype=torch.int8), torch.ones(64), ROW_SCALED)
-    x, out = torch.zeros(4, 64), torch.zeros(4, 64)
-    for tiles in (ProductTiles(12, 64, 32, 4, 1, False), ProductTiles(128, 128, 32, 8, 1, False),
+    x, out = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(4, 64, dtype=torch.bfloat16)
+    for tiles in (ProductTiles(12, 64, 32, 4, 1, False), ProductTiles(128, 128, 32, 8, 1, False), ProductTiles(16, 192, 32, 4, 1, False),
                   ProductTiles(16, 32, 32, 4, 1, False), ProductTiles(16, 64, 48, 4, 1, False), ProductTiles(16, 64, 32, 4, 1, True)):
         with pytest.raises(ValueError, match="Gluon product tiles take"):
             stored_product_gluon(x, base, None, out, tiles)
+    with pytest.raises(ValueError, match="bf16 or fp16 activations"):
+        stored_product_gluon(x.float(), base, None, out, ProductTiles(16, 64, 32, 4, 1, False))
     with pytest.raises(ValueError, match="int8 or fp8 bases"):
         stored_product_gluon(x, StoredBase(torch.zeros(64, 32, dtype=torch.uint8), torch.ones(64, 1), GROUP_SCALED), None, out,
                              ProductTiles(16, 64, 32, 4, 1, False))

@@ -437,28 +437,35 @@ def test_on_a_gpu_each_path_reads_a_quantized_base_as_stored(recipe, batch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe", ["int8", "fp8"])
 def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
-    """The Gluon product (`base_product_gluon`, not dispatched; the product-tile sweep times it) on
-    fresh inputs: 5, 20 and 64 rows, K and N off its tiles (masked tails), bias, each tiling the sweep
-    runs, K whole and split in 3 (each launched twice); against x @ Q(W).T in fp32 (bf16 output: one rounding, ~2^-8 relative; bound 6e-3)."""
+    """The Gluon product (`base_product_gluon`, not dispatched; the product-tile sweep times it): 5, 20
+    and 64 rows; K of 96 (a split with no K at all), 1000 (unaligned: byte loads) and 1040 (aligned, a
+    16-column tail: the vector loads real layers get); N off its tiles; every tiling the sweep runs, K
+    whole and split in 3; fp16 without bias as well. Each launch gets fresh x and an output filled with
+    NaN (an unwritten element fails), and a split launch must leave its arrival counters at zero.
+    Against x @ Q(W).T in fp32 (one rounding of the output: ~2^-8 relative in bf16; bound 6e-3)."""
     from bitdelta.kernels import gluon_available
     from bitdelta.kernels.base_product import ProductTiles, stored
-    from bitdelta.kernels.base_product_triton import stored_product
+    from bitdelta.kernels.base_product_gluon import stored_product_gluon
+    from bitdelta.kernels.split_k import split_counters
     from benchmarks.quantized_base import GLUON_PRODUCT_TILES
 
     if not gluon_available():
         pytest.skip("needs Triton with Gluon")
-    n, k = 200, 1000
-    weight = quantize(torch.randn(n, k) * 0.05, recipe).to("cuda")
-    bias = torch.randn(n, device="cuda").bfloat16()
-    for m in (5, 20, 64):
-        x = torch.randn(m, k, device="cuda").bfloat16()
-        ref = x.float() @ weight.dequantize().float().t() + bias.float()
+    n = 200
+    for k, m in itertools.product((96, 1000, 1040), (5, 20, 64)):
+        base = stored(quantize(torch.randn(n, k) * 0.05, recipe).to("cuda"))
+        w = base.values.float() * base.scale[:, None]
         for (block_n, block_k, warps), split_k in itertools.product(GLUON_PRODUCT_TILES, (1, 3)):
             tiles = ProductTiles(max(8, 1 << (m - 1).bit_length()), block_n, block_k, warps, 1, False, split_k, gluon=True)
-            for _ in range(2):  # a split launch leaves its arrival counters at zero for the next
-                out = stored_product(x, stored(weight), bias, torch.bfloat16, tiles)
-                assert torch.isfinite(out).all()
-                assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-3, (m, tiles)
+            for dtype, with_bias in ((torch.bfloat16, True), (torch.float16, False)):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+                ref = x.float() @ w.t() + (bias.float() if with_bias else 0)
+                out = stored_product_gluon(x, base, bias, torch.full((m, n), float("nan"), device="cuda", dtype=dtype), tiles)
+                assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-3, (k, m, tiles, dtype)  # NaN fails too
+                if split_k > 1:
+                    grid = -(-n // block_n) * -(-m // tiles.block_m)
+                    assert not split_counters(out.device, grid)[:grid].any(), (k, m, tiles)
 
 
 @pytest.mark.gpu

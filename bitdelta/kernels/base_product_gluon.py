@@ -163,8 +163,11 @@ def stored_product_gluon(x: torch.Tensor, base: StoredBase, bias: torch.Tensor |
     tiles.block_n base rows by tiles.block_m (8..64) x rows, K cut in tiles.split_k ranges."""
     if base.form != ROW_SCALED:
         raise ValueError("the Gluon stored product reads int8 or fp8 bases (row scales) only")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the Gluon stored product takes bf16 or fp16 activations, got {x.dtype}")
     if not (_power_of_two(tiles.block_m) and 8 <= tiles.block_m <= MAX_COLS and _power_of_two(tiles.block_k)
-            and tiles.block_k >= 16 and tiles.block_n % (16 * tiles.num_warps) == 0 and not tiles.transposed):
+            and tiles.block_k >= 16 and _power_of_two(tiles.block_n) and tiles.block_n % (16 * tiles.num_warps) == 0
+            and not tiles.transposed):
         raise ValueError(f"Gluon product tiles take 8..{MAX_COLS} rows and K steps of 16+ (powers of two), 16 base rows "
                          "a warp and no transpose")
     m, k = x.shape

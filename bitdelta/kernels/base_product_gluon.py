@@ -24,7 +24,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from bitdelta.kernels.base_product import ROW_SCALED, ProductTiles, StoredBase
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.bitmma_gluon import remap_layout
-from bitdelta.kernels.split_k import split_counters
+from bitdelta.kernels.paths.problem import next_pow2
+from bitdelta.kernels.split_k import split_buffers
 
 MAX_COLS = 64  # x rows a program takes (the mma's N side)
 
@@ -165,26 +166,18 @@ def stored_product_gluon(x: torch.Tensor, base: StoredBase, bias: torch.Tensor |
         raise ValueError("the Gluon stored product reads int8 or fp8 bases (row scales) only")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Gluon stored product takes bf16 or fp16 activations, got {x.dtype}")
-    if not (_power_of_two(tiles.block_m) and 8 <= tiles.block_m <= MAX_COLS and _power_of_two(tiles.block_k)
-            and tiles.block_k >= 16 and _power_of_two(tiles.block_n) and tiles.block_n % (16 * tiles.num_warps) == 0
-            and not tiles.transposed):
+    sizes = (tiles.block_m, tiles.block_k, tiles.block_n)
+    if not (all(next_pow2(size) == size for size in sizes) and 8 <= tiles.block_m <= MAX_COLS and tiles.block_k >= 16
+            and tiles.block_n % (16 * tiles.num_warps) == 0 and not tiles.transposed):
         raise ValueError(f"Gluon product tiles take 8..{MAX_COLS} rows and K steps of 16+ (powers of two), 16 base rows "
                          "a warp and no transpose")
     m, k = x.shape
     n = base.values.shape[0]
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, tiles.block_m), tiles.split_k)
-    if tiles.split_k > 1:
-        partials = torch.empty(tiles.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0] * grid[1])
-    else:
-        partials = counters = out  # unused
+    partials, counters = split_buffers(out, grid)
     fast(_stored_product_kernel)[grid](
         x, base.values, base.scale, bias if bias is not None else out, out, partials, counters, m, n, k, x.stride(0),
         base.values.stride(0), out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, COLS=tiles.block_m, SPLIT_K=tiles.split_k, num_warps=tiles.num_warps,
     )
     return out
-
-
-def _power_of_two(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0

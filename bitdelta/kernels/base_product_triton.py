@@ -17,7 +17,7 @@ from bitdelta.kernels.base_tiles_triton import (GROUP, GROUP_SCALED, PLAIN, ROW_
 from bitdelta.kernels import sm_count
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import H100_SMS
-from bitdelta.kernels.split_k import split_counters
+from bitdelta.kernels.split_k import split_buffers
 from bitdelta.kernels.split_k_triton import k_range, sum_of_splits
 
 
@@ -109,11 +109,7 @@ def stored_product(x: torch.Tensor, base: StoredBase, bias: torch.Tensor | None,
 
         return stored_product_gluon(x, base, bias, out, t)
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
-    if t.split_k > 1:
-        partials = torch.empty(t.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0] * grid[1])
-    else:
-        partials = counters = out  # unused
+    partials, counters = split_buffers(out, grid)
     fast(_stored_product_kernel)[grid](
         x, base.values, base.scale, bias if bias is not None else out, out, partials, counters, m, n, k, x.stride(0),
         base.values.stride(0), base.scale_stride, out.stride(0), m * n, FORM=base.form, HAS_BIAS=bias is not None,

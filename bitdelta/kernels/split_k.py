@@ -32,3 +32,14 @@ def split_counters(device: torch.device, count: int) -> torch.Tensor:
             _retired_counters.append(counters)
         counters = _split_counters[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
     return counters
+
+
+def split_buffers(out: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 partials [splits, M, N] and the arrival counters of a launch over `grid` (axis 2: the
+    split) that writes `out` [M, N]; `out` for both where K is not split (the kernel reads neither)."""
+    splits = grid[2]
+    if splits == 1:
+        return out, out
+    m, n = out.shape
+    return (torch.empty(splits, m, n, dtype=torch.float32, device=out.device),
+            split_counters(out.device, grid[0] * grid[1]))

@@ -30,7 +30,7 @@ from bitdelta.kernels.grouping import SlotPlan, segment_tiles
 from bitdelta.kernels.launch import fast
 from bitdelta.kernels.paths.problem import Tiles
 from bitdelta.kernels.signs_triton import expand_signs, merge_tile, merged_nibble_dots
-from bitdelta.kernels.split_k import split_counters
+from bitdelta.kernels.split_k import split_buffers
 from bitdelta.kernels.split_k_triton import k_range, sum_of_splits
 
 
@@ -154,13 +154,9 @@ def segment_product(x: torch.Tensor, weight: StoredBase | None, ws: torch.Tensor
     n = y.shape[1]
     table = segment_tiles(plan, tiles.rows)
     grid = (table.shape[0], triton.cdiv(n, tiles.block_n), split_k)
-    if split_k > 1:
-        if not merge:
-            raise ValueError("K is split only in the merged form")
-        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0] * grid[1])
-    else:
-        partials = counters = y  # unused
+    if split_k > 1 and not merge:
+        raise ValueError("K is split only in the merged form")
+    partials, counters = split_buffers(y, grid)
     fast(_segment_kernel)[grid](
         x, base.values, base.scale if base.scale is not None else scales, ws, bias if bias is not None else y, signs, scales, y, table, plan.order, partials, counters,
         n, k, signs.shape[-1],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,16 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(llama_pair, deltas):
     stop = full[5:8]
     cut = engine.generate([("prose-row", prompt, SamplingParams(16, 0, stop=(stop,)))])[0]
     assert "".join(o.text for o in cut) == full[: full.index(stop)] and cut[-1].finish_reason == "stop"
+
+
+def test_ignore_eos_runs_through_end_of_sequence_to_max_tokens(llama_pair, deltas):
+    engine = make_engine(llama_pair[0], deltas)
+    prompt = token_ids(engine, "prose-row", PROMPTS[0])
+    full = generated(engine.generate([("prose-row", prompt, GREEDY)])[0])
+    engine.store.get("prose-row").__dict__["eos_ids"] = frozenset({full[2]})  # the third greedy token now ends a sequence
+    stopped, through = engine.generate([("prose-row", prompt, GREEDY), ("prose-row", prompt, replace(GREEDY, ignore_eos=True))])
+    assert generated(stopped) == full[: full.index(full[2]) + 1] and stopped[-1].finish_reason == "stop"
+    assert generated(through) == full and through[-1].finish_reason == "length"
 
 
 def test_refuses_other_families_other_bases_and_unroutable_tensors(pairs, llama_pair, deltas, tmp_path):

@@ -103,7 +103,7 @@ def test_requests_go_to_a_replica_that_holds_their_delta(ray_app):
 
 def test_overload_is_refused_with_retry_after(ray_app):
     def attempt(_):
-        response = httpx.post(f"{ray_app}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 40}, timeout=120)
+        response = httpx.post(f"{ray_app}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 40, "ignore_eos": True}, timeout=120)
         return response.status_code, response.headers.get("retry-after"), response.text[:200]
 
     with ThreadPoolExecutor(32) as pool:  # more than the two replicas hold: 2 x (batch 2 + queue 4 + 1)

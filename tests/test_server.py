@@ -123,6 +123,15 @@ def merged_answer(llama_pair, deltas_dir: Path, model: str, prompt_ids: list[int
     return AutoTokenizer.from_pretrained(folder).decode(alone(reference, prompt_ids, max_tokens), skip_special_tokens=True)
 
 
+def assert_serves_like_the_merged_model(client, llama_pair, deltas_dir: Path, model: str, max_tokens: int = 4) -> None:
+    """Greedy, so the answer is fixed: a sampled one may end early on EOS and prove nothing either way."""
+    from transformers import AutoTokenizer
+
+    answer = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=max_tokens, temperature=0)
+    ids = AutoTokenizer.from_pretrained(llama_pair[0])(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    assert answer.choices[0].text == merged_answer(llama_pair, deltas_dir, model, ids, max_tokens), model
+
+
 def test_models_lists_the_base_and_every_delta(client):
     assert sorted(m.id for m in client.models.list()) == ["code-chat", "llama-base", "prose-late", "prose-matrix", "prose-row", "vanishing"]
 
@@ -232,7 +241,7 @@ def test_runtime_loads_only_by_name_from_the_deltas_folder(server, tmp_path):
     assert admin(server, "DELETE", "/v1/deltas/llama-base").status_code == 400
 
 
-def test_hostile_or_foreign_deltas_are_refused_and_serving_goes_on(client, server, deltas_dir, pairs):
+def test_hostile_or_foreign_deltas_are_refused_and_serving_goes_on(client, server, deltas_dir, pairs, llama_pair):
     from bitdelta import compress
 
     garbage = deltas_dir / "garbage"
@@ -248,7 +257,7 @@ def test_hostile_or_foreign_deltas_are_refused_and_serving_goes_on(client, serve
         response = admin(server, "POST", "/v1/deltas", json={"name": name})
         assert response.status_code == 400 and reason in response.json()["error"]["message"], name
     assert "garbage" not in [m.id for m in client.models.list()]
-    assert client.completions.create(model="prose-row", prompt="x", max_tokens=3).usage.completion_tokens == 3
+    assert_serves_like_the_merged_model(client, llama_pair, deltas_dir, "prose-row")
 
 
 def post(server: str, path: str, **kwargs) -> httpx.Response:
@@ -306,13 +315,13 @@ def test_every_refusal_is_an_openai_error_and_the_connection_stays_usable(server
     assert response.status == 404 and "message" in json.loads(response.read())["error"]
 
 
-def test_a_served_delta_whose_files_vanish_gets_a_clean_error_without_the_hub(client, server, deltas_dir, hub):
+def test_a_served_delta_whose_files_vanish_gets_a_clean_error_without_the_hub(client, server, deltas_dir, hub, llama_pair):
     shutil.rmtree(deltas_dir / "vanishing")  # served since startup, nothing of it read yet
     for _ in range(2):
         error = assert_openai_error(post(server, "/v1/completions", json={"model": "vanishing", "prompt": "x", "max_tokens": 2}), 500)
         assert "vanishing" in error["message"] and str(deltas_dir) not in error["message"]
     assert hub.connections == 0
-    assert client.completions.create(model="code-chat", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    assert_serves_like_the_merged_model(client, llama_pair, deltas_dir, "code-chat")
 
 
 def test_load_errors_name_no_server_path(server, deltas_dir):
@@ -359,7 +368,7 @@ def test_delta_names_are_matched_whole():
 
 
 def test_the_log_has_a_line_per_request_and_the_cause_of_each_refusal(client, server, server_log):
-    client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=3)
+    client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=3, extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="prose-matrix", prompt="x", max_tokens=2, seed=2**64)
     time.sleep(0.5)  # the line is written once the response is sent
@@ -382,7 +391,7 @@ def test_a_deltas_folder_of_which_nothing_fits_the_base_refuses_to_start(llama_p
 
 
 def test_metrics_in_prometheus_format(client, server):
-    client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=4)
+    client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=4, extra_body={"ignore_eos": True})
     text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for metric in ("bitdelta_requests_total{finish_reason=\"length\",model=\"prose-matrix\"}", "bitdelta_generation_tokens_total",
                    "bitdelta_queue_depth", "bitdelta_batch_size_bucket", "bitdelta_deltas_resident{tier=\"gpu\"}",
@@ -424,7 +433,7 @@ def test_a_full_queue_answers_429(slow_server):
 
     def attempt(_):
         try:
-            return client.completions.create(model="prose-row", prompt="x", max_tokens=15).usage.completion_tokens
+            return client.completions.create(model="prose-row", prompt="x", max_tokens=15, extra_body={"ignore_eos": True}).usage.completion_tokens
         except openai.RateLimitError as error:
             _refused_headers.append(error.response.headers)
             return 429
@@ -445,10 +454,10 @@ def cancelled(url: str) -> float:
 def test_a_client_that_disconnects_has_its_request_cancelled(slow_server):
     url, engine, _ = slow_server
     before = cancelled(url)
-    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100, "stream": True}) as response:
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}) as response:
         next(response.iter_lines())  # the first token arrived; now hang up
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client giving up
-        httpx.post(f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100}, timeout=0.5)
+        httpx.post(f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100, "ignore_eos": True}, timeout=0.5)
     deadline = time.time() + 10
     while time.time() < deadline and (cancelled(url) < before + 2 or engine.stats()["running"]):
         time.sleep(0.1)

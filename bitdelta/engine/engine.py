@@ -391,7 +391,7 @@ class Engine:
                 self._finish(sequence, "error", error="internal error while sampling")
 
     def _take(self, sequence: Sequence, token: int) -> None:
-        if token in sequence.entry.eos_ids:
+        if token in sequence.entry.eos_ids and not sequence.params.ignore_eos:
             sequence.stream.token_ids.append(token)
             self._finish(sequence, "stop")
         elif sequence.stream.add(token):

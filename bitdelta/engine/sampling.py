@@ -14,6 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # run on through end-of-sequence tokens to max_tokens (vLLM's option; fixed-length load tests)
 
 
 # Below this temperature, logits / temperature overflows fp32 for ordinary logit gaps (1e-39 is

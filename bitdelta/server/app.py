@@ -171,7 +171,7 @@ def create_app(backend: Backend, metrics: Metrics, settings: ServerSettings = Se
         return {"id": name, "object": "model", "created": 0, "owned_by": "bitdelta", "parent": None if name == base else base}
 
     async def _generate(kind: str, body, prompt: list[int], max_tokens: int, request: Request):
-        params = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
+        params = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(body.stop or ()), body.seed, body.ignore_eos)
         arrived = time.perf_counter()
         generation = await backend.generate(body.model, prompt, params, stream=bool(body.stream))
         headers = {"x-bitdelta-replica": generation.served_by} if generation.served_by else {}

@@ -216,10 +216,12 @@ def test_hot_unload_and_load_during_traffic(client, server, llama_pair, deltas_d
     worker = threading.Thread(target=traffic)
     worker.start()
     try:
-        in_flight = ThreadPoolExecutor(1).submit(client.completions.create, model="prose-late", prompt=PROMPTS[1], max_tokens=30, temperature=0)
-        time.sleep(0.05)
+        in_flight = iter(client.completions.create(model="prose-late", prompt=PROMPTS[1], max_tokens=30, temperature=0, stream=True))
+        chunks = [next(in_flight)]  # its first token is out: the request is running
         assert admin(server, "DELETE", "/v1/deltas/prose-late").json() == {"id": "prose-late", "object": "model", "deleted": True}
-        assert in_flight.result().choices[0].finish_reason == "length"  # the request already running was not affected
+        chunks += list(in_flight)  # the request already running was not affected
+        assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(expected)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="prose-late", prompt=PROMPTS[1], max_tokens=8)
         assert admin(server, "POST", "/v1/deltas", json={"name": "prose-late"}).status_code == 200

@@ -127,7 +127,12 @@ def test_empty_or_short_data_is_refused(llama_pair, delta, tmp_path, content, me
     assert digest(delta) == before
 
 
-def test_unreachable_dataset_suggests_data_free(llama_pair, delta):
+def test_unreachable_dataset_suggests_data_free(llama_pair, delta, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub unreachable, at once (a real attempt retries for ~25 s)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     code, _, stderr = run_cli("distill", *llama_pair, delta, "--data", "nobody/no-such-dataset", "--samples", 4, "--seq-len", 16)
     assert code == 1 and "data-free" in stderr and len(stderr.strip().splitlines()) == 1
 

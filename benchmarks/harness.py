@@ -19,6 +19,7 @@ entry point: a change to the kernels' internals is made here. It imports Triton 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -155,7 +156,6 @@ class Problem:
         self.plan: SlotPlan = build_plan(self.slot_ids)
         self.bytes = self.floor_bytes()
         self.sets = [self._make_set() for _ in range(rotation_count(self.bytes))]
-        self._base_sets: list[dict] | None = None
         self.ref = None
 
     @classmethod
@@ -177,14 +177,12 @@ class Problem:
         return {"x": torch.randn(self.batch, self.k, device="cuda", dtype=DTYPE),
                 "w": w if self.recipe is None else quantize(w, self.recipe)}
 
-    @property
+    @functools.cached_property
     def base_sets(self) -> list[dict]:
         """Sets whose x and base weight a base-only call or read rotates: the case's own, then more of
         x and the base alone, as many as the base's bytes (not the case's) need."""
-        if self._base_sets is None:
-            count = rotation_count(base_call_bytes(self.n, self.k, self.batch, self.recipe))
-            self._base_sets = self.sets[:count] + [self._base_set() for _ in range(count - len(self.sets))]
-        return self._base_sets
+        count = rotation_count(base_call_bytes(self.n, self.k, self.batch, self.recipe))
+        return self.sets[:count] + [self._base_set() for _ in range(count - len(self.sets))]
 
     def _graph_us(self, call, sets: list) -> float:
         """`call(d)` over the rotating `sets`, in one graph of at least MIN_GRAPH_CALLS calls."""

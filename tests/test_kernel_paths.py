@@ -519,7 +519,6 @@ def test_the_gluon_stored_product_compiles_for_hopper_with_both_operands_straigh
         assert re.search(r"ld\.global[.\w]*\.v[24]\.b32", ptx), constants
 
 
-
 def test_the_gluon_stored_product_refuses_tiles_it_cannot_run():
     """Before any launch (so on the CPU): rows off 8..64 or not a power of two, fewer than 16 base rows a
     warp or a block that is not a power of two, K steps that are not powers of two, a transposed tiling,

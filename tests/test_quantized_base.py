@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -446,6 +447,7 @@ def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
     from bitdelta.kernels import gluon_available
     from bitdelta.kernels.base_product import ProductTiles, stored
     from bitdelta.kernels.base_product_gluon import stored_product_gluon
+    from bitdelta.kernels.paths.problem import next_pow2
     from bitdelta.kernels.split_k import split_counters
     from benchmarks.quantized_base import GLUON_PRODUCT_TILES
 
@@ -456,7 +458,7 @@ def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
         base = stored(quantize(torch.randn(n, k) * 0.05, recipe).to("cuda"))
         w = base.values.float() * base.scale[:, None]
         for (block_n, block_k, warps), split_k in itertools.product(GLUON_PRODUCT_TILES, (1, 3)):
-            tiles = ProductTiles(max(8, 1 << (m - 1).bit_length()), block_n, block_k, warps, 1, False, split_k, gluon=True)
+            tiles = ProductTiles(max(8, next_pow2(m)), block_n, block_k, warps, 1, False, split_k, gluon=True)
             for dtype, with_bias in ((torch.bfloat16, True), (torch.float16, False)):
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
@@ -464,7 +466,7 @@ def test_on_a_gpu_the_gluon_stored_product_matches_the_reference(recipe):
                 out = stored_product_gluon(x, base, bias, torch.full((m, n), float("nan"), device="cuda", dtype=dtype), tiles)
                 assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-3, (k, m, tiles, dtype)  # NaN fails too
                 if split_k > 1:
-                    grid = -(-n // block_n) * -(-m // tiles.block_m)
+                    grid = math.ceil(n / block_n) * math.ceil(m / tiles.block_m)
                     assert not split_counters(out.device, grid)[:grid].any(), (k, m, tiles)
 
 

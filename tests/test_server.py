@@ -31,6 +31,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def eventually(condition, seconds: float = 10) -> bool:
+    """Whether `condition()` holds within `seconds`, polled: for what another process does a moment later."""
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def wait_healthy(url: str, process=None, seconds: float = 120, log: Path | None = None) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -373,15 +383,15 @@ def test_the_log_has_a_line_per_request_and_the_cause_of_each_refusal(client, se
     client.completions.create(model="prose-matrix", prompt=PROMPTS[0], max_tokens=3, extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="prose-matrix", prompt="x", max_tokens=2, seed=2**64)
-    served = lambda line: '"POST /v1/completions HTTP/1.1" 200 model=prose-matrix tokens=' in line and line.endswith("+3 " + line.split()[-1])
-    refused = lambda line: '"POST /v1/completions HTTP/1.1" 400 model=prose-matrix' in line and "seed" in line
-    deadline = time.time() + 10
-    while time.time() < deadline:  # a line is written once its response is sent
+
+    def logged() -> bool:  # a line is written once its response is sent
         lines = server_log.read_text().splitlines()
-        if any(map(served, lines)) and any(map(refused, lines)):
-            break
-        time.sleep(0.1)
-    assert any(map(served, lines)) and any(map(refused, lines))
+        return (any('"POST /v1/completions HTTP/1.1" 200 model=prose-matrix tokens=' in line and line.endswith("+3 " + line.split()[-1])
+                    for line in lines)
+                and any('"POST /v1/completions HTTP/1.1" 400 model=prose-matrix' in line and "seed" in line for line in lines))
+
+    assert eventually(logged)
+    lines = server_log.read_text().splitlines()
     assert any(line.startswith("WARNING") and "not serving truncated" in line and "incomplete metadata" in line for line in lines)
     assert not any('"GET /health' in line for line in lines)  # probes are DEBUG
 
@@ -464,9 +474,7 @@ def test_a_client_that_disconnects_has_its_request_cancelled(slow_server):
         next(response.iter_lines())  # the first token arrived; now hang up
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client giving up
         httpx.post(f"{url}/v1/completions", json={"model": "prose-row", "prompt": "x", "max_tokens": 100, "ignore_eos": True}, timeout=0.5)
-    deadline = time.time() + 10
-    while time.time() < deadline and (cancelled(url) < before + 2 or engine.stats()["running"]):
-        time.sleep(0.1)
+    assert eventually(lambda: cancelled(url) >= before + 2 and not engine.stats()["running"])
     assert cancelled(url) == before + 2 and engine.stats()["running"] == 0 and engine.kv.blocks_used == 0
 
 
